@@ -1,0 +1,228 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+CSV datalists for users' own tabular data.
+
+A tabular CSV has one row per sample, numeric feature columns, an integer label column and a cluster
+column (any identifier of the group the sample belongs to, e.g. a site or a subject). Loading it gives
+a MONAI-style datalist of ``{"features": float32 array, "label": int, "cluster": id}`` dicts.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+__all__ = ["load_csv_datalist", "save_csv_datalist", "datalist_to_arrays"]
+
+
+def _read_header(reader: Iterator[list[str]], path: str) -> list[str]:
+    """Return the stripped header row, rejecting empty files and duplicate column names."""
+    header = next(reader, None)
+    if header is None:
+        raise ValueError(f"{path}: the file is empty; expected a header row followed by data rows.")
+    header = [name.strip() for name in header]
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: duplicate column name(s) {duplicates} in the header.")
+    return header
+
+
+def _resolve_feature_columns(
+    header: list[str], feature_columns: Sequence[str] | None, label_column: str, cluster_column: str, path: str
+) -> list[str]:
+    """Check that the requested columns exist and return the feature column names."""
+    if feature_columns is None:
+        feature_columns = [name for name in header if name not in (label_column, cluster_column)]
+        if not feature_columns:
+            raise ValueError(f"{path}: no feature columns besides {label_column!r} and {cluster_column!r}.")
+    missing = [name for name in [*feature_columns, label_column, cluster_column] if name not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; the columns present are {header}.")
+    return list(feature_columns)
+
+
+def _parse_feature(value: str, where: str) -> float:
+    """Parse one feature cell; ``where`` names the file, line and column for the error message."""
+    if not value.strip():
+        raise ValueError(f"{where}: empty feature value; NaN features are not allowed.")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{where}: feature value {value!r} is not a number.") from None
+    if math.isnan(number):
+        raise ValueError(f"{where}: feature value {value!r}; NaN features are not allowed.")
+    if math.isinf(number):
+        raise ValueError(f"{where}: feature value {value!r}; infinite features are not allowed.")
+    return number
+
+
+def _parse_label(value: str, where: str) -> int:
+    """Parse an integer class label; integral floats such as ``"1.0"`` are accepted."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not number.is_integer():
+        raise ValueError(f"{where}: label {value!r} is not an integer class index.")
+    return int(number)
+
+
+def _parse_cluster(value: str, where: str) -> int | str:
+    """Return the cluster id as an int when it is an integer literal, otherwise as the stripped string."""
+    value = value.strip()
+    if not value:
+        raise ValueError(f"{where}: empty cluster value.")
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def load_csv_datalist(
+    path: str | os.PathLike,
+    feature_columns: Sequence[str] | None = None,
+    label_column: str = "label",
+    cluster_column: str = "cluster",
+) -> list[dict]:
+    """
+    Load a tabular CSV file into a datalist.
+
+    Args:
+        path: CSV file with a header row.
+        feature_columns: names of the feature columns, in the order they should appear in the feature
+            vector. ``None`` uses every column except ``label_column`` and ``cluster_column``, in file order.
+        label_column: name of the integer class label column.
+        cluster_column: name of the cluster (random-effect group) column.
+
+    Returns:
+        one dict per data row: ``{"features": float32 array (F,), "label": int, "cluster": int | str}``.
+        The cluster is an int when the cell is an integer literal, otherwise the string as read.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the file is empty or has no data rows, a column is missing, a row has the wrong
+            number of cells, a feature is empty, NaN, infinite or not a number, a label is not an integer,
+            or a cluster is empty. The message names the file, and the line and column where relevant.
+
+    Example::
+
+        datalist = load_csv_datalist("patients.csv", feature_columns=["age", "bmi"], cluster_column="site")
+        datalist[0]  # {"features": array([63., 27.1], dtype=float32), "label": 1, "cluster": "site_a"}
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CSV datalist file not found: {path}")
+    # utf-8-sig drops the byte-order mark that spreadsheet programs put in front of the first column name.
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = _read_header(reader, path)
+        features = _resolve_feature_columns(header, feature_columns, label_column, cluster_column, path)
+        feature_idx = [header.index(name) for name in features]
+        label_idx, cluster_idx = header.index(label_column), header.index(cluster_column)
+        datalist = []
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            line = f"{path}, line {reader.line_num}"
+            if len(row) != len(header):
+                raise ValueError(f"{line}: expected {len(header)} cells as in the header, found {len(row)}.")
+            values = [_parse_feature(row[i], f"{line}, column {name!r}") for i, name in zip(feature_idx, features)]
+            datalist.append(
+                {
+                    "features": np.asarray(values, dtype=np.float32),
+                    "label": _parse_label(row[label_idx], f"{line}, column {label_column!r}"),
+                    "cluster": _parse_cluster(row[cluster_idx], f"{line}, column {cluster_column!r}"),
+                }
+            )
+    if not datalist:
+        raise ValueError(f"{path}: the file has a header but no data rows.")
+    return datalist
+
+
+def _feature_rows(datalist: Sequence[dict], features_key: str) -> list[np.ndarray]:
+    """Return each item's features as a 1-D array, checking that they all have the same length."""
+    if not datalist:
+        raise ValueError("the datalist is empty.")
+    rows = [np.asarray(item[features_key], dtype=np.float64).reshape(-1) for item in datalist]
+    lengths = sorted({len(row) for row in rows})
+    if len(lengths) > 1:
+        raise ValueError(f"all items must have the same number of features, found lengths {lengths}.")
+    return rows
+
+
+def save_csv_datalist(
+    datalist: Sequence[dict], path: str | os.PathLike, feature_names: Sequence[str] | None = None
+) -> None:
+    """
+    Write a datalist to a CSV file readable by :func:`load_csv_datalist`.
+
+    The file is first written to a temporary file in the same directory and then moved over ``path``, so
+    an error never leaves a half-written file behind.
+
+    Args:
+        datalist: dicts with ``"features"`` (1-D, same length for all items), ``"label"`` and ``"cluster"``.
+        path: destination CSV file; its directory must exist.
+        feature_names: names of the feature columns; defaults to ``f0``, ..., ``f{F-1}``.
+
+    Example::
+
+        save_csv_datalist([{"features": np.array([0.5, 1.0]), "label": 1, "cluster": "site_a"}], "data.csv")
+        load_csv_datalist("data.csv")[0]["cluster"]  # "site_a"
+    """
+    path = os.fspath(path)
+    rows = _feature_rows(datalist, "features")
+    names = [f"f{i}" for i in range(len(rows[0]))] if feature_names is None else list(feature_names)
+    if len(names) != len(rows[0]):
+        raise ValueError(f"{path}: got {len(names)} feature names for {len(rows[0])} features.")
+    if {"label", "cluster"} & set(names):
+        raise ValueError(f"{path}: feature names must not include 'label' or 'cluster', got {names}.")
+    # a uniquely named file opened with mode "x" gets the usual permissions, unlike tempfile.mkstemp (0600).
+    directory, base = os.path.split(os.path.abspath(path))
+    tmp_path = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp_path, "x", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow([*names, "label", "cluster"])
+            for item, row in zip(datalist, rows):
+                writer.writerow([*row.tolist(), int(item["label"]), item["cluster"]])
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def datalist_to_arrays(
+    datalist: Sequence[dict], features_key: str = "features"
+) -> tuple[np.ndarray, np.ndarray, list]:
+    """
+    Stack a datalist into arrays.
+
+    Args:
+        datalist: dicts with ``features_key`` (1-D, same length for all items), ``"label"`` and ``"cluster"``.
+        features_key: key of the feature vector in each item.
+
+    Returns:
+        ``(X, y, clusters)``: features ``float32 (N, F)``, labels ``int64 (N,)`` and the list of cluster ids.
+
+    Example::
+
+        X, y, clusters = datalist_to_arrays(load_csv_datalist("data.csv"))
+    """
+    X = np.stack(_feature_rows(datalist, features_key)).astype(np.float32)
+    y = np.asarray([int(item["label"]) for item in datalist], dtype=np.int64)
+    return X, y, [item["cluster"] for item in datalist]

@@ -1,0 +1,80 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from monai.engines import PrepareBatch
+from monai.utils import CommonKeys
+
+__all__ = ["PrepareBatchCluster"]
+
+
+class PrepareBatchCluster(PrepareBatch):
+    """Moves a dictionary batch to the device and returns ``(inputs, targets, (), {"cluster": cluster})``.
+
+    ARMED engines and MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator`` pass the keyword arguments on to the
+    network, so ``network(inputs, cluster=cluster)`` sees the cluster. Missing keys raise a ``KeyError`` that names the
+    key and the keys present; non-finite inputs raise a ``ValueError``.
+
+    Args:
+        image_key: key of the network input (``"image"``; tabular datalists use ``"features"``).
+        label_key: key of the target; a batch without it gives ``targets=None`` (inference).
+        cluster_key: key of the cluster index (int64, ``-1`` = unseen) or soft membership.
+        require_cluster: raise when the cluster is missing (training); otherwise pass ``cluster=None`` (fixed effects).
+        check_finite: reject inputs containing NaN or infinity.
+
+    Example::
+
+        prepare = PrepareBatchCluster(image_key="features")
+        x, y, _, kwargs = prepare({"features": x, "label": y, "cluster": z}, torch.device("cpu"))
+    """
+
+    def __init__(
+        self,
+        image_key: str = CommonKeys.IMAGE,
+        label_key: str = CommonKeys.LABEL,
+        cluster_key: str = "cluster",
+        require_cluster: bool = True,
+        check_finite: bool = True,
+    ) -> None:
+        self.image_key, self.label_key, self.cluster_key = image_key, label_key, cluster_key
+        self.require_cluster, self.check_finite = require_cluster, check_finite
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict]:
+        if not isinstance(batchdata, Mapping):
+            raise TypeError(f"expected a dictionary batch, got {type(batchdata).__name__}.")
+        if self.image_key not in batchdata:
+            raise KeyError(f"batch has no input key {self.image_key!r}; keys present: {sorted(batchdata)}.")
+        inputs = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
+        if self.check_finite and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+            raise ValueError(f"batch key {self.image_key!r} contains NaN or infinite values.")
+        targets = batchdata.get(self.label_key)
+        if targets is not None:
+            targets = torch.as_tensor(targets).to(device=device, non_blocking=non_blocking, **kwargs)
+        cluster = batchdata.get(self.cluster_key)
+        if cluster is None:
+            if self.require_cluster:
+                raise KeyError(
+                    f"batch has no cluster key {self.cluster_key!r}; keys present: {sorted(batchdata)}. "
+                    "Map raw cluster ids with ClusterIndexd first."
+                )
+        else:
+            cluster = torch.as_tensor(cluster).to(device=device, non_blocking=non_blocking)
+        return inputs, targets, (), {"cluster": cluster}

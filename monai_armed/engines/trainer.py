@@ -1,0 +1,289 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys as Keys
+from monai.utils import IgniteInfo, min_version, optional_import
+
+from monai_armed.engines.prepare_batch import PrepareBatchCluster
+from monai_armed.losses import LogitClassificationLoss
+from monai_armed.networks.layers.gradient_reversal import grad_reverse
+
+if TYPE_CHECKING:
+    from ignite.engine import EventEnum
+else:
+    EventEnum, _ = optional_import(
+        "ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum", as_type="base"
+    )
+
+__all__ = ["ARMEDTrainer", "ARMEDIterationEvents", "ARMEDKeys"]
+
+
+class ARMEDIterationEvents(EventEnum):
+    """Extra events fired by :class:`ARMEDTrainer` (after the standard ``IterationEvents``)."""
+
+    ADVERSARY_COMPLETED = "adversary_completed"
+
+
+class ARMEDKeys:
+    """Keys that ARMED engines add to ``engine.state.output`` besides MONAI's image / label / pred / loss."""
+
+    PRED_FE = "pred_fe"
+    CLUSTER = "cluster"
+    LOSS_ME = "loss_me"
+    LOSS_FE = "loss_fe"
+    LOSS_ADV = "loss_adv"
+    LOSS_GEN = "loss_gen"
+    LOSS_KL = "loss_kl"
+    ADV_ACCURACY = "adv_accuracy"
+
+
+class ARMEDTrainer(SupervisedTrainer):
+    """Ignite trainer for ARMED: a cluster-adversary step, then the main step of the mixed-effects network.
+
+    Each iteration, from one forward pass of ``network.forward_armed(inputs, cluster)``:
+
+    1. adversary step: ``adv_loss_function(adversary(features.detach()), cluster)`` updates the adversary only;
+    2. main step on the scalar loss (the adversary is frozen but its updated weights are used)::
+
+        loss = me_weight * task(pred_me) + fe_weight * task(pred_fe) - adv_weight * CE(adversary(features), cluster)
+               + kl_weight * sum(KL of the random effects)
+
+    ``adversary_update="simultaneous"`` instead trains both in one backward pass through a gradient-reversal layer
+    (``adversary(grad_reverse(features, adv_weight))``), which is faster and differs only by the one-step lag.
+
+    Every loss part goes into ``engine.state.output`` (detached): ``loss``, ``loss_me``, ``loss_fe``, ``loss_adv``
+    (the adversary's own loss), ``loss_gen`` (its loss in the main step), ``loss_kl`` (unweighted KL) and
+    ``adv_accuracy``; ``pred`` holds the mixed-effects and ``pred_fe`` the fixed-effects logits. All weights are plain
+    attributes, so a handler can schedule them. AMP (CUDA) uses one gradient scaler per optimizer; gradient
+    accumulation applies to both optimizers. Save ``adversary`` and ``adv_optimizer`` in the ``CheckpointSaver``'s
+    ``save_dict`` beside the network to resume.
+
+    Args:
+        device: device of the engine.
+        max_epochs: number of epochs.
+        train_data_loader: iterable of dictionary batches with input, ``label`` and ``cluster`` (index, ``-1`` rows
+            are left out of the adversary's loss).
+        network: a network with ``forward_armed(x, cluster) -> ARMEDOutput`` (e.g. ``MixedEffectsMLP``).
+        optimizer: optimizer of the network's parameters (fixed and random effects).
+        loss_function: task loss on logits; default :class:`LogitClassificationLoss`.
+        adversary: cluster classifier over the network's features, or ``None`` (no adversarial term).
+        adv_optimizer: optimizer of the adversary; default ``Adam(lr=1e-3)``.
+        adv_loss_function: adversary loss; default cross-entropy that ignores cluster ``-1``.
+        me_weight: weight of the mixed-effects task loss.
+        fe_weight: weight of the fixed-effects task loss.
+        adv_weight: weight of the adversarial (generalisation) term, subtracted from the loss.
+        kl_weight: weight of the summed KL divergence.
+        adversary_update: ``"sequential"`` (default, as in the paper) or ``"simultaneous"``.
+        prepare_batch: default :class:`PrepareBatchCluster`; must return the cluster as keyword ``cluster``.
+        kwargs: further ``SupervisedTrainer`` arguments (``train_handlers``, ``key_train_metric``, ``amp``,
+            ``decollate``, ``accumulation_steps``, ...).
+
+    Example::
+
+        net = MixedEffectsMLP(2, 1, n_clusters=10)
+        adversary = ClusterAdversary(net.feature_channels, n_clusters=10, hidden_channels=(4, 4))
+        trainer = ARMEDTrainer(
+            device="cpu", max_epochs=10, train_data_loader=loader, network=net,
+            optimizer=torch.optim.Adam(net.parameters(), 1e-3), adversary=adversary, adv_weight=0.5, kl_weight=1e-5,
+        )
+        trainer.run()
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Any,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable | None = None,
+        adversary: nn.Module | None = None,
+        adv_optimizer: torch.optim.Optimizer | None = None,
+        adv_loss_function: Callable | None = None,
+        me_weight: float = 1.0,
+        fe_weight: float = 1.0,
+        adv_weight: float = 1.0,
+        kl_weight: float = 1e-3,
+        adversary_update: str = "sequential",
+        prepare_batch: Callable | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not callable(getattr(_unwrap(network), "forward_armed", None)):
+            raise TypeError(
+                f"ARMEDTrainer needs a network with forward_armed(x, cluster); {type(_unwrap(network)).__name__} "
+                "has none. Use MixedEffectsMLP or wrap the network with monai_armed's ARMED wrapper."
+            )
+        if adversary_update not in ("sequential", "simultaneous"):
+            raise ValueError(f"adversary_update must be 'sequential' or 'simultaneous', got {adversary_update!r}.")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function if loss_function is not None else LogitClassificationLoss(),
+            prepare_batch=prepare_batch if prepare_batch is not None else PrepareBatchCluster(),
+            **kwargs,
+        )
+        self.register_events(*ARMEDIterationEvents)
+        self.adversary = adversary
+        if adversary is not None and adv_optimizer is None:
+            adv_optimizer = torch.optim.Adam(adversary.parameters(), lr=1e-3)
+        self.adv_optimizer = adv_optimizer
+        self.adv_loss_function = adv_loss_function or nn.CrossEntropyLoss(ignore_index=-1)
+        self.me_weight, self.fe_weight, self.adv_weight, self.kl_weight = me_weight, fe_weight, adv_weight, kl_weight
+        self.adversary_update = adversary_update
+        self.adv_scaler: torch.amp.GradScaler | None = None
+
+    def run(self) -> None:  # type: ignore[override]
+        if self.amp and self.adversary is not None:
+            self.adv_scaler = torch.amp.GradScaler("cuda")
+        super().run()
+
+    def _iteration(self, engine: ARMEDTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets, _, kwargs = batch if len(batch) == 4 else (*batch, (), {})
+        cluster = kwargs.get("cluster")
+        if cluster is None:
+            raise KeyError("ARMEDTrainer needs the cluster of every sample; prepare_batch returned none.")
+        if targets is None:
+            raise KeyError("ARMEDTrainer needs labels; the batch has none.")
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: cluster}
+        zero_grad, step = _accumulation_state(engine)
+        scale = 1.0 / engine.accumulation_steps
+        network = _unwrap(engine.network)
+        if not engine.network.training:  # train() walks every submodule: skip it when nothing changed
+            engine.network.train()
+        if zero_grad:
+            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        autocast = torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else nullcontext()
+
+        with autocast:
+            out = network.forward_armed(inputs, cluster)
+        engine.state.output[Keys.PRED], engine.state.output[ARMEDKeys.PRED_FE] = out.pred, out.pred_fe
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+
+        adv_target = cluster.argmax(1) if cluster.is_floating_point() else cluster
+        loss_gen = None
+        if engine.adversary is not None:
+            if not engine.adversary.training:
+                engine.adversary.train()
+            if zero_grad:
+                engine.adv_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+            if engine.adversary_update == "sequential":
+                engine._adversary_step(out.features, adv_target, autocast, scale, step)
+                frozen = [p for p in engine.adversary.parameters() if p.requires_grad]
+                for p in frozen:
+                    p.requires_grad_(False)
+                with autocast:
+                    loss_gen = engine.adv_loss_function(engine.adversary(out.features), adv_target)
+            else:
+                with autocast:
+                    reversed_features = [grad_reverse(f, engine.adv_weight) for f in out.features]
+                    adv_logits = engine.adversary(reversed_features)
+                    loss_gen = engine.adv_loss_function(adv_logits, adv_target)
+                engine._record_adversary(adv_logits, adv_target, loss_gen)
+
+        with autocast:
+            loss = engine._main_loss(out, targets, loss_gen)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        engine._backward(loss * scale if scale != 1.0 else loss, engine.scaler)
+        if engine.adversary is not None and engine.adversary_update == "sequential":
+            for p in frozen:
+                p.requires_grad_(True)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if step:
+            engine._step(engine.optimizer, engine.scaler)
+            if engine.adversary is not None and engine.adversary_update == "simultaneous":
+                engine._step(engine.adv_optimizer, engine.adv_scaler)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _adversary_step(
+        self, features: Sequence[torch.Tensor], target: torch.Tensor, autocast: Any, scale: float, step: bool
+    ) -> None:
+        with autocast:
+            adv_logits = self.adversary([f.detach() for f in features])
+            loss_adv = self.adv_loss_function(adv_logits, target)
+        self._backward(loss_adv * scale if scale != 1.0 else loss_adv, self.adv_scaler)
+        if step:
+            self._step(self.adv_optimizer, self.adv_scaler)
+        self._record_adversary(adv_logits, target, loss_adv)
+        self.fire_event(ARMEDIterationEvents.ADVERSARY_COMPLETED)
+
+    def _record_adversary(self, adv_logits: torch.Tensor, target: torch.Tensor, loss_adv: torch.Tensor) -> None:
+        correct = adv_logits.detach().argmax(1) == target  # never true for unseen (-1) rows
+        self.state.output[ARMEDKeys.LOSS_ADV] = loss_adv.detach()
+        self.state.output[ARMEDKeys.ADV_ACCURACY] = correct.sum() / (target >= 0).sum().clamp(min=1)
+
+    def _main_loss(self, out: Any, targets: torch.Tensor, loss_gen: torch.Tensor | None) -> torch.Tensor:
+        output = self.state.output
+        loss = out.pred.new_zeros(())
+        if self.me_weight:
+            output[ARMEDKeys.LOSS_ME] = self.loss_function(out.pred, targets).mean()
+            loss = loss + self.me_weight * output[ARMEDKeys.LOSS_ME]
+        if self.fe_weight:
+            output[ARMEDKeys.LOSS_FE] = self.loss_function(out.pred_fe, targets).mean()
+            loss = loss + self.fe_weight * output[ARMEDKeys.LOSS_FE]
+        if loss_gen is not None:
+            output[ARMEDKeys.LOSS_GEN] = loss_gen
+            if self.adversary_update == "sequential":
+                loss = loss - self.adv_weight * loss_gen
+            else:
+                loss = loss + loss_gen  # the reversal layer already applies -adv_weight to the features' gradient
+        if self.kl_weight:
+            loss = loss + self.kl_weight * out.kl
+        output[ARMEDKeys.LOSS_KL] = out.kl
+        for key in (ARMEDKeys.LOSS_ME, ARMEDKeys.LOSS_FE, ARMEDKeys.LOSS_GEN, ARMEDKeys.LOSS_KL):
+            if key in output:
+                output[key] = output[key].detach()
+        output[Keys.LOSS] = loss.detach()
+        return loss
+
+    @staticmethod
+    def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    @staticmethod
+    def _step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+        if scaler is None:
+            optimizer.step()
+            return
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (or the network itself)."""
+    return getattr(network, "module", network)
+
+
+def _accumulation_state(engine: SupervisedTrainer) -> tuple[bool, bool]:
+    """Whether this iteration zeroes the gradients and whether it steps the optimizers (``accumulation_steps``)."""
+    acc = engine.accumulation_steps
+    if acc == 1:
+        return True, True
+    epoch_length = engine.state.epoch_length
+    local = (engine.state.iteration - 1) % epoch_length if epoch_length else engine.state.iteration - 1
+    last = epoch_length is not None and local + 1 == epoch_length
+    return local % acc == 0, (local + 1) % acc == 0 or last

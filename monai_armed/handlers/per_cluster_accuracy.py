@@ -1,0 +1,93 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+from monai.utils import IgniteInfo, min_version, optional_import
+
+from monai_armed.handlers.prediction_collector import PredictionCollector
+from monai_armed.metrics import classification_summary
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["PerClusterAccuracy", "write_json"]
+
+
+def write_json(content: Any, path: str | os.PathLike) -> str:
+    """Write JSON atomically (a temporary file then ``os.replace``), creating parent folders; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=2)
+    os.replace(tmp, path)
+    return str(path)
+
+
+class PerClusterAccuracy:
+    """Accuracy of an evaluator's predictions per cluster (and for unseen samples), at the end of every run.
+
+    Puts ``per_cluster_accuracy`` (``{cluster name: {"accuracy", "n"}}``) into ``engine.state.metric_details``, the
+    worst seen cluster's accuracy into ``engine.state.metrics["min_cluster_accuracy"]``, logs the table, and writes it
+    to ``output_file`` if given.
+
+    Args:
+        n_clusters: number of seen clusters.
+        cluster_names: names of the clusters (e.g. ``ClusterVocabulary.clusters``); default: the indices.
+        output_file: optional JSON path.
+        name: logger name (``None``: the engine's logger).
+
+    Example::
+
+        PerClusterAccuracy(n_clusters=10, output_file="eval/per_cluster.json").attach(evaluator)
+    """
+
+    def __init__(
+        self,
+        n_clusters: int,
+        cluster_names: Sequence[str] | None = None,
+        output_file: str | os.PathLike | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.n_clusters, self.cluster_names, self.output_file = n_clusters, cluster_names, output_file
+        self.collector = PredictionCollector()
+        self.logger = logging.getLogger(name) if name else None
+
+    def attach(self, engine: Engine) -> None:
+        self.collector.attach(engine)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        c = self.collector
+        if c.pred is None or c.label is None or c.cluster is None:
+            raise KeyError("PerClusterAccuracy needs 'pred', 'label' and 'cluster' in the evaluator's output.")
+        table = classification_summary(c.pred, c.label, c.cluster, self.n_clusters, self.cluster_names)["per_cluster"]
+        engine.state.metric_details["per_cluster_accuracy"] = table
+        seen = [v["accuracy"] for k, v in table.items() if k != "unseen"]
+        if seen:
+            engine.state.metrics["min_cluster_accuracy"] = min(seen)
+        logger = self.logger or engine.logger
+        logger.info("per-cluster accuracy: " + ", ".join(f"{k}={v['accuracy']:.3f} (n={v['n']})" for k, v in table.items()))
+        if self.output_file is not None:
+            write_json(table, self.output_file)

@@ -1,0 +1,91 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from monai.utils import CommonKeys as Keys
+from monai.utils import IgniteInfo, min_version, optional_import
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["PredictionCollector", "output_field"]
+
+
+def output_field(output: dict | Sequence[dict], key: str) -> torch.Tensor | None:
+    """One field of ``engine.state.output`` as a batch tensor, whether or not the engine decollated it."""
+    if isinstance(output, dict):
+        value = output.get(key)
+        return None if value is None else torch.as_tensor(value)
+    values = [item.get(key) for item in output]
+    if not values or any(v is None for v in values):
+        return None
+    return torch.stack([torch.as_tensor(v) for v in values])
+
+
+class PredictionCollector:
+    """Gathers ``pred``, ``label`` and ``cluster`` of every iteration of an evaluator run (on the CPU).
+
+    After a run, :attr:`pred`, :attr:`label` and :attr:`cluster` hold the concatenated tensors (``None`` for a field
+    the engine did not output). Works with decollated and plain outputs.
+
+    Args:
+        keys: output keys to collect.
+
+    Example::
+
+        collector = PredictionCollector()
+        collector.attach(evaluator)
+        evaluator.run()
+        summary = classification_summary(collector.pred, collector.label, collector.cluster)
+    """
+
+    def __init__(self, keys: Sequence[str] = (Keys.PRED, Keys.LABEL, "cluster")) -> None:
+        self.keys = tuple(keys)
+        self._parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.keys}
+        self.values: dict[str, torch.Tensor | None] = {k: None for k in self.keys}
+
+    def attach(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self.reset, Events.EPOCH_STARTED):
+            engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.finalize)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self._parts = {k: [] for k in self.keys}
+
+    def collect(self, engine: Engine) -> None:
+        for key in self.keys:
+            value = output_field(engine.state.output, key)
+            if value is not None:
+                self._parts[key].append(value.detach().cpu())
+
+    def finalize(self, engine: Engine | None = None) -> None:
+        self.values = {k: torch.cat(v) if v else None for k, v in self._parts.items()}
+
+    @property
+    def pred(self) -> torch.Tensor | None:
+        return self.values.get(Keys.PRED)
+
+    @property
+    def label(self) -> torch.Tensor | None:
+        return self.values.get(Keys.LABEL)
+
+    @property
+    def cluster(self) -> torch.Tensor | None:
+        return self.values.get("cluster")

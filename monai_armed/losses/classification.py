@@ -1,0 +1,70 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["LogitClassificationLoss", "balanced_class_weights"]
+
+
+def balanced_class_weights(labels: torch.Tensor, n_classes: int = 2) -> torch.Tensor:
+    """Per-class weights inversely proportional to frequency, normalised to mean 1 (``(n_classes,)``).
+
+    For two classes this is the paper's weighting ``w_0 ∝ mean(y)``, ``w_1 ∝ 1 - mean(y)``.
+    """
+    counts = torch.bincount(labels.long().flatten(), minlength=n_classes).float()
+    if bool((counts == 0).any()):
+        raise ValueError(f"every class needs at least one label to weight it, got counts {counts.tolist()}.")
+    weights = counts.sum() / counts
+    return weights * n_classes / weights.sum()
+
+
+class LogitClassificationLoss(nn.Module):
+    """Classification loss on logits that fits both binary (one logit) and multi-class networks.
+
+    ``(B, 1)`` logits use binary cross-entropy with integer labels ``{0, 1}``; ``(B, n)`` logits with ``n > 1`` use
+    cross-entropy with labels ``0..n-1``. Labels may be ``(B,)`` or ``(B, 1)``. A label outside the classes raises a
+    ``ValueError`` that says which classes were expected.
+
+    Args:
+        class_weight: optional per-class weights ``(n_classes,)`` (for one logit: the weights of class 0 and 1).
+
+    Example::
+
+        loss = LogitClassificationLoss()
+        loss(torch.randn(4, 1), torch.tensor([0, 1, 1, 0]))      # binary
+        loss(torch.randn(4, 3), torch.tensor([0, 2, 1, 0]))      # three classes
+    """
+
+    def __init__(self, class_weight: torch.Tensor | list[float] | None = None) -> None:
+        super().__init__()
+        self.register_buffer("class_weight", None if class_weight is None else torch.as_tensor(class_weight).float())
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        label = label.reshape(-1)
+        if label.is_floating_point():
+            if not bool((label == label.round()).all()):
+                raise ValueError("classification labels must be whole numbers (class indices).")
+            label = label.long()
+        n = logits.shape[1]
+        n_classes = 2 if n == 1 else n
+        low, high = torch.aminmax(label)
+        if int(low) < 0 or int(high) >= n_classes:
+            raise ValueError(
+                f"label outside the classes: expected 0..{n_classes - 1}, got values {sorted(set(label.tolist()))}."
+            )
+        if n > 1:
+            return F.cross_entropy(logits, label, weight=self.class_weight)
+        weight = None if self.class_weight is None else self.class_weight[label]
+        return F.binary_cross_entropy_with_logits(logits[:, 0], label.to(logits.dtype), weight=weight)

@@ -1,0 +1,103 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+__all__ = ["positive_probability", "predicted_class", "classification_summary", "per_cluster_accuracy"]
+
+
+def positive_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities from logits: ``(N, 1)`` -> sigmoid ``(N,)``; ``(N, C)`` -> softmax ``(N, C)``."""
+    logits = logits.detach().float()
+    return torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def predicted_class(logits: torch.Tensor) -> torch.Tensor:
+    """Predicted class indices ``(N,)`` from ``(N, 1)`` (threshold 0) or ``(N, C)`` (argmax) logits."""
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
+
+
+def per_cluster_accuracy(
+    pred_class: torch.Tensor, label: torch.Tensor, cluster: torch.Tensor, n_clusters: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and sample count per cluster index ``0..n_clusters-1`` plus a last entry for unseen (``-1``) samples.
+
+    Computed with ``bincount`` (no loop over samples). Clusters without samples get accuracy ``nan``.
+    """
+    slot = torch.where(cluster < 0, torch.full_like(cluster, n_clusters), cluster).long()
+    correct = (pred_class.reshape(-1) == label.reshape(-1).long()).double()
+    counts = torch.bincount(slot, minlength=n_clusters + 1).double()
+    hits = torch.bincount(slot, weights=correct, minlength=n_clusters + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = (hits / counts).numpy()
+    return accuracy, counts.long().numpy()
+
+
+def classification_summary(
+    logits: torch.Tensor,
+    label: torch.Tensor,
+    cluster: torch.Tensor | None = None,
+    n_clusters: int | None = None,
+    cluster_names: Sequence[str] | None = None,
+) -> dict:
+    """Accuracy, balanced accuracy and AUROC (one-vs-rest for several classes), overall and per cluster.
+
+    Args:
+        logits: ``(N, 1)`` or ``(N, C)`` logits.
+        label: ``(N,)`` class indices.
+        cluster: optional ``(N,)`` cluster indices (``-1`` = unseen) for the per-cluster accuracy.
+        n_clusters: number of seen clusters (default: largest index + 1).
+        cluster_names: names of the clusters for the per-cluster table (default: the indices).
+
+    Returns:
+        ``{"n", "accuracy", "balanced_accuracy", "auroc", "per_cluster": {name: {"accuracy", "n"}}}``; AUROC is
+        ``None`` when only one class is present.
+
+    Example::
+
+        summary = classification_summary(logits, labels, clusters, n_clusters=10)
+        summary["accuracy"], summary["per_cluster"]["3"]["accuracy"]
+    """
+    label = label.reshape(-1).long().cpu()
+    logits = logits.detach().cpu()
+    pred = predicted_class(logits)
+    prob = positive_probability(logits).numpy()
+    y = label.numpy()
+    classes = np.unique(y)
+    if len(classes) < 2:
+        auroc = None
+    elif prob.ndim == 1:
+        auroc = float(roc_auc_score(y, prob))
+    else:
+        auroc = float(roc_auc_score(y, prob, multi_class="ovr", labels=np.arange(prob.shape[1])))
+    summary = {
+        "n": int(len(y)),
+        "accuracy": float((pred == label).double().mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred.numpy())),
+        "auroc": auroc,
+    }
+    if cluster is not None:
+        cluster = cluster.reshape(-1).long().cpu()
+        n_clusters = n_clusters if n_clusters is not None else int(cluster.max()) + 1
+        names = list(cluster_names) if cluster_names is not None else [str(i) for i in range(n_clusters)]
+        accuracy, counts = per_cluster_accuracy(pred, label, cluster, n_clusters)
+        summary["per_cluster"] = {
+            name: {"accuracy": float(a), "n": int(n)}
+            for name, a, n in zip([*names, "unseen"], accuracy, counts)
+            if n > 0
+        }
+    return summary

@@ -1,0 +1,76 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.layers.utils import get_act_layer
+
+from monai_armed.networks.utils import glorot_init
+
+__all__ = ["ClusterAdversary", "mlp_layers"]
+
+
+def mlp_layers(in_features: int, hidden_channels: Sequence[int], act: str | tuple = "relu") -> nn.ModuleList:
+    """Dense layers ``Linear -> act`` as a ``ModuleList`` (one entry per hidden layer), so callers can tap each one."""
+    layers, width = nn.ModuleList(), in_features
+    for units in hidden_channels:
+        layers.append(nn.Sequential(nn.Linear(width, units), get_act_layer(act)))
+        width = units
+    return layers
+
+
+class ClusterAdversary(nn.Module):
+    """K-way cluster classifier over concatenated fixed-effects features (the ARMED adversary).
+
+    Each input feature tensor is flattened to ``(B, n)``; feature maps with spatial dimensions (``(B, C, *spatial)``)
+    are global-average pooled to ``(B, C)`` first. The concatenation passes through dense layers to ``n_clusters``
+    logits. The trainer fits it to predict the cluster from detached features and penalises the main network with its
+    cross-entropy, which drives the fixed-effects features towards cluster invariance.
+
+    Args:
+        in_features: total width of the concatenated (pooled) features.
+        n_clusters: number of seen clusters.
+        hidden_channels: widths of the hidden layers (the paper's MLP adversary uses ``(8, 8, 4)``, the spiral
+            benchmark ``(4, 4)``).
+        act: activation name or ``(name, kwargs)`` from MONAI's ``Act`` factory.
+
+    Example::
+
+        adversary = ClusterAdversary(in_features=12, n_clusters=10, hidden_channels=(4, 4))
+        logits = adversary([h1, h2, h3])        # (B, 10)
+    """
+
+    def __init__(
+        self, in_features: int, n_clusters: int, hidden_channels: Sequence[int] = (8, 8, 4), act: str | tuple = "relu"
+    ) -> None:
+        super().__init__()
+        if n_clusters < 2:
+            raise ValueError(f"an adversary needs at least 2 clusters, got n_clusters={n_clusters}.")
+        self.in_features, self.n_clusters = in_features, n_clusters
+        self.hidden = nn.Sequential(*mlp_layers(in_features, hidden_channels, act))
+        self.out = nn.Linear(hidden_channels[-1] if hidden_channels else in_features, n_clusters)
+        glorot_init(self)
+
+    def forward(self, features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        if isinstance(features, torch.Tensor):
+            features = [features]
+        flat = [f.flatten(2).mean(2) if f.dim() > 2 else f for f in features]
+        x = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+        if x.shape[1] != self.in_features:
+            raise ValueError(
+                f"ClusterAdversary expected {self.in_features} concatenated features, got {x.shape[1]} "
+                f"(from shapes {[tuple(f.shape) for f in features]})."
+            )
+        return self.out(self.hidden(x))

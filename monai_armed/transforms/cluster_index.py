@@ -1,0 +1,186 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+__all__ = ["ClusterVocabulary", "ClusterIndexd", "ClusterIndexD", "ClusterIndexDict"]
+
+logger = logging.getLogger(__name__)
+
+
+def _raw_key(raw: object) -> str:
+    """Canonical string of a raw cluster id, so that 3, "3", np.int64(3) and tensor(3) are the same cluster."""
+    if isinstance(raw, torch.Tensor):
+        raw = raw.item()
+    if isinstance(raw, np.generic):
+        raw = raw.item()
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
+    return str(raw).strip()
+
+
+class ClusterVocabulary:
+    """Maps raw cluster ids (site, scanner, batch, subject: strings or ints) to indices ``0..C-1``.
+
+    Built from the training data, saved as JSON beside the checkpoint and loaded for evaluation and inference, so
+    that index ``c`` means the same cluster everywhere. Ids are compared by their string form (``3 == "3"``). Unknown
+    ids map to ``-1`` (unseen: fixed effects only).
+
+    Args:
+        clusters: the raw ids in index order (duplicates are not allowed).
+
+    Example::
+
+        vocab = ClusterVocabulary.from_ids(["siteB", "siteA", "siteB"])   # sorted: siteA -> 0, siteB -> 1
+        vocab.index("siteB"), vocab.index("siteZ")                        # (1, -1)
+        vocab.save("models/clusters.json")
+        vocab = ClusterVocabulary.load("models/clusters.json")
+    """
+
+    def __init__(self, clusters: Sequence[object]) -> None:
+        names = [_raw_key(c) for c in clusters]
+        if not names:
+            raise ValueError("a cluster vocabulary needs at least one cluster.")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate cluster ids in vocabulary: {duplicates}.")
+        self.clusters = names
+        self._index = {n: i for i, n in enumerate(names)}
+
+    @classmethod
+    def from_ids(cls, ids: Iterable[object]) -> ClusterVocabulary:
+        """Vocabulary of the distinct ids, sorted (numerically when all ids are integers)."""
+        names = {_raw_key(i) for i in ids}
+        numeric = all(n.lstrip("-").isdigit() for n in names)
+        return cls(sorted(names, key=int) if numeric else sorted(names))
+
+    @classmethod
+    def from_datalist(cls, datalist: Sequence[Mapping], key: str = "cluster") -> ClusterVocabulary:
+        """Vocabulary of the ids under ``key`` in a datalist; raises ``KeyError`` naming the first item without it."""
+        for i, item in enumerate(datalist):
+            if key not in item:
+                raise KeyError(f"datalist item {i} has no cluster key {key!r}; keys present: {sorted(item)}.")
+        return cls.from_ids(item[key] for item in datalist)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ClusterVocabulary:
+        """Read a vocabulary saved by :meth:`save`."""
+        try:
+            with open(path) as f:
+                content = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"cluster vocabulary file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"cluster vocabulary {path} is not valid JSON: {e}") from None
+        if not isinstance(content, dict) or not isinstance(content.get("clusters"), list):
+            raise ValueError(f"cluster vocabulary {path} must be a JSON object with a 'clusters' list.")
+        return cls(content["clusters"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the vocabulary as JSON (atomically: an existing file is replaced only when the write succeeded)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            json.dump({"clusters": self.clusters, "n_clusters": len(self)}, f, indent=2)
+        os.replace(f.name, path)
+
+    def __len__(self) -> int:
+        return len(self.clusters)
+
+    def __contains__(self, raw: object) -> bool:
+        return _raw_key(raw) in self._index
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClusterVocabulary) and self.clusters == other.clusters
+
+    def index(self, raw: object) -> int:
+        """Index of a raw id, ``-1`` if it is not in the vocabulary."""
+        return self._index.get(_raw_key(raw), -1)
+
+    def check_n_clusters(self, n_clusters: int, source: str = "the model") -> None:
+        """Raise a ``ValueError`` if ``source`` was built for another number of clusters than this vocabulary has."""
+        if n_clusters != len(self):
+            raise ValueError(
+                f"{source} has {n_clusters} clusters but the cluster vocabulary has {len(self)}: the checkpoint and "
+                "the vocabulary come from different trainings."
+            )
+
+
+class ClusterIndexd(MapTransform):
+    """Dictionary transform: replaces raw cluster ids with vocabulary indices (``int64``; unknown ids -> ``-1``).
+
+    Every distinct unknown id is logged once (a warning: those samples get fixed effects only, or the Z-predictor's
+    inferred membership); ``n_unseen`` counts the samples. A missing key raises a ``KeyError`` naming it, unless
+    ``allow_missing_keys``.
+
+    Args:
+        keys: key(s) of the raw cluster id.
+        vocabulary: a :class:`ClusterVocabulary` or the path of its JSON file.
+        output_key: where to write the index (default: replace the raw id in place). With several keys, the
+            output key is used for the first one only.
+        raw_key_suffix: if set, keep the raw id under ``key + raw_key_suffix`` (e.g. ``"_id"``).
+        allow_missing_keys: skip samples without the key instead of raising.
+
+    Example::
+
+        t = ClusterIndexd(keys="cluster", vocabulary="models/clusters.json")
+        t({"features": x, "cluster": "siteA"})["cluster"]      # tensor(0)
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        vocabulary: ClusterVocabulary | str | os.PathLike,
+        output_key: str | None = None,
+        raw_key_suffix: str | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.vocabulary = vocabulary if isinstance(vocabulary, ClusterVocabulary) else ClusterVocabulary.load(vocabulary)
+        self.output_key, self.raw_key_suffix = output_key, raw_key_suffix
+        self.n_unseen = 0
+        self._reported: set[str] = set()
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for i, key in enumerate(self.key_iterator(d)):
+            raw = d[key]
+            index = self.vocabulary.index(raw)
+            if index < 0:
+                self._report_unseen(raw)
+            if self.raw_key_suffix:
+                d[f"{key}{self.raw_key_suffix}"] = raw
+            d[self.output_key if (self.output_key and i == 0) else key] = torch.tensor(index, dtype=torch.int64)
+        return d
+
+    def _report_unseen(self, raw: object) -> None:
+        self.n_unseen += 1
+        name = _raw_key(raw)
+        if name not in self._reported:
+            self._reported.add(name)
+            logger.warning(
+                f"cluster {name!r} is not in the vocabulary ({len(self.vocabulary)} clusters): treated as unseen (-1)."
+            )
+
+
+ClusterIndexD = ClusterIndexDict = ClusterIndexd

@@ -1,0 +1,151 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from monai_armed.data import datalist_to_arrays, load_csv_datalist, save_csv_datalist
+
+
+def _write(tmp_path, text, name="data.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_round_trip_default_names(tmp_path):
+    datalist = [
+        {"features": np.array([0.1, -2.5, 3e-8], dtype=np.float32), "label": 1, "cluster": 3},
+        {"features": np.array([1.0, 0.0, 7.25], dtype=np.float32), "label": 0, "cluster": "site b"},
+    ]
+    path = tmp_path / "out.csv"
+    save_csv_datalist(datalist, path)
+    assert path.read_text().splitlines()[0] == "f0,f1,f2,label,cluster"
+    loaded = load_csv_datalist(path)
+    for original, item in zip(datalist, loaded):
+        assert item["features"].dtype == np.float32
+        np.testing.assert_array_equal(item["features"], original["features"])
+        assert item["label"] == original["label"] and item["cluster"] == original["cluster"]
+    assert [f.name for f in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_round_trip_named_features_and_arrays(tmp_path):
+    datalist = [{"features": [float(i), 2.0 * i], "label": i % 2, "cluster": f"s{i % 3}"} for i in range(5)]
+    path = tmp_path / "named.csv"
+    save_csv_datalist(datalist, path, feature_names=["age", "bmi"])
+    X, y, clusters = datalist_to_arrays(load_csv_datalist(path, feature_columns=["bmi", "age"]))
+    assert X.dtype == np.float32 and X.shape == (5, 2) and y.dtype == np.int64
+    np.testing.assert_array_equal(X[:, 0], [0, 2, 4, 6, 8])
+    np.testing.assert_array_equal(y, [0, 1, 0, 1, 0])
+    assert clusters == ["s0", "s1", "s2", "s0", "s1"]
+
+
+def test_custom_columns_and_default_feature_selection(tmp_path):
+    path = _write(tmp_path, "site,x,outcome,y\nA,1.5,1,2\nB,-1,0.0,3\n")
+    loaded = load_csv_datalist(path, label_column="outcome", cluster_column="site")
+    np.testing.assert_array_equal(loaded[0]["features"], [1.5, 2])
+    assert [item["label"] for item in loaded] == [1, 0]
+    assert [item["cluster"] for item in loaded] == ["A", "B"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.csv"):
+        load_csv_datalist(tmp_path / "nothere.csv")
+
+
+def test_empty_file(tmp_path):
+    path = _write(tmp_path, "", name="blank.csv")
+    with pytest.raises(ValueError, match="blank.csv.*empty"):
+        load_csv_datalist(path)
+
+
+def test_header_only(tmp_path):
+    path = _write(tmp_path, "f0,label,cluster\n", name="head.csv")
+    with pytest.raises(ValueError, match="head.csv.*no data rows"):
+        load_csv_datalist(path)
+
+
+def test_missing_column_lists_missing_and_present(tmp_path):
+    path = _write(tmp_path, "f0,f1,label\n1,2,0\n", name="nocluster.csv")
+    with pytest.raises(ValueError) as err:
+        load_csv_datalist(path, feature_columns=["f0", "f9"])
+    message = str(err.value)
+    assert "nocluster.csv" in message and "'f9'" in message and "'cluster'" in message
+    assert "['f0', 'f1', 'label']" in message
+
+
+@pytest.mark.parametrize(
+    "cell,expected",
+    [("abc", "not a number"), ("", "NaN features are not allowed"), ("nan", "NaN features are not allowed")],
+)
+def test_bad_feature_value_names_file_line_column(tmp_path, cell, expected):
+    path = _write(tmp_path, f"f0,f1,label,cluster\n1,2,0,a\n3,{cell},1,b\n", name="bad.csv")
+    with pytest.raises(ValueError) as err:
+        load_csv_datalist(path)
+    message = str(err.value)
+    assert "bad.csv" in message and "line 3" in message and "'f1'" in message and expected in message
+
+
+def test_infinite_feature(tmp_path):
+    path = _write(tmp_path, "f0,label,cluster\ninf,0,a\n", name="inf.csv")
+    with pytest.raises(ValueError, match="inf.csv, line 2, column 'f0'.*infinite"):
+        load_csv_datalist(path)
+
+
+@pytest.mark.parametrize("label", ["1.5", "yes", ""])
+def test_non_integer_label(tmp_path, label):
+    path = _write(tmp_path, f"f0,label,cluster\n1,{label},a\n", name="labels.csv")
+    with pytest.raises(ValueError, match="labels.csv, line 2, column 'label'.*not an integer"):
+        load_csv_datalist(path)
+
+
+def test_ragged_row(tmp_path):
+    path = _write(tmp_path, "f0,label,cluster\n1,0\n", name="ragged.csv")
+    with pytest.raises(ValueError, match="ragged.csv, line 2.*expected 3 cells"):
+        load_csv_datalist(path)
+
+
+def test_empty_cluster(tmp_path):
+    path = _write(tmp_path, "f0,label,cluster\n1,0, \n", name="nocl.csv")
+    with pytest.raises(ValueError, match="nocl.csv, line 2, column 'cluster'"):
+        load_csv_datalist(path)
+
+
+def test_save_failure_leaves_no_file(tmp_path):
+    path = tmp_path / "partial.csv"
+    datalist = [{"features": [1.0], "label": 0, "cluster": "a"}, {"features": [2.0], "label": "x", "cluster": "b"}]
+    with pytest.raises(ValueError):
+        save_csv_datalist(datalist, path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_failure_keeps_previous_file(tmp_path):
+    path = tmp_path / "keep.csv"
+    good = [{"features": [1.0], "label": 0, "cluster": "a"}]
+    save_csv_datalist(good, path)
+    before = path.read_text()
+    with pytest.raises(ValueError):
+        save_csv_datalist(good + [{"features": [2.0], "label": "x", "cluster": "b"}], path)
+    assert path.read_text() == before and os.listdir(tmp_path) == ["keep.csv"]
+
+
+def test_save_rejects_inconsistent_inputs(tmp_path):
+    with pytest.raises(ValueError, match="same number of features"):
+        save_csv_datalist([{"features": [1.0], "label": 0, "cluster": 0}, {"features": [1.0, 2.0]}], tmp_path / "a.csv")
+    with pytest.raises(ValueError, match="a.csv.*2 feature names for 1 features"):
+        save_csv_datalist([{"features": [1.0], "label": 0, "cluster": 0}], tmp_path / "a.csv", ["u", "v"])
+    with pytest.raises(ValueError, match="empty"):
+        save_csv_datalist([], tmp_path / "a.csv")
+    assert os.listdir(tmp_path) == []
