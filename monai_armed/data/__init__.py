@@ -21,3 +21,4 @@ from .spirals import (
 )
 from .tabular import datalist_to_arrays, load_csv_datalist, save_csv_datalist
 from .loader import TensorBatchLoader
+from .datasets import ensure_spiral_csv, split_by_cluster

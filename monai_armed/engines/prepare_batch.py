@@ -17,7 +17,7 @@ import torch
 from monai.engines import PrepareBatch
 from monai.utils import CommonKeys
 
-__all__ = ["PrepareBatchCluster"]
+__all__ = ["PrepareBatchCluster", "PrepareBatchClusterTarget"]
 
 
 class PrepareBatchCluster(PrepareBatch):
@@ -78,3 +78,28 @@ class PrepareBatchCluster(PrepareBatch):
         else:
             cluster = torch.as_tensor(cluster).to(device=device, non_blocking=non_blocking)
         return inputs, targets, (), {"cluster": cluster}
+
+
+class PrepareBatchClusterTarget(PrepareBatchCluster):
+    """Returns ``(inputs, cluster)``: the cluster index as the target, to train a :class:`ZPredictor`.
+
+    Example::
+
+        trainer = SupervisedTrainer(..., network=ZPredictor(2, 10), loss_function=torch.nn.CrossEntropyLoss(),
+                                    prepare_batch=PrepareBatchClusterTarget(image_key="features"))
+    """
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, _, _, extra = super().__call__(batchdata, device, non_blocking, **kwargs)
+        cluster = extra["cluster"]
+        if cluster is None:
+            raise KeyError(f"batch has no cluster key {self.cluster_key!r} to train a Z-predictor on.")
+        if bool((cluster < 0).any()):
+            raise ValueError("a Z-predictor is trained on seen clusters only; the batch has unseen (-1) clusters.")
+        return inputs, cluster

@@ -22,7 +22,7 @@ __all__ = ["positive_probability", "predicted_class", "classification_summary", 
 
 def positive_probability(logits: torch.Tensor) -> torch.Tensor:
     """Class probabilities from logits: ``(N, 1)`` -> sigmoid ``(N,)``; ``(N, C)`` -> softmax ``(N, C)``."""
-    logits = logits.detach().float()
+    logits = logits.float()
     return torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 

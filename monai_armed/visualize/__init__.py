@@ -19,3 +19,4 @@ from .figures import (
     plot_intercepts_vs_balance,
     plot_random_effect_spread,
 )
+from .reports import write_tabular_figures

@@ -253,7 +253,8 @@ def plot_intercepts_vs_balance(
     """
     Scatter per-cluster random intercepts against the clusters' class balance, with a least-squares line.
 
-    The figure title reports the Pearson ``r`` (see :func:`intercept_balance_correlation`); each point is
+    The figure title reports the Pearson ``r`` (see :func:`intercept_balance_correlation`), or says that every
+    cluster has the same balance when it does (the correlation is then undefined); each point is
     annotated with its cluster's name. With ``seen_mask``, clusters seen in training are filled markers and
     unseen clusters hollow ones; the line and ``r`` use all clusters.
 
@@ -271,7 +272,6 @@ def plot_intercepts_vs_balance(
 
         plot_intercepts_vs_balance(np.array([-1.0, 0.1, 0.9]), np.array([0.2, 0.5, 0.8]), "out/intercepts.png")
     """
-    r = intercept_balance_correlation(intercepts, class_balance)
     a = np.asarray(intercepts, dtype=np.float64).ravel()
     b = np.asarray(class_balance, dtype=np.float64).ravel()
     names = _names(cluster_names, a.size, "")
@@ -281,14 +281,20 @@ def plot_intercepts_vs_balance(
     ax.scatter(b[seen], a[seen], color="tab:blue", label="seen clusters" if seen_mask is not None else None)
     if not seen.all():
         ax.scatter(b[~seen], a[~seen], facecolors="none", edgecolors="tab:orange", label="unseen clusters")
-    slope, offset = np.polyfit(b, a, 1)
-    line_x = np.array([b.min(), b.max()])
-    ax.plot(line_x, slope * line_x + offset, "k--", linewidth=1, label="least squares")
+    balanced = np.ptp(b) == 0  # e.g. every cluster exactly 50/50: nothing to correlate with
+    if not balanced:
+        slope, offset = np.polyfit(b, a, 1)
+        line_x = np.array([b.min(), b.max()])
+        ax.plot(line_x, slope * line_x + offset, "k--", linewidth=1, label="least squares")
     for name, xi, yi in zip(names, b, a):
         ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set(xlabel="fraction of positive labels", ylabel="random intercept (posterior mean)")
-    ax.set_title(f"Random intercept vs class balance (r = {r:.3f})")
-    ax.legend(fontsize=8)
+    if balanced:
+        ax.set_title("Random intercept vs class balance (equal balance in every cluster)")
+    else:
+        r = intercept_balance_correlation(a, b)
+        ax.set_title(f"Random intercept vs class balance (r = {r:.3f})")
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -1,0 +1,97 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from monai_armed.data.spirals import make_spiral_random_radius, spirals_to_datalist
+from monai_armed.data.tabular import save_csv_datalist
+
+__all__ = ["split_by_cluster", "ensure_spiral_csv"]
+
+
+def split_by_cluster(
+    datalist: Sequence[Mapping],
+    n_unseen: int = 2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    unseen_clusters: Sequence[object] | None = None,
+    cluster_key: str = "cluster",
+    label_key: str = "label",
+) -> dict[str, list]:
+    """Split a datalist into ``train`` / ``test`` (seen clusters) and ``unseen`` (held-out clusters).
+
+    The held-out clusters are ``unseen_clusters`` if given, else ``n_unseen`` clusters drawn with ``seed``. The seen
+    clusters' samples are split into train and test stratified on label x cluster.
+
+    Example::
+
+        split = split_by_cluster(datalist, n_unseen=2, test_fraction=0.2, seed=0)
+        len(split["train"]), len(split["test"]), len(split["unseen"])
+    """
+    missing = [i for i, d in enumerate(datalist) if cluster_key not in d or label_key not in d]
+    if missing:
+        raise KeyError(f"datalist item {missing[0]} lacks {cluster_key!r} or {label_key!r}: {sorted(datalist[missing[0]])}.")
+    clusters = np.array([str(d[cluster_key]) for d in datalist])
+    names = sorted(set(clusters))
+    if unseen_clusters is None:
+        if not 0 <= n_unseen < len(names) - 1:
+            raise ValueError(f"n_unseen must leave at least 2 seen clusters; got {n_unseen} of {len(names)} clusters.")
+        unseen = set(np.random.RandomState(seed).choice(names, size=n_unseen, replace=False).tolist())
+    else:
+        unseen = {str(c) for c in unseen_clusters}
+        unknown = sorted(unseen - set(names))
+        if unknown:
+            raise ValueError(f"unseen_clusters {unknown} are not in the datalist (clusters: {names}).")
+    held_out = np.isin(clusters, sorted(unseen))
+    seen_index = np.flatnonzero(~held_out)
+    strata = [f"{datalist[i][label_key]}_{clusters[i]}" for i in seen_index]
+    train_index, test_index = train_test_split(seen_index, test_size=test_fraction, stratify=strata, random_state=seed)
+    return {
+        "train": [datalist[i] for i in sorted(train_index)],
+        "test": [datalist[i] for i in sorted(test_index)],
+        "unseen": [datalist[i] for i in np.flatnonzero(held_out)],
+    }
+
+
+def ensure_spiral_csv(
+    path: str | os.PathLike,
+    clusters: int = 10,
+    points_per_cluster: int = 1000,
+    inter_cluster_sd: float = 0.3,
+    noise: float = 0.1,
+    seed: int = 48,
+) -> str:
+    """Write the ARMED notebook's spiral data set as a CSV (``f0, f1, label, cluster``) unless ``path`` exists.
+
+    Uses numpy's legacy global seed like the authors' notebook (``np.random.seed(seed)``), then restores the previous
+    global random state.
+    """
+    path = Path(path)
+    if path.exists():
+        return str(path)
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        x, z, y, _ = make_spiral_random_radius(
+            clusters, points_per_cluster, mean_radius=1.0, inter_cluster_sd=inter_cluster_sd, noise=noise
+        )
+    finally:
+        np.random.set_state(state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_csv_datalist(spirals_to_datalist(x, z, y), path)
+    return str(path)

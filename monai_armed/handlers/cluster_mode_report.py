@@ -1,0 +1,120 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from monai.utils import IgniteInfo, min_version, optional_import
+
+from monai_armed.handlers.per_cluster_accuracy import write_json
+from monai_armed.handlers.prediction_collector import PredictionCollector
+from monai_armed.metrics import classification_summary
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["ClusterModeReport", "format_report_table"]
+
+
+class ClusterModeReport:
+    """Evaluates a network on several datasets, each in several cluster modes, and writes one metrics JSON.
+
+    For every ``(dataset, mode)`` pair it reruns an ``ARMEDEvaluator`` with that loader and ``cluster_mode`` and stores
+    :func:`classification_summary` (accuracy, balanced accuracy, AUROC, per-cluster accuracy). Attach it to a trainer
+    to run once training completes, or call :meth:`run` (e.g. from ``evaluate.json``).
+
+    Args:
+        evaluator: an ``ARMEDEvaluator`` (its ``z_predictor`` is used by ``inferred``).
+        datasets: ``{name: loader}``, e.g. ``{"seen": test_loader, "unseen": unseen_loader}``.
+        modes: ``{name: [modes]}``; default: ``observed, fixed, randomized`` for every dataset, plus ``inferred`` when
+            the evaluator has a Z-predictor.
+        output_file: JSON path (optional).
+        cluster_names: names of the seen clusters for the per-cluster tables.
+
+    Example::
+
+        report = ClusterModeReport(evaluator, {"seen": test_loader, "unseen": unseen_loader},
+                                   {"seen": ["observed", "fixed", "randomized"], "unseen": ["fixed", "inferred"]},
+                                   output_file="eval/metrics.json")
+        metrics = report.run()
+        metrics["unseen"]["inferred"]["accuracy"]
+    """
+
+    def __init__(
+        self,
+        evaluator: Any,
+        datasets: Mapping[str, Any],
+        modes: Mapping[str, Sequence[str]] | None = None,
+        output_file: str | os.PathLike | None = None,
+        cluster_names: Sequence[str] | None = None,
+    ) -> None:
+        self.evaluator, self.datasets, self.output_file = evaluator, dict(datasets), output_file
+        default = ["observed", "fixed", "randomized"] + (["inferred"] if evaluator.z_predictor is not None else [])
+        self.modes = {name: list(modes[name]) if modes and name in modes else default for name in self.datasets}
+        self.cluster_names = cluster_names
+        self.collector = PredictionCollector()
+        self.collector.attach(evaluator)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine | None = None) -> dict:
+        return self.run()
+
+    def run(self) -> dict:
+        evaluator, previous_mode = self.evaluator, self.evaluator.cluster_mode
+        previous = (evaluator.data_loader, evaluator.state.epoch_length)
+        results: dict[str, dict] = {}
+        try:
+            for name, loader in self.datasets.items():
+                evaluator.data_loader, evaluator.state.epoch_length = loader, len(loader)
+                results[name] = {}
+                for mode in self.modes[name]:
+                    evaluator.cluster_mode = mode
+                    evaluator.run()
+                    c = self.collector
+                    results[name][mode] = classification_summary(
+                        c.pred, c.label, c.cluster, evaluator.n_clusters, self.cluster_names
+                    )
+        finally:
+            evaluator.data_loader, evaluator.state.epoch_length = previous
+            evaluator.cluster_mode = previous_mode
+        if self.output_file is not None:
+            write_json(results, self.output_file)
+        evaluator.logger.info("cluster-mode report:\n" + format_report_table({"model": results}))
+        return results
+
+
+def format_report_table(reports: Mapping[str, Mapping], metric: str = "accuracy") -> str:
+    """A text table with one row per model and one column per ``dataset/mode`` of :class:`ClusterModeReport` results.
+
+    Example::
+
+        print(format_report_table({"conventional": conv_metrics, "armed": armed_metrics}))
+    """
+    columns = sorted({f"{d}/{m}" for r in reports.values() for d, modes in r.items() for m in modes})
+    width = max([len(c) for c in columns] + [8])
+    name_width = max([len(n) for n in reports] + [5])
+    lines = [f"{'model':<{name_width}}  " + "  ".join(f"{c:>{width}}" for c in columns)]
+    for name, report in reports.items():
+        cells = []
+        for column in columns:
+            dataset, mode = column.split("/")
+            value = report.get(dataset, {}).get(mode, {}).get(metric)
+            cells.append(f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}")
+        lines.append(f"{name:<{name_width}}  " + "  ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from monai_armed.metrics import positive_probability
+from monai_armed.visualize.figures import (
+    feature_importance,
+    plot_decision_boundaries,
+    plot_feature_importance,
+    plot_intercepts_vs_balance,
+    plot_random_effect_spread,
+)
+
+__all__ = ["write_tabular_figures"]
+
+
+def write_tabular_figures(
+    network: nn.Module,
+    datalist: Sequence[Mapping],
+    output_dir: str | os.PathLike,
+    cluster_names: Sequence[str] | None = None,
+    features_key: str = "features",
+    feature_names: Sequence[str] | None = None,
+    true_boundary: np.ndarray | None = None,
+    max_panels: int = 10,
+) -> dict[str, str]:
+    """PNG figures of a trained binary mixed-effects classifier on tabular data (``datalist`` with cluster indices).
+
+    Writes ``decision_boundaries.png`` (per-cluster boundaries in the first two features, fixed effects first, the
+    other features held at their mean; with the true boundary when given), ``intercepts_vs_balance.png`` (random
+    intercept against each cluster's fraction of positives), ``random_effect_spread.png`` and
+    ``feature_importance.png`` (|d p / d x| of the fixed effects at the mean input).
+
+    Returns:
+        ``{figure name: path}``.
+
+    Example::
+
+        write_tabular_figures(net, indexed_train_datalist, "eval/figures", cluster_names=vocab.clusters,
+                              true_boundary=make_spiral_true_boundary(degrees=180))
+    """
+    out = Path(output_dir)
+    x = np.stack([np.asarray(d[features_key], dtype=np.float32) for d in datalist])
+    y = np.asarray([int(d["label"]) for d in datalist])
+    cluster = np.asarray([int(d["cluster"]) for d in datalist])
+    n_clusters = int(getattr(network, "n_clusters", cluster.max() + 1))
+    was_training = network.training
+    network.eval()
+
+    def predict(features: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return positive_probability(network(features, c))
+
+    mean = x.mean(axis=0)
+    low, high = x[:, :2].min(axis=0) - 0.2, x[:, :2].max(axis=0) + 0.2
+    panels = [-1] + list(range(min(n_clusters, max_panels - 1)))
+    paths = {
+        "decision_boundaries": plot_decision_boundaries(
+            predict,
+            panels,
+            out / "decision_boundaries.png",
+            x_range=(float(low[0]), float(high[0])),
+            y_range=(float(low[1]), float(high[1])),
+            points=(x[:, :2], y, cluster),
+            true_boundary=true_boundary,
+            cluster_names=cluster_names,
+            extra_features=mean[2:].tolist(),
+            title="decision boundary per cluster",
+        ),
+        "feature_importance": plot_feature_importance(
+            feature_importance(predict, mean), out / "feature_importance.png", feature_names=feature_names,
+            title="fixed-effects feature importance |dp/dx| at the mean input",
+        ),
+    }
+    means = network.posterior_means() if hasattr(network, "posterior_means") else {}
+    if "intercept" in means:
+        balance = np.bincount(cluster, weights=y, minlength=n_clusters) / np.maximum(np.bincount(cluster, minlength=n_clusters), 1)
+        if n_clusters >= 3:
+            paths["intercepts_vs_balance"] = plot_intercepts_vs_balance(
+                means["intercept"][:, 0].cpu().numpy(), balance, out / "intercepts_vs_balance.png", cluster_names
+            )
+    slopes = {k: v for k, v in means.items() if k.startswith("slope")}
+    if slopes:
+        spread = np.concatenate([v.std(dim=0).cpu().numpy() for v in slopes.values()])
+        names = [f"{k}[{i}]" for k, v in slopes.items() for i in range(v.shape[1])]
+        paths["random_effect_spread"] = plot_random_effect_spread(
+            spread, out / "random_effect_spread.png", names, title="random-slope s.d. across clusters"
+        )
+    network.train(was_training)
+    return paths
