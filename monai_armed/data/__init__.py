@@ -19,6 +19,6 @@ from .spirals import (
     make_spirals,
     spirals_to_datalist,
 )
-from .tabular import datalist_to_arrays, load_csv_datalist, save_csv_datalist
+from .tabular import datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
 from .loader import TensorBatchLoader
 from .datasets import ensure_spiral_csv, split_by_cluster

@@ -23,10 +23,12 @@ import math
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
+import torch
 
-__all__ = ["load_csv_datalist", "save_csv_datalist", "datalist_to_arrays"]
+__all__ = ["load_csv_datalist", "save_csv_datalist", "save_predictions_csv", "datalist_to_arrays"]
 
 
 def _read_header(reader: Iterator[list[str]], path: str) -> list[str]:
@@ -42,14 +44,19 @@ def _read_header(reader: Iterator[list[str]], path: str) -> list[str]:
 
 
 def _resolve_feature_columns(
-    header: list[str], feature_columns: Sequence[str] | None, label_column: str, cluster_column: str, path: str
+    header: list[str],
+    feature_columns: Sequence[str] | None,
+    label_column: str | None,
+    cluster_column: str | None,
+    path: str,
 ) -> list[str]:
     """Check that the requested columns exist and return the feature column names."""
     if feature_columns is None:
         feature_columns = [name for name in header if name not in (label_column, cluster_column)]
         if not feature_columns:
             raise ValueError(f"{path}: no feature columns besides {label_column!r} and {cluster_column!r}.")
-    missing = [name for name in [*feature_columns, label_column, cluster_column] if name not in header]
+    wanted = [*feature_columns, *(c for c in (label_column, cluster_column) if c is not None)]
+    missing = [name for name in wanted if name not in header]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; the columns present are {header}.")
     return list(feature_columns)
@@ -95,8 +102,8 @@ def _parse_cluster(value: str, where: str) -> int | str:
 def load_csv_datalist(
     path: str | os.PathLike,
     feature_columns: Sequence[str] | None = None,
-    label_column: str = "label",
-    cluster_column: str = "cluster",
+    label_column: str | None = "label",
+    cluster_column: str | None = "cluster",
 ) -> list[dict]:
     """
     Load a tabular CSV file into a datalist.
@@ -105,8 +112,9 @@ def load_csv_datalist(
         path: CSV file with a header row.
         feature_columns: names of the feature columns, in the order they should appear in the feature
             vector. ``None`` uses every column except ``label_column`` and ``cluster_column``, in file order.
-        label_column: name of the integer class label column.
-        cluster_column: name of the cluster (random-effect group) column.
+        label_column: name of the integer class label column; ``None`` for unlabelled data (inference).
+        cluster_column: name of the cluster (random-effect group) column; ``None`` when clusters are unknown
+            (the model then uses fixed effects, or a Z-predictor's inferred membership).
 
     Returns:
         one dict per data row: ``{"features": float32 array (F,), "label": int, "cluster": int | str}``.
@@ -132,7 +140,8 @@ def load_csv_datalist(
         header = _read_header(reader, path)
         features = _resolve_feature_columns(header, feature_columns, label_column, cluster_column, path)
         feature_idx = [header.index(name) for name in features]
-        label_idx, cluster_idx = header.index(label_column), header.index(cluster_column)
+        columns = {k: c for k, c in (("label", label_column), ("cluster", cluster_column)) if c is not None}
+        parsers = {"label": _parse_label, "cluster": _parse_cluster}
         datalist = []
         for row in reader:
             if not any(cell.strip() for cell in row):
@@ -141,13 +150,10 @@ def load_csv_datalist(
             if len(row) != len(header):
                 raise ValueError(f"{line}: expected {len(header)} cells as in the header, found {len(row)}.")
             values = [_parse_feature(row[i], f"{line}, column {name!r}") for i, name in zip(feature_idx, features)]
-            datalist.append(
-                {
-                    "features": np.asarray(values, dtype=np.float32),
-                    "label": _parse_label(row[label_idx], f"{line}, column {label_column!r}"),
-                    "cluster": _parse_cluster(row[cluster_idx], f"{line}, column {cluster_column!r}"),
-                }
-            )
+            item = {"features": np.asarray(values, dtype=np.float32)}
+            for key, column in columns.items():
+                item[key] = parsers[key](row[header.index(column)], f"{line}, column {column!r}")
+            datalist.append(item)
     if not datalist:
         raise ValueError(f"{path}: the file has a header but no data rows.")
     return datalist
@@ -226,3 +232,31 @@ def datalist_to_arrays(
     X = np.stack(_feature_rows(datalist, features_key)).astype(np.float32)
     y = np.asarray([int(item["label"]) for item in datalist], dtype=np.int64)
     return X, y, [item["cluster"] for item in datalist]
+
+
+def save_predictions_csv(
+    path: str | os.PathLike, datalist: Sequence[dict], probability: torch.Tensor | np.ndarray, raw_cluster_key: str = "cluster"
+) -> str:
+    """Write one row per sample: its raw cluster id (if any) and the predicted probability of each class.
+
+    ``probability`` is ``(N,)`` (binary: probability of class 1) or ``(N, C)``. Written atomically.
+
+    Example::
+
+        save_predictions_csv("eval/predictions.csv", datalist, positive_probability(logits))
+    """
+    prob = np.asarray(probability.detach().cpu() if isinstance(probability, torch.Tensor) else probability)
+    if len(prob) != len(datalist):
+        raise ValueError(f"{len(prob)} predictions for {len(datalist)} samples.")
+    prob = prob.reshape(len(prob), -1)
+    names = ["p_class1"] if prob.shape[1] == 1 else [f"p_class{i}" for i in range(prob.shape[1])]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["cluster", *names])
+        for item, row in zip(datalist, prob):
+            writer.writerow([item.get(raw_cluster_key, ""), *(f"{v:.6f}" for v in row)])
+    os.replace(tmp, path)
+    return str(path)

@@ -19,6 +19,7 @@ from .utils import (
     ARMEDOutput,
     cluster_one_hot,
     glorot_init,
+    load_network_checkpoint,
     random_effects_modules,
     random_effects_summary,
     total_kl_divergence,

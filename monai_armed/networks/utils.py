@@ -25,6 +25,7 @@ __all__ = [
     "total_kl_divergence",
     "cluster_one_hot",
     "glorot_init",
+    "load_network_checkpoint",
 ]
 
 
@@ -116,3 +117,37 @@ def random_effects_summary(network: nn.Module, cluster_names: list[str] | None =
             "spread": spread.cpu().tolist(),
         }
     return summary
+
+
+def load_network_checkpoint(
+    network: nn.Module, path: str, n_clusters: int | None = None, map_location: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load a state dict saved by ``CheckpointSaver`` (``weights_only=True``) into ``network``, checking clusters.
+
+    A checkpoint whose random-effects tables have another number of clusters than ``network`` (or than
+    ``n_clusters``, e.g. ``len(vocabulary)``) raises a ``ValueError`` naming the file and both numbers, instead of
+    ``load_state_dict``'s size-mismatch message. ``{"model": state_dict}`` checkpoints are unwrapped.
+
+    Example::
+
+        load_network_checkpoint(net, "models/model.pt", n_clusters=len(vocabulary))
+    """
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} could not be read as a PyTorch state dict: {e}") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    expected = {name + ".loc": m.n_clusters for name, m in random_effects_modules(network).items()}
+    for key, clusters in expected.items():
+        if key in state and state[key].shape[0] != clusters:
+            raise ValueError(
+                f"checkpoint {path} was trained with {state[key].shape[0]} clusters but the network has {clusters}: "
+                "use the cluster vocabulary saved with that checkpoint."
+            )
+    if n_clusters is not None and expected and next(iter(expected.values())) != n_clusters:
+        raise ValueError(f"the network has {next(iter(expected.values()))} clusters but {n_clusters} were expected.")
+    network.load_state_dict(state)
+    return network

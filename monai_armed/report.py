@@ -1,0 +1,47 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Print a seen/unseen accuracy table from ``metrics.json`` files written by the bundles' cluster-mode report.
+
+Usage: ``python -m monai_armed.report conventional=runs/conventional/eval/metrics.json armed=runs/armed/eval/metrics.json``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from monai_armed.handlers.cluster_mode_report import format_report_table
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Read ``NAME=PATH`` pairs and print one row per model (accuracy per dataset/cluster mode)."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or any("=" not in a for a in args):
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    reports = {}
+    for arg in args:
+        name, path = arg.split("=", 1)
+        try:
+            with open(path) as f:
+                reports[name] = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"cannot read metrics of {name!r} from {path}: {e}", file=sys.stderr)
+            return 1
+    print("accuracy (seen = test split of the training clusters; unseen = held-out clusters)")
+    print(format_report_table(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
