@@ -36,7 +36,8 @@ def split_by_cluster(
     """Split a datalist into ``train`` / ``test`` (seen clusters) and ``unseen`` (held-out clusters).
 
     The held-out clusters are ``unseen_clusters`` if given, else ``n_unseen`` clusters drawn with ``seed``. The seen
-    clusters' samples are split into train and test stratified on label x cluster.
+    clusters' samples are split into train and test stratified on label x cluster (on the cluster alone when a
+    label x cluster group has a single sample).
 
     Example::
 
@@ -59,13 +60,22 @@ def split_by_cluster(
             raise ValueError(f"unseen_clusters {unknown} are not in the datalist (clusters: {names}).")
     held_out = np.isin(clusters, sorted(unseen))
     seen_index = np.flatnonzero(~held_out)
-    strata = [f"{datalist[i][label_key]}_{clusters[i]}" for i in seen_index]
-    train_index, test_index = train_test_split(seen_index, test_size=test_fraction, stratify=strata, random_state=seed)
+    train_index, test_index = train_test_split(
+        seen_index, test_size=test_fraction, stratify=_strata(datalist, seen_index, clusters, label_key), random_state=seed
+    )
     return {
         "train": [datalist[i] for i in sorted(train_index)],
         "test": [datalist[i] for i in sorted(test_index)],
         "unseen": [datalist[i] for i in np.flatnonzero(held_out)],
     }
+
+
+def _strata(datalist: Sequence[Mapping], index: np.ndarray, clusters: np.ndarray, label_key: str) -> list[str] | None:
+    """label x cluster strata; cluster alone, or none, when some stratum has fewer than 2 samples."""
+    for strata in ([f"{datalist[i][label_key]}_{clusters[i]}" for i in index], [clusters[i] for i in index]):
+        if min(np.unique(strata, return_counts=True)[1]) >= 2:
+            return strata
+    return None
 
 
 def ensure_spiral_csv(

@@ -1,0 +1,117 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from monai_armed.data import save_csv_datalist
+from monai_armed.networks import MixedEffectsMLP, load_network_checkpoint
+
+CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "armed_spirals" / "configs"
+
+
+def _workflow(config_files, root: Path, **override) -> ConfigWorkflow:
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in config_files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type="train",
+        bundle_root=str(root),
+        **override,
+    )
+    workflow.initialize()
+    return workflow
+
+
+def _clustered_csv(path: Path, n_clusters: int = 5, per_cluster: int = 80) -> None:
+    """Labels from x0 + a per-cluster offset: a random intercept the mixed-effects model can learn."""
+    rng = np.random.RandomState(0)
+    offsets = np.linspace(-1.5, 1.5, n_clusters)
+    datalist = []
+    for c in range(n_clusters):
+        x = rng.randn(per_cluster, 2).astype(np.float32)
+        y = (x[:, 0] + offsets[c] + 0.1 * rng.randn(per_cluster) > 0).astype(int)
+        datalist += [{"features": xi, "label": int(yi), "cluster": f"site{c}"} for xi, yi in zip(x, y)]
+    save_csv_datalist(datalist, path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    _clustered_csv(root / "data.csv")
+    overrides = {"epochs": 20, "learning_rate": 0.02, "csv_file": str(root / "data.csv"), "generate_default_data": False, "n_unseen_clusters": 1}
+    workflow = _workflow(["train.json"], root, **overrides)
+    workflow.run()
+    workflow.finalize()
+    return root, overrides
+
+
+def test_train_writes_checkpoints_metrics_and_figures(trained):
+    root, _ = trained
+    for name in ("models/model.pt", "models/zpredictor.pt", "models/clusters.json", "eval/random_effects.json"):
+        assert (root / name).is_file(), name
+    for png in ("decision_boundaries", "feature_importance", "intercepts_vs_balance", "random_effect_spread"):
+        assert (root / "eval" / "figures" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"seen", "unseen"}
+    assert set(metrics["seen"]) == {"observed", "fixed", "randomized"} and set(metrics["unseen"]) == {"fixed", "inferred"}
+    # the random intercept explains the per-site offset: mixed effects beat fixed effects and chance on seen sites
+    assert metrics["seen"]["observed"]["accuracy"] > 0.8
+    assert metrics["seen"]["observed"]["accuracy"] > metrics["seen"]["fixed"]["accuracy"]
+    assert len(json.loads((root / "models" / "clusters.json").read_text())["clusters"]) == 4
+    summary = json.loads((root / "eval" / "random_effects.json").read_text())
+    intercepts = np.array(summary["groups"]["intercept"]["posterior_mean"])[:, 0]
+    offsets = np.linspace(-1.5, 1.5, 5)[[int(name[len("site") :]) for name in summary["clusters"]]]
+    assert np.corrcoef(intercepts, offsets)[0, 1] > 0.8
+
+
+def test_evaluate_and_inference_reload_checkpoint(trained):
+    root, overrides = trained
+    workflow = _workflow(["train.json", "evaluate.json"], root, **overrides)
+    workflow.run()
+    assert json.loads((root / "eval" / "metrics.json").read_text())["seen"]["observed"]["n"] > 0
+    inference = _workflow(["inference.json"], root, csv_file=str(root / "data.csv"))
+    inference.run()
+    with open(root / "eval" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 400 and {"cluster", "p_class1"} <= set(rows[0])
+    assert all(0.0 <= float(r["p_class1"]) <= 1.0 for r in rows)
+
+
+def test_checkpoint_for_other_number_of_clusters_is_rejected(trained):
+    root, _ = trained
+    other = MixedEffectsMLP(2, 1, n_clusters=7)
+    with pytest.raises(ValueError, match="trained with 4 clusters but the network has 7"):
+        load_network_checkpoint(other, str(root / "models" / "model.pt"))
+
+
+def test_missing_csv_column_names_the_file(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("f0,f1,label\n0.1,0.2,1\n")
+    workflow = _workflow(["train.json"], tmp_path, csv_file=str(bad), generate_default_data=False)
+    with pytest.raises(RuntimeError) as error:
+        workflow.run()
+    assert isinstance(error.value.__cause__, ValueError)
+    assert "bad.csv" in str(error.value.__cause__) and "missing column(s) ['cluster']" in str(error.value.__cause__)
+
+
+def test_every_config_parses():
+    for name in ("train.json", "evaluate.json", "inference.json", "metadata.json"):
+        json.loads((CONFIGS / name).read_text())
+    assert torch.__version__

@@ -1,0 +1,471 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import unittest
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from ignite.engine import Events
+from parameterized import parameterized
+
+from monai_armed.data import TensorBatchLoader
+from monai_armed.engines import ARMEDEvaluator, ARMEDKeys, ARMEDTrainer, PrepareBatchCluster
+from monai_armed.losses import LogitClassificationLoss, balanced_class_weights
+from monai_armed.networks import ClusterAdversary, MixedEffectsMLP, ZPredictor
+
+N_CLUSTERS = 4
+LOSS_KEYS = ("loss", "loss_me", "loss_fe", "loss_adv", "loss_gen", "loss_kl", "adv_accuracy")
+
+
+def _problem(n: int = 256, seed: int = 0, shift: float = 2.0):
+    """4 clusters, 2 features; each cluster shifts the inputs (readable from features) and offsets the label."""
+    g = torch.Generator().manual_seed(seed)
+    cluster = torch.arange(n) % N_CLUSTERS
+    offsets = torch.tensor([-1.0, -0.3, 0.3, 1.0])
+    shifts = shift * torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    base = torch.randn(n, 2, generator=g)
+    x = base + shifts[cluster]
+    y = ((base[:, 0] + base[:, 1] + offsets[cluster]) > 0).float()
+    return x, y, cluster
+
+
+def _loader(n: int = 256, batch_size: int = 32, shuffle: bool = True, seed: int = 0, **kwargs):
+    x, y, c = _problem(n, seed=seed, **kwargs)
+    return TensorBatchLoader({"features": x, "label": y, "cluster": c}, batch_size=batch_size, shuffle=shuffle, seed=seed)
+
+
+def _models(seed: int = 0, variant: str = "armed"):
+    torch.manual_seed(seed)
+    net = MixedEffectsMLP.from_variant(variant, in_features=2, out_channels=1, n_clusters=N_CLUSTERS)
+    adv = ClusterAdversary(net.feature_channels, n_clusters=N_CLUSTERS, hidden_channels=(8, 8))
+    return net, adv
+
+
+def _trainer(loader, net, adv, epochs: int = 3, lr: float = 0.01, adv_lr: float = 0.01, sgd: bool = False, **kwargs):
+    opt = torch.optim.SGD if sgd else torch.optim.Adam
+    return ARMEDTrainer(
+        device="cpu",
+        max_epochs=epochs,
+        train_data_loader=loader,
+        network=net,
+        optimizer=opt(net.parameters(), lr=lr),
+        adversary=adv,
+        adv_optimizer=opt(adv.parameters(), lr=adv_lr) if adv is not None else None,
+        prepare_batch=PrepareBatchCluster("features"),
+        decollate=False,
+        **kwargs,
+    )
+
+
+def _flat(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+
+def _grads(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.detach().flatten().clone() for p in module.parameters()])
+
+
+def _adv_ce(net: MixedEffectsMLP, adv: ClusterAdversary, x: torch.Tensor, c: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(F.cross_entropy(adv(net.forward_armed(x, c).features), c))
+
+
+class TestARMEDTrainer(unittest.TestCase):
+    def test_loss_parts_and_total(self):
+        net, adv = _models()
+        trainer = _trainer(_loader(), net, adv, epochs=3, me_weight=1.0, fe_weight=0.5, adv_weight=0.3, kl_weight=0.01)
+        epoch_me: list[list[float]] = []
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epoch_me.append([]))
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e: epoch_me[-1].append(float(e.state.output["loss_me"]))
+        )
+        before_net, before_adv = _flat(net), _flat(adv)
+        trainer.run()
+        out = trainer.state.output
+        for key in LOSS_KEYS:
+            self.assertIn(key, out)
+            self.assertEqual(out[key].dim(), 0, key)
+            self.assertFalse(out[key].requires_grad, key)
+        self.assertEqual(tuple(out["pred"].shape), (32, 1))
+        self.assertEqual(tuple(out[ARMEDKeys.PRED_FE].shape), (32, 1))
+        self.assertGreater(float(out["loss_kl"]), 0.0)
+        self.assertTrue(0.0 <= float(out["adv_accuracy"]) <= 1.0)
+        expected = out["loss_me"] + 0.5 * out["loss_fe"] - 0.3 * out["loss_gen"] + 0.01 * out["loss_kl"]
+        torch.testing.assert_close(out["loss"], expected)
+        # training reduces the mixed-effects loss
+        self.assertEqual(len(epoch_me), 3)
+        self.assertLess(np.mean(epoch_me[-1]), np.mean(epoch_me[0]))
+        # both the adversary and the network were trained
+        self.assertFalse(torch.equal(before_net, _flat(net)))
+        self.assertFalse(torch.equal(before_adv, _flat(adv)))
+
+    def test_main_optimizer_does_not_touch_adversary(self):
+        net, adv = _models()
+        before_net, before_adv = _flat(net), _flat(adv)
+        trainer = _trainer(_loader(), net, adv, epochs=2, adv_lr=0.0, adv_weight=1.0)
+        trainer.run()
+        self.assertTrue(torch.equal(before_adv, _flat(adv)))
+        self.assertFalse(torch.equal(before_net, _flat(net)))
+
+    def test_adversary_gradient_is_its_own_loss_only(self):
+        """Sequential mode: after an iteration the adversary's gradient is that of CE(adversary(detached features))
+        alone, i.e. the main step's -adv_weight * loss_gen does not leak into the adversary."""
+        net, adv = _models()
+        loader = _loader(n=64, batch_size=64, shuffle=False)
+        trainer = _trainer(loader, net, adv, epochs=1, lr=0.0, adv_lr=0.0, sgd=True, adv_weight=0.7)
+        trainer.run()
+        got = _grads(adv)
+        batch = next(iter(loader))
+        adv.zero_grad()
+        feats = [f.detach() for f in net.forward_armed(batch["features"], batch["cluster"]).features]
+        F.cross_entropy(adv(feats), batch["cluster"]).backward()
+        torch.testing.assert_close(got, _grads(adv))
+        self.assertTrue(all(p.requires_grad for p in adv.parameters()))  # unfrozen after the main step
+
+    @parameterized.expand([("sequential",), ("simultaneous",)])
+    def test_network_gradient_matches_objective(self, mode):
+        """With deterministic fixed-effects only (domain-adversarial variant) and lr=0 the network gradient equals the
+        gradient of me*BCE(pred) + fe*BCE(pred_fe) - adv*CE(adversary(features)) computed by hand."""
+        net, adv = _models(variant="domain_adversarial")
+        loader = _loader(n=64, batch_size=64, shuffle=False)
+        kw = {"me_weight": 1.0, "fe_weight": 0.5, "adv_weight": 0.8, "kl_weight": 0.1, "adversary_update": mode}
+        trainer = _trainer(loader, net, adv, epochs=1, lr=0.0, adv_lr=0.0, sgd=True, **kw)
+        trainer.run()
+        got_net, got_adv = _grads(net), _grads(adv)
+        batch = next(iter(loader))
+        x, y, c = batch["features"], batch["label"], batch["cluster"]
+        net.zero_grad()
+        adv.zero_grad()
+        out = net.forward_armed(x, c)
+        ce = F.cross_entropy(adv(out.features), c)
+        loss = (
+            F.binary_cross_entropy_with_logits(out.pred[:, 0], y)
+            + 0.5 * F.binary_cross_entropy_with_logits(out.pred_fe[:, 0], y)
+            - 0.8 * ce
+        )
+        loss.backward()
+        torch.testing.assert_close(got_net, _grads(net))
+        adv.zero_grad()
+        F.cross_entropy(adv([f.detach() for f in out.features]), c).backward()
+        torch.testing.assert_close(got_adv, _grads(adv))
+
+    def test_generator_step_increases_adversary_loss(self):
+        net, adv = _models()
+        loader = _loader(n=128, batch_size=128, shuffle=False)
+        batch = next(iter(loader))
+        x, c = batch["features"], batch["cluster"]
+        before = _adv_ce(net, adv, x, c)
+        trainer = _trainer(
+            loader, net, adv, epochs=1, lr=0.05, adv_lr=0.0, sgd=True, me_weight=0.0, fe_weight=0.0, kl_weight=0.0
+        )
+        trainer.run()
+        after = _adv_ce(net, adv, x, c)
+        self.assertGreater(after, before)
+        self.assertNotIn("loss_me", trainer.state.output)
+        torch.testing.assert_close(trainer.state.output["loss"], -trainer.state.output["loss_gen"])
+
+    def test_adversarial_weight_hides_cluster(self):
+        """A large adv_weight leaves the adversary less able to read the cluster than adv_weight=0."""
+        accuracy = {}
+        for weight in (0.0, 5.0):
+            net, adv = _models(seed=1)
+            trainer = _trainer(_loader(shift=3.0), net, adv, epochs=5, lr=0.01, adv_lr=0.01, adv_weight=weight)
+            accs: list[float] = []
+            trainer.add_event_handler(
+                Events.ITERATION_COMPLETED, lambda e: accs.append(float(e.state.output["adv_accuracy"]))
+            )
+            trainer.run()
+            accuracy[weight] = np.mean(accs[-8:])
+        self.assertLess(accuracy[5.0], accuracy[0.0] - 0.1)
+
+    def test_simultaneous_mode(self):
+        net, adv = _models()
+        before_net, before_adv = _flat(net), _flat(adv)
+        trainer = _trainer(_loader(), net, adv, epochs=2, adversary_update="simultaneous")
+        trainer.run()
+        for key in LOSS_KEYS:
+            self.assertIn(key, trainer.state.output)
+        self.assertFalse(torch.equal(before_adv, _flat(adv)))
+        self.assertFalse(torch.equal(before_net, _flat(net)))
+        torch.testing.assert_close(trainer.state.output["loss_adv"], trainer.state.output["loss_gen"])
+
+    def test_no_adversary(self):
+        net, _ = _models()
+        trainer = _trainer(_loader(), net, None, epochs=1)
+        trainer.run()
+        self.assertNotIn("loss_gen", trainer.state.output)
+        self.assertNotIn("adv_accuracy", trainer.state.output)
+
+    def test_gradient_accumulation(self):
+        net, adv = _models()
+        trainer = _trainer(_loader(n=224), net, adv, epochs=2, accumulation_steps=2)  # 7 iterations per epoch
+        steps = {"net": 0, "adv": 0}
+        trainer.optimizer.register_step_post_hook(lambda *a: steps.__setitem__("net", steps["net"] + 1))
+        trainer.adv_optimizer.register_step_post_hook(lambda *a: steps.__setitem__("adv", steps["adv"] + 1))
+        trainer.run()
+        self.assertEqual(trainer.state.iteration, 14)
+        self.assertEqual(steps, {"net": 8, "adv": 8})  # 3 full pairs + 1 flush per epoch
+        self.assertTrue(torch.isfinite(trainer.state.output["loss"]))
+
+    def test_rejects_plain_network(self):
+        with self.assertRaisesRegex(TypeError, "forward_armed"):
+            _trainer(_loader(), nn.Linear(2, 1), None)
+
+    def test_rejects_bad_adversary_update(self):
+        net, adv = _models()
+        with self.assertRaisesRegex(ValueError, "adversary_update"):
+            _trainer(_loader(), net, adv, adversary_update="alternating")
+
+    def test_default_adversary_optimizer(self):
+        net, adv = _models()
+        trainer = ARMEDTrainer(
+            device="cpu", max_epochs=1, train_data_loader=_loader(), network=net,
+            optimizer=torch.optim.Adam(net.parameters()), adversary=adv, prepare_batch=PrepareBatchCluster("features"),
+        )
+        self.assertIsInstance(trainer.adv_optimizer, torch.optim.Adam)
+        self.assertIs(trainer.adv_optimizer.param_groups[0]["params"][0], next(adv.parameters()))
+
+
+class TestBatchErrors(unittest.TestCase):
+    def _run(self, data: dict):
+        net, adv = _models()
+        loader = TensorBatchLoader(data, batch_size=8)
+        _trainer(loader, net, adv, epochs=1).run()
+
+    def test_missing_cluster(self):
+        x, y, _ = _problem(16)
+        with self.assertRaisesRegex(KeyError, "cluster"):
+            self._run({"features": x, "label": y})
+
+    def test_missing_input(self):
+        x, y, c = _problem(16)
+        with self.assertRaisesRegex(KeyError, "features"):
+            self._run({"image": x, "label": y, "cluster": c})
+
+    def test_nan_feature(self):
+        x, y, c = _problem(16)
+        x[3, 1] = float("nan")
+        with self.assertRaisesRegex(ValueError, "NaN"):
+            self._run({"features": x, "label": y, "cluster": c})
+
+    def test_label_out_of_range(self):
+        x, y, c = _problem(16)
+        y[2] = 2
+        with self.assertRaisesRegex(ValueError, r"expected 0\.\.1"):
+            self._run({"features": x, "label": y, "cluster": c})
+
+    def test_prepare_batch(self):
+        x, y, c = _problem(8)
+        prep = PrepareBatchCluster("features")
+        inputs, targets, args, kwargs = prep({"features": x, "label": y, "cluster": c}, torch.device("cpu"))
+        self.assertTrue(torch.equal(inputs, x))
+        self.assertTrue(torch.equal(targets, y))
+        self.assertEqual(args, ())
+        self.assertTrue(torch.equal(kwargs["cluster"], c))
+        _, targets, _, kwargs = PrepareBatchCluster("features", require_cluster=False)({"features": x})
+        self.assertIsNone(targets)
+        self.assertIsNone(kwargs["cluster"])
+        with self.assertRaisesRegex(TypeError, "dictionary"):
+            prep([x, y, c])
+
+
+class TestARMEDEvaluator(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        torch.manual_seed(0)
+        cls.net = MixedEffectsMLP(2, 1, n_clusters=N_CLUSTERS, random_slopes="both").eval()
+        cls.zp = ZPredictor(in_features=2, n_clusters=N_CLUSTERS).eval()
+        x, y, c = _problem(40)
+        c = c.clone()
+        c[::5] = -1
+        cls.x, cls.y, cls.c = x, y, c
+        cls.unseen = c < 0
+
+    def _evaluate(self, mode: str, z_predictor=None, data: dict | None = None, **kwargs):
+        data = data if data is not None else {"features": self.x, "label": self.y, "cluster": self.c}
+        loader = TensorBatchLoader(data, batch_size=16)
+        ev = ARMEDEvaluator(
+            device="cpu", val_data_loader=loader, network=self.net, cluster_mode=mode, z_predictor=z_predictor,
+            prepare_batch=PrepareBatchCluster("features", require_cluster=False), decollate=False, **kwargs,
+        )
+        preds: list[torch.Tensor] = []
+        ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output["pred"].detach()))
+        ev.run()
+        return torch.cat(preds), ev
+
+    @parameterized.expand([("observed",), ("fixed",), ("randomized",), ("inferred",)])
+    def test_modes_shapes(self, mode):
+        pred, ev = self._evaluate(mode, z_predictor=self.zp)
+        self.assertEqual(tuple(pred.shape), (40, 1))
+        self.assertTrue(torch.isfinite(pred).all())
+        self.assertEqual(ev.cluster_mode, mode)
+
+    def test_fixed_equals_network_without_cluster(self):
+        pred, _ = self._evaluate("fixed")
+        with torch.no_grad():
+            torch.testing.assert_close(pred, self.net(self.x))
+
+    def test_observed_without_z_predictor(self):
+        pred, ev = self._evaluate("observed")
+        with torch.no_grad():
+            fixed = self.net(self.x)
+            mixed = self.net(self.x, self.c.clamp(min=0))
+        torch.testing.assert_close(pred[self.unseen], fixed[self.unseen])
+        torch.testing.assert_close(pred[~self.unseen], mixed[~self.unseen])
+        self.assertFalse(torch.allclose(pred[~self.unseen], fixed[~self.unseen]))
+        self.assertEqual(ev.state.n_unseen, int(self.unseen.sum()))
+        self.assertEqual(ev.state.n_unseen, 8)
+
+    def test_observed_with_z_predictor(self):
+        pred, ev = self._evaluate("observed", z_predictor=self.zp)
+        with torch.no_grad():
+            inferred = self.net(self.x, self.zp.membership(self.x))
+            mixed = self.net(self.x, self.c.clamp(min=0))
+        torch.testing.assert_close(pred[self.unseen], inferred[self.unseen])
+        torch.testing.assert_close(pred[~self.unseen], mixed[~self.unseen])
+        self.assertEqual(ev.state.n_unseen, 8)
+
+    def test_inferred(self):
+        pred, _ = self._evaluate("inferred", z_predictor=self.zp)
+        with torch.no_grad():
+            torch.testing.assert_close(pred, self.net(self.x, self.zp.membership(self.x)))
+
+    def test_inferred_needs_z_predictor(self):
+        with self.assertRaisesRegex(ValueError, "z_predictor"):
+            self._evaluate("inferred")
+        _, ev = self._evaluate("fixed")
+        with self.assertRaisesRegex(ValueError, "z_predictor"):
+            ev.cluster_mode = "inferred"
+        with self.assertRaisesRegex(ValueError, "cluster_mode"):
+            ev.cluster_mode = "bogus"
+
+    def test_randomized_reproducible(self):
+        first, ev = self._evaluate("randomized", seed=3)
+        second, _ = self._evaluate("randomized", seed=3)
+        torch.testing.assert_close(first, second)
+        ev.run()  # rerun of the same evaluator reseeds
+        torch.testing.assert_close(ev.state.output["pred"], first[32:])
+        other, _ = self._evaluate("randomized", seed=4)
+        self.assertFalse(torch.allclose(first, other))
+        observed, _ = self._evaluate("observed")
+        self.assertFalse(torch.allclose(first, observed))
+
+    def test_no_cluster_key(self):
+        data = {"features": self.x, "label": self.y}
+        pred, ev = self._evaluate("observed", data=data)
+        with torch.no_grad():
+            torch.testing.assert_close(pred, self.net(self.x))
+        self.assertEqual(ev.state.n_unseen, 40)
+
+    def test_n_unseen_zero_in_other_modes(self):
+        _, ev = self._evaluate("fixed")
+        self.assertEqual(ev.state.n_unseen, 0)
+
+
+class TestLogitClassificationLoss(unittest.TestCase):
+    def test_binary(self):
+        logits = torch.randn(6, 1, generator=torch.Generator().manual_seed(0))
+        label = torch.tensor([0, 1, 1, 0, 1, 0])
+        expected = F.binary_cross_entropy_with_logits(logits[:, 0], label.float())
+        loss = LogitClassificationLoss()
+        torch.testing.assert_close(loss(logits, label), expected)
+        torch.testing.assert_close(loss(logits, label.float().unsqueeze(1)), expected)
+        torch.testing.assert_close(nn.BCEWithLogitsLoss()(logits, label.float().unsqueeze(1)), expected)
+
+    def test_multiclass(self):
+        logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+        label = torch.tensor([0, 2, 1, 0, 2, 2])
+        torch.testing.assert_close(LogitClassificationLoss()(logits, label), nn.CrossEntropyLoss()(logits, label))
+        w = torch.tensor([0.5, 1.0, 2.0])
+        torch.testing.assert_close(
+            LogitClassificationLoss(class_weight=w)(logits, label), nn.CrossEntropyLoss(weight=w)(logits, label)
+        )
+
+    def test_binary_class_weight(self):
+        logits = torch.randn(4, 1, generator=torch.Generator().manual_seed(0))
+        label = torch.tensor([0, 0, 0, 1])
+        w = torch.tensor([0.5, 1.5])
+        expected = F.binary_cross_entropy_with_logits(logits[:, 0], label.float(), weight=w[label])
+        torch.testing.assert_close(LogitClassificationLoss(class_weight=w)(logits, label), expected)
+
+    def test_bad_labels(self):
+        with self.assertRaisesRegex(ValueError, r"expected 0\.\.2.*\[0, 3\]"):
+            LogitClassificationLoss()(torch.randn(2, 3), torch.tensor([0, 3]))
+        with self.assertRaisesRegex(ValueError, r"expected 0\.\.1"):
+            LogitClassificationLoss()(torch.randn(2, 1), torch.tensor([-1, 0]))
+        with self.assertRaisesRegex(ValueError, "whole numbers"):
+            LogitClassificationLoss()(torch.randn(2, 1), torch.tensor([0.5, 1.0]))
+
+    def test_balanced_class_weights(self):
+        w = balanced_class_weights(torch.tensor([0, 0, 0, 1]))
+        self.assertAlmostEqual(float(w[1] / w[0]), 3.0, places=5)
+        self.assertAlmostEqual(float(w.mean()), 1.0, places=5)
+        w3 = balanced_class_weights(torch.tensor([0, 1, 1, 2, 2, 2, 2]), n_classes=3)
+        torch.testing.assert_close(w3 / w3[2], torch.tensor([4.0, 2.0, 1.0]))
+        with self.assertRaisesRegex(ValueError, "at least one"):
+            balanced_class_weights(torch.tensor([0, 0]), n_classes=2)
+
+
+class TestTensorBatchLoader(unittest.TestCase):
+    def _data(self, n: int = 10):
+        return {"features": torch.arange(n * 2).reshape(n, 2).float(), "label": torch.arange(n)}
+
+    def test_len_and_batches(self):
+        loader = TensorBatchLoader(self._data(10), batch_size=4)
+        self.assertEqual(len(loader), 3)
+        batches = list(loader)
+        self.assertEqual([len(b["label"]) for b in batches], [4, 4, 2])
+        self.assertEqual(torch.cat([b["label"] for b in batches]).tolist(), list(range(10)))
+        self.assertEqual(tuple(batches[0]["features"].shape), (4, 2))
+
+    def test_drop_last(self):
+        loader = TensorBatchLoader(self._data(10), batch_size=4, drop_last=True)
+        self.assertEqual(len(loader), 2)
+        self.assertEqual([len(b["label"]) for b in loader], [4, 4])
+
+    def test_shuffle_reproducible(self):
+        def epochs(seed):
+            loader = TensorBatchLoader(self._data(20), batch_size=5, shuffle=True, seed=seed)
+            return [torch.cat([b["label"] for b in loader]).tolist() for _ in range(2)]
+
+        a, b = epochs(0), epochs(0)
+        self.assertEqual(a, b)
+        self.assertNotEqual(a[0], a[1])  # reshuffled every epoch
+        self.assertNotEqual(a[0], list(range(20)))
+        self.assertEqual(sorted(a[0]), list(range(20)))
+        self.assertNotEqual(a, epochs(1))
+
+    def test_rows_stay_aligned(self):
+        loader = TensorBatchLoader(self._data(12), batch_size=5, shuffle=True, seed=2)
+        for batch in loader:
+            torch.testing.assert_close(batch["features"][:, 0], 2.0 * batch["label"].float())
+
+    def test_datalist(self):
+        datalist = [{"features": [float(i), 0.0], "label": i, "name": f"s{i}"} for i in range(5)]
+        loader = TensorBatchLoader(datalist, batch_size=2, keys=["features", "label"])
+        self.assertEqual(set(loader.data), {"features", "label"})
+        self.assertEqual(len(loader), 3)
+
+    def test_errors(self):
+        with self.assertRaisesRegex(ValueError, "same number"):
+            TensorBatchLoader({"features": torch.zeros(5, 2), "label": torch.zeros(4)})
+        with self.assertRaisesRegex(ValueError, "batch_size"):
+            TensorBatchLoader(self._data(), batch_size=0)
+        with self.assertRaisesRegex(KeyError, "label"):
+            TensorBatchLoader([{"features": 1.0, "label": 0}, {"features": 2.0}])
+
+
+if __name__ == "__main__":
+    unittest.main()
