@@ -115,3 +115,10 @@ def test_every_config_parses():
     for name in ("train.json", "evaluate.json", "inference.json", "metadata.json"):
         json.loads((CONFIGS / name).read_text())
     assert torch.__version__
+
+
+def test_variant_fixes_the_structure_over_config_kwargs():
+    conventional = MixedEffectsMLP.from_variant("conventional", in_features=2, out_channels=1, n_clusters=3, random_slopes="hidden")
+    assert not conventional.has_random_effects
+    armed = MixedEffectsMLP.from_variant("armed", in_features=2, out_channels=1, n_clusters=3, random_slopes="both")
+    assert set(armed.re_groups) == {"slope_input", "slope_hidden", "intercept"}

@@ -152,8 +152,13 @@ class MixedEffectsMLP(nn.Module):
 
     @classmethod
     def from_variant(cls, variant: str, **kwargs) -> MixedEffectsMLP:
-        """Build one of the paper's models by name (``MLP_VARIANTS``); ``kwargs`` override its settings."""
-        return cls(**{**_variant(variant)["network"], **kwargs})
+        """Build one of the paper's models by name (``MLP_VARIANTS``).
+
+        The variant fixes the structure (random effects, cluster input); ``kwargs`` give everything else (sizes,
+        priors) and their structural entries are ignored for variants that set them, so one config can build every
+        baseline.
+        """
+        return cls(**{**kwargs, **_variant(variant)["network"]})
 
     @property
     def has_random_effects(self) -> bool:

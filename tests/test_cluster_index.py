@@ -1,0 +1,232 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import json
+import logging
+import unittest
+
+import numpy as np
+import pytest
+import torch
+from parameterized import parameterized
+
+from monai_armed.transforms import ClusterIndexd, ClusterVocabulary
+from monai_armed.transforms.cluster_index import ClusterIndexD, ClusterIndexDict
+
+LOGGER = "monai_armed.transforms.cluster_index"
+
+
+class TestClusterVocabulary(unittest.TestCase):
+    def test_ints_sort_numerically(self):
+        vocab = ClusterVocabulary.from_ids([10, 2, 33, 2, 1, -4])
+        self.assertEqual(vocab.clusters, ["-4", "1", "2", "10", "33"])
+        self.assertEqual(len(vocab), 5)
+        self.assertEqual(vocab.index(10), 3)
+
+    def test_numeric_strings_sort_numerically(self):
+        self.assertEqual(ClusterVocabulary.from_ids(["10", "9", "100"]).clusters, ["9", "10", "100"])
+
+    def test_strings_sort_lexically(self):
+        vocab = ClusterVocabulary.from_ids(["siteB", "siteA", "site10", "siteB", "site9"])
+        self.assertEqual(vocab.clusters, ["site10", "site9", "siteA", "siteB"])
+        self.assertEqual(vocab.index("siteB"), 3)
+
+    def test_mixed_ids_sort_lexically(self):
+        self.assertEqual(ClusterVocabulary.from_ids([10, "a", 9]).clusters, ["10", "9", "a"])
+
+    @parameterized.expand(
+        [("int", 3), ("str", "3"), ("padded_str", " 3 "), ("np_int64", np.int64(3)), ("tensor", torch.tensor(3)),
+         ("float", 3.0), ("np_float", np.float32(3.0)), ("float_tensor", torch.tensor(3.0))]
+    )
+    def test_equivalent_ids(self, _, raw):
+        vocab = ClusterVocabulary.from_ids([1, 3, 7])
+        self.assertEqual(vocab.index(raw), 1)
+        self.assertIn(raw, vocab)
+
+    def test_equivalent_ids_collapse_when_building(self):
+        vocab = ClusterVocabulary.from_ids([3, "3", np.int64(3), torch.tensor(3), 4])
+        self.assertEqual(vocab.clusters, ["3", "4"])
+
+    def test_unknown(self):
+        vocab = ClusterVocabulary(["a", "b"])
+        self.assertEqual(vocab.index("c"), -1)
+        self.assertEqual(vocab.index(0), -1)
+        self.assertNotIn("c", vocab)
+
+    def test_constructor_keeps_order(self):
+        vocab = ClusterVocabulary(["z", "a"])
+        self.assertEqual(vocab.index("z"), 0)
+        self.assertEqual(vocab.index("a"), 1)
+
+    def test_duplicates(self):
+        with self.assertRaisesRegex(ValueError, r"duplicate.*'3'"):
+            ClusterVocabulary([3, "3", 4])
+        with self.assertRaisesRegex(ValueError, "duplicate"):
+            ClusterVocabulary(["a", "b", "a"])
+
+    def test_empty(self):
+        with self.assertRaisesRegex(ValueError, "at least one"):
+            ClusterVocabulary([])
+        with self.assertRaisesRegex(ValueError, "at least one"):
+            ClusterVocabulary.from_ids([])
+
+    def test_equality(self):
+        self.assertEqual(ClusterVocabulary([1, 2]), ClusterVocabulary(["1", "2"]))
+        self.assertNotEqual(ClusterVocabulary([1, 2]), ClusterVocabulary([2, 1]))
+        self.assertNotEqual(ClusterVocabulary([1, 2]), ["1", "2"])
+
+    def test_from_datalist(self):
+        datalist = [{"cluster": "b"}, {"cluster": "a"}, {"cluster": "b", "x": 1}]
+        self.assertEqual(ClusterVocabulary.from_datalist(datalist).clusters, ["a", "b"])
+        site_list = [{"site": 2}, {"site": 1}]
+        self.assertEqual(ClusterVocabulary.from_datalist(site_list, key="site").clusters, ["1", "2"])
+
+    def test_from_datalist_missing_key(self):
+        datalist = [{"cluster": "a"}, {"cluster": "b"}, {"site": "c", "label": 1}]
+        with self.assertRaises(KeyError) as ctx:
+            ClusterVocabulary.from_datalist(datalist)
+        msg = str(ctx.exception)
+        self.assertIn("item 2", msg)
+        self.assertIn("'cluster'", msg)
+        self.assertIn("site", msg)
+
+    def test_check_n_clusters(self):
+        vocab = ClusterVocabulary.from_ids(range(10))
+        vocab.check_n_clusters(10)
+        with self.assertRaises(ValueError) as ctx:
+            vocab.check_n_clusters(12)
+        self.assertIn("12", str(ctx.exception))
+        self.assertIn("10", str(ctx.exception))
+        with self.assertRaisesRegex(ValueError, "checkpoint.pt has 9"):
+            vocab.check_n_clusters(9, source="checkpoint.pt")
+
+
+def test_save_load_round_trip(tmp_path):
+    vocab = ClusterVocabulary.from_ids(["siteB", "siteA", "siteC"])
+    path = tmp_path / "nested" / "clusters.json"
+    vocab.save(path)
+    content = json.loads(path.read_text())
+    assert content["clusters"] == ["siteA", "siteB", "siteC"]
+    assert content["n_clusters"] == 3
+    loaded = ClusterVocabulary.load(path)
+    assert loaded == vocab
+    assert loaded.index("siteC") == 2
+    assert ClusterVocabulary.load(str(path)) == vocab
+    assert [p.name for p in path.parent.iterdir()] == ["clusters.json"]  # no temporary file left behind
+    # overwrite in place
+    ClusterVocabulary([1, 2]).save(path)
+    assert ClusterVocabulary.load(path).clusters == ["1", "2"]
+
+
+def test_load_missing_file(tmp_path):
+    path = tmp_path / "absent.json"
+    with pytest.raises(FileNotFoundError, match="absent.json"):
+        ClusterVocabulary.load(path)
+
+
+def test_load_corrupt_json(tmp_path):
+    path = tmp_path / "corrupt.json"
+    path.write_text('{"clusters": ["a", ')
+    with pytest.raises(ValueError, match="corrupt.json"):
+        ClusterVocabulary.load(path)
+
+
+@pytest.mark.parametrize("content", ['["a", "b"]', '{"names": ["a"]}', '{"clusters": "a"}'])
+def test_load_wrong_structure(tmp_path, content):
+    path = tmp_path / "wrong.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=r"wrong\.json.*'clusters'"):
+        ClusterVocabulary.load(path)
+
+
+def test_load_duplicates(tmp_path):
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps({"clusters": ["a", "a"]}))
+    with pytest.raises(ValueError, match="duplicate"):
+        ClusterVocabulary.load(path)
+
+
+class TestClusterIndexd(unittest.TestCase):
+    def setUp(self):
+        self.vocab = ClusterVocabulary.from_ids(["siteA", "siteB", "siteC"])
+
+    def test_maps_to_int64_tensor(self):
+        t = ClusterIndexd("cluster", self.vocab)
+        out = t({"features": [1.0], "cluster": "siteB"})
+        self.assertIsInstance(out["cluster"], torch.Tensor)
+        self.assertEqual(out["cluster"].dtype, torch.int64)
+        self.assertEqual(int(out["cluster"]), 1)
+        self.assertEqual(out["features"], [1.0])
+
+    def test_input_not_modified(self):
+        data = {"cluster": "siteC"}
+        ClusterIndexd("cluster", self.vocab)(data)
+        self.assertEqual(data, {"cluster": "siteC"})
+
+    def test_missing_key(self):
+        t = ClusterIndexd("cluster", self.vocab)
+        with self.assertRaisesRegex(KeyError, "cluster"):
+            t({"features": [1.0]})
+        skip = ClusterIndexd("cluster", self.vocab, allow_missing_keys=True)
+        self.assertEqual(skip({"features": [1.0]}), {"features": [1.0]})
+
+    def test_raw_key_suffix(self):
+        t = ClusterIndexd("cluster", self.vocab, raw_key_suffix="_id")
+        out = t({"cluster": "siteC"})
+        self.assertEqual(out["cluster_id"], "siteC")
+        self.assertEqual(int(out["cluster"]), 2)
+
+    def test_output_key(self):
+        t = ClusterIndexd("site", self.vocab, output_key="cluster")
+        out = t({"site": "siteA"})
+        self.assertEqual(out["site"], "siteA")
+        self.assertEqual(int(out["cluster"]), 0)
+
+    def test_vocabulary_from_path(self):
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "v.json"
+            self.vocab.save(path)
+            t = ClusterIndexd("cluster", str(path))
+        self.assertEqual(t.vocabulary, self.vocab)
+        self.assertEqual(int(t({"cluster": "siteB"})["cluster"]), 1)
+
+    def test_aliases(self):
+        self.assertIs(ClusterIndexD, ClusterIndexd)
+        self.assertIs(ClusterIndexDict, ClusterIndexd)
+
+
+def test_unseen_logged_once_per_id(caplog):
+    vocab = ClusterVocabulary.from_ids(["siteA", "siteB"])
+    t = ClusterIndexd("cluster", vocab)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        outs = [t({"cluster": c}) for c in ["siteZ", "siteA", "siteZ", "siteY", "siteZ", "siteY"]]
+    assert [int(o["cluster"]) for o in outs] == [-1, 0, -1, -1, -1, -1]
+    assert t.n_unseen == 5
+    records = [r for r in caplog.records if r.name == LOGGER]
+    assert len(records) == 2
+    assert all(r.levelno == logging.WARNING for r in records)
+    assert "'siteZ'" in records[0].getMessage()
+    assert "'siteY'" in records[1].getMessage()
+    assert "-1" in records[0].getMessage()
+
+
+def test_seen_ids_do_not_log(caplog):
+    t = ClusterIndexd("cluster", ClusterVocabulary.from_ids([1, 2]))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert int(t({"cluster": np.int64(2)})["cluster"]) == 1
+        assert int(t({"cluster": torch.tensor(1)})["cluster"]) == 0
+    assert t.n_unseen == 0
+    assert not [r for r in caplog.records if r.name == LOGGER]
