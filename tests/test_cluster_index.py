@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import unittest
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,9 +195,6 @@ class TestClusterIndexd(unittest.TestCase):
         self.assertEqual(int(out["cluster"]), 0)
 
     def test_vocabulary_from_path(self):
-        import tempfile
-        from pathlib import Path
-
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "v.json"
             self.vocab.save(path)

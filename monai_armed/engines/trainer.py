@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -151,6 +151,7 @@ class ARMEDTrainer(SupervisedTrainer):
         self.adv_loss_function = adv_loss_function or nn.CrossEntropyLoss(ignore_index=-1)
         self.me_weight, self.fe_weight, self.adv_weight, self.kl_weight = me_weight, fe_weight, adv_weight, kl_weight
         self.adversary_update = adversary_update
+        self._adversary_params = list(adversary.parameters()) if adversary is not None else []
         self.adv_scaler: torch.amp.GradScaler | None = None
 
     def run(self) -> None:  # type: ignore[override]
@@ -180,41 +181,30 @@ class ARMEDTrainer(SupervisedTrainer):
 
         with autocast:
             out = network.forward_armed(inputs, cluster)
+            task = engine._task_loss(out, targets)  # checks the labels before the adversary takes any step
         engine.state.output[Keys.PRED], engine.state.output[ARMEDKeys.PRED_FE] = out.pred, out.pred_fe
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
         adv_target = cluster.argmax(1) if cluster.is_floating_point() else cluster
-        loss_gen = None
+        sequential = engine.adversary is not None and engine.adversary_update == "sequential"
         if engine.adversary is not None:
             if not engine.adversary.training:
                 engine.adversary.train()
             if zero_grad:
                 engine.adv_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-            if engine.adversary_update == "sequential":
+            if sequential:
                 engine._adversary_step(out.features, adv_target, autocast, scale, step)
-                frozen = [p for p in engine.adversary.parameters() if p.requires_grad]
-                for p in frozen:
-                    p.requires_grad_(False)
-                with autocast:
-                    loss_gen = engine.adv_loss_function(engine.adversary(out.features), adv_target)
-            else:
-                with autocast:
-                    reversed_features = [grad_reverse(f, engine.adv_weight) for f in out.features]
-                    adv_logits = engine.adversary(reversed_features)
-                    loss_gen = engine.adv_loss_function(adv_logits, adv_target)
-                engine._record_adversary(adv_logits, adv_target, loss_gen)
-
-        with autocast:
-            loss = engine._main_loss(out, targets, loss_gen)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        engine._backward(loss * scale if scale != 1.0 else loss, engine.scaler)
-        if engine.adversary is not None and engine.adversary_update == "sequential":
-            for p in frozen:
-                p.requires_grad_(True)
+        # in sequential mode the adversary is frozen for the main step: its own optimizer has already stepped
+        with _frozen(engine._adversary_params if sequential else []):
+            with autocast:
+                loss_gen = engine._generalization_loss(out.features, adv_target)
+                loss = engine._total_loss(task, loss_gen, out.kl)
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            engine._backward(loss * scale if scale != 1.0 else loss, engine.scaler)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if step:
             engine._step(engine.optimizer, engine.scaler)
-            if engine.adversary is not None and engine.adversary_update == "simultaneous":
+            if engine.adversary is not None and not sequential:
                 engine._step(engine.adv_optimizer, engine.adv_scaler)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
@@ -236,29 +226,41 @@ class ARMEDTrainer(SupervisedTrainer):
         self.state.output[ARMEDKeys.LOSS_ADV] = loss_adv.detach()
         self.state.output[ARMEDKeys.ADV_ACCURACY] = correct.sum() / (target >= 0).sum().clamp(min=1)
 
-    def _main_loss(self, out: Any, targets: torch.Tensor, loss_gen: torch.Tensor | None) -> torch.Tensor:
+    def _task_loss(self, out: Any, targets: torch.Tensor) -> torch.Tensor:
+        """``me_weight * task(pred) + fe_weight * task(pred_fe)``, logging each part."""
         output = self.state.output
         loss = out.pred.new_zeros(())
-        if self.me_weight:
-            output[ARMEDKeys.LOSS_ME] = self.loss_function(out.pred, targets).mean()
-            loss = loss + self.me_weight * output[ARMEDKeys.LOSS_ME]
-        if self.fe_weight:
-            output[ARMEDKeys.LOSS_FE] = self.loss_function(out.pred_fe, targets).mean()
-            loss = loss + self.fe_weight * output[ARMEDKeys.LOSS_FE]
-        if loss_gen is not None:
-            output[ARMEDKeys.LOSS_GEN] = loss_gen
-            if self.adversary_update == "sequential":
-                loss = loss - self.adv_weight * loss_gen
-            else:
-                loss = loss + loss_gen  # the reversal layer already applies -adv_weight to the features' gradient
-        if self.kl_weight:
-            loss = loss + self.kl_weight * out.kl
-        output[ARMEDKeys.LOSS_KL] = out.kl
-        for key in (ARMEDKeys.LOSS_ME, ARMEDKeys.LOSS_FE, ARMEDKeys.LOSS_GEN, ARMEDKeys.LOSS_KL):
-            if key in output:
-                output[key] = output[key].detach()
-        output[Keys.LOSS] = loss.detach()
+        for key, weight, pred in ((ARMEDKeys.LOSS_ME, self.me_weight, out.pred), (ARMEDKeys.LOSS_FE, self.fe_weight, out.pred_fe)):
+            if weight:
+                part = self.loss_function(pred, targets).mean()
+                output[key] = part.detach()
+                loss = loss + weight * part
         return loss
+
+    def _generalization_loss(self, features: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor | None:
+        """The adversary's loss on the live features (through a gradient-reversal layer in simultaneous mode)."""
+        if self.adversary is None:
+            return None
+        if self.adversary_update == "sequential":
+            return self.adv_loss_function(self.adversary(features), target)
+        adv_logits = self.adversary([grad_reverse(f, self.adv_weight) for f in features])
+        loss_gen = self.adv_loss_function(adv_logits, target)
+        self._record_adversary(adv_logits, target, loss_gen)
+        return loss_gen
+
+    def _total_loss(self, task: torch.Tensor, loss_gen: torch.Tensor | None, kl: torch.Tensor) -> torch.Tensor:
+        """The tensor to back-propagate; logs the objective ``task - adv_weight * loss_gen + kl_weight * kl``."""
+        output = self.state.output
+        objective = task + self.kl_weight * kl if self.kl_weight else task
+        backward = objective
+        if loss_gen is not None:
+            output[ARMEDKeys.LOSS_GEN] = loss_gen.detach()
+            # simultaneous: the reversal layer already gives the features -adv_weight times the gradient
+            backward = objective - self.adv_weight * loss_gen if self.adversary_update == "sequential" else objective + loss_gen
+            objective = objective - self.adv_weight * loss_gen
+        output[ARMEDKeys.LOSS_KL] = kl.detach()
+        output[Keys.LOSS] = objective.detach()
+        return backward
 
     @staticmethod
     def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
@@ -276,6 +278,19 @@ class ARMEDTrainer(SupervisedTrainer):
 def _unwrap(network: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (or the network itself)."""
     return getattr(network, "module", network)
+
+
+@contextmanager
+def _frozen(params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Temporarily exclude ``params`` from autograd (restored even when the step raises)."""
+    trainable = [p for p in params if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def _accumulation_state(engine: SupervisedTrainer) -> tuple[bool, bool]:

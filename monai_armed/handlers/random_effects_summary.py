@@ -63,12 +63,16 @@ class RandomEffectsSummary:
         self.network, self.output_file = network, output_file
         self.cluster_names = list(cluster_names) if cluster_names is not None else None
         self.summary_writer, self.interval, self.tag_prefix = summary_writer, interval, tag_prefix
+        self._written_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self)
 
-    def __call__(self, engine: Engine) -> dict:
+    def __call__(self, engine: Engine) -> dict | None:
+        if self._written_epoch == engine.state.epoch:  # the last epoch fires both EPOCH_COMPLETED and COMPLETED
+            return None
+        self._written_epoch = engine.state.epoch
         summary = random_effects_summary(getattr(self.network, "module", self.network), self.cluster_names)
         summary["epoch"] = engine.state.epoch
         write_json(summary, self.output_file)

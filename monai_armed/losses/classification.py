@@ -53,6 +53,8 @@ class LogitClassificationLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         label = label.reshape(-1)
+        if label.numel() == 0:
+            raise ValueError("cannot compute a classification loss on an empty batch.")
         if label.is_floating_point():
             if not bool((label == label.round()).all()):
                 raise ValueError("classification labels must be whole numbers (class indices).")

@@ -94,6 +94,8 @@ def classification_summary(
         cluster = cluster.reshape(-1).long().cpu()
         n_clusters = n_clusters if n_clusters is not None else int(cluster.max()) + 1
         names = list(cluster_names) if cluster_names is not None else [str(i) for i in range(n_clusters)]
+        if len(names) != n_clusters:
+            raise ValueError(f"got {len(names)} cluster names for {n_clusters} clusters.")
         accuracy, counts = per_cluster_accuracy(pred, label, cluster, n_clusters)
         summary["per_cluster"] = {
             name: {"accuracy": float(a), "n": int(n)}

@@ -102,7 +102,7 @@ def random_effects_summary(network: nn.Module, cluster_names: list[str] | None =
         groups = {name: (layer, slice(a, b)) for name, (a, b) in network.re_groups.items()}
     else:
         groups = {name: (m, slice(None)) for name, m in layers.items()}
-    n_clusters = next(iter(layers.values())).n_clusters if layers else 0
+    n_clusters = next(iter(layers.values())).n_clusters if layers else int(getattr(network, "n_clusters", 0))
     names = list(cluster_names) if cluster_names is not None else [str(i) for i in range(n_clusters)]
     summary: dict = {"clusters": names, "groups": {}}
     for name, (m, cols) in groups.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from monai.transforms import MapTransform
 __all__ = ["ClusterVocabulary", "ClusterIndexd", "ClusterIndexD", "ClusterIndexDict"]
 
 logger = logging.getLogger(__name__)
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def _raw_key(raw: object) -> str:
@@ -71,7 +73,7 @@ class ClusterVocabulary:
     def from_ids(cls, ids: Iterable[object]) -> ClusterVocabulary:
         """Vocabulary of the distinct ids, sorted (numerically when all ids are integers)."""
         names = {_raw_key(i) for i in ids}
-        numeric = all(n.lstrip("-").isdigit() for n in names)
+        numeric = all(_INTEGER.fullmatch(n) for n in names)
         return cls(sorted(names, key=int) if numeric else sorted(names))
 
     @classmethod

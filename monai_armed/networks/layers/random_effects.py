@@ -134,6 +134,8 @@ class RandomEffects(nn.Module):
     def _lookup(self, index: torch.Tensor) -> torch.Tensor:
         if index.dim() != 1:
             raise ValueError(f"cluster indices must have shape (batch,), got {tuple(index.shape)}.")
+        if index.numel() == 0:
+            return self.loc.new_zeros(0, self.units)
         low, high = torch.aminmax(index)
         if int(low) < -1 or int(high) >= self.n_clusters:
             bad = int(low) if int(low) < -1 else int(high)
