@@ -24,8 +24,7 @@ Results go to a JSON file and to the spiral section of ``benchmarks/RESULTS.md``
 Usage::
 
     python benchmarks/spirals.py --json benchmarks/out/spirals.json
-    python benchmarks/spirals.py --json /tmp/smoke.json --folds 2 --models conventional,armed --unseen-clusters 2 \
-        --no-results-md
+    python benchmarks/spirals.py --json /tmp/smoke.json --folds 2 --models conventional,armed --unseen-clusters 2
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ from sklearn.model_selection import StratifiedKFold
 from monai_armed.data import TensorBatchLoader, make_spiral_random_radius
 from monai_armed.engines import MLDG_DEFAULTS, ARMEDEvaluator, ARMEDTrainer, PrepareBatchCluster, train_mldg
 from monai_armed.metrics.classification import predicted_class
-from monai_armed.networks import MLP_VARIANTS, ClusterAdversary, MixedEffectsMLP, ZPredictor, mlp_variant_loss_weights
+from monai_armed.networks import ClusterAdversary, MixedEffectsMLP, ZPredictor, mlp_variant_loss_weights
 
 DEVICE = torch.device("cpu")
 N_CLUSTERS = 10
@@ -67,6 +66,8 @@ LR = 1e-3
 GEN_WEIGHT = 0.5
 KL_WEIGHT = 1e-5
 ADVERSARY_HIDDEN = (4, 4)
+#: ``--act`` choices: the paper's ReLU, and LeakyReLU(0.1), which keeps the 4-unit layers from dying.
+ACTIVATIONS = {"relu": "relu", "leakyrelu": ("leakyrelu", {"negative_slope": 0.1})}
 DATA_SETTINGS = {
     "clusters": N_CLUSTERS,
     "points_per_cluster": 1000,
@@ -75,9 +76,8 @@ DATA_SETTINGS = {
     "degrees": 360,
     "noise": 0.1,
 }
-#: Random-effect settings of the notebook. ``from_variant`` lets keyword arguments override a variant's own settings,
-#: so :func:`build_network` re-applies the variant's settings on top: the baselines keep ``random_slopes="none"``
-#: and no intercept (the prior and posterior scales are then unused).
+#: Random-effect settings of the notebook (``from_variant`` keeps each variant's own structure, so the baselines
+#: stay without random effects and ignore these).
 RE_SETTINGS = {
     "random_slopes": "hidden",
     "slope_prior_scale": 0.3,
@@ -87,7 +87,6 @@ RE_SETTINGS = {
 }
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
-MD_START, MD_END = "<!-- spirals:start -->", "<!-- spirals:end -->"
 MD_HEADER = (
     "# monai_armed benchmarks\n\n"
     "Sections between `<!-- name:start -->` and `<!-- name:end -->` markers are rewritten by the benchmark scripts.\n\n"
@@ -140,7 +139,11 @@ def make_data() -> Data:
     np.random.seed(DATA_SEED)
     settings = {k: v for k, v in DATA_SETTINGS.items() if k != "clusters"}
     x, z, y, _ = make_spiral_random_radius(N_CLUSTERS, **settings)
-    return {"features": x.astype(np.float32), "label": y[:, 1].astype(np.int64), "cluster": z.argmax(1).astype(np.int64)}
+    return {
+        "features": x.astype(np.float32),
+        "label": y[:, 1].astype(np.int64),
+        "cluster": z.argmax(1).astype(np.int64),
+    }
 
 
 def subset(data: Data, index: np.ndarray) -> Data:
@@ -163,27 +166,33 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def build_network(variant: str, n_clusters: int) -> MixedEffectsMLP:
+def build_network(variant: str, n_clusters: int, act: str = "relu") -> MixedEffectsMLP:
     return MixedEffectsMLP.from_variant(
-        variant, in_features=2, out_channels=1, n_clusters=n_clusters, **{**RE_SETTINGS, **MLP_VARIANTS[variant]["network"]}
+        variant, in_features=2, out_channels=1, n_clusters=n_clusters, act=ACTIVATIONS[act], **RE_SETTINGS
     )
 
 
-def build_model(spec: ModelSpec, n_clusters: int, seed: int) -> tuple[MixedEffectsMLP, nn.Module | None, dict]:
+def build_model(
+    spec: ModelSpec, n_clusters: int, seed: int, act: str = "relu"
+) -> tuple[MixedEffectsMLP, nn.Module | None, dict]:
     """Network, adversary (``None`` without an adversarial term) and ``ARMEDTrainer`` loss weights, seeded like the
     notebook's ``tf.random.set_seed`` before building each model."""
     torch.manual_seed(seed)
-    network = build_network(spec.variant, n_clusters)
+    network = build_network(spec.variant, n_clusters, act)
     weights = mlp_variant_loss_weights(spec.variant, gen_weight=GEN_WEIGHT)
     adversary = None
     if weights["adv_weight"] > 0:
-        adversary = ClusterAdversary(network.feature_channels, n_clusters, hidden_channels=ADVERSARY_HIDDEN)
+        adversary = ClusterAdversary(
+            network.feature_channels, n_clusters, hidden_channels=ADVERSARY_HIDDEN, act=ACTIVATIONS[act]
+        )
     return network, adversary, weights
 
 
-def train_one(spec: ModelSpec, train: Data, n_clusters: int, seed: int, loader_seed: int) -> tuple[nn.Module, float]:
+def train_one(
+    spec: ModelSpec, train: Data, n_clusters: int, seed: int, loader_seed: int, act: str = "relu"
+) -> tuple[nn.Module, float]:
     """Train one model; returns it and the wall time of the training run alone."""
-    network, adversary, weights = build_model(spec, n_clusters, seed)
+    network, adversary, weights = build_model(spec, n_clusters, seed, act)
     if spec.trainer == "mldg":
         args = (train["features"], train["label"], train["cluster"])
         return network, timed(lambda: train_mldg(network, *args, **MLDG_DEFAULTS, seed=loader_seed, device=DEVICE))
@@ -268,7 +277,7 @@ def summarize(accuracies: list[list[float]], seconds: list[list[float]]) -> dict
     }
 
 
-def run_folds(data: Data, models: Sequence[str], n_folds: int, seeds: Sequence[int]) -> dict:
+def run_folds(data: Data, models: Sequence[str], n_folds: int, seeds: Sequence[int], act: str = "relu") -> dict:
     """Cross-validate ``models`` on the first ``n_folds`` of the 10 folds; entries that reuse another model's network
     train it once per fold and seed."""
     splits = fold_splits(data)[:n_folds]
@@ -282,16 +291,19 @@ def run_folds(data: Data, models: Sequence[str], n_folds: int, seeds: Sequence[i
                 spec = MODELS[name]
                 source = spec.reuses or name
                 if source not in trained:
-                    trained[source] = train_one(MODELS[source], train, N_CLUSTERS, seed, loader_seed=fold)
+                    trained[source] = train_one(MODELS[source], train, N_CLUSTERS, seed, loader_seed=fold, act=act)
                 network, train_seconds = trained[source]
                 accuracy = evaluate(network, test, spec.eval_mode, seed=seed)
                 accuracies[name][fold].append(accuracy)
                 seconds[name][fold].append(train_seconds)
-                log(f"fold {fold + 1}/{len(splits)} seed {seed} {name:<20} acc {accuracy:.4f} train {train_seconds:6.2f} s")
+                log(
+                    f"fold {fold + 1}/{len(splits)} seed {seed} {name:<20} "
+                    f"acc {accuracy:.4f} train {train_seconds:6.2f} s"
+                )
     return {name: summarize(accuracies[name], seconds[name]) for name in models}
 
 
-def run_unseen(data: Data, n_held_out: int, seeds: Sequence[int]) -> dict:
+def run_unseen(data: Data, n_held_out: int, seeds: Sequence[int], act: str = "relu") -> dict:
     """Leave-one-cluster-out: ARMED (fixed / inferred effects) and the conventional model on each held-out cluster."""
     clusters = list(range(min(n_held_out, N_CLUSTERS)))
     keys = ("armed_fixed", "armed_inferred", "conventional")
@@ -306,8 +318,8 @@ def run_unseen(data: Data, n_held_out: int, seeds: Sequence[int]) -> dict:
         test["cluster"] = np.full_like(test["cluster"], -1)  # unseen
         scores: dict[str, list[float]] = {key: [] for key in keys}
         for seed in seeds:
-            armed, _ = train_one(MODELS["armed"], train, n_seen, seed, loader_seed=held_out)
-            conventional, _ = train_one(MODELS["conventional"], train, n_seen, seed, loader_seed=held_out)
+            armed, _ = train_one(MODELS["armed"], train, n_seen, seed, loader_seed=held_out, act=act)
+            conventional, _ = train_one(MODELS["conventional"], train, n_seen, seed, loader_seed=held_out, act=act)
             z_predictor = train_z_predictor(train, n_seen, seed, loader_seed=held_out)
             scores["armed_fixed"].append(evaluate(armed, test, "fixed"))
             scores["armed_inferred"].append(evaluate(armed, test, "inferred", z_predictor))
@@ -330,11 +342,12 @@ def run_unseen(data: Data, n_held_out: int, seeds: Sequence[int]) -> dict:
     return result
 
 
-def protocol(args: argparse.Namespace, seeds: Sequence[int], command: str) -> dict:
+def protocol(args: argparse.Namespace, command: str) -> dict:
     return {
         "data": {"generator": "make_spiral_random_radius", "seed": DATA_SEED, **DATA_SETTINGS},
         "folds": {"splitter": "StratifiedKFold(10), no shuffle, on f'{label}_{cluster}'", "run": args.folds},
-        "seeds": list(seeds),
+        "seeds": list(args.seeds),
+        "act": args.act,
         "training": {
             "epochs": EPOCHS,
             "batch_size": BATCH_SIZE,
@@ -377,7 +390,7 @@ def render_section(results: dict) -> str:
     proto, reference = results["protocol"], results["reference"]
     n_folds = len(next(iter(results["models"].values()))["test_acc"]) if results["models"] else 0
     lines = [
-        "## Spirals: random radius, 10 clusters",
+        f"## Spirals: random radius, 10 clusters ({proto['act']} networks)",
         "",
         f"`{proto['command']}` — {proto['date']}, {results['machine']['cpu_count']} CPUs, torch "
         f"{results['machine']['torch']}, {results['machine']['threads']} thread.",
@@ -389,9 +402,8 @@ def render_section(results: dict) -> str:
         "| model | test acc mean [95% CI] | train s/fold |",
         "|---|---|---|",
     ]
-    lines += [
-        f"| {name} | {_ci_text(entry)} | {entry['train_seconds_mean']:.2f} |" for name, entry in results["models"].items()
-    ]
+    for name, entry in results["models"].items():
+        lines.append(f"| {name} | {_ci_text(entry)} | {entry['train_seconds_mean']:.2f} |")
     unseen = results["unseen"]
     if unseen["clusters"]:
         lines += ["", f"Unseen clusters ({unseen['protocol']}):", ""]
@@ -410,14 +422,21 @@ def render_section(results: dict) -> str:
     return "\n".join(lines)
 
 
+def section_markers(act: str) -> tuple[str, str]:
+    """Markers of the RESULTS.md section of one activation (``spirals`` for the paper's ReLU)."""
+    name = "spirals" if act == "relu" else f"spirals-{act}"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
 def write_results_md(path: Path, results: dict) -> None:
-    """Replace the spiral section of ``path`` (created with a header if missing), keeping the other sections."""
+    """Replace this run's spiral section of ``path`` (created with a header if missing), keeping the other sections."""
+    start, end = section_markers(results["protocol"]["act"])
     text = path.read_text() if path.exists() else MD_HEADER
-    if MD_START not in text or MD_END not in text:
-        text = text.rstrip("\n") + f"\n\n{MD_START}\n{MD_END}\n"
-    head, rest = text.split(MD_START, 1)
-    _, tail = rest.split(MD_END, 1)
-    atomic_write_text(path, f"{head}{MD_START}\n{render_section(results)}\n{MD_END}{tail}")
+    if start not in text or end not in text:
+        text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_text(path, f"{head}{start}\n{render_section(results)}\n{end}{tail}")
 
 
 def print_table(results: dict) -> None:
@@ -439,6 +458,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", default=str(MODEL_SEED), help="comma-separated model seeds (default 283)")
     parser.add_argument(
         "--unseen-clusters", type=int, default=N_CLUSTERS, help="leave out each of the first N clusters (default 10)"
+    )
+    parser.add_argument(
+        "--act", choices=sorted(ACTIVATIONS), default="relu", help="hidden activation (relu: the paper's networks)"
     )
     parser.add_argument("--no-results-md", action="store_true", help=f"do not rewrite {RESULTS_MD.name}")
     args = parser.parse_args(argv)
@@ -462,9 +484,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     start = time.perf_counter()
     data = make_data()
     results = {
-        "models": run_folds(data, args.models, args.folds, args.seeds),
-        "unseen": run_unseen(data, args.unseen_clusters, args.seeds),
-        "protocol": protocol(args, args.seeds, shlex.join(["python", "benchmarks/spirals.py", *argv])),
+        "models": run_folds(data, args.models, args.folds, args.seeds, args.act),
+        "unseen": run_unseen(data, args.unseen_clusters, args.seeds, args.act),
+        "protocol": protocol(args, shlex.join(["python", "benchmarks/spirals.py", *argv])),
         "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "reference": REFERENCE,
     }

@@ -143,14 +143,18 @@ class RandomEffects(nn.Module):
                 f"cluster index {bad} is out of range: expected -1 (unseen) or 0..{self.n_clusters - 1} "
                 f"({self.n_clusters} clusters)."
             )
-        seen = (index >= 0).unsqueeze(1).to(self.loc.dtype)
-        safe = index.clamp(min=0)
+        low = int(low)
+        safe = index.clamp(min=0) if low < 0 else index
         if not self.training:
-            return self.loc[safe] * seen
-        if self.sample_per_row:
-            loc, scale = self.loc[safe], self.scale[safe]
-            return (loc + scale * torch.randn_like(loc)) * seen
-        return self._draw()[safe] * seen
+            effects = self.loc[safe]
+        elif self.sample_per_row:  # gather first: the cost is O(batch * units) whatever the number of clusters
+            loc = self.loc[safe]
+            effects = loc + (F.softplus(self.rho[safe]) + 1e-5) * torch.randn_like(loc)
+        else:
+            effects = self._draw()[safe]
+        if low < 0:
+            effects = effects * (index >= 0).unsqueeze(1).to(effects.dtype)
+        return effects
 
     def _soft(self, membership: torch.Tensor) -> torch.Tensor:
         if membership.dim() != 2 or membership.shape[1] != self.n_clusters:

@@ -128,6 +128,9 @@ class MixedEffectsMLP(nn.Module):
         self.hidden = mlp_layers(fe_inputs, hidden_channels, act)
         self.out = nn.Linear(hidden_channels[-1], out_channels)
         self.feature_channels = int(sum(hidden_channels))
+        # initialise the fixed effects before drawing the random effects: one seed gives every variant the same
+        # fixed-effects weights, so variants can be compared on equal terms
+        glorot_init(self)
 
         sizes = {
             "slope_input": in_features * out_channels if random_slopes in ("input", "both") else 0,
@@ -148,7 +151,6 @@ class MixedEffectsMLP(nn.Module):
             if offset
             else None
         )
-        glorot_init(self)
 
     @classmethod
     def from_variant(cls, variant: str, **kwargs) -> MixedEffectsMLP:
