@@ -55,7 +55,13 @@ def _clustered_csv(path: Path, n_clusters: int = 5, per_cluster: int = 80) -> No
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
     _clustered_csv(root / "data.csv")
-    overrides = {"epochs": 20, "learning_rate": 0.02, "csv_file": str(root / "data.csv"), "generate_default_data": False, "n_unseen_clusters": 1}
+    overrides = {
+        "epochs": 20,
+        "learning_rate": 0.02,
+        "csv_file": str(root / "data.csv"),
+        "generate_default_data": False,
+        "n_unseen_clusters": 1,
+    }
     workflow = _workflow(["train.json"], root, **overrides)
     workflow.run()
     workflow.finalize()
@@ -70,7 +76,10 @@ def test_train_writes_checkpoints_metrics_and_figures(trained):
         assert (root / "eval" / "figures" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert set(metrics) == {"seen", "unseen"}
-    assert set(metrics["seen"]) == {"observed", "fixed", "randomized"} and set(metrics["unseen"]) == {"fixed", "inferred"}
+    assert set(metrics["seen"]) == {"observed", "fixed", "randomized"} and set(metrics["unseen"]) == {
+        "fixed",
+        "inferred",
+    }
     # the random intercept explains the per-site offset: mixed effects beat fixed effects and chance on seen sites
     assert metrics["seen"]["observed"]["accuracy"] > 0.8
     assert metrics["seen"]["observed"]["accuracy"] > metrics["seen"]["fixed"]["accuracy"]
@@ -118,7 +127,9 @@ def test_every_config_parses():
 
 
 def test_variant_fixes_the_structure_over_config_kwargs():
-    conventional = MixedEffectsMLP.from_variant("conventional", in_features=2, out_channels=1, n_clusters=3, random_slopes="hidden")
+    conventional = MixedEffectsMLP.from_variant(
+        "conventional", in_features=2, out_channels=1, n_clusters=3, random_slopes="hidden"
+    )
     assert not conventional.has_random_effects
     armed = MixedEffectsMLP.from_variant("armed", in_features=2, out_channels=1, n_clusters=3, random_slopes="both")
     assert set(armed.re_groups) == {"slope_input", "slope_hidden", "intercept"}

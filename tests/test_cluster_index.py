@@ -47,8 +47,16 @@ class TestClusterVocabulary(unittest.TestCase):
         self.assertEqual(ClusterVocabulary.from_ids([10, "a", 9]).clusters, ["10", "9", "a"])
 
     @parameterized.expand(
-        [("int", 3), ("str", "3"), ("padded_str", " 3 "), ("np_int64", np.int64(3)), ("tensor", torch.tensor(3)),
-         ("float", 3.0), ("np_float", np.float32(3.0)), ("float_tensor", torch.tensor(3.0))]
+        [
+            ("int", 3),
+            ("str", "3"),
+            ("padded_str", " 3 "),
+            ("np_int64", np.int64(3)),
+            ("tensor", torch.tensor(3)),
+            ("float", 3.0),
+            ("np_float", np.float32(3.0)),
+            ("float_tensor", torch.tensor(3.0)),
+        ]
     )
     def test_equivalent_ids(self, _, raw):
         vocab = ClusterVocabulary.from_ids([1, 3, 7])

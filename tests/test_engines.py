@@ -196,8 +196,15 @@ class TestARMEDTrainer(unittest.TestCase):
         for weight in (0.0, 2.0):
             torch.manual_seed(0)
             net_w, adv_w = copy.deepcopy(net), copy.deepcopy(adv)
-            _trainer(_loader(shift=3.0, seed=3, batch_size=64), net_w, adv_w, epochs=4, lr=0.02, adv_lr=0.0,
-                     adv_weight=weight).run()
+            _trainer(
+                _loader(shift=3.0, seed=3, batch_size=64),
+                net_w,
+                adv_w,
+                epochs=4,
+                lr=0.02,
+                adv_lr=0.0,
+                adv_weight=weight,
+            ).run()
             self.assertTrue(torch.equal(_flat(adv_w), _flat(adv)))
             after[weight] = accuracy(net_w, adv_w)
         self.assertLess(after[2.0], before - 0.2)
@@ -244,8 +251,13 @@ class TestARMEDTrainer(unittest.TestCase):
     def test_default_adversary_optimizer(self):
         net, adv = _models()
         trainer = ARMEDTrainer(
-            device="cpu", max_epochs=1, train_data_loader=_loader(), network=net,
-            optimizer=torch.optim.Adam(net.parameters()), adversary=adv, prepare_batch=PrepareBatchCluster("features"),
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=_loader(),
+            network=net,
+            optimizer=torch.optim.Adam(net.parameters()),
+            adversary=adv,
+            prepare_batch=PrepareBatchCluster("features"),
         )
         self.assertIsInstance(trainer.adv_optimizer, torch.optim.Adam)
         self.assertIs(trainer.adv_optimizer.param_groups[0]["params"][0], next(adv.parameters()))
@@ -310,8 +322,14 @@ class TestARMEDEvaluator(unittest.TestCase):
         data = data if data is not None else {"features": self.x, "label": self.y, "cluster": self.c}
         loader = TensorBatchLoader(data, batch_size=16)
         ev = ARMEDEvaluator(
-            device="cpu", val_data_loader=loader, network=self.net, cluster_mode=mode, z_predictor=z_predictor,
-            prepare_batch=PrepareBatchCluster("features", require_cluster=False), decollate=False, **kwargs,
+            device="cpu",
+            val_data_loader=loader,
+            network=self.net,
+            cluster_mode=mode,
+            z_predictor=z_predictor,
+            prepare_batch=PrepareBatchCluster("features", require_cluster=False),
+            decollate=False,
+            **kwargs,
         )
         preds: list[torch.Tensor] = []
         ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output["pred"].detach()))

@@ -82,8 +82,14 @@ class TestFigures(unittest.TestCase):
     def test_decision_boundaries_extra_features(self) -> None:
         predict = CountingPredict()
         path = plot_decision_boundaries(
-            predict, [1], os.path.join(self.tmp, "b.png"), x_range=(-1, 1), y_range=(0, 1), step=0.1,
-            extra_features=[0.3, 0.7], cluster_names=["a", "b", "c"],
+            predict,
+            [1],
+            os.path.join(self.tmp, "b.png"),
+            x_range=(-1, 1),
+            y_range=(0, 1),
+            step=0.1,
+            extra_features=[0.3, 0.7],
+            cluster_names=["a", "b", "c"],
         )
         self.assert_png(path)
         self.assertEqual(predict.shapes, [(21 * 11, 4)])

@@ -128,8 +128,9 @@ class TestPredictionCollector(unittest.TestCase):
         c = torch.tensor([0, 1, 2, -1, 0, 1, 2, -1, 0, 1])
         y = torch.arange(10) % 2
         loader = TensorBatchLoader({"features": x, "label": y, "cluster": c}, batch_size=4)
-        evaluator = ARMEDEvaluator(device="cpu", val_data_loader=loader, network=net,
-                                   prepare_batch=PrepareBatchCluster("features"))  # decollates by default
+        evaluator = ARMEDEvaluator(
+            device="cpu", val_data_loader=loader, network=net, prepare_batch=PrepareBatchCluster("features")
+        )  # decollates by default
         collector = PredictionCollector()
         collector.attach(evaluator)
         evaluator.run()
@@ -189,8 +190,9 @@ class TestRandomEffectsSummary(unittest.TestCase):
         self.assertEqual(content["epoch"], 2)
         self.assertEqual(set(content["groups"]), {"slope_hidden", "intercept"})
         means = net.posterior_means()
-        np.testing.assert_allclose(content["groups"]["slope_hidden"]["posterior_mean"], means["slope_hidden"].numpy(),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            content["groups"]["slope_hidden"]["posterior_mean"], means["slope_hidden"].numpy(), rtol=1e-6
+        )
         self.assertEqual(len(content["groups"]["intercept"]["posterior_mean"]), 3)
         spread = means["slope_hidden"].std(0).tolist()
         # every epoch: 4 slope spreads + 1 intercept spread (the network does not train, so values stay put)

@@ -46,7 +46,13 @@ def trained():
 
 
 def test_defaults():
-    assert MLDG_DEFAULTS == {"epochs": 10, "cluster_batch_size": 4, "inner_lr": 1e-3, "outer_lr": 1e-3, "meta_test_weight": 1.0}
+    assert MLDG_DEFAULTS == {
+        "epochs": 10,
+        "cluster_batch_size": 4,
+        "inner_lr": 1e-3,
+        "outer_lr": 1e-3,
+        "meta_test_weight": 1.0,
+    }
 
 
 def test_accuracy_on_separable_toy(trained):

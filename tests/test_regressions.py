@@ -41,8 +41,13 @@ def test_logged_loss_is_the_objective_in_both_modes(mode):
     x, y, c = _problem(64)
     net, adv = _models()
     trainer = _trainer(
-        TensorBatchLoader({"features": x, "label": y, "cluster": c}, batch_size=64), net, adv, epochs=1,
-        adversary_update=mode, adv_weight=0.7, kl_weight=1e-3,
+        TensorBatchLoader({"features": x, "label": y, "cluster": c}, batch_size=64),
+        net,
+        adv,
+        epochs=1,
+        adversary_update=mode,
+        adv_weight=0.7,
+        kl_weight=1e-3,
     )
     trainer.run()
     out = trainer.state.output
@@ -52,7 +57,9 @@ def test_logged_loss_is_the_objective_in_both_modes(mode):
 
 def test_cluster_names_must_match_cluster_count():
     with pytest.raises(ValueError, match="3 cluster names for 4 clusters"):
-        classification_summary(torch.zeros(4, 1), torch.tensor([1, 1, 1, 0]), torch.tensor([0, 3, -1, 1]), 4, ["a", "b", "c"])
+        classification_summary(
+            torch.zeros(4, 1), torch.tensor([1, 1, 1, 0]), torch.tensor([0, 3, -1, 1]), 4, ["a", "b", "c"]
+        )
 
 
 def test_empty_batch():
@@ -83,3 +90,9 @@ def test_random_effects_summary_written_once_per_epoch(tmp_path):
 def test_summary_of_network_without_random_effects_keeps_cluster_names():
     net = MixedEffectsMLP.from_variant("conventional", in_features=2, out_channels=1, n_clusters=3)
     assert random_effects_summary(net)["clusters"] == ["0", "1", "2"]
+
+
+def test_trainer_rejects_data_parallel_wrapper():
+    net, adv = _models()
+    with pytest.raises(TypeError, match="unwrapped network"):
+        _trainer(TensorBatchLoader({"features": torch.zeros(4, 2)}, batch_size=2), torch.nn.DataParallel(net), adv)

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from .datasets import ensure_spiral_csv, split_by_cluster
+from .loader import TensorBatchLoader
 from .spirals import (
     make_spiral_random_radius,
     make_spiral_random_radius_confounder,
@@ -20,5 +22,3 @@ from .spirals import (
     spirals_to_datalist,
 )
 from .tabular import datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
-from .loader import TensorBatchLoader
-from .datasets import ensure_spiral_csv, split_by_cluster

@@ -46,7 +46,9 @@ def split_by_cluster(
     """
     missing = [i for i, d in enumerate(datalist) if cluster_key not in d or label_key not in d]
     if missing:
-        raise KeyError(f"datalist item {missing[0]} lacks {cluster_key!r} or {label_key!r}: {sorted(datalist[missing[0]])}.")
+        raise KeyError(
+            f"datalist item {missing[0]} lacks {cluster_key!r} or {label_key!r}: {sorted(datalist[missing[0]])}."
+        )
     clusters = np.array([str(d[cluster_key]) for d in datalist])
     names = sorted(set(clusters))
     if unseen_clusters is None:
@@ -61,7 +63,10 @@ def split_by_cluster(
     held_out = np.isin(clusters, sorted(unseen))
     seen_index = np.flatnonzero(~held_out)
     train_index, test_index = train_test_split(
-        seen_index, test_size=test_fraction, stratify=_strata(datalist, seen_index, clusters, label_key), random_state=seed
+        seen_index,
+        test_size=test_fraction,
+        stratify=_strata(datalist, seen_index, clusters, label_key),
+        random_state=seed,
     )
     return {
         "train": [datalist[i] for i in sorted(train_index)],

@@ -212,9 +212,7 @@ def save_csv_datalist(
         raise
 
 
-def datalist_to_arrays(
-    datalist: Sequence[dict], features_key: str = "features"
-) -> tuple[np.ndarray, np.ndarray, list]:
+def datalist_to_arrays(datalist: Sequence[dict], features_key: str = "features") -> tuple[np.ndarray, np.ndarray, list]:
     """
     Stack a datalist into arrays.
 
@@ -235,7 +233,10 @@ def datalist_to_arrays(
 
 
 def save_predictions_csv(
-    path: str | os.PathLike, datalist: Sequence[dict], probability: torch.Tensor | np.ndarray, raw_cluster_key: str = "cluster"
+    path: str | os.PathLike,
+    datalist: Sequence[dict],
+    probability: torch.Tensor | np.ndarray,
+    raw_cluster_key: str = "cluster",
 ) -> str:
     """Write one row per sample: its raw cluster id (if any) and the predicted probability of each class.
 

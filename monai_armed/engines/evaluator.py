@@ -136,7 +136,9 @@ class ARMEDEvaluator(SupervisedEvaluator):
         super().run(global_epoch)
         if self.state.n_unseen and self.cluster_mode == "observed":
             fallback = "inferred" if self.z_predictor is not None else "fixed"
-            self.logger.info(f"{self.state.n_unseen} samples of unseen clusters were evaluated with {fallback} effects.")
+            self.logger.info(
+                f"{self.state.n_unseen} samples of unseen clusters were evaluated with {fallback} effects."
+            )
 
     def _iteration(self, engine: ARMEDEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:

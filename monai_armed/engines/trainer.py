@@ -126,10 +126,15 @@ class ARMEDTrainer(SupervisedTrainer):
         prepare_batch: Callable | None = None,
         **kwargs: Any,
     ) -> None:
-        if not callable(getattr(_unwrap(network), "forward_armed", None)):
+        if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             raise TypeError(
-                f"ARMEDTrainer needs a network with forward_armed(x, cluster); {type(_unwrap(network)).__name__} "
-                "has none. Use MixedEffectsMLP or wrap the network with monai_armed's ARMED wrapper."
+                "ARMEDTrainer calls network.forward_armed, which a DistributedDataParallel/DataParallel wrapper would "
+                "bypass (no gradient synchronisation); pass the unwrapped network."
+            )
+        if not callable(getattr(network, "forward_armed", None)):
+            raise TypeError(
+                f"ARMEDTrainer needs a network with forward_armed(x, cluster); {type(network).__name__} "
+                "has none (monai_armed networks such as MixedEffectsMLP provide it)."
             )
         if adversary_update not in ("sequential", "simultaneous"):
             raise ValueError(f"adversary_update must be 'sequential' or 'simultaneous', got {adversary_update!r}.")
@@ -172,7 +177,7 @@ class ARMEDTrainer(SupervisedTrainer):
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: cluster}
         zero_grad, step = _accumulation_state(engine)
         scale = 1.0 / engine.accumulation_steps
-        network = _unwrap(engine.network)
+        network = engine.network
         if not engine.network.training:  # train() walks every submodule: skip it when nothing changed
             engine.network.train()
         if zero_grad:
@@ -230,7 +235,10 @@ class ARMEDTrainer(SupervisedTrainer):
         """``me_weight * task(pred) + fe_weight * task(pred_fe)``, logging each part."""
         output = self.state.output
         loss = out.pred.new_zeros(())
-        for key, weight, pred in ((ARMEDKeys.LOSS_ME, self.me_weight, out.pred), (ARMEDKeys.LOSS_FE, self.fe_weight, out.pred_fe)):
+        for key, weight, pred in (
+            (ARMEDKeys.LOSS_ME, self.me_weight, out.pred),
+            (ARMEDKeys.LOSS_FE, self.fe_weight, out.pred_fe),
+        ):
             if weight:
                 part = self.loss_function(pred, targets).mean()
                 output[key] = part.detach()
@@ -256,7 +264,11 @@ class ARMEDTrainer(SupervisedTrainer):
         if loss_gen is not None:
             output[ARMEDKeys.LOSS_GEN] = loss_gen.detach()
             # simultaneous: the reversal layer already gives the features -adv_weight times the gradient
-            backward = objective - self.adv_weight * loss_gen if self.adversary_update == "sequential" else objective + loss_gen
+            backward = (
+                objective - self.adv_weight * loss_gen
+                if self.adversary_update == "sequential"
+                else objective + loss_gen
+            )
             objective = objective - self.adv_weight * loss_gen
         output[ARMEDKeys.LOSS_KL] = kl.detach()
         output[Keys.LOSS] = objective.detach()
@@ -273,11 +285,6 @@ class ARMEDTrainer(SupervisedTrainer):
             return
         scaler.step(optimizer)
         scaler.update()
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (or the network itself)."""
-    return getattr(network, "module", network)
 
 
 @contextmanager

@@ -88,6 +88,8 @@ class PerClusterAccuracy:
         if seen:
             engine.state.metrics["min_cluster_accuracy"] = min(seen)
         logger = self.logger or engine.logger
-        logger.info("per-cluster accuracy: " + ", ".join(f"{k}={v['accuracy']:.3f} (n={v['n']})" for k, v in table.items()))
+        logger.info(
+            "per-cluster accuracy: " + ", ".join(f"{k}={v['accuracy']:.3f} (n={v['n']})" for k, v in table.items())
+        )
         if self.output_file is not None:
             write_json(table, self.output_file)

@@ -79,5 +79,7 @@ class RandomEffectsSummary:
         if self.summary_writer is not None:
             for group, values in summary["groups"].items():
                 for unit, spread in enumerate(values["spread"]):
-                    self.summary_writer.add_scalar(f"{self.tag_prefix}/{group}/spread_{unit}", spread, engine.state.epoch)
+                    self.summary_writer.add_scalar(
+                        f"{self.tag_prefix}/{group}/spread_{unit}", spread, engine.state.epoch
+                    )
         return summary

@@ -158,7 +158,9 @@ class ClusterIndexd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.vocabulary = vocabulary if isinstance(vocabulary, ClusterVocabulary) else ClusterVocabulary.load(vocabulary)
+        self.vocabulary = (
+            vocabulary if isinstance(vocabulary, ClusterVocabulary) else ClusterVocabulary.load(vocabulary)
+        )
         self.output_key, self.raw_key_suffix = output_key, raw_key_suffix
         self.n_unseen = 0
         self._reported: set[str] = set()

@@ -64,9 +64,7 @@ def _names(names: Sequence[str] | None, count: int, prefix: str) -> list[str]:
     return [str(n) for n in names]
 
 
-def _grid(
-    x_range: tuple[float, float], y_range: tuple[float, float], step: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _grid(x_range: tuple[float, float], y_range: tuple[float, float], step: float) -> tuple[np.ndarray, np.ndarray]:
     """Mesh coordinates ``(xx, yy)`` covering both ranges (end points included) at spacing ``step``."""
     if step <= 0:
         raise ValueError(f"step must be positive, got {step}.")
@@ -100,9 +98,7 @@ def _draw_points(ax: Axes, points: tuple[np.ndarray, np.ndarray, np.ndarray], cl
     """Scatter the points of ``cluster`` (all points for fixed effects), coloured by their label."""
     x, y, c = (np.asarray(a) for a in points)
     keep = np.ones(len(c), dtype=bool) if cluster == _FIXED else c == cluster
-    ax.scatter(
-        x[keep, 0], x[keep, 1], c=y[keep], cmap=_CMAP, vmin=0, vmax=1, s=9, edgecolors="w", linewidths=0.4
-    )
+    ax.scatter(x[keep, 0], x[keep, 1], c=y[keep], cmap=_CMAP, vmin=0, vmax=1, s=9, edgecolors="w", linewidths=0.4)
 
 
 def _draw_panel(

@@ -84,13 +84,17 @@ def write_tabular_figures(
             title="decision boundary per cluster",
         ),
         "feature_importance": plot_feature_importance(
-            feature_importance(predict, mean), out / "feature_importance.png", feature_names=feature_names,
+            feature_importance(predict, mean),
+            out / "feature_importance.png",
+            feature_names=feature_names,
             title="fixed-effects feature importance |dp/dx| at the mean input",
         ),
     }
     means = network.posterior_means() if hasattr(network, "posterior_means") else {}
     if "intercept" in means:
-        balance = np.bincount(cluster, weights=y, minlength=n_clusters) / np.maximum(np.bincount(cluster, minlength=n_clusters), 1)
+        balance = np.bincount(cluster, weights=y, minlength=n_clusters) / np.maximum(
+            np.bincount(cluster, minlength=n_clusters), 1
+        )
         if n_clusters >= 3:
             paths["intercepts_vs_balance"] = plot_intercepts_vs_balance(
                 means["intercept"][:, 0].cpu().numpy(), balance, out / "intercepts_vs_balance.png", cluster_names

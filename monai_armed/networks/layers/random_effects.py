@@ -33,7 +33,9 @@ def _per_unit(value: float | Sequence[float], units: int, name: str) -> torch.Te
     if tensor.dim() == 0:
         return tensor
     if tensor.shape != (units,):
-        raise ValueError(f"{name} must be a float or have one value per unit ({units}), got shape {tuple(tensor.shape)}.")
+        raise ValueError(
+            f"{name} must be a float or have one value per unit ({units}), got shape {tuple(tensor.shape)}."
+        )
     return tensor
 
 

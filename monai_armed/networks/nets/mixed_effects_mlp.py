@@ -189,8 +189,10 @@ class MixedEffectsMLP(nn.Module):
             raise ValueError(f"expected features of shape (batch, {self.in_features}), got {tuple(x.shape)}.")
         h = x
         if self.cluster_input:
-            z = cluster_one_hot(cluster, self.n_clusters, x.dtype) if cluster is not None else x.new_zeros(
-                x.shape[0], self.n_clusters
+            z = (
+                cluster_one_hot(cluster, self.n_clusters, x.dtype)
+                if cluster is not None
+                else x.new_zeros(x.shape[0], self.n_clusters)
             )
             h = torch.cat([x, z], dim=1)
         features = []
