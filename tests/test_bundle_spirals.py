@@ -70,7 +70,13 @@ def trained(tmp_path_factory):
 
 def test_train_writes_checkpoints_metrics_and_figures(trained):
     root, _ = trained
-    for name in ("models/model.pt", "models/zpredictor.pt", "models/clusters.json", "eval/random_effects.json"):
+    for name in (
+        "models/model.pt",
+        "models/zpredictor.pt",
+        "models/clusters.json",
+        "eval/random_effects.json",
+        "eval/per_cluster_accuracy.json",
+    ):
         assert (root / name).is_file(), name
     for png in ("decision_boundaries", "feature_importance", "intercepts_vs_balance", "random_effect_spread"):
         assert (root / "eval" / "figures" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
