@@ -348,6 +348,7 @@ def protocol(args: argparse.Namespace, command: str) -> dict:
         "folds": {"splitter": "StratifiedKFold(10), no shuffle, on f'{label}_{cluster}'", "run": args.folds},
         "seeds": list(args.seeds),
         "act": args.act,
+        "section": section_name(args),
         "training": {
             "epochs": EPOCHS,
             "batch_size": BATCH_SIZE,
@@ -390,7 +391,7 @@ def render_section(results: dict) -> str:
     proto, reference = results["protocol"], results["reference"]
     n_folds = len(next(iter(results["models"].values()))["test_acc"]) if results["models"] else 0
     lines = [
-        f"## Spirals: random radius, 10 clusters ({proto['act']} networks)",
+        f"## Spirals: random radius, 10 clusters ({proto['act']} networks, section `{proto['section']}`)",
         "",
         f"`{proto['command']}` — {proto['date']}, {results['machine']['cpu_count']} CPUs, torch "
         f"{results['machine']['torch']}, {results['machine']['threads']} thread.",
@@ -422,15 +423,15 @@ def render_section(results: dict) -> str:
     return "\n".join(lines)
 
 
-def section_markers(act: str) -> tuple[str, str]:
-    """Markers of the RESULTS.md section of one activation (``spirals`` for the paper's ReLU)."""
-    name = "spirals" if act == "relu" else f"spirals-{act}"
-    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+def section_name(args: argparse.Namespace) -> str:
+    """RESULTS.md section of a run: ``--section``, else ``spirals`` (paper's ReLU) or ``spirals-<act>``."""
+    return args.section or ("spirals" if args.act == "relu" else f"spirals-{args.act}")
 
 
 def write_results_md(path: Path, results: dict) -> None:
     """Replace this run's spiral section of ``path`` (created with a header if missing), keeping the other sections."""
-    start, end = section_markers(results["protocol"]["act"])
+    name = results["protocol"]["section"]
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = path.read_text() if path.exists() else MD_HEADER
     if start not in text or end not in text:
         text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
@@ -462,6 +463,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--act", choices=sorted(ACTIVATIONS), default="relu", help="hidden activation (relu: the paper's networks)"
     )
+    parser.add_argument("--section", default=None, help=f"name of the {RESULTS_MD.name} section to rewrite")
     parser.add_argument("--no-results-md", action="store_true", help=f"do not rewrite {RESULTS_MD.name}")
     args = parser.parse_args(argv)
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
