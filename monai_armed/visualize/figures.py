@@ -359,7 +359,8 @@ def plot_random_effect_spread(
     fig = Figure(figsize=(max(4.0, 1.0 + 0.4 * values.size), 3.5), layout="constrained")
     ax = fig.subplots()
     ax.bar(np.arange(values.size), values, color="tab:green")
-    ax.set_xticks(np.arange(values.size), names, rotation=45 if values.size > 8 else 0)
+    crowded = values.size > 8 or sum(len(n) for n in names) > 40
+    ax.set_xticks(np.arange(values.size), names, rotation=45 if crowded else 0, ha="right" if crowded else "center")
     ax.set(xlabel="random-effect unit", ylabel="s.d. across clusters")
     ax.set_title(title or "Random-effect spread")
     return _save(fig, path)

@@ -102,7 +102,7 @@ def write_tabular_figures(
     slopes = {k: v for k, v in means.items() if k.startswith("slope")}
     if slopes:
         spread = np.concatenate([v.std(dim=0).cpu().numpy() for v in slopes.values()])
-        names = [f"{k}[{i}]" for k, v in slopes.items() for i in range(v.shape[1])]
+        names = [f"{k.removeprefix('slope_')} {i}" for k, v in slopes.items() for i in range(v.shape[1])]
         paths["random_effect_spread"] = plot_random_effect_spread(
             spread, out / "random_effect_spread.png", names, title="random-slope s.d. across clusters"
         )
