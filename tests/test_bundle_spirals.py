@@ -126,6 +126,21 @@ def test_missing_csv_column_names_the_file(tmp_path):
     assert "bad.csv" in str(error.value.__cause__) and "missing column(s) ['cluster']" in str(error.value.__cause__)
 
 
+def test_configs_pass_monai_property_checks(trained, tmp_path):
+    assert _workflow(["train.json"], tmp_path).check_properties() == []
+    root, _ = trained
+    inference = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type="inference",
+        bundle_root=str(root),
+        csv_file=str(root / "data.csv"),
+    )
+    inference.initialize()
+    assert inference.check_properties() == []
+
+
 def test_every_config_parses():
     for name in ("train.json", "evaluate.json", "inference.json", "metadata.json"):
         json.loads((CONFIGS / name).read_text())
