@@ -24,7 +24,12 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Read ``NAME=PATH`` pairs and print one row per model (accuracy per dataset/cluster mode)."""
+    """Read ``NAME=PATH`` pairs and print one row per model (accuracy per dataset/cluster mode).
+
+    Example::
+
+        main(["conventional=runs/conv/eval/metrics.json", "armed=runs/armed/eval/metrics.json"])
+    """
     args = sys.argv[1:] if argv is None else argv
     if not args or any("=" not in a for a in args):
         print(__doc__.strip(), file=sys.stderr)

@@ -95,6 +95,11 @@ def ensure_spiral_csv(
 
     Uses numpy's legacy global seed like the authors' notebook (``np.random.seed(seed)``), then restores the previous
     global random state.
+
+    Example::
+
+        csv_path = ensure_spiral_csv("data/spirals.csv")
+        datalist = load_csv_datalist(csv_path)
     """
     path = Path(path)
     if path.exists():

@@ -45,6 +45,11 @@ def resolve_cluster(
     In ``observed`` mode, samples of unseen clusters (index ``-1``) fall back to the Z-predictor's soft membership when
     one is given, else to fixed effects (the ``-1`` is passed on, which gives a zero random effect). A batch without
     any cluster falls back the same way.
+
+    Example::
+
+        cluster = resolve_cluster("observed", x, torch.tensor([0, -1]), n_clusters=10, z_predictor=zp)
+        logits = net(x, cluster)        # row 1 uses the Z-predictor's membership
     """
     if mode == "fixed":
         return None

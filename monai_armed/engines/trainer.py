@@ -37,13 +37,23 @@ __all__ = ["ARMEDTrainer", "ARMEDIterationEvents", "ARMEDKeys"]
 
 
 class ARMEDIterationEvents(EventEnum):
-    """Extra events fired by :class:`ARMEDTrainer` (after the standard ``IterationEvents``)."""
+    """Extra events fired by :class:`ARMEDTrainer` (after the standard ``IterationEvents``).
+
+    Example::
+
+        trainer.add_event_handler(ARMEDIterationEvents.ADVERSARY_COMPLETED, lambda e: print(e.state.output["loss_adv"]))
+    """
 
     ADVERSARY_COMPLETED = "adversary_completed"
 
 
 class ARMEDKeys:
-    """Keys that ARMED engines add to ``engine.state.output`` besides MONAI's image / label / pred / loss."""
+    """Keys that ARMED engines add to ``engine.state.output`` besides MONAI's image / label / pred / loss.
+
+    Example::
+
+        StatsHandler(output_transform=lambda out: {k: float(out[k]) for k in (ARMEDKeys.LOSS_ME, ARMEDKeys.LOSS_GEN)})
+    """
 
     PRED_FE = "pred_fe"
     CLUSTER = "cluster"

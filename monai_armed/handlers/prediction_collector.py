@@ -28,7 +28,12 @@ __all__ = ["PredictionCollector", "output_field"]
 
 
 def output_field(output: dict | Sequence[dict], key: str) -> torch.Tensor | None:
-    """One field of ``engine.state.output`` as a batch tensor, whether or not the engine decollated it."""
+    """One field of ``engine.state.output`` as a batch tensor, whether or not the engine decollated it.
+
+    Example::
+
+        pred = output_field(engine.state.output, "pred")     # (B, ...) tensor
+    """
     if isinstance(output, dict):
         value = output.get(key)
         return None if value is None else torch.as_tensor(value)

@@ -22,6 +22,11 @@ def balanced_class_weights(labels: torch.Tensor, n_classes: int = 2) -> torch.Te
     """Per-class weights inversely proportional to frequency, normalised to mean 1 (``(n_classes,)``).
 
     For two classes this is the paper's weighting ``w_0 ∝ mean(y)``, ``w_1 ∝ 1 - mean(y)``.
+
+    Example::
+
+        weights = balanced_class_weights(torch.tensor([0, 0, 0, 1]))   # tensor([0.5, 1.5])
+        loss = LogitClassificationLoss(class_weight=weights)
     """
     counts = torch.bincount(labels.long().flatten(), minlength=n_classes).float()
     if bool((counts == 0).any()):

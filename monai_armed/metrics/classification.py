@@ -21,13 +21,23 @@ __all__ = ["positive_probability", "predicted_class", "classification_summary", 
 
 
 def positive_probability(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities from logits: ``(N, 1)`` -> sigmoid ``(N,)``; ``(N, C)`` -> softmax ``(N, C)``."""
+    """Class probabilities from logits: ``(N, 1)`` -> sigmoid ``(N,)``; ``(N, C)`` -> softmax ``(N, C)``.
+
+    Example::
+
+        positive_probability(torch.tensor([[0.0], [2.0]]))        # tensor([0.5000, 0.8808])
+    """
     logits = logits.float()
     return torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
 def predicted_class(logits: torch.Tensor) -> torch.Tensor:
-    """Predicted class indices ``(N,)`` from ``(N, 1)`` (threshold 0) or ``(N, C)`` (argmax) logits."""
+    """Predicted class indices ``(N,)`` from ``(N, 1)`` (threshold 0) or ``(N, C)`` (argmax) logits.
+
+    Example::
+
+        predicted_class(torch.tensor([[-1.0], [2.0]]))            # tensor([0, 1])
+    """
     return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
 
 
@@ -37,6 +47,10 @@ def per_cluster_accuracy(
     """Accuracy and sample count per cluster index ``0..n_clusters-1`` plus a last entry for unseen (``-1``) samples.
 
     Computed with ``bincount`` (no loop over samples). Clusters without samples get accuracy ``nan``.
+
+    Example::
+
+        acc, n = per_cluster_accuracy(pred_class, label, cluster, n_clusters=10)   # acc[10]: unseen samples
     """
     slot = torch.where(cluster < 0, torch.full_like(cluster, n_clusters), cluster).long()
     correct = (pred_class.reshape(-1) == label.reshape(-1).long()).double()

@@ -37,6 +37,11 @@ class ARMEDOutput(NamedTuple):
         pred_fe: fixed-effects prediction (logits), as for an unseen cluster.
         features: fixed-effects activations that the cluster adversary reads (before any random effect).
         kl: sum of the KL divergences of all random-effects layers (a scalar tensor; 0 without random effects).
+
+    Example::
+
+        out = net.forward_armed(x, cluster)
+        out.pred, out.pred_fe, out.features, out.kl
     """
 
     pred: torch.Tensor
@@ -46,12 +51,22 @@ class ARMEDOutput(NamedTuple):
 
 
 def random_effects_modules(network: nn.Module) -> dict[str, RandomEffects]:
-    """The ``RandomEffects`` submodules of ``network`` by qualified name."""
+    """The ``RandomEffects`` submodules of ``network`` by qualified name.
+
+    Example::
+
+        random_effects_modules(MixedEffectsMLP(2, 1, n_clusters=5))   # {"random_effects": RandomEffects(...)}
+    """
     return {name: m for name, m in network.named_modules() if isinstance(m, RandomEffects)}
 
 
 def total_kl_divergence(network: nn.Module) -> torch.Tensor:
-    """Sum of ``kl_divergence()`` over every ``RandomEffects`` submodule of ``network``."""
+    """Sum of ``kl_divergence()`` over every ``RandomEffects`` submodule of ``network``.
+
+    Example::
+
+        loss = task_loss + 1e-5 * total_kl_divergence(net)
+    """
     terms = [m.kl_divergence() for m in random_effects_modules(network).values()]
     if not terms:
         return torch.zeros((), device=next(network.parameters()).device)
@@ -62,6 +77,10 @@ def cluster_one_hot(cluster: torch.Tensor, n_clusters: int, dtype: torch.dtype =
     """Soft-membership form of ``cluster``: index ``(B,)`` -> one-hot ``(B, C)`` with ``-1`` -> a zero row.
 
     Float input ``(B, C)`` is returned as it is (cast to ``dtype``).
+
+    Example::
+
+        cluster_one_hot(torch.tensor([1, -1]), 3)   # [[0, 1, 0], [0, 0, 0]]
     """
     if cluster.is_floating_point():
         return cluster.to(dtype)
@@ -77,6 +96,10 @@ def glorot_init(module: nn.Module) -> None:
 
     PyTorch's default (Kaiming-uniform with ``a=sqrt(5)`` and random biases) starts the paper's tiny 4-4-4 networks
     much closer to zero, and they then learn the spirals markedly slower in the 10-epoch protocol.
+
+    Example::
+
+        glorot_init(my_mlp)
     """
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -94,6 +117,11 @@ def random_effects_summary(network: nn.Module, cluster_names: list[str] | None =
     Returns:
         ``{"clusters": [names], "groups": {group: {"posterior_mean": C x K, "posterior_scale": C x K,
         "prior_scale": K, "spread": K}}}``.
+
+    Example::
+
+        summary = random_effects_summary(net, cluster_names=vocabulary.clusters)
+        summary["groups"]["intercept"]["spread"]
     """
     layers = random_effects_modules(network)
     groups: dict[str, tuple[RandomEffects, slice]] = {}

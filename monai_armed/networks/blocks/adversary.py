@@ -23,7 +23,15 @@ __all__ = ["ClusterAdversary", "mlp_layers"]
 
 
 def mlp_layers(in_features: int, hidden_channels: Sequence[int], act: str | tuple = "relu") -> nn.ModuleList:
-    """Dense layers ``Linear -> act`` as a ``ModuleList`` (one entry per hidden layer), so callers can tap each one."""
+    """Dense layers ``Linear -> act`` as a ``ModuleList`` (one entry per hidden layer), so callers can tap each one.
+
+    Example::
+
+        layers = mlp_layers(2, (4, 4, 4))
+        h = x
+        for layer in layers:
+            h = layer(h)                    # each hidden activation can be tapped
+    """
     layers, width = nn.ModuleList(), in_features
     for units in hidden_channels:
         layers.append(nn.Sequential(nn.Linear(width, units), get_act_layer(act)))

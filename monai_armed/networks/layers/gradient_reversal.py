@@ -29,7 +29,12 @@ class _GradReverse(torch.autograd.Function):
 
 
 def grad_reverse(x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``-weight`` in the backward pass."""
+    """Identity in the forward pass; multiplies the gradient by ``-weight`` in the backward pass.
+
+    Example::
+
+        features = grad_reverse(hidden, weight=0.5)   # the adversary below learns, the layers above unlearn
+    """
     return _GradReverse.apply(x, weight)
 
 

@@ -46,7 +46,12 @@ MLP_VARIANTS: dict[str, dict] = {
 
 
 def mlp_variant_loss_weights(variant: str, gen_weight: float = 1.0) -> dict[str, float]:
-    """``ARMEDTrainer`` loss weights (``me_weight``, ``fe_weight``, ``adv_weight``) of one of ``MLP_VARIANTS``."""
+    """``ARMEDTrainer`` loss weights (``me_weight``, ``fe_weight``, ``adv_weight``) of one of ``MLP_VARIANTS``.
+
+    Example::
+
+        mlp_variant_loss_weights("armed", gen_weight=0.5)   # {"me_weight": 1.0, "fe_weight": 1.0, "adv_weight": 0.5}
+    """
     spec = _variant(variant)
     return {"me_weight": spec["me"], "fe_weight": spec["fe"], "adv_weight": spec["adv"] * gen_weight}
 

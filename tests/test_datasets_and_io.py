@@ -1,0 +1,114 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from monai_armed.data import ensure_spiral_csv, load_csv_datalist, save_predictions_csv, split_by_cluster
+from monai_armed.networks import MixedEffectsMLP, load_network_checkpoint
+from monai_armed.report import main as report_main
+
+
+def _datalist(n_clusters: int = 5, per_cluster: int = 40) -> list[dict]:
+    rng = np.random.RandomState(0)
+    return [
+        {"features": rng.randn(2).astype(np.float32), "label": i % 2, "cluster": f"s{c}"}
+        for c in range(n_clusters)
+        for i in range(per_cluster)
+    ]
+
+
+def test_split_by_cluster_holds_out_whole_clusters():
+    split = split_by_cluster(_datalist(), n_unseen=2, test_fraction=0.25, seed=1)
+    seen = {d["cluster"] for d in split["train"]} | {d["cluster"] for d in split["test"]}
+    unseen = {d["cluster"] for d in split["unseen"]}
+    assert len(unseen) == 2 and not seen & unseen and len(seen) == 3
+    assert len(split["unseen"]) == 80 and len(split["train"]) + len(split["test"]) == 120
+    assert len(split["test"]) == 30
+    # stratified on label x cluster: each seen cluster keeps half positives in the test split
+    for cluster in seen:
+        labels = [d["label"] for d in split["test"] if d["cluster"] == cluster]
+        assert sum(labels) * 2 == len(labels)
+
+
+def test_split_by_cluster_named_unseen_and_errors():
+    data = _datalist()
+    assert {d["cluster"] for d in split_by_cluster(data, unseen_clusters=["s4"])["unseen"]} == {"s4"}
+    with pytest.raises(ValueError, match=r"unseen_clusters \['nope'\] are not in the datalist"):
+        split_by_cluster(data, unseen_clusters=["nope"])
+    with pytest.raises(ValueError, match="at least 2 seen clusters"):
+        split_by_cluster(data, n_unseen=4)
+    with pytest.raises(KeyError, match="datalist item 0 lacks 'cluster'"):
+        split_by_cluster([{"features": [0.0], "label": 1}])
+
+
+def test_split_falls_back_when_a_stratum_has_one_sample():
+    data = _datalist(n_clusters=3, per_cluster=10)
+    data[0]["label"] = 1 - data[0]["label"]
+    data.append({"features": np.zeros(2, np.float32), "label": 1, "cluster": "lonely"})
+    data.append({"features": np.zeros(2, np.float32), "label": 0, "cluster": "lonely"})
+    split = split_by_cluster(data, n_unseen=0, test_fraction=0.3)
+    assert len(split["train"]) + len(split["test"]) == len(data)
+
+
+def test_ensure_spiral_csv_writes_once_and_keeps_numpy_state(tmp_path):
+    np.random.seed(7)
+    expected_next = np.random.rand()
+    np.random.seed(7)
+    path = ensure_spiral_csv(tmp_path / "s.csv", clusters=3, points_per_cluster=20)
+    assert np.random.rand() == expected_next
+    data = load_csv_datalist(path)
+    assert len(data) == 60 and {d["cluster"] for d in data} == {0, 1, 2}
+    mtime = (tmp_path / "s.csv").stat().st_mtime_ns
+    ensure_spiral_csv(path, clusters=5)
+    assert (tmp_path / "s.csv").stat().st_mtime_ns == mtime
+
+
+def test_save_predictions_csv(tmp_path):
+    data = [{"cluster_id": "a"}, {"cluster_id": "b"}]
+    path = save_predictions_csv(tmp_path / "p.csv", data, torch.tensor([0.25, 0.75]), raw_cluster_key="cluster_id")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"cluster": "a", "p_class1": "0.250000"}, {"cluster": "b", "p_class1": "0.750000"}]
+    with pytest.raises(ValueError, match="3 predictions for 2 samples"):
+        save_predictions_csv(tmp_path / "q.csv", data, np.zeros(3))
+    assert not (tmp_path / "q.csv").exists()
+
+
+def test_load_network_checkpoint_errors(tmp_path):
+    net = MixedEffectsMLP(2, 1, n_clusters=3)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*missing.pt"):
+        load_network_checkpoint(net, str(tmp_path / "missing.pt"))
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pt could not be read"):
+        load_network_checkpoint(net, str(tmp_path / "corrupt.pt"))
+    torch.save({"model": net.state_dict()}, tmp_path / "wrapped.pt")
+    other = MixedEffectsMLP(2, 1, n_clusters=3)
+    load_network_checkpoint(other, str(tmp_path / "wrapped.pt"), n_clusters=3)
+    assert torch.equal(other.random_effects.loc, net.random_effects.loc)
+    with pytest.raises(ValueError, match="network has 3 clusters but 4 were expected"):
+        load_network_checkpoint(other, str(tmp_path / "wrapped.pt"), n_clusters=4)
+
+
+def test_report_cli(tmp_path, capsys):
+    metrics = {"seen": {"observed": {"accuracy": 0.8}}, "unseen": {"fixed": {"accuracy": 0.7}}}
+    (tmp_path / "m.json").write_text(json.dumps(metrics))
+    assert report_main([f"armed={tmp_path / 'm.json'}"]) == 0
+    out = capsys.readouterr().out
+    assert "seen/observed" in out and "0.800" in out and "0.700" in out
+    assert report_main([f"armed={tmp_path / 'nope.json'}"]) == 1
+    assert report_main(["no-equals-sign"]) == 2
