@@ -16,6 +16,7 @@ demo: setup
 	$(VPY) -m monai_armed.report conventional=$(RUNS)/conventional/eval/metrics.json armed=$(RUNS)/armed/eval/metrics.json
 
 test: setup
+	$(VPY) -m ruff check monai_armed tests benchmarks
 	$(VPY) -m pytest -q tests
 
 clean:

@@ -36,7 +36,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from monai_armed.data import TensorBatchLoader, make_spiral_random_radius
 from monai_armed.engines import MLDG_DEFAULTS, ARMEDEvaluator, ARMEDTrainer, PrepareBatchCluster, train_mldg
 from monai_armed.metrics.classification import predicted_class
 from monai_armed.networks import ClusterAdversary, MixedEffectsMLP, ZPredictor, mlp_variant_loss_weights
+from monai_armed.utils import atomic_open
 
 DEVICE = torch.device("cpu")
 N_CLUSTERS = 10
@@ -370,15 +370,8 @@ def protocol(args: argparse.Namespace, command: str) -> dict:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def _ci_text(entry: dict) -> str:

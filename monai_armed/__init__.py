@@ -14,7 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import data, engines, handlers, losses, metrics, networks, transforms, visualize
+from . import data, engines, handlers, losses, metrics, networks, transforms, utils, visualize
 from .data import TensorBatchLoader
 from .engines import ARMEDEvaluator, ARMEDTrainer, PrepareBatchCluster
 from .networks import ClusterAdversary, MixedEffectsMLP, RandomEffects, ZPredictor

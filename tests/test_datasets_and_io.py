@@ -112,3 +112,16 @@ def test_report_cli(tmp_path, capsys):
     assert "seen/observed" in out and "0.800" in out and "0.700" in out
     assert report_main([f"armed={tmp_path / 'nope.json'}"]) == 1
     assert report_main(["no-equals-sign"]) == 2
+
+
+def test_atomic_open_keeps_the_old_file_on_error(tmp_path):
+    from monai_armed.utils import atomic_open
+
+    path = tmp_path / "sub" / "out.txt"
+    with atomic_open(path) as f:
+        f.write("first")
+    with pytest.raises(RuntimeError):
+        with atomic_open(path) as f:
+            f.write("half")
+            raise RuntimeError("interrupted")
+    assert path.read_text() == "first" and [p.name for p in path.parent.iterdir()] == ["out.txt"]

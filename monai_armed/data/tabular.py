@@ -21,12 +21,12 @@ from __future__ import annotations
 import csv
 import math
 import os
-import uuid
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from monai_armed.utils import atomic_open
 
 __all__ = ["load_csv_datalist", "save_csv_datalist", "save_predictions_csv", "datalist_to_arrays"]
 
@@ -196,20 +196,11 @@ def save_csv_datalist(
         raise ValueError(f"{path}: got {len(names)} feature names for {len(rows[0])} features.")
     if {"label", "cluster"} & set(names):
         raise ValueError(f"{path}: feature names must not include 'label' or 'cluster', got {names}.")
-    # a uniquely named file opened with mode "x" gets the usual permissions, unlike tempfile.mkstemp (0600).
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp_path = os.path.join(directory, f".{base}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp_path, "x", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow([*names, "label", "cluster"])
-            for item, row in zip(datalist, rows):
-                writer.writerow([*row.tolist(), int(item["label"]), item["cluster"]])
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with atomic_open(path, newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*names, "label", "cluster"])
+        for item, row in zip(datalist, rows):
+            writer.writerow([*row.tolist(), int(item["label"]), item["cluster"]])
 
 
 def datalist_to_arrays(datalist: Sequence[dict], features_key: str = "features") -> tuple[np.ndarray, np.ndarray, list]:
@@ -251,13 +242,9 @@ def save_predictions_csv(
         raise ValueError(f"{len(prob)} predictions for {len(datalist)} samples.")
     prob = prob.reshape(len(prob), -1)
     names = ["p_class1"] if prob.shape[1] == 1 else [f"p_class{i}" for i in range(prob.shape[1])]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["cluster", *names])
         for item, row in zip(datalist, prob):
             writer.writerow([item.get(raw_cluster_key, ""), *(f"{v:.6f}" for v in row)])
-    os.replace(tmp, path)
     return str(path)

@@ -15,15 +15,13 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn as nn
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_armed.handlers.prediction_collector import PredictionCollector
 from monai_armed.metrics import classification_summary
+from monai_armed.utils import atomic_open
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -41,12 +39,8 @@ def write_json(content: Any, path: str | os.PathLike) -> str:
 
         write_json({"accuracy": 0.8}, "eval/metrics.json")
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         json.dump(content, f, indent=2)
-    os.replace(tmp, path)
     return str(path)
 
 

@@ -15,14 +15,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+
+from monai_armed.utils import atomic_open
 
 __all__ = ["ClusterVocabulary", "ClusterIndexd", "ClusterIndexD", "ClusterIndexDict"]
 
@@ -100,11 +100,8 @@ class ClusterVocabulary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as JSON (atomically: an existing file is replaced only when the write succeeded)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        with atomic_open(path) as f:
             json.dump({"clusters": self.clusters, "n_clusters": len(self)}, f, indent=2)
-        os.replace(f.name, path)
 
     def __len__(self) -> int:
         return len(self.clusters)

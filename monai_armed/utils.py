@@ -1,0 +1,46 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_open"]
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator[IO[str]]:
+    """Open a text file for writing so that ``path`` only ever holds a complete file.
+
+    Writes go to a uniquely named temporary file beside ``path`` (created with the usual permissions, unlike
+    ``tempfile.mkstemp``), which replaces ``path`` when the block ends without error; on error it is removed and an
+    existing ``path`` is left as it was. Parent folders are created.
+
+    Example::
+
+        with atomic_open("models/clusters.json") as f:
+            json.dump(content, f)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "x", newline=newline, encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
