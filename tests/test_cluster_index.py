@@ -237,3 +237,8 @@ def test_seen_ids_do_not_log(caplog):
         assert int(t({"cluster": torch.tensor(1)})["cluster"]) == 0
     assert t.n_unseen == 0
     assert not [r for r in caplog.records if r.name == LOGGER]
+
+
+def test_output_key_needs_a_single_key():
+    with pytest.raises(ValueError, match="output_key needs a single key"):
+        ClusterIndexd(keys=["site", "scanner"], vocabulary=ClusterVocabulary(["a"]), output_key="cluster")

@@ -135,8 +135,7 @@ class ClusterIndexd(MapTransform):
     Args:
         keys: key(s) of the raw cluster id.
         vocabulary: a :class:`ClusterVocabulary` or the path of its JSON file.
-        output_key: where to write the index (default: replace the raw id in place). With several keys, the
-            output key is used for the first one only.
+        output_key: where to write the index (default: replace the raw id in place); only with a single key.
         raw_key_suffix: if set, keep the raw id under ``key + raw_key_suffix`` (e.g. ``"_id"``).
         allow_missing_keys: skip samples without the key instead of raising.
 
@@ -155,6 +154,8 @@ class ClusterIndexd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if output_key is not None and len(self.keys) > 1:
+            raise ValueError(f"output_key needs a single key, got keys {list(self.keys)}.")
         self.vocabulary = (
             vocabulary if isinstance(vocabulary, ClusterVocabulary) else ClusterVocabulary.load(vocabulary)
         )
@@ -164,14 +165,14 @@ class ClusterIndexd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
-        for i, key in enumerate(self.key_iterator(d)):
+        for key in self.key_iterator(d):
             raw = d[key]
             index = self.vocabulary.index(raw)
             if index < 0:
                 self._report_unseen(raw)
             if self.raw_key_suffix:
                 d[f"{key}{self.raw_key_suffix}"] = raw
-            d[self.output_key if (self.output_key and i == 0) else key] = torch.tensor(index, dtype=torch.int64)
+            d[self.output_key or key] = torch.tensor(index, dtype=torch.int64)
         return d
 
     def _report_unseen(self, raw: object) -> None:
