@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
 from monai_armed.data import save_csv_datalist
@@ -154,3 +155,25 @@ def test_variant_fixes_the_structure_over_config_kwargs():
     assert not conventional.has_random_effects
     armed = MixedEffectsMLP.from_variant("armed", in_features=2, out_channels=1, n_clusters=3, random_slopes="both")
     assert set(armed.re_groups) == {"slope_input", "slope_hidden", "intercept"}
+
+
+def test_training_resumes_from_the_last_epoch(tmp_path):
+    _clustered_csv(tmp_path / "data.csv")
+    data = {"csv_file": str(tmp_path / "data.csv"), "generate_default_data": False, "n_unseen_clusters": 1}
+    first = _workflow(["train.json"], tmp_path, epochs=2, **data)
+    first.run()
+    assert (tmp_path / "models" / "resume_checkpoint_epoch=2.pt").is_file()
+    resumed = _workflow(["train.json"], tmp_path, epochs=3, resume=True, **data)
+    trainer = resumed.parser.get_parsed_content("train#trainer")
+    epochs_run = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: epochs_run.append(engine.state.epoch))
+    resumed.run()
+    assert epochs_run == [3]  # epochs 1 and 2 came from the checkpoint
+
+
+def test_resume_without_checkpoint_names_the_folder(tmp_path):
+    workflow = _workflow(["train.json"], tmp_path, resume=True, epochs=1)
+    with pytest.raises(RuntimeError) as error:
+        workflow.run()
+    assert isinstance(error.value.__cause__, FileNotFoundError)
+    assert "no checkpoint 'resume_*epoch=N.pt' to resume from in" in str(error.value.__cause__)
