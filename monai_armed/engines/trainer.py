@@ -198,7 +198,7 @@ class ARMEDTrainer(SupervisedTrainer):
             out = network.forward_armed(inputs, cluster)
             task = engine._task_loss(out, targets)  # checks the labels before the adversary takes any step
         engine.state.output[Keys.PRED], engine.state.output[ARMEDKeys.PRED_FE] = out.pred, out.pred_fe
-        engine._fire_registered(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
         adv_target = cluster.argmax(1) if cluster.is_floating_point() else cluster
         sequential = engine.adversary is not None and engine.adversary_update == "sequential"
@@ -214,14 +214,14 @@ class ARMEDTrainer(SupervisedTrainer):
             with autocast:
                 loss_gen = engine._generalization_loss(out.features, adv_target)
                 loss = engine._total_loss(task, loss_gen, out.kl)
-            engine._fire_registered(IterationEvents.LOSS_COMPLETED)
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
             engine._backward(loss * scale if scale != 1.0 else loss, engine.scaler)
-        engine._fire_registered(IterationEvents.BACKWARD_COMPLETED)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if step:
             engine._step(engine.optimizer, engine.scaler)
             if engine.adversary is not None and not sequential:
                 engine._step(engine.adv_optimizer, engine.adv_scaler)
-        engine._fire_registered(IterationEvents.MODEL_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
     def _adversary_step(
@@ -234,7 +234,7 @@ class ARMEDTrainer(SupervisedTrainer):
         if step:
             self._step(self.adv_optimizer, self.adv_scaler)
         self._record_adversary(adv_logits, target, loss_adv)
-        self._fire_registered(ARMEDIterationEvents.ADVERSARY_COMPLETED)
+        self.fire_event(ARMEDIterationEvents.ADVERSARY_COMPLETED)
 
     def _record_adversary(self, adv_logits: torch.Tensor, target: torch.Tensor, loss_adv: torch.Tensor) -> None:
         correct = adv_logits.detach().argmax(1) == target  # never true for unseen (-1) rows
@@ -283,11 +283,6 @@ class ARMEDTrainer(SupervisedTrainer):
         output[ARMEDKeys.LOSS_KL] = kl.detach()
         output[Keys.LOSS] = objective.detach()
         return backward
-
-    def _fire_registered(self, event: Any) -> None:
-        """``fire_event`` for events this engine registered itself, without Ignite's per-call allowed-event scan
-        (a Python comparison against every known event; it costs more than a small network's step here)."""
-        self._fire_event(event)
 
     @staticmethod
     def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
