@@ -125,3 +125,29 @@ def test_atomic_open_keeps_the_old_file_on_error(tmp_path):
             f.write("half")
             raise RuntimeError("interrupted")
     assert path.read_text() == "first" and [p.name for p in path.parent.iterdir()] == ["out.txt"]
+
+
+def test_spiral_true_boundaries_scale_with_each_cluster_radius(tmp_path):
+    from monai_armed.data import make_spiral_true_boundary, spiral_radii_file, spiral_true_boundaries
+
+    path = ensure_spiral_csv(tmp_path / "s.csv", clusters=3, points_per_cluster=20)
+    radii = json.loads(spiral_radii_file(path).read_text())["radii"]
+    boundaries = spiral_true_boundaries(path, ["2", "0"])
+    unit = make_spiral_true_boundary(degrees=180)
+    assert set(boundaries) == {-1, 0, 1}
+    np.testing.assert_allclose(boundaries[-1], unit)
+    np.testing.assert_allclose(boundaries[0], unit * radii["2"])
+    np.testing.assert_allclose(boundaries[1], unit * radii["0"])
+    with pytest.raises(FileNotFoundError, match="other_radii.json"):
+        spiral_true_boundaries(tmp_path / "other.csv", ["0"])
+
+
+def test_decision_boundaries_accept_one_boundary_per_cluster(tmp_path):
+    from monai_armed.visualize import plot_decision_boundaries
+
+    def predict(x, c):
+        return torch.sigmoid(x[:, 0])
+
+    boundary = np.stack([np.linspace(-1, 1, 20), np.zeros(20)], axis=1)
+    path = plot_decision_boundaries(predict, [-1, 0, 1], tmp_path / "b.png", step=0.2, true_boundary={0: boundary})
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

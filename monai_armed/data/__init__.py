@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from .datasets import ensure_spiral_csv, split_by_cluster
+from .datasets import ensure_spiral_csv, spiral_radii_file, spiral_true_boundaries, split_by_cluster
 from .loader import TensorBatchLoader
 from .spirals import (
     make_spiral_random_radius,

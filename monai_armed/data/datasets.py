@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,10 +19,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from monai_armed.data.spirals import make_spiral_random_radius, spirals_to_datalist
+from monai_armed.data.spirals import make_spiral_random_radius, make_spiral_true_boundary, spirals_to_datalist
 from monai_armed.data.tabular import save_csv_datalist
+from monai_armed.utils import atomic_open
 
-__all__ = ["split_by_cluster", "ensure_spiral_csv"]
+__all__ = ["split_by_cluster", "ensure_spiral_csv", "spiral_radii_file", "spiral_true_boundaries"]
 
 
 def split_by_cluster(
@@ -94,7 +96,7 @@ def ensure_spiral_csv(
     """Write the ARMED notebook's spiral data set as a CSV (``f0, f1, label, cluster``) unless ``path`` exists.
 
     Uses numpy's legacy global seed like the authors' notebook (``np.random.seed(seed)``), then restores the previous
-    global random state.
+    global random state. The clusters' spiral radii go to :func:`spiral_radii_file` beside it.
 
     Example::
 
@@ -107,11 +109,46 @@ def ensure_spiral_csv(
     state = np.random.get_state()
     try:
         np.random.seed(seed)
-        x, z, y, _ = make_spiral_random_radius(
+        x, z, y, radii = make_spiral_random_radius(
             clusters, points_per_cluster, mean_radius=1.0, inter_cluster_sd=inter_cluster_sd, noise=noise
         )
     finally:
         np.random.set_state(state)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(spiral_radii_file(path)) as f:
+        json.dump({"radii": {str(c): float(r) for c, r in enumerate(radii)}, "degrees": 360}, f, indent=2)
     save_csv_datalist(spirals_to_datalist(x, z, y), path)
     return str(path)
+
+
+def spiral_radii_file(csv_path: str | os.PathLike) -> Path:
+    """Where :func:`ensure_spiral_csv` records each cluster's spiral radius (``<name>_radii.json``).
+
+    Example::
+
+        json.loads(spiral_radii_file("data/spirals.csv").read_text())["radii"]["3"]
+    """
+    path = Path(csv_path)
+    return path.with_name(f"{path.stem}_radii.json")
+
+
+def spiral_true_boundaries(csv_path: str | os.PathLike, cluster_names: Sequence[str]) -> dict[int, np.ndarray]:
+    """The true class boundary of each cluster (index in ``cluster_names``) and of the mean radius (index ``-1``).
+
+    A cluster's spirals are the unit spirals scaled by its radius, so its boundary is the unit boundary scaled the
+    same way. Reads the radii that :func:`ensure_spiral_csv` recorded; raises ``FileNotFoundError`` naming the file.
+
+    Example::
+
+        boundaries = spiral_true_boundaries("data/spirals.csv", vocabulary.clusters)
+        plot_decision_boundaries(predict, [-1, 0, 1], "boundaries.png", true_boundary=boundaries)
+    """
+    radii_file = spiral_radii_file(csv_path)
+    if not radii_file.is_file():
+        raise FileNotFoundError(f"spiral radii file not found: {radii_file} (written by ensure_spiral_csv).")
+    record = json.loads(radii_file.read_text())
+    unit = make_spiral_true_boundary(degrees=record["degrees"] - 180)  # the authors' notebook uses degrees - 180
+    boundaries = {-1: unit}
+    for index, name in enumerate(cluster_names):
+        if str(name) in record["radii"]:
+            boundaries[index] = unit * record["radii"][str(name)]
+    return boundaries

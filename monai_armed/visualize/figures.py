@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Callable, Sequence
 
 import numpy as np
 import torch
@@ -139,7 +139,7 @@ def plot_decision_boundaries(
     y_range: tuple[float, float] | None = None,
     step: float = 0.02,
     points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-    true_boundary: np.ndarray | None = None,
+    true_boundary: np.ndarray | Mapping[int, np.ndarray] | None = None,
     cluster_names: Sequence[str] | None = None,
     extra_features: Sequence[float] | None = None,
     ncols: int = 5,
@@ -163,7 +163,8 @@ def plot_decision_boundaries(
         step: grid spacing.
         points: optional ``(X (M, 2), y (M,), cluster (M,))``; each panel shows the points of its cluster
             (the fixed-effects panel shows all of them).
-        true_boundary: optional ``(K, 2)`` points on the reference boundary, drawn on every panel.
+        true_boundary: optional ``(K, 2)`` points on the reference boundary, drawn on every panel, or a mapping
+            ``{cluster: (K, 2) points}`` when each cluster has its own (panels without an entry show none).
         cluster_names: optional names indexed by cluster index, used as panel titles.
         extra_features: constant values for features beyond the first two (e.g. probe features), so that
             ``F = 2 + len(extra_features)``; none by default.
@@ -193,7 +194,8 @@ def plot_decision_boundaries(
     for ax, cluster in zip(axes, clusters):
         prob = _predict_grid(predict_fn, features, int(cluster), xx.shape)
         name = _panel_title(int(cluster), cluster_names)
-        filled = _draw_panel(ax, xx, yy, prob, name, points, true_boundary, int(cluster))
+        boundary = true_boundary.get(int(cluster)) if isinstance(true_boundary, Mapping) else true_boundary
+        filled = _draw_panel(ax, xx, yy, prob, name, points, boundary, int(cluster))
     for ax in axes[len(clusters) :]:
         ax.set_axis_off()
     for ax in axes.reshape(nrows, ncols)[-1]:

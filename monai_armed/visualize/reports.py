@@ -38,7 +38,7 @@ def write_tabular_figures(
     cluster_names: Sequence[str] | None = None,
     features_key: str = "features",
     feature_names: Sequence[str] | None = None,
-    true_boundary: np.ndarray | None = None,
+    true_boundary: np.ndarray | Mapping[int, np.ndarray] | None = None,
     max_panels: int = 10,
 ) -> dict[str, str]:
     """PNG figures of a trained binary mixed-effects classifier on tabular data (``datalist`` with cluster indices).
