@@ -18,7 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_open"]
+import torch
+
+__all__ = ["atomic_open", "shape_str"]
 
 
 @contextmanager
@@ -44,3 +46,13 @@ def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def shape_str(x: torch.Tensor) -> str:
+    """A tensor's shape as ``"(4, 3)"`` for error messages (TorchScript-compatible, unlike ``tuple(x.shape)``).
+
+    Example::
+
+        raise ValueError(f"expected (batch, 3), got {shape_str(x)}.")
+    """
+    return "(" + ", ".join([str(d) for d in x.shape]) + ")"

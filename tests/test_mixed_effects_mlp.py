@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import unittest
 
+import pytest
 import torch
 import torch.nn as nn
 from parameterized import parameterized
@@ -353,3 +354,19 @@ class TestUtils(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@pytest.mark.parametrize("variant", ["armed", "conventional", "cluster_input"])
+def test_torchscript_matches_eager(variant):
+    import warnings
+
+    net = MixedEffectsMLP.from_variant(variant, in_features=2, out_channels=1, n_clusters=4, random_slopes="both")
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        scripted = torch.jit.script(net)
+    x = torch.randn(5, 2)
+    index = torch.tensor([0, 3, -1, 2, 1])
+    soft = torch.softmax(torch.randn(5, 4), dim=1)
+    for cluster in (index, soft, None):
+        torch.testing.assert_close(scripted(x, cluster), net(x, cluster))

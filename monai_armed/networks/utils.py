@@ -85,7 +85,10 @@ def cluster_one_hot(cluster: torch.Tensor, n_clusters: int, dtype: torch.dtype =
     if cluster.is_floating_point():
         return cluster.to(dtype)
     if bool((cluster >= n_clusters).any()) or bool((cluster < -1).any()):
-        raise IndexError(f"cluster indices must be -1 (unseen) or 0..{n_clusters - 1}, got {cluster.tolist()}.")
+        raise IndexError(
+            f"cluster indices must be -1 (unseen) or 0..{n_clusters - 1}, got values from "
+            f"{int(cluster.min())} to {int(cluster.max())}."
+        )
     seen = (cluster >= 0).unsqueeze(1).to(dtype)
     one_hot = torch.zeros(cluster.shape[0], n_clusters, dtype=dtype, device=cluster.device)
     return one_hot.scatter_(1, cluster.clamp(min=0).unsqueeze(1), seen)

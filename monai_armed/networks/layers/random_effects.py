@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monai_armed.utils import shape_str
+
 __all__ = ["RandomEffects", "inverse_softplus"]
 
 _MIN_SCALE = 1e-5
@@ -140,7 +142,7 @@ class RandomEffects(nn.Module):
 
     def _lookup(self, index: torch.Tensor) -> torch.Tensor:
         if index.dim() != 1:
-            raise ValueError(f"cluster indices must have shape (batch,), got {tuple(index.shape)}.")
+            raise ValueError(f"cluster indices must have shape (batch,), got {shape_str(index)}.")
         if index.numel() == 0:
             return self.loc.new_zeros(0, self.units)
         low, high = torch.aminmax(index)
@@ -166,7 +168,7 @@ class RandomEffects(nn.Module):
     def _soft(self, membership: torch.Tensor) -> torch.Tensor:
         if membership.dim() != 2 or membership.shape[1] != self.n_clusters:
             raise ValueError(
-                f"soft cluster membership must have shape (batch, {self.n_clusters}), got {tuple(membership.shape)}."
+                f"soft cluster membership must have shape (batch, {self.n_clusters}), got {shape_str(membership)}."
             )
         effects = self._draw() if self.training else self.loc
         return membership.to(effects.dtype) @ effects

@@ -19,6 +19,7 @@ import torch.nn as nn
 from monai_armed.networks.blocks.adversary import mlp_layers
 from monai_armed.networks.layers.random_effects import RandomEffects
 from monai_armed.networks.utils import ARMEDOutput, cluster_one_hot, glorot_init
+from monai_armed.utils import shape_str
 
 __all__ = ["MixedEffectsMLP", "MLP_VARIANTS", "mlp_variant_loss_weights"]
 
@@ -142,7 +143,7 @@ class MixedEffectsMLP(nn.Module):
             "slope_hidden": hidden_channels[-1] * out_channels if random_slopes in ("hidden", "both") else 0,
             "intercept": out_channels if random_intercept else 0,
         }
-        self.re_groups: dict[str, tuple[int, int]] = {}
+        self.re_groups = {}
         prior, loc_init, offset = [], [], 0
         for name, size in sizes.items():
             if size:
@@ -156,6 +157,10 @@ class MixedEffectsMLP(nn.Module):
             if offset
             else None
         )
+        # (start, end) units of each group as plain ints, which TorchScript can read (empty groups are (0, 0))
+        self._input_slope_span = self.re_groups.get("slope_input", (0, 0))
+        self._hidden_slope_span = self.re_groups.get("slope_hidden", (0, 0))
+        self._intercept_span = self.re_groups.get("intercept", (0, 0))
 
     @classmethod
     def from_variant(cls, variant: str, **kwargs) -> MixedEffectsMLP:
@@ -191,7 +196,7 @@ class MixedEffectsMLP(nn.Module):
 
     def _fixed_effects(self, x: torch.Tensor, cluster: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if x.dim() != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"expected features of shape (batch, {self.in_features}), got {tuple(x.shape)}.")
+            raise ValueError(f"expected features of shape (batch, {self.in_features}), got {shape_str(x)}.")
         h = x
         if self.cluster_input:
             z = (
@@ -207,17 +212,27 @@ class MixedEffectsMLP(nn.Module):
         return self.out(h), features
 
     def _random_effects(self, x: torch.Tensor, last_hidden: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
+        total = x.new_zeros(x.shape[0], self.out_channels)
+        if self.random_effects is None:
+            return total
         effects = self.random_effects(cluster)
         b, o = x.shape[0], self.out_channels
-        total = None
+        start, end = self._intercept_span
+        if end > start:
+            total = total + effects[:, start:end]
+        for inputs, (start, end) in ((x, self._input_slope_span), (last_hidden, self._hidden_slope_span)):
+            if end > start:
+                total = total + torch.bmm(inputs.unsqueeze(1), effects[:, start:end].reshape(b, -1, o)).squeeze(1)
+        return total
+        effects = self.random_effects(cluster)
+        b, o = x.shape[0], self.out_channels
         for name, (start, end) in self.re_groups.items():
             part = effects[:, start:end]
             if name == "intercept":
-                term = part
+                total = total + part
             else:
                 inputs = x if name == "slope_input" else last_hidden
-                term = torch.bmm(inputs.unsqueeze(1), part.reshape(b, -1, o)).squeeze(1)
-            total = term if total is None else total + term
+                total = total + torch.bmm(inputs.unsqueeze(1), part.reshape(b, -1, o)).squeeze(1)
         return total
 
     def forward(self, x: torch.Tensor, cluster: torch.Tensor | None = None) -> torch.Tensor:
