@@ -96,3 +96,15 @@ def test_trainer_rejects_data_parallel_wrapper():
     net, adv = _models()
     with pytest.raises(TypeError, match="unwrapped network"):
         _trainer(TensorBatchLoader({"features": torch.zeros(4, 2)}, batch_size=2), torch.nn.DataParallel(net), adv)
+
+
+def test_check_cluster_index_is_shared_by_lookup_and_one_hot():
+    from monai_armed.networks import cluster_one_hot
+    from monai_armed.networks.layers import check_cluster_index
+
+    assert check_cluster_index(torch.tensor([2, -1, 0]), 3) == -1
+    assert check_cluster_index(torch.zeros(0, dtype=torch.long), 3) == 0
+    assert cluster_one_hot(torch.zeros(0, dtype=torch.long), 3).shape == (0, 3)
+    for fn in (lambda i: RandomEffects(3, 2)(i), lambda i: cluster_one_hot(i, 3)):
+        with pytest.raises(IndexError, match=r"cluster index 3 is out of range: expected -1 \(unseen\) or 0..2"):
+            fn(torch.tensor([0, 3]))

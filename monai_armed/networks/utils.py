@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from monai_armed.networks.layers.random_effects import RandomEffects
+from monai_armed.networks.layers.random_effects import RandomEffects, check_cluster_index
 
 __all__ = [
     "ARMEDOutput",
@@ -84,11 +84,7 @@ def cluster_one_hot(cluster: torch.Tensor, n_clusters: int, dtype: torch.dtype =
     """
     if cluster.is_floating_point():
         return cluster.to(dtype)
-    if bool((cluster >= n_clusters).any()) or bool((cluster < -1).any()):
-        raise IndexError(
-            f"cluster indices must be -1 (unseen) or 0..{n_clusters - 1}, got values from "
-            f"{int(cluster.min())} to {int(cluster.max())}."
-        )
+    check_cluster_index(cluster, n_clusters)
     seen = (cluster >= 0).unsqueeze(1).to(dtype)
     one_hot = torch.zeros(cluster.shape[0], n_clusters, dtype=dtype, device=cluster.device)
     return one_hot.scatter_(1, cluster.clamp(min=0).unsqueeze(1), seen)

@@ -12,4 +12,4 @@
 from __future__ import annotations
 
 from .gradient_reversal import GradientReversal, grad_reverse
-from .random_effects import RandomEffects, inverse_softplus
+from .random_effects import RandomEffects, check_cluster_index, inverse_softplus

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from monai_armed.utils import shape_str
 
-__all__ = ["RandomEffects", "inverse_softplus"]
+__all__ = ["RandomEffects", "check_cluster_index", "inverse_softplus"]
 
 _MIN_SCALE = 1e-5
 
@@ -33,6 +33,26 @@ def inverse_softplus(value: float | torch.Tensor) -> torch.Tensor:
     """
     value = torch.as_tensor(value, dtype=torch.float32)
     return value + torch.log(-torch.expm1(-value))
+
+
+def check_cluster_index(index: torch.Tensor, n_clusters: int) -> int:
+    """Raise an ``IndexError`` unless every index is ``-1`` (unseen) or ``0..n_clusters-1``; returns the smallest.
+
+    Example::
+
+        if check_cluster_index(cluster, 10) < 0:
+            ...  # some samples come from unseen clusters
+    """
+    if index.numel() == 0:
+        return 0
+    low, high = torch.aminmax(index)
+    low_value, high_value = int(low), int(high)
+    if low_value < -1 or high_value >= n_clusters:
+        bad = low_value if low_value < -1 else high_value
+        raise IndexError(
+            f"cluster index {bad} is out of range: expected -1 (unseen) or 0..{n_clusters - 1} ({n_clusters} clusters)."
+        )
+    return low_value
 
 
 def _per_unit(value: float | Sequence[float], units: int, name: str) -> torch.Tensor:
@@ -145,14 +165,7 @@ class RandomEffects(nn.Module):
             raise ValueError(f"cluster indices must have shape (batch,), got {shape_str(index)}.")
         if index.numel() == 0:
             return self.loc.new_zeros(0, self.units)
-        low, high = torch.aminmax(index)
-        if int(low) < -1 or int(high) >= self.n_clusters:
-            bad = int(low) if int(low) < -1 else int(high)
-            raise IndexError(
-                f"cluster index {bad} is out of range: expected -1 (unseen) or 0..{self.n_clusters - 1} "
-                f"({self.n_clusters} clusters)."
-            )
-        low = int(low)
+        low = check_cluster_index(index, self.n_clusters)
         safe = index.clamp(min=0) if low < 0 else index
         if not self.training:
             effects = self.loc[safe]
