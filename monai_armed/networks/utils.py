@@ -123,10 +123,11 @@ def random_effects_summary(network: nn.Module, cluster_names: list[str] | None =
         summary["groups"]["intercept"]["spread"]
     """
     layers = random_effects_modules(network)
-    groups: dict[str, tuple[RandomEffects, slice]] = {}
     layer = getattr(network, "random_effects", None)
     if isinstance(layer, RandomEffects) and getattr(network, "re_groups", None):
-        groups = {name: (layer, slice(a, b)) for name, (a, b) in network.re_groups.items()}
+        groups: dict[str, tuple[RandomEffects, slice]] = {
+            name: (layer, slice(a, b)) for name, (a, b) in network.re_groups.items()
+        }
     else:
         groups = {name: (m, slice(None)) for name, m in layers.items()}
     n_clusters = next(iter(layers.values())).n_clusters if layers else int(getattr(network, "n_clusters", 0))
@@ -136,7 +137,7 @@ def random_effects_summary(network: nn.Module, cluster_names: list[str] | None =
         with torch.no_grad():
             loc, scale = m.loc[:, cols], m.scale[:, cols]
             prior = m.prior_scale.expand(m.units)[cols]
-            spread = loc.std(dim=0) if m.n_clusters > 1 else torch.zeros(loc.shape[1])
+            spread = m.spread()[cols]
         summary["groups"][name] = {
             "posterior_mean": loc.cpu().tolist(),
             "posterior_scale": scale.cpu().tolist(),

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from monai_armed.metrics import positive_probability
+from monai_armed.networks import random_effects_summary
 from monai_armed.visualize.figures import (
     feature_importance,
     plot_decision_boundaries,
@@ -90,21 +91,21 @@ def write_tabular_figures(
             title="fixed-effects feature importance |dp/dx| at the mean input",
         ),
     }
-    means = network.posterior_means() if hasattr(network, "posterior_means") else {}
-    if "intercept" in means:
-        balance = np.bincount(cluster, weights=y, minlength=n_clusters) / np.maximum(
-            np.bincount(cluster, minlength=n_clusters), 1
+    groups = random_effects_summary(network)["groups"]
+    if "intercept" in groups and n_clusters >= 3:
+        counts = np.maximum(np.bincount(cluster, minlength=n_clusters), 1)
+        balance = np.bincount(cluster, weights=y, minlength=n_clusters) / counts
+        intercepts = np.asarray(groups["intercept"]["posterior_mean"])[:, 0]
+        paths["intercepts_vs_balance"] = plot_intercepts_vs_balance(
+            intercepts, balance, out / "intercepts_vs_balance.png", cluster_names
         )
-        if n_clusters >= 3:
-            paths["intercepts_vs_balance"] = plot_intercepts_vs_balance(
-                means["intercept"][:, 0].cpu().numpy(), balance, out / "intercepts_vs_balance.png", cluster_names
-            )
-    slopes = {k: v for k, v in means.items() if k.startswith("slope")}
+    slopes = {k.removeprefix("slope_"): v["spread"] for k, v in groups.items() if k.startswith("slope")}
     if slopes:
-        spread = np.concatenate([v.std(dim=0).cpu().numpy() for v in slopes.values()])
-        names = [f"{k.removeprefix('slope_')} {i}" for k, v in slopes.items() for i in range(v.shape[1])]
         paths["random_effect_spread"] = plot_random_effect_spread(
-            spread, out / "random_effect_spread.png", names, title="random-slope s.d. across clusters"
+            np.concatenate([np.asarray(v) for v in slopes.values()]),
+            out / "random_effect_spread.png",
+            [f"{k} {i}" for k, v in slopes.items() for i in range(len(v))],
+            title="random-slope s.d. across clusters",
         )
     network.train(was_training)
     return paths
