@@ -11,16 +11,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_open", "shape_str"]
+__all__ = ["atomic_open", "shape_str", "write_json"]
 
 
 @contextmanager
@@ -56,3 +57,15 @@ def shape_str(x: torch.Tensor) -> str:
         raise ValueError(f"expected (batch, 3), got {shape_str(x)}.")
     """
     return "(" + ", ".join([str(d) for d in x.shape]) + ")"
+
+
+def write_json(content: Any, path: str | os.PathLike) -> str:
+    """Write JSON atomically (a temporary file then ``os.replace``), creating parent folders; returns the path.
+
+    Example::
+
+        write_json({"accuracy": 0.8}, "eval/metrics.json")
+    """
+    with atomic_open(path) as f:
+        json.dump(content, f, indent=2)
+    return str(path)

@@ -27,9 +27,10 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_sco
 
 from monai_armed.data import TensorBatchLoader
 from monai_armed.engines import ARMEDEvaluator, PrepareBatchCluster
-from monai_armed.handlers import PerClusterAccuracy, PredictionCollector, RandomEffectsSummary, output_field, write_json
+from monai_armed.handlers import PerClusterAccuracy, PredictionCollector, RandomEffectsSummary, output_field
 from monai_armed.metrics import classification_summary, per_cluster_accuracy, positive_probability, predicted_class
 from monai_armed.networks import MixedEffectsMLP
+from monai_armed.utils import write_json
 
 # hand-made binary predictions: cluster 0 -> 2/3 right, cluster 1 -> 2/2, cluster 2 -> 0/1, cluster 3 absent,
 # unseen (-1) -> 1/2

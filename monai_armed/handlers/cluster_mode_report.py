@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_armed.handlers.per_cluster_accuracy import write_json
 from monai_armed.handlers.prediction_collector import PredictionCollector
 from monai_armed.metrics import classification_summary
+from monai_armed.utils import write_json
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:

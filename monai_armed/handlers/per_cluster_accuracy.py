@@ -11,17 +11,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_armed.handlers.prediction_collector import PredictionCollector
 from monai_armed.metrics import classification_summary
-from monai_armed.utils import atomic_open
+from monai_armed.utils import write_json
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -29,19 +28,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["PerClusterAccuracy", "write_json"]
-
-
-def write_json(content: Any, path: str | os.PathLike) -> str:
-    """Write JSON atomically (a temporary file then ``os.replace``), creating parent folders; returns the path.
-
-    Example::
-
-        write_json({"accuracy": 0.8}, "eval/metrics.json")
-    """
-    with atomic_open(path) as f:
-        json.dump(content, f, indent=2)
-    return str(path)
+__all__ = ["PerClusterAccuracy"]
 
 
 class PerClusterAccuracy:

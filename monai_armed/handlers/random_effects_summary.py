@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_armed.handlers.per_cluster_accuracy import write_json
 from monai_armed.networks.utils import random_effects_summary
+from monai_armed.utils import write_json
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
