@@ -108,3 +108,20 @@ def test_check_cluster_index_is_shared_by_lookup_and_one_hot():
     for fn in (lambda i: RandomEffects(3, 2)(i), lambda i: cluster_one_hot(i, 3)):
         with pytest.raises(IndexError, match=r"cluster index 3 is out of range: expected -1 \(unseen\) or 0..2"):
             fn(torch.tensor([0, 3]))
+
+
+def test_prepare_cluster_batch_handles_two_and_four_element_batches():
+    from types import SimpleNamespace
+
+    from monai_armed.engines import prepare_cluster_batch
+
+    x, y, c = torch.zeros(2, 2), torch.zeros(2), torch.tensor([0, 1])
+    state = SimpleNamespace(device="cpu")
+    four = SimpleNamespace(
+        state=state, non_blocking=False, to_kwargs={}, prepare_batch=lambda *a, **k: (x, y, (), {"cluster": c})
+    )
+    two = SimpleNamespace(state=state, non_blocking=False, to_kwargs={}, prepare_batch=lambda *a, **k: (x, y))
+    assert prepare_cluster_batch(four, {})[2] is c
+    assert prepare_cluster_batch(two, {})[2] is None
+    with pytest.raises(ValueError, match="Must provide batch data"):
+        prepare_cluster_batch(two, None)

@@ -13,5 +13,5 @@ from __future__ import annotations
 
 from .evaluator import CLUSTER_MODES, ARMEDEvaluator, resolve_cluster
 from .mldg import MLDG_DEFAULTS, train_mldg
-from .prepare_batch import PrepareBatchCluster, PrepareBatchClusterTarget
+from .prepare_batch import PrepareBatchCluster, PrepareBatchClusterTarget, prepare_cluster_batch
 from .trainer import ARMEDIterationEvents, ARMEDKeys, ARMEDTrainer

@@ -21,7 +21,7 @@ from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
-from monai_armed.engines.prepare_batch import PrepareBatchCluster
+from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
 from monai_armed.engines.trainer import ARMEDKeys
 from monai_armed.networks.utils import cluster_one_hot
 
@@ -146,11 +146,7 @@ class ARMEDEvaluator(SupervisedEvaluator):
             )
 
     def _iteration(self, engine: ARMEDEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        inputs, targets, _, kwargs = batch if len(batch) == 4 else (*batch, (), {})
-        observed = kwargs.get("cluster")
+        inputs, targets, observed = prepare_cluster_batch(engine, batchdata)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: observed}
         autocast = torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else nullcontext()
         with engine.mode(engine.network), autocast:

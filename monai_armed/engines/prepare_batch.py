@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from monai.engines import PrepareBatch
 from monai.utils import CommonKeys
 
-__all__ = ["PrepareBatchCluster", "PrepareBatchClusterTarget"]
+__all__ = ["PrepareBatchCluster", "PrepareBatchClusterTarget", "prepare_cluster_batch"]
 
 
 class PrepareBatchCluster(PrepareBatch):
@@ -103,3 +104,17 @@ class PrepareBatchClusterTarget(PrepareBatchCluster):
         if bool((cluster < 0).any()):
             raise ValueError("a Z-predictor is trained on seen clusters only; the batch has unseen (-1) clusters.")
         return inputs, cluster
+
+
+def prepare_cluster_batch(engine: Any, batchdata: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Run an engine's ``prepare_batch`` and return ``(inputs, targets, cluster)`` (``cluster`` from its kwargs).
+
+    Example::
+
+        inputs, targets, cluster = prepare_cluster_batch(engine, batchdata)   # inside an engine's _iteration
+    """
+    if batchdata is None:
+        raise ValueError("Must provide batch data for current iteration.")
+    batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+    inputs, targets, _, kwargs = batch if len(batch) == 4 else (*batch, (), {})
+    return inputs, targets, kwargs.get("cluster")

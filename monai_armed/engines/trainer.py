@@ -22,7 +22,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_armed.engines.prepare_batch import PrepareBatchCluster
+from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
 from monai_armed.losses import LogitClassificationLoss
 from monai_armed.networks.layers.gradient_reversal import grad_reverse
 
@@ -175,11 +175,7 @@ class ARMEDTrainer(SupervisedTrainer):
         super().run()
 
     def _iteration(self, engine: ARMEDTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        inputs, targets, _, kwargs = batch if len(batch) == 4 else (*batch, (), {})
-        cluster = kwargs.get("cluster")
+        inputs, targets, cluster = prepare_cluster_batch(engine, batchdata)
         if cluster is None:
             raise KeyError("ARMEDTrainer needs the cluster of every sample; prepare_batch returned none.")
         if targets is None:
