@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_open", "shape_str", "write_json"]
+__all__ = ["atomic_open", "meta_schema_path", "shape_str", "write_json"]
 
 
 @contextmanager
@@ -69,3 +69,18 @@ def write_json(content: Any, path: str | os.PathLike) -> str:
     with atomic_open(path) as f:
         json.dump(content, f, indent=2)
     return str(path)
+
+
+def meta_schema_path() -> str:
+    """Path of the bundle-metadata JSON schema shipped with monai_armed, for ``verify_metadata`` without a network.
+
+    MONAI's ``verify_metadata`` downloads the schema named in ``metadata.json`` unless ``filepath`` already exists;
+    pointing ``filepath`` at this file validates offline against the mandatory keys and tensor specifiers of the
+    model-zoo schema.
+
+    Example::
+
+        from monai.bundle import verify_metadata
+        verify_metadata(meta_file="bundles/armed_spirals/configs/metadata.json", filepath=meta_schema_path())
+    """
+    return str(Path(__file__).parent / "resources" / "meta_schema.json")
