@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from .distributed import ARMEDForward, armed_ddp, unwrap_armed
 from .evaluator import CLUSTER_MODES, ARMEDEvaluator, resolve_cluster
 from .mldg import MLDG_DEFAULTS, train_mldg
 from .prepare_batch import PrepareBatchCluster, PrepareBatchClusterTarget, prepare_cluster_batch

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +21,9 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, min_version, optional_import
+from torch.nn.parallel import DistributedDataParallel
 
+from monai_armed.engines.distributed import ARMEDForward
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
 from monai_armed.losses import LogitClassificationLoss
 from monai_armed.networks.layers.gradient_reversal import grad_reverse
@@ -86,15 +88,26 @@ class ARMEDTrainer(SupervisedTrainer):
     accumulation applies to both optimizers. Save ``adversary`` and ``adv_optimizer`` in the ``CheckpointSaver``'s
     ``save_dict`` beside the network to resume.
 
+    Distributed data parallel: wrap the network and the adversary with :func:`~monai_armed.engines.armed_ddp` (a plain
+    ``DistributedDataParallel(network)`` is refused, because the trainer calls ``forward_armed``, which would bypass
+    DDP's gradient synchronisation). The forward pass then runs through DDP and the adversary's own step through its
+    DDP wrapper; the sequential main step reads the unwrapped, frozen adversary (nothing of it to reduce), the
+    simultaneous one the wrapper. With gradient accumulation the processes synchronise once per optimizer step
+    (``no_sync`` in between).
+    Give the data loader a ``DistributedSampler``: MONAI's ``Workflow`` calls its ``set_epoch`` at every epoch start
+    (for a ``torch.utils.data.DataLoader``). The logged losses are each process's own (local batch) values.
+
     Args:
         device: device of the engine.
         max_epochs: number of epochs.
         train_data_loader: iterable of dictionary batches with input, ``label`` and ``cluster`` (index, ``-1`` rows
             are left out of the adversary's loss).
-        network: a network with ``forward_armed(x, cluster) -> ARMEDOutput`` (e.g. ``MixedEffectsMLP``).
+        network: a network with ``forward_armed(x, cluster) -> ARMEDOutput`` (e.g. ``MixedEffectsMLP``), or
+            ``armed_ddp(network, ...)`` for DDP.
         optimizer: optimizer of the network's parameters (fixed and random effects).
         loss_function: task loss on logits; default :class:`LogitClassificationLoss`.
-        adversary: cluster classifier over the network's features, or ``None`` (no adversarial term).
+        adversary: cluster classifier over the network's features, or ``None`` (no adversarial term);
+            ``armed_ddp(adversary, ...)`` when the network is distributed.
         adv_optimizer: optimizer of the adversary; default ``Adam(lr=1e-3)``.
         adv_loss_function: adversary loss; default cross-entropy that ignores cluster ``-1``.
         me_weight: weight of the mixed-effects task loss.
@@ -136,16 +149,7 @@ class ARMEDTrainer(SupervisedTrainer):
         prepare_batch: Callable | None = None,
         **kwargs: Any,
     ) -> None:
-        if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            raise TypeError(
-                "ARMEDTrainer calls network.forward_armed, which a DistributedDataParallel/DataParallel wrapper would "
-                "bypass (no gradient synchronisation); pass the unwrapped network."
-            )
-        if not callable(getattr(network, "forward_armed", None)):
-            raise TypeError(
-                f"ARMEDTrainer needs a network with forward_armed(x, cluster); {type(network).__name__} "
-                "has none (monai_armed networks such as MixedEffectsMLP provide it)."
-            )
+        adversary_module = _check_wrappers(network, adversary)
         if adversary_update not in ("sequential", "simultaneous"):
             raise ValueError(f"adversary_update must be 'sequential' or 'simultaneous', got {adversary_update!r}.")
         super().__init__(
@@ -159,7 +163,11 @@ class ARMEDTrainer(SupervisedTrainer):
             **kwargs,
         )
         self.register_events(*ARMEDIterationEvents)
+        # DDP runs forward_armed through the wrapper's forward; a plain network is called directly
+        self._forward_armed = self.network if isinstance(network, DistributedDataParallel) else network.forward_armed
+        self._ddp_modules = tuple(m for m in (network, adversary) if isinstance(m, DistributedDataParallel))
         self.adversary = adversary
+        self._adversary_module = adversary_module
         if adversary is not None and adv_optimizer is None:
             adv_optimizer = torch.optim.Adam(adversary.parameters(), lr=1e-3)
         self.adv_optimizer = adv_optimizer
@@ -182,43 +190,53 @@ class ARMEDTrainer(SupervisedTrainer):
             raise KeyError("ARMEDTrainer needs labels; the batch has none.")
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: cluster}
         zero_grad, step = _accumulation_state(engine)
-        scale = 1.0 / engine.accumulation_steps
-        network = engine.network
-        if not engine.network.training:  # train() walks every submodule: skip it when nothing changed
-            engine.network.train()
+        if step or not engine._ddp_modules:
+            return engine._train_step(inputs, targets, cluster, zero_grad, step)
+        with ExitStack() as stack:  # accumulate locally: DDP all-reduces once, in the backward pass of the step
+            for module in engine._ddp_modules:
+                stack.enter_context(module.no_sync())
+            return engine._train_step(inputs, targets, cluster, zero_grad, step)
+
+    def _train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, cluster: torch.Tensor, zero_grad: bool, step: bool
+    ) -> dict:
+        """The adversary step and the main step of one iteration (``zero_grad`` / ``step``: accumulation state)."""
+        scale = 1.0 / self.accumulation_steps
+        if not self.network.training:  # train() walks every submodule: skip it when nothing changed
+            self.network.train()
         if zero_grad:
-            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        autocast = torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else nullcontext()
+            self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        autocast = torch.autocast("cuda", **self.amp_kwargs) if self.amp else nullcontext()
 
         with autocast:
-            out = network.forward_armed(inputs, cluster)
-            task = engine._task_loss(out, targets)  # checks the labels before the adversary takes any step
-        engine.state.output[Keys.PRED], engine.state.output[ARMEDKeys.PRED_FE] = out.pred, out.pred_fe
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            out = self._forward_armed(inputs, cluster)
+            task = self._task_loss(out, targets)  # checks the labels before the adversary takes any step
+        self.state.output[Keys.PRED], self.state.output[ARMEDKeys.PRED_FE] = out.pred, out.pred_fe
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
 
         adv_target = cluster.argmax(1) if cluster.is_floating_point() else cluster
-        sequential = engine.adversary is not None and engine.adversary_update == "sequential"
-        if engine.adversary is not None:
-            if not engine.adversary.training:
-                engine.adversary.train()
+        sequential = self.adversary is not None and self.adversary_update == "sequential"
+        if self.adversary is not None:
+            if not self.adversary.training:
+                self.adversary.train()
             if zero_grad:
-                engine.adv_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+                self.adv_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
             if sequential:
-                engine._adversary_step(out.features, adv_target, autocast, scale, step)
+                self._adversary_step(out.features, adv_target, autocast, scale, step)
         # in sequential mode the adversary is frozen for the main step: its own optimizer has already stepped
-        with _frozen(engine._adversary_params if sequential else []):
+        with _frozen(self._adversary_params if sequential else []):
             with autocast:
-                loss_gen = engine._generalization_loss(out.features, adv_target)
-                loss = engine._total_loss(task, loss_gen, out.kl)
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            engine._backward(loss * scale if scale != 1.0 else loss, engine.scaler)
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+                loss_gen = self._generalization_loss(out.features, adv_target)
+                loss = self._total_loss(task, loss_gen, out.kl)
+            self.fire_event(IterationEvents.LOSS_COMPLETED)
+            self._backward(loss * scale if scale != 1.0 else loss, self.scaler)
+        self.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if step:
-            engine._step(engine.optimizer, engine.scaler)
-            if engine.adversary is not None and not sequential:
-                engine._step(engine.adv_optimizer, engine.adv_scaler)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+            self._step(self.optimizer, self.scaler)
+            if self.adversary is not None and not sequential:
+                self._step(self.adv_optimizer, self.adv_scaler)
+        self.fire_event(IterationEvents.MODEL_COMPLETED)
+        return self.state.output
 
     def _adversary_step(
         self, features: Sequence[torch.Tensor], target: torch.Tensor, autocast: Any, scale: float, step: bool
@@ -255,8 +273,8 @@ class ARMEDTrainer(SupervisedTrainer):
         """The adversary's loss on the live features (through a gradient-reversal layer in simultaneous mode)."""
         if self.adversary is None:
             return None
-        if self.adversary_update == "sequential":
-            return self.adv_loss_function(self.adversary(features), target)
+        if self.adversary_update == "sequential":  # unwrapped: frozen, it has nothing for DDP to reduce
+            return self.adv_loss_function(self._adversary_module(features), target)
         adv_logits = self.adversary([grad_reverse(f, self.adv_weight) for f in features])
         loss_gen = self.adv_loss_function(adv_logits, target)
         self._record_adversary(adv_logits, target, loss_gen)
@@ -304,6 +322,35 @@ def _frozen(params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
     finally:
         for p in trainable:
             p.requires_grad_(True)
+
+
+def _check_wrappers(network: nn.Module, adversary: nn.Module | None) -> nn.Module | None:
+    """Checks the network / adversary wrappers (plain, or both from ``armed_ddp``); returns the unwrapped adversary."""
+    if isinstance(network, nn.DataParallel) or isinstance(adversary, nn.DataParallel):
+        raise TypeError(
+            "ARMEDTrainer does not support DataParallel: pass the unwrapped network and adversary, or train with "
+            "DistributedDataParallel through monai_armed.engines.armed_ddp."
+        )
+    if isinstance(network, DistributedDataParallel):
+        if not isinstance(network.module, ARMEDForward):
+            raise TypeError(
+                "ARMEDTrainer calls forward_armed, which DistributedDataParallel(network) would bypass (no gradient "
+                "synchronisation); wrap the network with monai_armed.engines.armed_ddp(network, ...) instead."
+            )
+    elif not callable(getattr(network, "forward_armed", None)):
+        raise TypeError(
+            f"ARMEDTrainer needs a network with forward_armed(x, cluster); {type(network).__name__} "
+            "has none (monai_armed networks such as MixedEffectsMLP provide it)."
+        )
+    if adversary is not None and isinstance(network, DistributedDataParallel) != isinstance(
+        adversary, DistributedDataParallel
+    ):
+        raise ValueError(
+            "ARMEDTrainer needs the network and the adversary both plain or both DistributedDataParallel "
+            f"(armed_ddp), got network={type(network).__name__}, adversary={type(adversary).__name__}; otherwise the "
+            "processes train different adversaries."
+        )
+    return adversary.module if isinstance(adversary, DistributedDataParallel) else adversary
 
 
 def _accumulation_state(engine: SupervisedTrainer) -> tuple[bool, bool]:

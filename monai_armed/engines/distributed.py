@@ -1,0 +1,108 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["ARMEDForward", "armed_ddp", "unwrap_armed"]
+
+
+class ARMEDForward(nn.Module):
+    """Adapter whose ``forward(x, cluster)`` is ``network.forward_armed(x, cluster)``, so DDP can wrap it.
+
+    ``DistributedDataParallel`` synchronises gradients only for what runs through its own ``forward``; calling
+    ``ddp.module.forward_armed`` directly would train each process on its own gradients. Wrapping this adapter instead
+    (see :func:`armed_ddp`) routes ``forward_armed`` through DDP. The adapter holds no parameters of its own: save and
+    evaluate the plain ``network`` (its ``state_dict`` keys carry an extra ``network.`` prefix).
+
+    Args:
+        network: a network with ``forward_armed(x, cluster) -> ARMEDOutput`` (e.g. ``MixedEffectsMLP``), not wrapped.
+
+    Example::
+
+        ddp = DistributedDataParallel(ARMEDForward(net), device_ids=[rank])
+        out = ddp(x, cluster)               # ARMEDOutput; backward all-reduces the gradients of net
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        if isinstance(network, (DistributedDataParallel, nn.DataParallel)):
+            raise TypeError(
+                f"ARMEDForward wraps the plain network, got a {type(network).__name__}; pass its .module "
+                "(monai_armed.engines.armed_ddp adds the DistributedDataParallel wrapper)."
+            )
+        if not callable(getattr(network, "forward_armed", None)):
+            raise TypeError(
+                f"ARMEDForward needs a network with forward_armed(x, cluster); {type(network).__name__} has none."
+            )
+        self.network = network
+
+    def forward(self, x: torch.Tensor, cluster: torch.Tensor) -> Any:
+        return self.network.forward_armed(x, cluster)
+
+
+def armed_ddp(module: nn.Module | None, **ddp_kwargs: Any) -> DistributedDataParallel | None:
+    """Wrap an ``ARMEDTrainer`` module in ``DistributedDataParallel`` (after ``init_process_group``).
+
+    A network with ``forward_armed`` is wrapped through :class:`ARMEDForward`, so that the trainer's forward pass runs
+    through DDP and the gradients of the fixed and random effects are averaged over the processes. Any other module
+    (the cluster adversary) is wrapped as it is; ``None`` (no adversary) stays ``None``. Pass the results to
+    :class:`ARMEDTrainer` as ``network`` and ``adversary``; keep the plain modules for the optimizers, checkpoints,
+    evaluators and handlers (the parameters are the same tensors).
+
+    ``find_unused_parameters`` is not needed with the default loss weights: every parameter of ``MixedEffectsMLP``
+    enters the main loss (the random effects through the mixed-effects output and the KL term, whose look-up gives
+    every cluster a, possibly zero, gradient) and every adversary parameter enters its own loss. Pass
+    ``find_unused_parameters=True`` when a weight of 0 drops part of the network from the loss (e.g. ``me_weight=0``
+    with ``kl_weight=0`` leaves the random effects unused); DDP otherwise stops with "Expected to have finished
+    reduction in the prior iteration".
+
+    Args:
+        module: the network, the adversary, or ``None``; not already wrapped.
+        ddp_kwargs: ``DistributedDataParallel`` arguments (``device_ids``, ``find_unused_parameters``, ...).
+
+    Example::
+
+        # multi_gpu_train.json, merged on top of train.json (launch with torchrun):
+        # "train#trainer#network": "$monai_armed.engines.armed_ddp(@network, device_ids=[@device])",
+        # "train#trainer#adversary": "$monai_armed.engines.armed_ddp(@adversary, device_ids=[@device])",
+        torch.distributed.init_process_group("nccl")
+        trainer = ARMEDTrainer(
+            ..., network=armed_ddp(net, device_ids=[rank]), optimizer=Adam(net.parameters()),
+            adversary=armed_ddp(adversary, device_ids=[rank]), adv_optimizer=Adam(adversary.parameters()),
+        )
+    """
+    if module is None:
+        return None
+    if isinstance(module, (DistributedDataParallel, nn.DataParallel)):
+        raise TypeError(
+            f"armed_ddp wraps the plain module, got a {type(module).__name__}; keep the configured network and "
+            "adversary unwrapped (armed_ddp adds the DistributedDataParallel wrapper)."
+        )
+    wrapped = ARMEDForward(module) if callable(getattr(module, "forward_armed", None)) else module
+    return DistributedDataParallel(wrapped, **ddp_kwargs)
+
+
+def unwrap_armed(module: nn.Module) -> nn.Module:
+    """The plain module inside ``DistributedDataParallel`` / :class:`ARMEDForward` wrappers (itself when unwrapped).
+
+    Example::
+
+        unwrap_armed(armed_ddp(net)) is net       # True
+    """
+    if isinstance(module, (DistributedDataParallel, nn.DataParallel)):
+        module = module.module
+    return module.network if isinstance(module, ARMEDForward) else module

@@ -1,0 +1,212 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import unittest
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from ignite.engine import Events
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from monai_armed.engines import ARMEDForward, ARMEDTrainer, PrepareBatchCluster, armed_ddp, unwrap_armed
+from monai_armed.networks import ClusterAdversary, MixedEffectsMLP
+from tests.test_engines import N_CLUSTERS, _problem
+
+WORLD_SIZE = 2
+N_SAMPLES, GLOBAL_BATCH, EPOCHS = 64, 16, 3
+LOSS_KEYS = ("loss", "loss_me", "loss_fe", "loss_adv", "loss_gen", "loss_kl")
+# (adversary_update, accumulation_steps): the sequential path with a frozen, unwrapped adversary in the main step,
+# and the gradient-reversal path with both DDP wrappers in one backward pass plus no_sync accumulation
+CONFIGS = (("sequential", 1), ("simultaneous", 2))
+
+
+def _dataset() -> list[dict]:
+    x, y, c = _problem(N_SAMPLES, seed=3)
+    return [{"features": x[i], "label": y[i], "cluster": c[i]} for i in range(N_SAMPLES)]
+
+
+def _models() -> tuple[MixedEffectsMLP, ClusterAdversary]:
+    torch.manual_seed(0)
+    # one posterior draw per cluster and forward pass (not per row): it depends on the generator state only, so every
+    # process makes the very draw of the single-process run (see TestDDPMatchesSingleProcess)
+    net = MixedEffectsMLP(2, 1, n_clusters=N_CLUSTERS, re_kwargs={"sample_per_row": False})
+    return net, ClusterAdversary(net.feature_channels, n_clusters=N_CLUSTERS, hidden_channels=(8, 8))
+
+
+def _train(world_size: int, rank: int, adversary_update: str, accumulation_steps: int) -> dict:
+    """Trains from seed 0 on a ``1/world_size`` shard of every global batch; returns the losses and parameters."""
+    net, adv = _models()
+    sampler = DistributedSampler(_dataset(), num_replicas=world_size, rank=rank, shuffle=True, seed=0)
+    loader = DataLoader(sampler.dataset, batch_size=GLOBAL_BATCH // world_size, sampler=sampler)
+    wrap = armed_ddp if world_size > 1 else (lambda module: module)
+    trainer = ARMEDTrainer(
+        device="cpu",
+        max_epochs=EPOCHS,
+        train_data_loader=loader,
+        network=wrap(net),
+        optimizer=torch.optim.Adam(net.parameters(), lr=0.01),
+        adversary=wrap(adv),
+        adv_optimizer=torch.optim.Adam(adv.parameters(), lr=0.01),
+        adv_weight=0.5,
+        kl_weight=0.01,
+        adversary_update=adversary_update,
+        accumulation_steps=accumulation_steps,
+        prepare_batch=PrepareBatchCluster("features"),
+        decollate=False,
+    )
+    losses: list[list[float]] = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: losses.append([float(e.state.output[k]) for k in LOSS_KEYS])
+    )
+    trainer.run()
+    flat = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (net, adv)]
+    return {"losses": torch.tensor(losses), "network": flat[0], "adversary": flat[1], "sampler_epoch": sampler.epoch}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (and the ranks share 2 cores)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        results = {config: _train(WORLD_SIZE, rank, *config) for config in CONFIGS}
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TestDDPMatchesSingleProcess(unittest.TestCase):
+    """Two gloo processes on CPU train with ``armed_ddp`` and match one process on the union of their batches.
+
+    A ``DistributedSampler`` (shuffled, seed 0) gives rank ``r`` the samples ``perm[r::2]``, so the two ranks' batch
+    ``k`` together hold exactly batch ``k`` of a single-replica sampler with the same seed and twice the batch size;
+    MONAI's ``Workflow`` calls ``set_epoch`` on both at every epoch start, so the permutations agree every epoch. Each
+    loss is a mean over equally sized shards and DDP averages the gradients, so the updates equal the single-process
+    updates. The random effects sample in training mode; with ``sample_per_row=False`` a forward pass draws one
+    ``(clusters, units)`` noise tensor whose values depend only on the generator state, which seed 0 makes identical
+    in every process and in the single-process run (a per-row draw could not be split between ranks identically).
+    What remains is float round-off: the per-iteration losses, averaged over the ranks, must match within 1e-5.
+    """
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.single = {config: _train(1, 0, *config) for config in CONFIGS}
+        with tempfile.TemporaryDirectory() as out_dir:
+            # fork: the workers inherit the imported modules instead of importing torch, MONAI and sklearn again
+            mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD_SIZE, join=True, start_method="fork")
+            cls.ranks = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+
+    def test_loss_curves_match(self):
+        for config in CONFIGS:
+            single = self.single[config]["losses"]
+            self.assertEqual(tuple(single.shape), (EPOCHS * N_SAMPLES // GLOBAL_BATCH, len(LOSS_KEYS)))
+            ddp = torch.stack([r[config]["losses"] for r in self.ranks]).mean(0)
+            torch.testing.assert_close(ddp, single, rtol=0, atol=1e-5, msg=lambda m: f"{config}: {m}")
+            # the shards differ, so the local losses do too: the match is not that of two identical copies
+            self.assertGreater(
+                float((self.ranks[0][config]["losses"] - self.ranks[1][config]["losses"]).abs().max()), 1e-3
+            )
+            # the curve moved: a run that never updated the parameters would not match a trained one
+            self.assertGreater(float((single[-1, 1:3] - single[0, 1:3]).abs().max()), 1e-2)
+
+    def test_parameters_identical_across_ranks_and_close_to_single_process(self):
+        for config in CONFIGS:
+            for key in ("network", "adversary"):
+                self.assertTrue(torch.equal(self.ranks[0][config][key], self.ranks[1][config][key]), (config, key))
+                torch.testing.assert_close(self.ranks[0][config][key], self.single[config][key], rtol=0, atol=1e-5)
+
+    def test_workflow_sets_sampler_epoch(self):
+        for rank in self.ranks:
+            for config in CONFIGS:
+                self.assertEqual(rank[config]["sampler_epoch"], EPOCHS)
+
+
+class TestWrapperChecks(unittest.TestCase):
+    """Wrapper rules, checked in a one-process gloo group (DDP needs an initialised process group)."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.tmp = tempfile.TemporaryDirectory()
+        dist.init_process_group("gloo", init_method=f"file://{cls.tmp.name}/store", rank=0, world_size=1)
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        dist.destroy_process_group()
+        cls.tmp.cleanup()
+
+    def _trainer(self, network, adversary) -> ARMEDTrainer:
+        net = unwrap_armed(network)
+        return ARMEDTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=[],
+            network=network,
+            optimizer=torch.optim.Adam(net.parameters()),
+            adversary=adversary,
+        )
+
+    def test_armed_ddp_wraps_network_through_adapter(self):
+        net, adv = _models()
+        ddp_net, ddp_adv = armed_ddp(net), armed_ddp(adv)
+        self.assertIsInstance(ddp_net.module, ARMEDForward)
+        self.assertIs(ddp_adv.module, adv)
+        self.assertIs(unwrap_armed(ddp_net), net)
+        self.assertIs(unwrap_armed(ddp_adv), adv)
+        self.assertIs(unwrap_armed(net), net)
+        self.assertIsNone(armed_ddp(None))
+        x, c = torch.randn(6, 2), torch.tensor([0, 1, 2, 3, -1, 0])
+        net.eval()  # posterior means: the two calls are comparable
+        expected, got = net.forward_armed(x, c), ddp_net(x, c)
+        for a, b in zip(
+            (expected.pred, expected.pred_fe, expected.kl, *expected.features),
+            (got.pred, got.pred_fe, got.kl, *got.features),
+        ):
+            torch.testing.assert_close(a, b)
+        trainer = self._trainer(ddp_net, ddp_adv)
+        self.assertIs(trainer._adversary_module, adv)
+
+    def test_plain_ddp_network_is_refused(self):
+        net, adv = _models()
+        with self.assertRaisesRegex(TypeError, r"DistributedDataParallel\(network\) would bypass.*armed_ddp"):
+            self._trainer(DistributedDataParallel(net), armed_ddp(adv))
+
+    def test_mixed_wrappers_are_refused(self):
+        net, adv = _models()
+        with self.assertRaisesRegex(
+            ValueError, "both plain or both DistributedDataParallel.*adversary=ClusterAdversary"
+        ):
+            self._trainer(armed_ddp(net), adv)
+        with self.assertRaisesRegex(ValueError, "network=MixedEffectsMLP, adversary=DistributedDataParallel"):
+            self._trainer(net, armed_ddp(adv))
+
+    def test_bad_modules_for_wrappers(self):
+        net, _ = _models()
+        with self.assertRaisesRegex(TypeError, "armed_ddp wraps the plain module, got a DistributedDataParallel"):
+            armed_ddp(armed_ddp(net))
+        with self.assertRaisesRegex(TypeError, "ARMEDForward needs a network with forward_armed.*Linear"):
+            ARMEDForward(torch.nn.Linear(2, 1))
+        with self.assertRaisesRegex(TypeError, "does not support DataParallel"):
+            self._trainer(net, torch.nn.DataParallel(ClusterAdversary(12, 4)))
+
+
+if __name__ == "__main__":
+    unittest.main()
