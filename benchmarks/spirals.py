@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import shlex
 import sys
@@ -50,7 +49,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from monai_armed.data import TensorBatchLoader, make_spiral_random_radius
 from monai_armed.engines import MLDG_DEFAULTS, ARMEDEvaluator, ARMEDTrainer, PrepareBatchCluster, train_mldg
-from monai_armed.metrics.classification import predicted_class
+from monai_armed.metrics import mean_ci95, predicted_class
 from monai_armed.networks import ClusterAdversary, MixedEffectsMLP, ZPredictor, mlp_variant_loss_weights
 from monai_armed.utils import atomic_open
 
@@ -253,21 +252,11 @@ def evaluate(network: nn.Module, data: Data, mode: str, z_predictor: nn.Module |
     return float(evaluator.state.metrics["accuracy"])
 
 
-def mean_ci95(values: Sequence[float]) -> tuple[float, list[float] | None]:
-    """Mean and ``mean +- 1.96 * sd / sqrt(n)`` (sample s.d.), as in the notebook; no interval for one value."""
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, None
-    half = 1.96 * float(values.std(ddof=1)) / math.sqrt(len(values))
-    return mean, [mean - half, mean + half]
-
-
 def summarize(accuracies: list[list[float]], seconds: list[list[float]]) -> dict:
     """JSON entry of one model from ``[fold][seed]`` accuracies and training times (per-fold means over seeds)."""
     test_acc = [float(np.mean(a)) for a in accuracies]
     train_seconds = [float(np.mean(s)) for s in seconds]
-    mean, ci = mean_ci95(test_acc)
+    mean, ci = mean_ci95(test_acc, method="normal")  # the notebook's 1.96 * sd / sqrt(n)
     return {
         "test_acc": test_acc,
         "test_acc_mean": mean,

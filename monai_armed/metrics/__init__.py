@@ -11,4 +11,11 @@
 
 from __future__ import annotations
 
-from .classification import classification_summary, per_cluster_accuracy, positive_probability, predicted_class
+from .binary import binary_metrics, per_cluster_binary_metrics, youden_threshold
+from .classification import (
+    classification_summary,
+    mean_ci95,
+    per_cluster_accuracy,
+    positive_probability,
+    predicted_class,
+)

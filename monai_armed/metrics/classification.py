@@ -11,13 +11,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.stats import t as student_t
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-__all__ = ["positive_probability", "predicted_class", "classification_summary", "per_cluster_accuracy"]
+__all__ = ["positive_probability", "predicted_class", "classification_summary", "per_cluster_accuracy", "mean_ci95"]
 
 
 def positive_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -117,3 +119,41 @@ def classification_summary(
             if n > 0
         }
     return summary
+
+
+def mean_ci95(
+    values: Sequence[float] | np.ndarray | torch.Tensor, method: str = "t"
+) -> tuple[float, list[float] | None]:
+    """Mean of repeated results (seeds, folds, splits) and its 95% confidence interval.
+
+    Args:
+        values: the per-run results, e.g. one test accuracy per seed.
+        method: ``"t"`` for the Student-t interval ``mean +- t(0.975, n - 1) * sd / sqrt(n)`` (right for the few
+            runs of a benchmark), or ``"normal"`` for ``mean +- 1.96 * sd / sqrt(n)``, the interval the reference
+            notebooks and paper report. ``sd`` is the sample standard deviation (``ddof=1``).
+
+    Returns:
+        ``(mean, [low, high])``; the interval is ``None`` for a single value.
+
+    Raises:
+        ValueError: for an empty or non-finite ``values`` or an unknown ``method``.
+
+    Example::
+
+        mean, (low, high) = mean_ci95([0.91, 0.93, 0.92, 0.95, 0.90])
+    """
+    if method not in ("t", "normal"):
+        raise ValueError(f"method must be 't' or 'normal', got {method!r}.")
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values, dtype=np.float64).ravel()
+    if array.size == 0:
+        raise ValueError("mean_ci95 needs at least one value, got none.")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"mean_ci95 needs finite values, found {int((~np.isfinite(array)).sum())} nan/inf.")
+    mean = float(array.mean())
+    if array.size < 2:
+        return mean, None
+    factor = float(student_t.ppf(0.975, array.size - 1)) if method == "t" else 1.96
+    half = factor * float(array.std(ddof=1)) / math.sqrt(array.size)
+    return mean, [mean - half, mean + half]

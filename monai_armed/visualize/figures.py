@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ from matplotlib.contour import QuadContourSet
 from matplotlib.figure import Figure
 
 __all__ = [
+    "save_figure",
     "plot_decision_boundaries",
     "plot_intercepts_vs_balance",
     "intercept_balance_correlation",
@@ -43,15 +45,34 @@ _CMAP = "RdBu_r"
 _FIXED = -1
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> str:
-    """Write ``fig`` as a PNG to ``path`` (creating parent directories), release it and return the path."""
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> str:
+    """
+    Write ``fig`` as a PNG to ``path`` atomically, release its contents and return the path as a string.
+
+    The PNG goes to a uniquely named temporary file beside ``path`` that then replaces it, so ``path`` never holds
+    a partial image and an existing file survives a failed write. Parent directories are created.
+
+    Example::
+
+        fig = Figure()
+        fig.subplots().plot([0, 1], [1, 0])
+        save_figure(fig, "out/line.png")
+    """
     path = os.fspath(path)
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=100)
-    fig.clear()
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        fig.clear()
     return path
 
 
@@ -205,7 +226,7 @@ def plot_decision_boundaries(
     fig.colorbar(filled, ax=list(axes), label="p(class 1)", shrink=0.9)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def intercept_balance_correlation(intercepts: np.ndarray, class_balance: np.ndarray) -> float:
@@ -247,12 +268,15 @@ def plot_intercepts_vs_balance(
     path: str | os.PathLike,
     cluster_names: Sequence[str] | None = None,
     seen_mask: np.ndarray | None = None,
+    xlabel: str = "fraction of positive labels",
+    ylabel: str = "random intercept (posterior mean)",
+    title: str = "Random intercept vs class balance",
 ) -> str:
     """
     Scatter per-cluster random intercepts against the clusters' class balance, with a least-squares line.
 
-    The figure title reports the Pearson ``r`` (see :func:`intercept_balance_correlation`), or says that every
-    cluster has the same balance when it does (the correlation is then undefined); each point is
+    The figure title is ``title`` followed by the Pearson ``r`` (see :func:`intercept_balance_correlation`), or
+    says that every cluster has the same balance when it does (the correlation is then undefined); each point is
     annotated with its cluster's name. With ``seen_mask``, clusters seen in training are filled markers and
     unseen clusters hollow ones; the line and ``r`` use all clusters.
 
@@ -262,6 +286,9 @@ def plot_intercepts_vs_balance(
         path: output PNG path; parent directories are created.
         cluster_names: optional ``C`` names; defaults to the cluster indices.
         seen_mask: optional ``(C,)`` booleans, True for clusters seen during training.
+        xlabel: label of the class-balance axis (e.g. ``"fraction of AD patients"`` for sites).
+        ylabel: label of the intercept axis.
+        title: start of the figure title; ``" (r = ...)"`` is appended.
 
     Returns:
         ``path`` as a string.
@@ -286,14 +313,14 @@ def plot_intercepts_vs_balance(
         ax.plot(line_x, slope * line_x + offset, "k--", linewidth=1, label="least squares")
     for name, xi, yi in zip(names, b, a):
         ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(xlabel="fraction of positive labels", ylabel="random intercept (posterior mean)")
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     if balanced:
-        ax.set_title("Random intercept vs class balance (equal balance in every cluster)")
+        ax.set_title(f"{title} (equal balance in every cluster)")
     else:
         r = intercept_balance_correlation(a, b)
-        ax.set_title(f"Random intercept vs class balance (r = {r:.3f})")
+        ax.set_title(f"{title} (r = {r:.3f})")
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_feature_importance(
@@ -331,7 +358,7 @@ def plot_feature_importance(
     ax.invert_yaxis()
     ax.set_xlabel("importance")
     ax.set_title(title or "Feature importance")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_random_effect_spread(
@@ -339,6 +366,10 @@ def plot_random_effect_spread(
     path: str | os.PathLike,
     unit_names: Sequence[str] | None = None,
     title: str | None = None,
+    sort: bool = False,
+    xlabel: str = "random-effect unit",
+    ylabel: str = "s.d. across clusters",
+    max_labels: int = 40,
 ) -> str:
     """
     Bar chart of the across-cluster standard deviation of each random-effect unit.
@@ -348,6 +379,10 @@ def plot_random_effect_spread(
         path: output PNG path; parent directories are created.
         unit_names: optional ``K`` names; defaults to the unit indices.
         title: optional axes title.
+        sort: draw the units from the largest spread to the smallest.
+        xlabel: label of the unit axis.
+        ylabel: label of the spread axis.
+        max_labels: above this many units the bars carry no tick labels (e.g. hundreds of channels).
 
     Returns:
         ``path`` as a string.
@@ -357,15 +392,22 @@ def plot_random_effect_spread(
         plot_random_effect_spread(np.array([0.3, 0.01, 0.12]), "out/spread.png")
     """
     values = np.asarray(spread, dtype=np.float64).ravel()
-    names = _names(unit_names, values.size, "")
-    fig = Figure(figsize=(max(4.0, 1.0 + 0.4 * values.size), 3.5), layout="constrained")
+    names = np.array(_names(unit_names, values.size, ""))
+    if sort:
+        order = np.argsort(-values, kind="stable")
+        values, names = values[order], names[order]
+    width = min(12.0, max(4.0, 1.0 + 0.4 * min(values.size, max_labels)))
+    fig = Figure(figsize=(width, 3.5), layout="constrained")
     ax = fig.subplots()
-    ax.bar(np.arange(values.size), values, color="tab:green")
-    crowded = values.size > 8 or sum(len(n) for n in names) > 40
-    ax.set_xticks(np.arange(values.size), names, rotation=45 if crowded else 0, ha="right" if crowded else "center")
-    ax.set(xlabel="random-effect unit", ylabel="s.d. across clusters")
+    ax.bar(np.arange(values.size), values, color="tab:green", width=0.8 if values.size <= max_labels else 1.0)
+    if values.size <= max_labels:
+        crowded = values.size > 8 or sum(len(n) for n in names) > 40
+        ax.set_xticks(np.arange(values.size), names, rotation=45 if crowded else 0, ha="right" if crowded else "center")
+    else:
+        ax.set_xlim(-0.5, values.size - 0.5)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title or "Random-effect spread")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def feature_importance(predict_fn: PredictFn, x_mean: np.ndarray, cluster: int | None = None) -> np.ndarray:
