@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,12 @@ from typing import TYPE_CHECKING, Any
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_armed.handlers.prediction_collector import PredictionCollector
-from monai_armed.metrics import classification_summary
+from monai_armed.metrics import (
+    binary_metrics,
+    classification_summary,
+    per_cluster_binary_metrics,
+    positive_probability,
+)
 from monai_armed.utils import write_json
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -34,8 +40,13 @@ class ClusterModeReport:
     """Evaluates a network on several datasets, each in several cluster modes, and writes one metrics JSON.
 
     For every ``(dataset, mode)`` pair it reruns an ``ARMEDEvaluator`` with that loader and ``cluster_mode`` and stores
-    :func:`classification_summary` (accuracy, balanced accuracy, AUROC, per-cluster accuracy). Attach it to a trainer
-    to run once training completes, or call :meth:`run` (e.g. from ``evaluate.json``).
+    the metrics of its predictions. ``metrics="classification"`` (default) stores :func:`classification_summary`
+    (accuracy, balanced accuracy, AUROC, per-cluster accuracy); ``metrics="binary"`` stores :func:`binary_metrics`
+    (AUROC, balanced accuracy, sensitivity, specificity at a threshold) overall and per cluster, where the threshold
+    of each mode is the Youden point fitted on ``threshold_dataset`` in that mode (e.g. the training predictions, as
+    in the paper), or fitted on each dataset itself when ``threshold_dataset`` is ``None``. Metrics that the data
+    cannot define (AUROC of a one-class site) are written as ``null``. Attach it to a trainer to run once training
+    completes, or call :meth:`run` (e.g. from ``evaluate.json``).
 
     Args:
         evaluator: an ``ARMEDEvaluator`` (its ``z_predictor`` is used by ``inferred``).
@@ -44,6 +55,9 @@ class ClusterModeReport:
             the evaluator has a Z-predictor.
         output_file: JSON path (optional).
         cluster_names: names of the seen clusters for the per-cluster tables.
+        metrics: ``"classification"`` or ``"binary"``.
+        threshold_dataset: name of the dataset whose predictions fix the decision threshold of each mode
+            (``metrics="binary"`` only); it is evaluated in every mode that another dataset uses.
 
     Example::
 
@@ -52,6 +66,10 @@ class ClusterModeReport:
                                    output_file="eval/metrics.json")
         metrics = report.run()
         metrics["unseen"]["inferred"]["accuracy"]
+
+        binary = ClusterModeReport(evaluator, {"train": train_loader, "seen": test_loader}, metrics="binary",
+                                   threshold_dataset="train")
+        binary.run()["seen"]["observed"]["auroc"]
     """
 
     def __init__(
@@ -61,10 +79,25 @@ class ClusterModeReport:
         modes: Mapping[str, Sequence[str]] | None = None,
         output_file: str | os.PathLike | None = None,
         cluster_names: Sequence[str] | None = None,
+        metrics: str = "classification",
+        threshold_dataset: str | None = None,
     ) -> None:
-        self.evaluator, self.datasets, self.output_file = evaluator, dict(datasets), output_file
+        if metrics not in ("classification", "binary"):
+            raise ValueError(f"metrics must be 'classification' or 'binary', got {metrics!r}.")
+        if threshold_dataset is not None and (metrics != "binary" or threshold_dataset not in datasets):
+            raise ValueError(
+                f"threshold_dataset {threshold_dataset!r} needs metrics='binary' and must be one of the datasets "
+                f"{sorted(datasets)}."
+            )
+        self.evaluator, self.output_file, self.metrics = evaluator, output_file, metrics
         default = ["observed", "fixed", "randomized"] + (["inferred"] if evaluator.z_predictor is not None else [])
-        self.modes = {name: list(modes[name]) if modes and name in modes else default for name in self.datasets}
+        self.modes = {name: list(modes[name]) if modes and name in modes else default for name in datasets}
+        self.threshold_dataset = threshold_dataset
+        if threshold_dataset is not None:  # evaluated first, in every mode that needs its threshold
+            needed = dict.fromkeys(m for modes_ in self.modes.values() for m in modes_)
+            self.modes[threshold_dataset] = list(dict.fromkeys([*self.modes[threshold_dataset], *needed]))
+            datasets = {threshold_dataset: datasets[threshold_dataset], **datasets}
+        self.datasets = dict(datasets)
         self.cluster_names = cluster_names
         self.collector = PredictionCollector()
         self.collector.attach(evaluator)
@@ -86,17 +119,44 @@ class ClusterModeReport:
                 for mode in self.modes[name]:
                     evaluator.cluster_mode = mode
                     evaluator.run()
-                    c = self.collector
-                    results[name][mode] = classification_summary(
-                        c.pred, c.label, c.cluster, evaluator.n_clusters, self.cluster_names
-                    )
+                    threshold = None
+                    if self.threshold_dataset is not None and name != self.threshold_dataset:
+                        threshold = results[self.threshold_dataset][mode]["threshold"]
+                    results[name][mode] = self._summary(threshold)
         finally:
             evaluator.data_loader, evaluator.state.epoch_length = previous
             evaluator.cluster_mode = previous_mode
+        results = _nan_to_none(results)
         if self.output_file is not None:
             write_json(results, self.output_file)
-        evaluator.logger.info("cluster-mode report:\n" + format_report_table({"model": results}))
+        metric = "accuracy" if self.metrics == "classification" else "auroc"
+        evaluator.logger.info(f"cluster-mode report ({metric}):\n" + format_report_table({"model": results}, metric))
         return results
+
+    def _summary(self, threshold: float | None) -> dict:
+        c, n_clusters = self.collector, self.evaluator.n_clusters
+        if self.metrics == "classification":
+            return classification_summary(c.pred, c.label, c.cluster, n_clusters, self.cluster_names)
+        label, prob = c.label.reshape(-1).cpu().numpy(), positive_probability(c.pred).cpu().numpy()
+        if prob.ndim != 1:
+            raise ValueError(
+                f"metrics='binary' needs one logit per sample, got predictions of shape {tuple(c.pred.shape)}."
+            )
+        summary = binary_metrics(label, prob, threshold=threshold)  # None: the Youden point of these predictions
+        if c.cluster is not None:
+            summary["per_cluster"] = per_cluster_binary_metrics(
+                label, prob, c.cluster.cpu().numpy(), summary["threshold"], self.cluster_names
+            )
+        return summary
+
+
+def _nan_to_none(value: Any) -> Any:
+    """Replace float NaN by ``None`` in nested dicts and lists, so the report is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def format_report_table(reports: Mapping[str, Mapping], metric: str = "accuracy") -> str:

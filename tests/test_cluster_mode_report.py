@@ -1,0 +1,97 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from monai_armed.data import TensorBatchLoader
+from monai_armed.engines import ARMEDEvaluator, PrepareBatchCluster
+from monai_armed.handlers import ClusterModeReport
+from monai_armed.metrics import binary_metrics, youden_threshold
+from monai_armed.networks import MixedEffectsMLP
+
+
+def _loader(n: int, seed: int, single_class_cluster: bool = False) -> TensorBatchLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g)
+    label = (x[:, 0] + 0.5 * torch.randn(n, generator=g) > 0).long()
+    cluster = torch.arange(n) % 3
+    if single_class_cluster:
+        label[cluster == 2] = 1
+    data = {"features": x, "label": label, "cluster": cluster}
+    return TensorBatchLoader(data, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    torch.manual_seed(0)
+    net = MixedEffectsMLP(2, 1, n_clusters=3, random_slopes="both").eval()
+    with torch.no_grad():
+        net.random_effects.loc.normal_(0, 0.5)  # clusters differ, so the modes differ
+    return ARMEDEvaluator(
+        device="cpu",
+        val_data_loader=_loader(32, 0),
+        network=net,
+        prepare_batch=PrepareBatchCluster("features"),
+        decollate=False,
+    )
+
+
+def test_binary_report_uses_the_training_threshold_of_each_mode(evaluator, tmp_path):
+    out = tmp_path / "metrics.json"
+    report = ClusterModeReport(
+        evaluator,
+        {"seen": _loader(48, 1, single_class_cluster=True), "train": _loader(64, 2)},
+        {"seen": ["observed", "fixed"], "train": ["observed"]},
+        output_file=out,
+        cluster_names=["a", "b", "c"],
+        metrics="binary",
+        threshold_dataset="train",
+    )
+    evaluator.cluster_mode = "observed"
+    results = report.run()
+    assert evaluator.cluster_mode == "observed", "the evaluator's own mode is restored"
+    assert list(results) == ["train", "seen"], "the threshold dataset runs first"
+    assert set(results["train"]) == {"observed", "fixed"}, "it is evaluated in every mode the others need"
+    for mode in ("observed", "fixed"):
+        evaluator.cluster_mode = mode
+        evaluator.data_loader, evaluator.state.epoch_length = report.datasets["train"], len(report.datasets["train"])
+        evaluator.run()
+        train_prob = torch.sigmoid(report.collector.pred[:, 0]).numpy()
+        fitted = youden_threshold(report.collector.label.numpy(), train_prob)
+        assert results["train"][mode]["threshold"] == pytest.approx(fitted)
+        assert results["seen"][mode]["threshold"] == pytest.approx(fitted)
+    assert results["seen"]["observed"]["auroc"] != results["seen"]["fixed"]["auroc"]
+    assert results["seen"]["observed"]["per_cluster"]["c"]["auroc"] is None, "one-class site: NaN becomes null"
+    assert json.loads(out.read_text()) == results
+
+
+def test_binary_report_without_threshold_dataset_fits_each_dataset(evaluator):
+    report = ClusterModeReport(evaluator, {"seen": _loader(40, 3)}, {"seen": ["observed"]}, metrics="binary")
+    seen = report.run()["seen"]["observed"]
+    prob = torch.sigmoid(report.collector.pred[:, 0]).numpy()
+    expected = binary_metrics(report.collector.label.numpy(), prob)
+    assert seen["threshold"] == pytest.approx(expected["threshold"])
+    assert seen["auroc"] == pytest.approx(expected["auroc"])
+    assert set(seen["per_cluster"]) == {"0", "1", "2"}
+
+
+def test_bad_arguments_are_named(evaluator):
+    with pytest.raises(ValueError, match="metrics must be 'classification' or 'binary'"):
+        ClusterModeReport(evaluator, {"seen": _loader(8, 0)}, metrics="auc")
+    with pytest.raises(ValueError, match="threshold_dataset 'train' needs metrics='binary'"):
+        ClusterModeReport(evaluator, {"seen": _loader(8, 0), "train": _loader(8, 1)}, threshold_dataset="train")
+    with pytest.raises(ValueError, match=r"must be one of the datasets \['seen'\]"):
+        ClusterModeReport(evaluator, {"seen": _loader(8, 0)}, metrics="binary", threshold_dataset="train")
