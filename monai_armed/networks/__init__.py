@@ -12,9 +12,17 @@
 from __future__ import annotations
 
 from . import blocks, layers, nets
-from .blocks import ClusterAdversary
+from .blocks import ClusterAdversary, ClusterScaleBias, cluster_context, cluster_norm_modules
 from .layers import GradientReversal, RandomEffects
-from .nets import MLP_VARIANTS, MixedEffectsMLP, ZPredictor, mlp_variant_loss_weights
+from .nets import (
+    ARMED,
+    ARMEDCNN,
+    MLP_VARIANTS,
+    MixedEffectsMLP,
+    ZPredictor,
+    default_tap_layers,
+    mlp_variant_loss_weights,
+)
 from .utils import (
     ARMEDOutput,
     cluster_one_hot,

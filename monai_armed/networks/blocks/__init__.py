@@ -12,3 +12,4 @@
 from __future__ import annotations
 
 from .adversary import ClusterAdversary, mlp_layers
+from .cluster_norm import ClusterScaleBias, cluster_context, cluster_norm_modules, cluster_scale_bias_factory

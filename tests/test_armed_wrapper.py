@@ -1,0 +1,405 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import unittest
+import warnings
+
+import torch
+import torch.nn as nn
+from monai.networks.nets import DenseNet121, EfficientNetBN, SEResNet50, resnet18
+from parameterized import parameterized
+
+from monai_armed.data import TensorBatchLoader
+from monai_armed.engines import ARMEDTrainer, PrepareBatchCluster
+from monai_armed.networks import (
+    ARMED,
+    ClusterAdversary,
+    ClusterScaleBias,
+    load_network_checkpoint,
+    random_effects_summary,
+    total_kl_divergence,
+)
+
+C = 3  # clusters
+
+
+def _monai(name: str, dims: int) -> nn.Module:
+    if name == "densenet121":
+        return DenseNet121(spatial_dims=dims, in_channels=1, out_channels=2)
+    if name == "resnet18":
+        return resnet18(spatial_dims=dims, n_input_channels=1, num_classes=2)
+    if name == "seresnet50":
+        return SEResNet50(spatial_dims=dims, in_channels=1, num_classes=2, layers=(1, 1, 1, 1))
+    return EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=dims, in_channels=1, num_classes=2)
+
+
+class _Small(nn.Module):
+    """conv -> pool -> dense(16) + ReLU -> dense(3): a fast network with a BatchNorm and a known head."""
+
+    def __init__(self, post: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 3)
+        self.post = post
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(self.hidden(self.pool(torch.relu(self.bn(self.conv(x))))))
+        return self.post(out) if self.post is not None else out
+
+
+class _Pair(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x
+
+
+def _small(seed: int = 0, **kwargs) -> ARMED:
+    torch.manual_seed(seed)
+    net = ARMED(_Small(), n_clusters=C, post_loc_init_scale=0.5, **kwargs)
+    return net
+
+
+def _x(batch: int = 4, size: tuple = (8, 8), seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 1, *size, generator=torch.Generator().manual_seed(seed))
+
+
+class TestMonaiNetworks(unittest.TestCase):
+    @parameterized.expand(
+        [
+            ("densenet121", 2, 32, ["features.transition1", "features.transition2", "features.transition3"]),
+            ("resnet18", 2, 32, ["layer1", "layer2", "layer3"]),
+            ("seresnet50", 2, 32, ["layer1", "layer2", "layer3"]),
+            ("efficientnet", 2, 32, [f"_blocks.{i}" for i in range(7)]),
+            ("densenet121", 3, 32, ["features.transition1", "features.transition2", "features.transition3"]),
+            ("resnet18", 3, 16, ["layer1", "layer2", "layer3"]),
+            ("seresnet50", 3, 16, ["layer1", "layer2", "layer3"]),
+            ("efficientnet", 3, 32, [f"_blocks.{i}" for i in range(7)]),
+        ]
+    )
+    def test_wraps_network(self, name, dims, size, blocks):
+        torch.manual_seed(0)
+        network = _monai(name, dims)
+        head = [n for n, m in network.named_modules() if isinstance(m, nn.Linear)][-1]
+        # 2-D: feature_channels from a dry run on in_shape; 3-D (slower): recorded by the first forward_armed
+        net = ARMED(network, n_clusters=C, in_shape=(1,) + (size,) * dims if dims == 2 else None)
+        self.assertEqual(net.head_name, head)
+        self.assertEqual(net.tapped_layers, blocks + [head + ":input"])
+        channels = net.feature_channels if dims == 2 else None
+        x = torch.randn((2, 1) + (size,) * dims)
+        cluster = torch.tensor([0, 2])
+        out = net.forward_armed(x, cluster)
+        channels = channels or net.feature_channels
+        self.assertEqual(tuple(out.pred.shape), (2, 2))
+        self.assertEqual(tuple(out.pred_fe.shape), (2, 2))
+        self.assertEqual(len(out.features), len(net.tapped_layers))
+        self.assertEqual(sum(f.shape[1] for f in out.features), channels)
+        self.assertEqual(tuple(out.features[-1].shape), (2, net.in_features))
+        self.assertEqual(ClusterAdversary(channels, C, hidden_channels=(8,))(out.features).shape, (2, C))
+        self.assertTrue(math.isfinite(float(out.kl.detach())))
+        torch.testing.assert_close(out.kl, total_kl_divergence(net))
+        # mixed effects differ from fixed effects for seen clusters
+        self.assertFalse(torch.allclose(out.pred, out.pred_fe))
+
+
+class TestARMEDEffects(unittest.TestCase):
+    def test_fixed_and_mixed_effects_match_the_formula(self):
+        net, x, cluster = _small().eval(), _x(), torch.tensor([0, 2, -1, 1])
+        h = net.network.hidden(net.network.pool(torch.relu(net.network.bn(net.network.conv(x)))))
+        fe = net.network.fc(h)
+        torch.testing.assert_close(net(x), fe)
+        slope, intercept = net.random_slope.loc.detach(), net.random_intercept.loc.detach()
+        seen = cluster.clamp(min=0)
+        mask = (cluster >= 0).float().unsqueeze(1)
+        me = net.network.fc(h * (1 + slope[seen] * mask)) + intercept[seen] * mask
+        torch.testing.assert_close(net(x, cluster), me)
+        out = net.forward_armed(x, cluster)
+        torch.testing.assert_close(out.pred, me)
+        torch.testing.assert_close(out.pred_fe, fe)
+        torch.testing.assert_close(out.features[-1], h)
+        torch.testing.assert_close(me[2], fe[2])  # unseen row: fixed effects
+        self.assertFalse(torch.allclose(me[0], fe[0]))
+
+    def test_forward_without_cluster_is_the_network(self):
+        net, x = _small().eval(), _x()
+        self.assertTrue(torch.equal(net(x), net.network(x)))
+        torch.testing.assert_close(net(x, torch.full((4,), -1)), net(x))
+        out = net.forward_armed(x, None)
+        torch.testing.assert_close(out.pred, out.pred_fe)
+
+    def test_soft_membership(self):
+        net, x = _small().eval(), _x()
+        index = torch.tensor([0, 2, 1, 1])
+        one_hot = nn.functional.one_hot(index, C).float()
+        torch.testing.assert_close(net(x, one_hot), net(x, index))
+        torch.testing.assert_close(net.forward_armed(x, one_hot).pred, net(x, index))
+        torch.testing.assert_close(net(x, torch.zeros(4, C)), net(x))
+
+    def test_training_gradients_reach_every_part(self):
+        net, x = _small().train(), _x()
+        out = net.forward_armed(x, torch.tensor([0, 1, 1, 0]))
+        (out.pred.square().sum() + out.pred_fe.square().sum() + sum(f.sum() for f in out.features)).backward()
+        for name, p in net.named_parameters():
+            self.assertIsNotNone(p.grad, name)
+        for module in (net.random_slope, net.random_intercept):  # only the clusters in the batch
+            self.assertEqual((module.loc.grad.abs().sum(1) > 0).tolist(), [True, True, False])
+        out.kl.backward()  # the KL reaches every cluster
+        self.assertTrue(bool((net.random_slope.loc.grad.abs().sum(1) > 0).all()))
+
+    def test_no_random_effects_is_domain_adversarial(self):
+        net = _small(random_slope=False, random_intercept=False).eval()
+        self.assertIsNone(net.random_slope)
+        x = _x()
+        out = net.forward_armed(x, torch.tensor([0, 1, 2, 0]))
+        torch.testing.assert_close(out.pred, net(x))
+        torch.testing.assert_close(out.pred_fe, net(x))
+        self.assertEqual(float(out.kl), 0.0)
+        only_intercept = _small(random_slope=False).eval()
+        out = only_intercept.forward_armed(x, torch.tensor([0, 1, 2, 0]))
+        torch.testing.assert_close(out.pred - out.pred_fe, only_intercept.random_intercept.loc.detach()[[0, 1, 2, 0]])
+
+    def test_explicit_taps_and_input_taps(self):
+        net = _small(tap_layers=["conv", "hidden.2:input", "bn"])
+        out = net.forward_armed(_x(), torch.tensor([0, 1, 2, 0]))
+        self.assertEqual([tuple(f.shape) for f in out.features], [(4, 8, 8, 8), (4, 16), (4, 8, 8, 8)])
+        self.assertEqual(net.feature_widths, [8, 16, 8])
+        self.assertEqual(net.feature_channels, 32)
+        self.assertIn("hidden.2:input: 16", net.report())
+
+    def test_posterior_means_and_summary(self):
+        net = _small(swap_norm=True)
+        means = net.posterior_means()
+        self.assertEqual(sorted(means), ["bn.bias", "bn.scale", "intercept", "slope"])
+        self.assertEqual(tuple(means["slope"].shape), (C, 16))
+        self.assertEqual(tuple(means["intercept"].shape), (C, 3))
+        self.assertEqual(tuple(means["bn.scale"].shape), (C, 8))
+        summary = random_effects_summary(net)
+        self.assertEqual(sorted(summary["groups"]), ["network.bn.random_effects", "random_intercept", "random_slope"])
+        self.assertEqual(len(summary["groups"]["random_slope"]["spread"]), 16)
+
+
+class TestSwapNorm(unittest.TestCase):
+    def test_swap_all_norms_keeps_affine_and_contracts(self):
+        torch.manual_seed(0)
+        network = _Small()
+        with torch.no_grad():
+            network.bn.weight.fill_(1.5)
+            network.bn.bias.fill_(-0.25)
+        net_swapped = ARMED(network, n_clusters=C, swap_norm=True, norm_kwargs={"post_loc_init_scale": 0.5})
+        self.assertEqual(net_swapped.swapped_norms, ["bn"])
+        self.assertEqual(net_swapped.cluster_norms, ["bn"])
+        self.assertIsInstance(net_swapped.network.bn, ClusterScaleBias)
+        self.assertTrue(torch.equal(net_swapped.network.bn.norm.weight.detach(), torch.full((8,), 1.5)))
+        self.assertTrue(torch.equal(net_swapped.network.bn.norm.bias.detach(), torch.full((8,), -0.25)))
+        net_swapped.eval()
+        x, cluster = _x(), torch.tensor([0, 2, -1, 1])
+        out = net_swapped.forward_armed(x, cluster)
+        torch.testing.assert_close(out.pred, net_swapped(x, cluster))
+        torch.testing.assert_close(out.pred_fe, net_swapped(x))
+        torch.testing.assert_close(out.pred[2], out.pred_fe[2])
+        # the adversary sees fixed-effects features: those of the pass without any cluster
+        fe_only = net_swapped.forward_armed(x, None)
+        for a, b in zip(out.features, fe_only.features):
+            torch.testing.assert_close(a, b)
+        # the norm's own random effects act even without the head's
+        net_swapped.random_slope, net_swapped.random_intercept = None, None
+        me = net_swapped(x, cluster)
+        self.assertFalse(torch.allclose(me[0], out.pred_fe[0]))
+        self.assertIsNone(net_swapped.network.bn.cluster)
+        self.assertIn("swapped norms -> ClusterScaleBias (1):\n  bn", net_swapped.report())
+
+    def test_swap_named_norms_in_monai_network(self):
+        torch.manual_seed(0)
+        network = resnet18(spatial_dims=2, n_input_channels=1, num_classes=2)
+        bns = [n for n, m in network.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        net = ARMED(network, n_clusters=C, swap_norm=["bn1", "layer1.0.bn1"])
+        self.assertEqual(net.swapped_norms, ["bn1", "layer1.0.bn1"])
+        self.assertIsInstance(net.network.layer1[0].bn1, ClusterScaleBias)
+        self.assertIsInstance(net.network.layer1[0].bn2, nn.BatchNorm2d)
+        full = ARMED(resnet18(spatial_dims=2, n_input_channels=1, num_classes=2), n_clusters=C, swap_norm=True)
+        self.assertEqual(full.swapped_norms, bns)
+        out = full.train().forward_armed(torch.randn(2, 1, 64, 64), torch.tensor([1, 2]))
+        self.assertEqual(tuple(out.pred.shape), (2, 2))
+        self.assertEqual(out.features[0].shape[0], 2)
+
+    def test_context_and_hooks_cleared_on_error(self):
+        net = _small(swap_norm=True)
+        head = net.network.fc
+        with self.assertRaises(RuntimeError):  # wrong number of input channels fails inside the backbone
+            net.forward_armed(torch.zeros(4, 2, 8, 8), torch.tensor([0, 1, 2, 0]))
+        self.assertIsNone(net.network.bn.cluster)
+        self.assertEqual(len(head._forward_pre_hooks) + len(head._forward_hooks), 0)
+        self.assertEqual(len(net.network.conv._forward_hooks), 0)
+        x = _x()
+        net.eval()
+        torch.testing.assert_close(net(x), net.network(x))
+
+    def test_swap_norm_errors(self):
+        with self.assertRaisesRegex(ValueError, r"swap_norm: 'bnn' is not a module of _Small. Did you mean \['bn'\]"):
+            _small(swap_norm=["bnn"])
+        with self.assertRaisesRegex(TypeError, "'conv' is a Conv2d; only BatchNorm1d/2d/3d and InstanceNorm1d/2d/3d"):
+            _small(swap_norm=["conv"])
+        with self.assertRaisesRegex(ValueError, "swap_norm=True but Sequential has no BatchNorm/InstanceNorm layer"):
+            ARMED(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(2)), C, swap_norm=True, head="2")
+
+
+class TestARMEDErrors(unittest.TestCase):
+    def test_head_errors(self):
+        with self.assertRaisesRegex(
+            ValueError, r"head 'out' is not a module of _Small; its nn.Linear layers are \['hidden.1', 'fc'\]"
+        ):
+            ARMED(_Small(), C, head="out")
+        with self.assertRaisesRegex(TypeError, "head 'conv' must be an nn.Linear, got Conv2d"):
+            ARMED(_Small(), C, head="conv")
+        conv_only = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        with self.assertRaisesRegex(ValueError, "Sequential has no nn.Linear layer .* pass head=<name of the final"):
+            ARMED(conv_only, C)
+
+    def test_tap_errors(self):
+        with self.assertRaisesRegex(
+            ValueError, r"tap layer 'convv' is not a module of _Small. Did you mean \['conv'\]"
+        ):
+            _small(tap_layers=["convv"])
+        with self.assertRaisesRegex(ValueError, r"tap layer 'fc' is the head, .* tap 'fc:input'"):
+            _small(tap_layers=["fc"])
+        with self.assertRaisesRegex(ValueError, "lists a layer twice"):
+            _small(tap_layers=["conv", "conv"])
+        net = ARMED(_Small(post=_Pair()), C, tap_layers=["post"])
+        with self.assertRaisesRegex(
+            TypeError, "tap layer 'post' returned a tuple; a tapped layer must return a tensor"
+        ):
+            net.forward_armed(_x(), torch.tensor([0, 1, 2, 0]))
+
+    def test_tap_not_called(self):
+        network = _Small(post=nn.Identity())
+        network.unused = nn.Linear(2, 2)
+        net = ARMED(network, C, head="fc", tap_layers=["unused"])
+        with self.assertRaisesRegex(RuntimeError, r"tap layers \['unused'\] were not called"):
+            net.forward_armed(_x(), torch.tensor([0, 1, 2, 0]))
+
+    def test_cluster_errors(self):
+        net, x = _small(), _x()
+        with self.assertRaisesRegex(IndexError, r"cluster index 3 is out of range: expected -1 \(unseen\) or 0..2"):
+            net(x, torch.tensor([0, 1, 3, 0]))
+        with self.assertRaisesRegex(IndexError, "cluster index -2 is out of range"):
+            net.forward_armed(x, torch.tensor([0, -2, 1, 0]))
+        with self.assertRaisesRegex(ValueError, r"soft cluster membership must have shape \(batch, 3\), got \(4, 2\)"):
+            net(x, torch.zeros(4, 2))
+        with self.assertRaisesRegex(ValueError, "the cluster has 3 rows but the input batch has 4 samples"):
+            net(x, torch.tensor([0, 1, 2]))
+        with self.assertRaisesRegex(ValueError, r"cluster indices must have shape \(batch,\), got \(4, 1\)"):
+            net(x, torch.zeros(4, 1, dtype=torch.long))
+        with self.assertRaisesRegex(TypeError, "cluster must be a tensor"):
+            net(x, [0, 1, 2, 0])
+
+    def test_head_must_be_last(self):
+        net = ARMED(_Small(post=nn.Sigmoid()), C)
+        self.assertEqual(tuple(net(_x(), torch.tensor([0, 1, 2, 0])).shape), (4, 3))
+        with self.assertRaisesRegex(ValueError, "is not the output of the head 'fc'"):
+            net.forward_armed(_x(), torch.tensor([0, 1, 2, 0]))
+
+    def test_probe_needs_shape_without_conv(self):
+        mlp = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
+        net = ARMED(mlp, C, tap_layers=["1"])
+        with self.assertRaisesRegex(RuntimeError, r"pass in_shape=\(channels, \*spatial\)"):
+            net.feature_channels
+        self.assertIn("unknown (pass in_shape)", net.report())
+        self.assertEqual(ARMED(mlp, C, tap_layers=["1"], in_shape=(5,)).feature_channels, 8)
+
+    def test_bad_arguments(self):
+        with self.assertRaisesRegex(ValueError, "n_clusters must be >= 1"):
+            ARMED(_Small(), 0)
+        with self.assertRaisesRegex(TypeError, "network must be a torch.nn.Module"):
+            ARMED("densenet", C)
+
+
+class TestExportAndCheckpoints(unittest.TestCase):
+    def test_trace_fixed_effects_path(self):
+        for swap in (False, True):
+            net, x = _small(swap_norm=swap).eval(), _x()
+            with warnings.catch_warnings():  # shape checks inside the norms are traced as constants, as intended
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                traced = torch.jit.trace(net, x)
+            torch.testing.assert_close(traced(_x(seed=5)), net(_x(seed=5)))
+
+    def test_state_dict_roundtrip_weights_only(self):
+        net = _small(seed=0, swap_norm=True)
+        keys = list(net.state_dict())
+        self.assertIn("random_slope.loc", keys)
+        self.assertIn("random_intercept.rho", keys)
+        self.assertIn("network.bn.random_effects.loc", keys)
+        self.assertIn("network.fc.weight", keys)
+        x, cluster = _x(), torch.tensor([0, 1, 2, -1])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.pt")
+            net(x, cluster)  # a forward leaves nothing behind in the state dict
+            self.assertEqual(list(net.state_dict()), keys)
+            torch.save(net.state_dict(), path)
+            other = _small(seed=7, swap_norm=True)
+            self.assertEqual(list(other.state_dict()), keys)
+            other.load_state_dict(torch.load(path, weights_only=True))
+            torch.testing.assert_close(other.eval()(x, cluster), net.eval()(x, cluster))
+            third = load_network_checkpoint(_small(seed=3, swap_norm=True), path, n_clusters=C).eval()
+            torch.testing.assert_close(third(x, cluster), net(x, cluster))
+            with self.assertRaisesRegex(ValueError, "trained with 3 clusters but the network has 5"):
+                load_network_checkpoint(ARMED(_Small(), n_clusters=5, swap_norm=True), path)
+
+
+class TestTrainerIntegration(unittest.TestCase):
+    def test_armed_trainer_on_densenet121(self):
+        torch.manual_seed(0)
+        net = ARMED(DenseNet121(spatial_dims=2, in_channels=1, out_channels=2), n_clusters=C, in_shape=(1, 32, 32))
+        adversary = ClusterAdversary(net.feature_channels, C, hidden_channels=(16,))
+        g = torch.Generator().manual_seed(0)
+        data = {
+            "image": torch.randn(12, 1, 32, 32, generator=g),
+            "label": torch.randint(0, 2, (12,), generator=g),
+            "cluster": torch.arange(12) % C,
+        }
+        adv_before = [p.detach().clone() for p in adversary.parameters()]
+        slope_before = net.random_slope.loc.detach().clone()
+        trainer = ARMEDTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=TensorBatchLoader(data, batch_size=4),
+            network=net,
+            optimizer=torch.optim.Adam(net.parameters(), lr=1e-3),
+            adversary=adversary,
+            adv_optimizer=torch.optim.Adam(adversary.parameters(), lr=1e-2),
+            adv_weight=0.1,
+            kl_weight=1e-5,
+            prepare_batch=PrepareBatchCluster(),
+            decollate=False,
+        )
+        trainer.run()
+        self.assertEqual(trainer.state.iteration, 3)
+        output = trainer.state.output
+        for key in ("loss", "loss_me", "loss_fe", "loss_adv", "loss_gen", "loss_kl"):
+            self.assertTrue(math.isfinite(float(output[key])), key)
+        for module in (net.random_slope, net.random_intercept):
+            for p in module.parameters():
+                self.assertIsNotNone(p.grad)
+                self.assertGreater(float(p.grad.abs().sum()), 0.0)
+        self.assertFalse(torch.equal(net.random_slope.loc.detach(), slope_before))
+        changed = [not torch.equal(a, p.detach()) for a, p in zip(adv_before, adversary.parameters())]
+        self.assertTrue(all(changed))
+        self.assertIsNone(net.network.class_layers.out._forward_pre_hooks.get(0))
+        self.assertEqual(len(net.network.class_layers.out._forward_pre_hooks), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
