@@ -11,8 +11,18 @@
 
 from __future__ import annotations
 
+import warnings
+
 from .datasets import ensure_spiral_csv, spiral_radii_file, spiral_true_boundaries, split_by_cluster
 from .loader import TensorBatchLoader
+from .mri import (
+    DEFAULT_VENDOR_AD_FRACTION,
+    MNI_RIGHT_HIPPOCAMPUS,
+    ensure_mri_dataset,
+    make_mri_dataset,
+    make_mri_sites,
+    simulate_mri_image,
+)
 from .spirals import (
     make_spiral_random_radius,
     make_spiral_random_radius_confounder,
@@ -22,3 +32,7 @@ from .spirals import (
     spirals_to_datalist,
 )
 from .tabular import datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
+
+# `python -m monai_armed.data.mri` runs a module this package has already imported; that is intended, so runpy's
+# "found in sys.modules ... unpredictable behaviour" warning about exactly that module is silenced.
+warnings.filterwarnings("ignore", message="'monai_armed.data.mri' found in sys.modules", category=RuntimeWarning)

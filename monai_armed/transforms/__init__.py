@@ -12,3 +12,13 @@
 from __future__ import annotations
 
 from .cluster_index import ClusterIndexd, ClusterIndexD, ClusterIndexDict, ClusterVocabulary
+from .mri import (
+    CheckedLoadImage,
+    CheckedLoadImaged,
+    CheckedLoadImageD,
+    CheckedLoadImageDict,
+    CoronalSlice,
+    CoronalSliced,
+    CoronalSliceD,
+    CoronalSliceDict,
+)
