@@ -50,7 +50,7 @@ from sklearn.model_selection import StratifiedKFold
 from monai_armed.data import TensorBatchLoader, make_spiral_random_radius
 from monai_armed.engines import MLDG_DEFAULTS, ARMEDEvaluator, ARMEDTrainer, PrepareBatchCluster, train_mldg
 from monai_armed.metrics import mean_ci95, predicted_class
-from monai_armed.networks import ClusterAdversary, MixedEffectsMLP, ZPredictor, mlp_variant_loss_weights
+from monai_armed.networks import ClusterAdversary, MixedEffectsMLP, ZPredictor, variant_loss_weights
 from monai_armed.utils import atomic_open
 
 DEVICE = torch.device("cpu")
@@ -178,7 +178,7 @@ def build_model(
     notebook's ``tf.random.set_seed`` before building each model."""
     torch.manual_seed(seed)
     network = build_network(spec.variant, n_clusters, act)
-    weights = mlp_variant_loss_weights(spec.variant, gen_weight=GEN_WEIGHT)
+    weights = variant_loss_weights(spec.variant, gen_weight=GEN_WEIGHT)
     adversary = None
     if weights["adv_weight"] > 0:
         adversary = ClusterAdversary(

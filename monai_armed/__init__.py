@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 from . import data, engines, handlers, losses, metrics, networks, transforms, utils, visualize
 from .data import TensorBatchLoader
 from .engines import ARMEDEvaluator, ARMEDTrainer, PrepareBatchCluster
-from .networks import ClusterAdversary, MixedEffectsMLP, RandomEffects, ZPredictor
+from .networks import ARMED, ARMEDCNN, ClusterAdversary, MixedEffectsMLP, RandomEffects, ZPredictor
 from .transforms import ClusterIndexd, ClusterVocabulary

@@ -26,6 +26,7 @@ from monai_armed.data import TensorBatchLoader
 from monai_armed.engines import ARMEDTrainer, PrepareBatchCluster
 from monai_armed.networks import (
     ARMED,
+    ARMED_VARIANTS,
     ClusterAdversary,
     ClusterScaleBias,
     load_network_checkpoint,
@@ -171,6 +172,35 @@ class TestARMEDEffects(unittest.TestCase):
         only_intercept = _small(random_slope=False).eval()
         out = only_intercept.forward_armed(x, torch.tensor([0, 1, 2, 0]))
         torch.testing.assert_close(out.pred - out.pred_fe, only_intercept.random_intercept.loc.detach()[[0, 1, 2, 0]])
+
+    def test_cluster_input_adds_a_learned_offset_per_cluster(self):
+        net = _small(random_slope=False, random_intercept=False, cluster_input=True).eval()
+        with torch.no_grad():
+            net.cluster_logit.copy_(torch.arange(C * 3, dtype=torch.float32).reshape(C, 3))
+        x, cluster = _x(), torch.tensor([0, 2, -1, 1])
+        out = net.forward_armed(x, cluster)
+        expected = torch.cat([net.cluster_logit[[0, 2]], torch.zeros(1, 3), net.cluster_logit[[1]]]).detach()
+        torch.testing.assert_close(out.pred - out.pred_fe, expected)
+        torch.testing.assert_close(net(x, cluster), out.pred)
+        torch.testing.assert_close(net(x), out.pred_fe)
+        soft = torch.full((4, C), 1.0 / C)
+        torch.testing.assert_close(net(x, soft) - net(x), net.cluster_logit.detach().mean(0).expand(4, 3))
+        net.train()
+        net.forward_armed(x, cluster).pred.sum().backward()
+        self.assertEqual(net.cluster_logit.grad[[0, 1, 2]].abs().sum(1).gt(0).tolist(), [True, True, True])
+
+    def test_variants_fix_the_structure(self):
+        x, cluster = _x(), torch.tensor([0, 1, 2, 0])
+        for variant, settings in ARMED_VARIANTS.items():
+            torch.manual_seed(0)
+            net = ARMED.from_variant(variant, _Small(), C, swap_norm=True, random_slope=True)
+            has_re = variant.startswith("armed")
+            self.assertEqual(net.random_slope is not None, has_re, variant)
+            self.assertEqual(bool(net.swapped_norms), has_re, variant)
+            self.assertEqual(net.cluster_logit is not None, variant == "cluster_input", variant)
+            self.assertEqual(float(net.forward_armed(x, cluster).kl) > 0, has_re, variant)
+        with self.assertRaisesRegex(ValueError, "unknown ARMED variant 'mixed'; expected one of"):
+            ARMED.from_variant("mixed", _Small(), C)
 
     def test_explicit_taps_and_input_taps(self):
         net = _small(tap_layers=["conv", "hidden.2:input", "bn"])

@@ -24,7 +24,7 @@ from monai_armed.networks import (
     MixedEffectsMLP,
     ZPredictor,
     cluster_one_hot,
-    mlp_variant_loss_weights,
+    variant_loss_weights,
     random_effects_summary,
     total_kl_divergence,
 )
@@ -152,7 +152,7 @@ class TestMixedEffectsForward(unittest.TestCase):
         self.assertEqual(tuple(out.pred.shape), (6, 1))
         self.assertEqual(net.has_random_effects, name in ("armed", "armed_no_adversary"))
         self.assertEqual(net.cluster_input, name == "cluster_input")
-        weights = mlp_variant_loss_weights(name)
+        weights = variant_loss_weights(name)
         self.assertEqual(set(weights), {"me_weight", "fe_weight", "adv_weight"})
 
     def test_from_variant_override(self):
@@ -167,13 +167,13 @@ class TestMixedEffectsForward(unittest.TestCase):
         for name in MLP_VARIANTS:
             self.assertIn(name, msg)
         with self.assertRaisesRegex(ValueError, "armed"):
-            mlp_variant_loss_weights("bogus")
+            variant_loss_weights("bogus")
 
     def test_variant_loss_weights(self):
-        self.assertEqual(mlp_variant_loss_weights("armed", gen_weight=0.5)["adv_weight"], 0.5)
-        self.assertEqual(mlp_variant_loss_weights("domain_adversarial", gen_weight=2.0)["adv_weight"], 2.0)
-        self.assertEqual(mlp_variant_loss_weights("conventional", gen_weight=0.5)["adv_weight"], 0)
-        self.assertEqual(mlp_variant_loss_weights("armed")["fe_weight"], 1.0)
+        self.assertEqual(variant_loss_weights("armed", gen_weight=0.5)["adv_weight"], 0.5)
+        self.assertEqual(variant_loss_weights("domain_adversarial", gen_weight=2.0)["adv_weight"], 2.0)
+        self.assertEqual(variant_loss_weights("conventional", gen_weight=0.5)["adv_weight"], 0)
+        self.assertEqual(variant_loss_weights("armed")["fe_weight"], 1.0)
 
     def test_cluster_input_depends_on_cluster(self):
         net = MixedEffectsMLP.from_variant("cluster_input", in_features=3, out_channels=1, n_clusters=4).eval()

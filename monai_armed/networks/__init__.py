@@ -16,12 +16,13 @@ from .blocks import ClusterAdversary, ClusterScaleBias, cluster_context, cluster
 from .layers import GradientReversal, RandomEffects
 from .nets import (
     ARMED,
+    ARMED_VARIANTS,
     ARMEDCNN,
     MLP_VARIANTS,
     MixedEffectsMLP,
     ZPredictor,
     default_tap_layers,
-    mlp_variant_loss_weights,
+    variant_loss_weights,
 )
 from .utils import (
     ARMEDOutput,

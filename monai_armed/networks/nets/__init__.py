@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from .armed import ARMED, INPUT_SUFFIX, default_tap_layers
+from .armed import ARMED, ARMED_VARIANTS, INPUT_SUFFIX, default_tap_layers
 from .armed_cnn import ARMEDCNN, ArmedCNN, PadToSize
-from .mixed_effects_mlp import MLP_VARIANTS, MixedEffectsMLP, mlp_variant_loss_weights
+from .mixed_effects_mlp import MLP_VARIANTS, MixedEffectsMLP, variant_loss_weights
 from .z_predictor import ZPredictor

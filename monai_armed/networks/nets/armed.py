@@ -23,10 +23,20 @@ from monai.networks.nets import DenseNet, EfficientNet, ResNet, SENet
 
 from monai_armed.networks.blocks.cluster_norm import ClusterScaleBias, cluster_norm_modules
 from monai_armed.networks.layers.random_effects import RandomEffects, check_cluster_index
-from monai_armed.networks.utils import ARMEDOutput, total_kl_divergence
+from monai_armed.networks.utils import ARMEDOutput, cluster_one_hot, total_kl_divergence
 from monai_armed.utils import shape_str
 
-__all__ = ["ARMED", "default_tap_layers", "INPUT_SUFFIX"]
+__all__ = ["ARMED", "ARMED_VARIANTS", "default_tap_layers", "INPUT_SUFFIX"]
+
+#: The paper's models as ``ARMED`` wrapper settings; train each with ``variant_loss_weights(variant)``. The
+#: conventional, cluster-input and domain-adversarial networks have no random effects (and no swapped norms).
+ARMED_VARIANTS: dict[str, dict] = {
+    "conventional": {"random_slope": False, "random_intercept": False, "swap_norm": False},
+    "cluster_input": {"random_slope": False, "random_intercept": False, "swap_norm": False, "cluster_input": True},
+    "domain_adversarial": {"random_slope": False, "random_intercept": False, "swap_norm": False},
+    "armed": {},
+    "armed_no_adversary": {},
+}
 
 #: A tap named ``"<module>:input"`` reads the first positional input of ``<module>`` instead of its output.
 INPUT_SUFFIX = ":input"
@@ -178,6 +188,8 @@ class ARMED(nn.Module):
         norm_kwargs: further :class:`ClusterScaleBias` arguments of swapped norms (``eps``, ``prior_scale``,
             ``post_loc_init_scale``, ``re_kwargs``); a swapped norm's affine starts from the replaced layer's.
         re_kwargs: further :class:`RandomEffects` arguments of ``u_s`` and ``u_int`` (``kl_estimator``, ...).
+        cluster_input: the cluster-as-input baseline: a learned, unregularised logit offset per cluster, which is
+            what concatenating the one-hot cluster to the linear head's input amounts to (zero for unseen clusters).
         in_shape: ``(channels, *spatial)`` of the dry run that measures ``feature_channels``.
 
     Example::
@@ -203,6 +215,7 @@ class ARMED(nn.Module):
         random_intercept: bool = True,
         norm_kwargs: dict | None = None,
         re_kwargs: dict | None = None,
+        cluster_input: bool = False,
         in_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
@@ -256,12 +269,29 @@ class ARMED(nn.Module):
             if random_intercept
             else None
         )
+        self.cluster_logit = nn.Parameter(torch.zeros(n_clusters, self.out_channels)) if cluster_input else None
         reference = next(network.parameters(), None)
         if reference is not None:
+            if self.cluster_logit is not None:
+                self.cluster_logit.data = self.cluster_logit.data.to(reference.device)
             for m in (self.random_slope, self.random_intercept):
                 if m is not None:
                     m.to(reference.device)
         self._feature_widths: list[int] | None = None
+
+    @classmethod
+    def from_variant(cls, variant: str, network: nn.Module, n_clusters: int, **kwargs: Any) -> ARMED:
+        """Wrap ``network`` as one of the paper's models (``ARMED_VARIANTS``); the variant's structural settings
+        override ``kwargs``, so one config builds every baseline.
+
+        Example::
+
+            net = ARMED.from_variant("domain_adversarial", DenseNet121(2, 1, 1), n_clusters=8)
+            trainer_weights = variant_loss_weights("domain_adversarial", gen_weight=0.1)
+        """
+        if variant not in ARMED_VARIANTS:
+            raise ValueError(f"unknown ARMED variant {variant!r}; expected one of {sorted(ARMED_VARIANTS)}.")
+        return cls(network, n_clusters, **{**kwargs, **ARMED_VARIANTS[variant]})
 
     # ----------------------------------------------------------------------------------------------- construction
     def _swap_norms(self, swap_norm: bool | Sequence[str], norm_kwargs: dict) -> list[str]:
@@ -487,6 +517,9 @@ class ARMED(nn.Module):
                 state.pred_fe = out
         if self.random_intercept is not None:
             me = me + _broadcast(self.random_intercept(cluster), me)
+        if self.cluster_logit is not None:
+            membership = cluster if cluster.is_floating_point() else cluster_one_hot(cluster, self.n_clusters, me.dtype)
+            me = me + membership @ self.cluster_logit
         state.head_output = me
         return me
 

@@ -21,7 +21,7 @@ from monai_armed.networks.layers.random_effects import RandomEffects
 from monai_armed.networks.utils import ARMEDOutput, cluster_one_hot, glorot_init
 from monai_armed.utils import shape_str
 
-__all__ = ["MixedEffectsMLP", "MLP_VARIANTS", "mlp_variant_loss_weights"]
+__all__ = ["MixedEffectsMLP", "MLP_VARIANTS", "variant_loss_weights"]
 
 _SLOPE_MODES = ("none", "input", "hidden", "both")
 
@@ -46,12 +46,14 @@ MLP_VARIANTS: dict[str, dict] = {
 }
 
 
-def mlp_variant_loss_weights(variant: str, gen_weight: float = 1.0) -> dict[str, float]:
-    """``ARMEDTrainer`` loss weights (``me_weight``, ``fe_weight``, ``adv_weight``) of one of ``MLP_VARIANTS``.
+def variant_loss_weights(variant: str, gen_weight: float = 1.0) -> dict[str, float]:
+    """``ARMEDTrainer`` loss weights (``me_weight``, ``fe_weight``, ``adv_weight``) of one of the paper's models.
+
+    The names and weights are shared by ``MLP_VARIANTS`` and the ``ARMED`` wrapper's ``ARMED_VARIANTS``.
 
     Example::
 
-        mlp_variant_loss_weights("armed", gen_weight=0.5)   # {"me_weight": 1.0, "fe_weight": 1.0, "adv_weight": 0.5}
+        variant_loss_weights("armed", gen_weight=0.5)   # {"me_weight": 1.0, "fe_weight": 1.0, "adv_weight": 0.5}
     """
     spec = _variant(variant)
     return {"me_weight": spec["me"], "fe_weight": spec["fe"], "adv_weight": spec["adv"] * gen_weight}
