@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import warnings
 
-from .datasets import ensure_spiral_csv, spiral_radii_file, spiral_true_boundaries, split_by_cluster
+from .datasets import (
+    ensure_spiral_csv,
+    load_image_datalist,
+    spiral_radii_file,
+    spiral_true_boundaries,
+    split_by_cluster,
+)
 from .loader import TensorBatchLoader
 from .mri import (
     DEFAULT_VENDOR_AD_FRACTION,

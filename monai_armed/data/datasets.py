@@ -17,13 +17,57 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from monai.data import load_decathlon_datalist
 from sklearn.model_selection import train_test_split
 
 from monai_armed.data.spirals import make_spiral_random_radius, make_spiral_true_boundary, spirals_to_datalist
 from monai_armed.data.tabular import save_csv_datalist
 from monai_armed.utils import atomic_open
 
-__all__ = ["split_by_cluster", "ensure_spiral_csv", "spiral_radii_file", "spiral_true_boundaries"]
+__all__ = [
+    "load_image_datalist",
+    "split_by_cluster",
+    "ensure_spiral_csv",
+    "spiral_radii_file",
+    "spiral_true_boundaries",
+]
+
+
+def load_image_datalist(
+    path: str | os.PathLike,
+    data_list_key: str = "training",
+    required_keys: Sequence[str] = ("image", "label", "cluster"),
+    base_dir: str | os.PathLike | None = None,
+) -> list[dict]:
+    """One section of a MONAI datalist JSON of clustered images, with every item checked for ``required_keys``.
+
+    Image paths are resolved against ``base_dir`` (default: the datalist's folder) by MONAI's
+    ``load_decathlon_datalist``; labels stay numbers. An empty or missing section, or an item without one of the keys
+    (e.g. no ``cluster``), raises an error that names the file, the section and the item.
+
+    Example::
+
+        train = load_image_datalist("data/mri/datalist.json", "training")
+        unseen = load_image_datalist("data/mri/datalist.json", "unseen", required_keys=("image", "label"))
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"datalist file not found: {path}")
+    with open(path) as f:
+        try:
+            sections = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"datalist {path} is not valid JSON: {e}") from None
+    if not isinstance(sections, dict) or not sections.get(data_list_key):
+        present = sorted(sections) if isinstance(sections, dict) else type(sections).__name__
+        raise KeyError(f"datalist {path} has no (or an empty) {data_list_key!r} section; it has {present}.")
+    for i, item in enumerate(sections[data_list_key]):
+        missing = [k for k in required_keys if not isinstance(item, dict) or k not in item]
+        if missing:
+            raise KeyError(
+                f"datalist {path}, section {data_list_key!r}, item {i}: missing key(s) {missing}; every item needs "
+                f"{list(required_keys)} (got {sorted(item) if isinstance(item, dict) else item!r})."
+            )
+    return load_decathlon_datalist(path, is_segmentation=False, data_list_key=data_list_key, base_dir=base_dir)
 
 
 def split_by_cluster(

@@ -228,14 +228,17 @@ def save_predictions_csv(
     datalist: Sequence[dict],
     probability: torch.Tensor | np.ndarray,
     raw_cluster_key: str = "cluster",
+    id_keys: Sequence[str] = (),
 ) -> str:
-    """Write one row per sample: its raw cluster id (if any) and the predicted probability of each class.
+    """Write one row per sample: its ``id_keys`` values (e.g. the image path), its raw cluster id (if any) and the
+    predicted probability of each class.
 
     ``probability`` is ``(N,)`` (binary: probability of class 1) or ``(N, C)``. Written atomically.
 
     Example::
 
         save_predictions_csv("eval/predictions.csv", datalist, positive_probability(logits))
+        save_predictions_csv("eval/predictions.csv", image_datalist, prob, id_keys=["image"])
     """
     prob = np.asarray(probability.detach().cpu() if isinstance(probability, torch.Tensor) else probability)
     if len(prob) != len(datalist):
@@ -244,7 +247,8 @@ def save_predictions_csv(
     names = ["p_class1"] if prob.shape[1] == 1 else [f"p_class{i}" for i in range(prob.shape[1])]
     with atomic_open(path, newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["cluster", *names])
+        writer.writerow([*id_keys, "cluster", *names])
         for item, row in zip(datalist, prob):
-            writer.writerow([item.get(raw_cluster_key, ""), *(f"{v:.6f}" for v in row)])
+            ids = [item.get(k, "") for k in id_keys]
+            writer.writerow([*ids, item.get(raw_cluster_key, ""), *(f"{v:.6f}" for v in row)])
     return str(path)

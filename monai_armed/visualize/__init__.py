@@ -20,6 +20,6 @@ from .figures import (
     plot_random_effect_spread,
     save_figure,
 )
-from .reports import write_tabular_figures
+from .reports import write_image_figures, write_tabular_figures
 from .saliency import fe_me_gradcam, save_gradcam_figure
 from .sites import cluster_intercepts, plot_intercept_vs_patient_fraction, plot_random_scale_spread, positive_fraction

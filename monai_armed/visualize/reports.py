@@ -28,8 +28,15 @@ from monai_armed.visualize.figures import (
     plot_intercepts_vs_balance,
     plot_random_effect_spread,
 )
+from monai_armed.visualize.saliency import fe_me_gradcam, save_gradcam_figure
+from monai_armed.visualize.sites import (
+    cluster_intercepts,
+    plot_intercept_vs_patient_fraction,
+    plot_random_scale_spread,
+    positive_fraction,
+)
 
-__all__ = ["write_tabular_figures"]
+__all__ = ["write_image_figures", "write_tabular_figures"]
 
 
 def write_tabular_figures(
@@ -108,4 +115,72 @@ def write_tabular_figures(
             title="random-slope s.d. across clusters",
         )
     network.train(was_training)
+    return paths
+
+
+def write_image_figures(
+    network: nn.Module,
+    dataset: Sequence[Mapping],
+    output_dir: str | os.PathLike,
+    cluster_names: Sequence[str],
+    target_layer: str | None = None,
+    n_samples: int = 4,
+    image_key: str = "image",
+) -> dict[str, str]:
+    """PNG figures of a trained ARMED image classifier (e.g. the ``ARMED`` wrapper) on a dataset of indexed items.
+
+    Writes ``intercept_vs_patient_fraction.png`` (each site's random intercept against its fraction of positives in
+    ``dataset``, with Pearson r), ``random_scale_spread.png`` (across-site s.d. of every random scale: the head's
+    feature scales and any ``ClusterScaleBias`` scales) and, with ``target_layer``, ``gradcam.png``: Grad-CAM of the
+    fixed-effects path, of the mixed-effects path and their difference for the first ``n_samples`` items of seen
+    sites. Figures that the network cannot give (no random intercept, fewer than 3 sites) are skipped.
+
+    Args:
+        network: the trained network, ``network(x, cluster=None)`` -> logits ``(B, 1)``.
+        dataset: items with ``image_key`` (a ``(C, *spatial)`` tensor), ``label`` and ``cluster`` (index).
+        output_dir: folder of the PNGs.
+        cluster_names: the vocabulary's cluster names (index order).
+        target_layer: module name of the Grad-CAM layer (e.g. ``"network.c5"`` for ``ARMED(ARMEDCNN(...))``).
+        n_samples: images in the Grad-CAM figure.
+        image_key: key of the image in the items.
+
+    Returns:
+        ``{figure name: path}``.
+
+    Example::
+
+        write_image_figures(net, test_dataset, "eval/figures", vocabulary.clusters, target_layer="network.c5")
+    """
+    out = Path(output_dir)
+    label = np.asarray([int(d["label"]) for d in dataset])
+    cluster = np.asarray([int(d["cluster"]) for d in dataset])
+    summary = random_effects_summary(network, list(cluster_names))
+    groups, paths = summary["groups"], {}
+    fractions = positive_fraction(label, cluster, cluster_names)
+    intercept_group = next((g for g in ("random_intercept", "intercept") if g in groups), None)
+    if intercept_group is not None:
+        intercepts = {k: v for k, v in cluster_intercepts(summary, intercept_group).items() if k in fractions}
+        if len(intercepts) >= 3:
+            paths["intercept_vs_patient_fraction"] = plot_intercept_vs_patient_fraction(
+                intercepts, fractions, out / "intercept_vs_patient_fraction.png"
+            )
+    scales = {name: g["spread"] for name, g in groups.items() if name != intercept_group}
+    if scales:
+        paths["random_scale_spread"] = plot_random_scale_spread(
+            np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in scales.values()]),
+            out / "random_scale_spread.png",
+        )
+    seen = [i for i in range(len(dataset)) if cluster[i] >= 0][:n_samples]
+    if target_layer is not None and seen:
+        device = next(network.parameters()).device
+        x = torch.stack([torch.as_tensor(dataset[i][image_key]) for i in seen]).float().to(device)
+        c = torch.as_tensor(cluster[seen], dtype=torch.long, device=device)
+        maps = fe_me_gradcam(network, x, c, target_layer)
+        paths["gradcam"] = save_gradcam_figure(
+            x.cpu(),
+            maps,
+            out / "gradcam.png",
+            title=f"Grad-CAM at {target_layer}: fixed effects, mixed effects, difference",
+            sample_names=[f"{cluster_names[cluster[i]]} label {label[i]}" for i in seen],
+        )
     return paths

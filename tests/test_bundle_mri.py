@@ -1,0 +1,152 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, ckpt_export
+from monai.data import load_net_with_metadata
+
+from monai_armed.networks import ARMED, ARMEDCNN, load_network_checkpoint
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "armed_mri_classification"
+CONFIGS = BUNDLE / "configs"
+SMALL = {
+    "subjects_per_site": 6,
+    "epochs": 2,
+    "image_size": 64,
+    "filters": [4, 8, 8, 16, 16, 32, 32],
+    "hidden_channels": 16,
+    "adversary_hidden": [8],
+    "val_interval": 1,
+}
+
+
+def _workflow(config_files, root: Path, workflow_type: str = "train", **override) -> ConfigWorkflow:
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in config_files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        bundle_root=str(root),
+        **override,
+    )
+    workflow.initialize()
+    return workflow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mri_bundle")
+    workflow = _workflow(["train.json"], root, **SMALL)
+    workflow.run()
+    workflow.finalize()
+    return root
+
+
+def test_train_writes_checkpoints_metrics_and_figures(trained):
+    root = trained
+    for name in ("model.pt", "zpredictor.pt", "clusters.json", "model_best_val_auroc.pt"):
+        assert (root / "models" / name).is_file(), name
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert set(metrics["seen"]) == {"observed", "fixed", "randomized"}
+    assert set(metrics["unseen"]) == {"fixed", "inferred"}
+    seen = metrics["seen"]["observed"]
+    assert {"auroc", "balanced_accuracy", "sensitivity", "specificity", "threshold", "per_cluster"} <= set(seen)
+    assert seen["threshold"] == metrics["train"]["observed"]["threshold"], "the Youden point comes from training"
+    assert set(seen["per_cluster"]) <= set(json.loads((root / "models" / "clusters.json").read_text())["clusters"])
+    assert metrics["unseen"]["fixed"]["n"] == 4 * 6
+    for figure in ("intercept_vs_patient_fraction", "random_scale_spread", "gradcam"):
+        assert (root / "eval" / "figures" / f"{figure}.png").stat().st_size > 1000, figure
+    summary = json.loads((root / "eval" / "random_effects.json").read_text())
+    assert set(summary["groups"]) == {"random_slope", "random_intercept"}
+
+
+def test_evaluate_reloads_and_reproduces_the_metrics(trained):
+    root = trained
+    before = json.loads((root / "eval" / "metrics.json").read_text())
+    _workflow(["train.json", "evaluate.json"], root, **SMALL).run()
+    after = json.loads((root / "eval" / "metrics.json").read_text())
+    for dataset, mode in (("seen", "observed"), ("seen", "fixed"), ("unseen", "fixed"), ("unseen", "inferred")):
+        assert after[dataset][mode]["auroc"] == pytest.approx(before[dataset][mode]["auroc"]), (dataset, mode)
+
+
+def _inference(root: Path, datalist: Path, key: str = "test") -> list[dict]:
+    small = {k: SMALL[k] for k in ("image_size", "filters", "hidden_channels")}
+    _workflow(["inference.json"], root, "inference", datalist_file=str(datalist), data_list_key=key, **small).run()
+    with open(root / "eval" / "predictions.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_inference_with_seen_unknown_and_missing_sites(trained):
+    root = trained
+    datalist = root / "data" / "datalist.json"
+    rows = _inference(root, datalist, "unseen")  # sites never seen in training: Z-predictor membership
+    assert len(rows) == 24 and {"image", "cluster", "p_class1"} <= set(rows[0])
+    assert all(0.0 <= float(r["p_class1"]) <= 1.0 for r in rows)
+    items = json.loads(datalist.read_text())["test"]
+    for d in items:
+        d["image"] = str(datalist.parent / d["image"])
+    no_site = root / "no_site.json"
+    no_site.write_text(json.dumps({"test": [{k: v for k, v in d.items() if k != "cluster"} for d in items]}))
+    without = _inference(root, no_site)
+    assert len(without) == len(items) and all(r["cluster"] == "" for r in without)
+
+
+def test_datalist_without_cluster_names_the_file(trained, tmp_path):
+    items = json.loads((trained / "data" / "datalist.json").read_text())
+    items["training"][3].pop("cluster")
+    bad = tmp_path / "datalist.json"
+    bad.write_text(json.dumps(items))
+    workflow = _workflow(["train.json"], tmp_path, generate_default_data=False, dataset_dir=str(tmp_path), **SMALL)
+    with pytest.raises(RuntimeError) as error:
+        workflow.run()
+    message = str(error.value.__cause__)
+    assert "datalist.json" in message and "item 3" in message and "missing key(s) ['cluster']" in message
+
+
+def test_checkpoint_for_other_sites_is_rejected(trained):
+    other = ARMED(ARMEDCNN(filters=SMALL["filters"], hidden_channels=16), n_clusters=5, in_shape=(1, 64, 64))
+    with pytest.raises(ValueError, match="trained with 8 clusters but the network has 5"):
+        load_network_checkpoint(other, str(trained / "models" / "model.pt"))
+
+
+def test_network_exports_with_ckpt_export(trained, tmp_path):
+    root = trained
+    ts_file = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts_file),
+        ckpt_file=str(root / "models" / "model.pt"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "train.json"),
+        bundle_root=str(root),
+        use_trace=True,
+        input_shape=[1, 1, 64, 64],
+        **{k: SMALL[k] for k in ("subjects_per_site", "image_size", "filters", "hidden_channels")},
+    )
+    exported, meta, _ = load_net_with_metadata(str(ts_file))
+    network = _workflow(["train.json"], root, **SMALL).parser.get_parsed_content("network_def")
+    load_network_checkpoint(network, str(root / "models" / "model.pt"))
+    x = torch.rand(2, 1, 64, 64)
+    torch.testing.assert_close(exported(x), network.eval()(x))
+    assert meta["version"] == json.loads((CONFIGS / "metadata.json").read_text())["version"]
+
+
+def test_configs_pass_monai_property_checks(trained):
+    assert _workflow(["train.json"], trained, **SMALL).check_properties() == []
+    inference = _workflow(["inference.json"], trained, "inference", datalist_file=str(trained / "data" / "datalist.json"))
+    assert inference.check_properties() == []
