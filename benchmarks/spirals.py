@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shlex
 import sys
@@ -51,7 +50,8 @@ from monai_armed.data import TensorBatchLoader, make_spiral_random_radius
 from monai_armed.engines import MLDG_DEFAULTS, ARMEDEvaluator, ARMEDTrainer, PrepareBatchCluster, train_mldg
 from monai_armed.metrics import mean_ci95, predicted_class
 from monai_armed.networks import ClusterAdversary, MixedEffectsMLP, ZPredictor, variant_loss_weights
-from monai_armed.utils import atomic_open
+from monai_armed.utils import write_json
+from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 DEVICE = torch.device("cpu")
 N_CLUSTERS = 10
@@ -86,10 +86,6 @@ RE_SETTINGS = {
 }
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
-MD_HEADER = (
-    "# monai_armed benchmarks\n\n"
-    "Sections between `<!-- name:start -->` and `<!-- name:end -->` markers are rewritten by the benchmark scripts.\n\n"
-)
 REFERENCE = {
     "notebook": {"armed": 0.788, "conventional": 0.764},
     "tensorflow_rerun_here": {"armed": 0.763, "conventional": 0.714, "seconds_per_fold": 2.75},
@@ -358,11 +354,6 @@ def protocol(args: argparse.Namespace, command: str) -> dict:
     }
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_open(path) as f:
-        f.write(text)
-
-
 def _ci_text(entry: dict) -> str:
     ci = entry["test_acc_ci95"]
     return f"{entry['test_acc_mean']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
@@ -411,15 +402,8 @@ def section_name(args: argparse.Namespace) -> str:
 
 
 def write_results_md(path: Path, results: dict) -> None:
-    """Replace this run's spiral section of ``path`` (created with a header if missing), keeping the other sections."""
-    name = results["protocol"]["section"]
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else MD_HEADER
-    if start not in text or end not in text:
-        text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    atomic_write_text(path, f"{head}{start}\n{render_section(results)}\n{end}{tail}")
+    """Replace this run's spiral section of ``path``, keeping the other sections."""
+    replace_section(path, results["protocol"]["section"], render_section(results))
 
 
 def print_table(results: dict) -> None:
@@ -475,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "reference": REFERENCE,
     }
     results["protocol"]["total_wall_seconds"] = time.perf_counter() - start
-    atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+    write_json(results, args.json)
     if not args.no_results_md:
         write_results_md(RESULTS_MD, results)
     print_table(results)
