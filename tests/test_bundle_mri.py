@@ -71,6 +71,8 @@ def test_train_writes_checkpoints_metrics_and_figures(trained):
     assert metrics["unseen"]["fixed"]["n"] == 4 * 6
     for figure in ("intercept_vs_patient_fraction", "random_scale_spread", "gradcam"):
         assert (root / "eval" / "figures" / f"{figure}.png").stat().st_size > 1000, figure
+    history = json.loads((root / "eval" / "loss_history.json").read_text())
+    assert history["epoch"] == [1, 2] and all(v > 0 for v in history["loss_me"]) and len(history["loss_kl"]) == 2
     summary = json.loads((root / "eval" / "random_effects.json").read_text())
     assert set(summary["groups"]) == {"random_slope", "random_intercept"}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .checkpoints import latest_checkpoint
 from .cluster_mode_report import ClusterModeReport, format_report_table
+from .loss_history import LOSS_KEYS, LossHistory
 from .per_cluster_accuracy import PerClusterAccuracy
 from .prediction_collector import PredictionCollector, output_field
 from .random_effects_summary import RandomEffectsSummary
