@@ -93,10 +93,12 @@ def _inference(root: Path, datalist: Path, key: str = "test") -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_inference_with_seen_unknown_and_missing_sites(trained):
+def test_inference_with_seen_unknown_and_missing_sites(trained, caplog):
     root = trained
     datalist = root / "data" / "datalist.json"
-    rows = _inference(root, datalist, "unseen")  # sites never seen in training: Z-predictor membership
+    with caplog.at_level("WARNING", logger="monai_armed.transforms.cluster_index"):
+        rows = _inference(root, datalist, "unseen")  # sites never seen in training: Z-predictor membership
+    assert "cluster 'site08' is not in the vocabulary (8 clusters): treated as unseen (-1)" in caplog.text
     assert len(rows) == 24 and {"image", "cluster", "p_class1"} <= set(rows[0])
     assert all(0.0 <= float(r["p_class1"]) <= 1.0 for r in rows)
     items = json.loads(datalist.read_text())["test"]
