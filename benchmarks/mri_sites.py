@@ -261,6 +261,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--hidden-channels", type=int, default=128)
     parser.add_argument("--gen-weight", type=float, default=0.1)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / "out" / "mri_sites")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust timings on a shared CPU)")
     parser.add_argument("--section", default="mri-sites")
     parser.add_argument("--no-results-md", action="store_true")
     args = parser.parse_args(argv)
@@ -273,6 +274,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     results = run(args)
     results["protocol"]["command"] = shlex.join(["python", "benchmarks/mri_sites.py", *argv])
