@@ -45,7 +45,9 @@ class CountingPredict:
         return torch.sigmoid(4 * (x[:, 0] - shift))
 
 
-class TestFigures(unittest.TestCase):
+class FigureTestCase(unittest.TestCase):
+    """A temporary folder per test and a check that a figure was written completely (shared by figure tests)."""
+
     def setUp(self) -> None:
         self._tmp = tempfile.TemporaryDirectory()
         self.tmp = self._tmp.name
@@ -58,6 +60,10 @@ class TestFigures(unittest.TestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(8), PNG_MAGIC)
         self.assertGreater(os.path.getsize(path), 1000)
+        self.assertEqual([n for n in os.listdir(os.path.dirname(path)) if n.endswith(".tmp")], [])
+
+
+class TestFigures(FigureTestCase):
 
     def test_decision_boundaries_one_call_per_panel(self) -> None:
         predict = CountingPredict()

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import unittest
 from unittest import mock
 
@@ -29,8 +28,7 @@ from monai_armed.visualize import (
     positive_fraction,
     save_figure,
 )
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from tests.test_figures import PNG_MAGIC, FigureTestCase
 
 
 class TitleRecorder:
@@ -56,18 +54,7 @@ class TitleRecorder:
         self._patch.stop()
 
 
-class TestSiteFigures(unittest.TestCase):
-    def setUp(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = self._tmp.name
-
-    def tearDown(self) -> None:
-        self._tmp.cleanup()
-
-    def assert_png(self, path: str) -> None:
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(8), PNG_MAGIC)
-        self.assertEqual([n for n in os.listdir(os.path.dirname(path)) if n.endswith(".tmp")], [])
+class TestSiteFigures(FigureTestCase):
 
     def test_intercept_vs_patient_fraction(self) -> None:
         intercepts = {"site_c": 0.5, "site_a": -0.4, "site_b": 0.1, "site_d": 0.0}
