@@ -234,8 +234,12 @@ def test_sites_have_their_own_scanner_signature(tiny):
 
 def test_vendor_confounding_as_configured():
     sites = make_mri_sites(seed=0, subjects_per_site=40)
-    fraction = {v: np.mean([s["ad_fraction"] for s in sites if s["vendor"] == v]) for v in ("GE", "Philips", "Siemens")}
+    seen = [s for s in sites if s["seen"]]
+    fraction = {v: np.mean([s["ad_fraction"] for s in seen if s["vendor"] == v]) for v in ("GE", "Philips", "Siemens")}
     assert fraction["GE"] > 0.65 and fraction["Philips"] < 0.35 and fraction["Siemens"] < 0.35
+    unseen = [s for s in sites if not s["seen"]]
+    assert {s["ad_fraction_target"] for s in unseen} == {0.5}, "unseen sites are not confounded by default"
+    assert abs(np.mean([s["ad_fraction"] for s in unseen]) - 0.5) < 0.1
     for site in sites:
         assert site["ad_fraction"] == pytest.approx(np.mean(site["labels"]))
         assert abs(site["ad_fraction"] - site["ad_fraction_target"]) < 0.2
@@ -246,6 +250,7 @@ def test_vendor_confounding_as_configured():
         subjects_per_site=10,
         vendor_ad_fraction={"A": 0.9, "B": 0.1},
         site_fraction_sd=0.0,
+        unseen_ad_fraction=None,
     )
     assert [(s["vendor"], s["seen"], sum(s["labels"])) for s in exact] == [
         ("A", True, 9),
@@ -257,6 +262,8 @@ def test_vendor_confounding_as_configured():
     ]
     with pytest.raises(ValueError, match=r"vendor_ad_fraction\['A'\] must be in \[0, 1\]"):
         make_mri_sites(vendor_ad_fraction={"A": 1.5})
+    with pytest.raises(ValueError, match=r"unseen_ad_fraction must be in \[0, 1\] or None, got 1.2"):
+        make_mri_sites(unseen_ad_fraction=1.2)
 
 
 def test_slab_affine_maps_mni_and_whole_brain_option():
@@ -290,6 +297,8 @@ def test_command_line(tmp_path, capsys):
             "GE=1",
             "--vendor",
             "Siemens=0",
+            "--unseen-ad-fraction",
+            "vendor",
             "--num-workers",
             "0",
         ]

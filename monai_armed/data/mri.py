@@ -159,12 +159,14 @@ def make_mri_sites(
     vendor_ad_fraction: Mapping[str, float] | None = None,
     site_fraction_sd: float = 0.05,
     site_effect: float = 1.0,
+    unseen_ad_fraction: float | None = 0.5,
 ) -> list[dict[str, Any]]:
     """
     Draw the sites (scanners) of a synthetic multi-site MRI study: vendor, scanner signature and subject labels.
 
     Vendors are assigned in turn (``vendor_ad_fraction``'s order) separately to the seen and the unseen sites, so
-    both sets hold every vendor group when they have enough sites. A site's AD fraction is its vendor's plus
+    both sets hold every vendor group when they have enough sites. The seen sites are confounded: a seen site's AD
+    fraction is its vendor's plus
     ``N(0, site_fraction_sd)`` (clipped to [0.05, 0.95]); exactly ``round(fraction * subjects_per_site)`` of its
     subjects are AD, in random order.
 
@@ -177,6 +179,9 @@ def make_mri_sites(
         site_fraction_sd: scatter of the sites' patient fractions around their vendor's.
         site_effect: strength of every scanner effect; 0 makes all scanners identical (RAS, 1 mm, no bias or
             noise), 1 is the default strength.
+        unseen_ad_fraction: patient fraction of every unseen site, whatever its vendor (0.5: as in the paper, where
+            the training sites were chosen for their vendor/diagnosis confound and the other sites were not), or
+            ``None`` for the vendors' fractions (unseen sites confounded like the seen ones).
 
     Returns:
         one dict per site: ``site`` (id such as ``"site03"``), ``vendor``, ``seen``, ``ad_fraction_target``,
@@ -195,6 +200,8 @@ def make_mri_sites(
         )
     if site_effect < 0:
         raise ValueError(f"site_effect must be >= 0, got {site_effect}.")
+    if unseen_ad_fraction is not None and not 0 <= unseen_ad_fraction <= 1:
+        raise ValueError(f"unseen_ad_fraction must be in [0, 1] or None, got {unseen_ad_fraction}.")
     names = list(vendors)
     bases = {v: _vendor_signature(np.random.default_rng([seed, 0, i])) for i, v in enumerate(names)}
     assigned = [names[i % len(names)] for i in range(n_seen_sites)] + [
@@ -203,7 +210,8 @@ def make_mri_sites(
     sites = []
     for index, vendor in enumerate(assigned):
         rng = np.random.default_rng([seed, 1, index])
-        target = vendors[vendor]
+        seen = index < n_seen_sites
+        target = vendors[vendor] if seen or unseen_ad_fraction is None else float(unseen_ad_fraction)
         fraction = (
             float(np.clip(target + rng.normal(0.0, site_fraction_sd), 0.05, 0.95)) if site_fraction_sd else target
         )
@@ -213,7 +221,7 @@ def make_mri_sites(
             {
                 "site": f"site{index:02d}",
                 "vendor": vendor,
-                "seen": index < n_seen_sites,
+                "seen": seen,
                 "ad_fraction_target": target,
                 "ad_fraction": n_ad / subjects_per_site,
                 "labels": labels,
@@ -439,6 +447,7 @@ def _parameters(
     deformation_mm: float,
     size_sd: float,
     split_fractions: Sequence[float],
+    unseen_ad_fraction: float | None,
 ) -> dict[str, Any]:
     """The generation parameters as plain JSON types (they identify a cached data set)."""
     if images_per_subject < 1:
@@ -463,6 +472,7 @@ def _parameters(
         "slab_centre_y": MNI_RIGHT_HIPPOCAMPUS[1],
         "vendor_ad_fraction": [[v, f] for v, f in _vendor_table(vendor_ad_fraction).items()],
         "site_fraction_sd": float(site_fraction_sd),
+        "unseen_ad_fraction": None if unseen_ad_fraction is None else float(unseen_ad_fraction),
         "site_effect": float(site_effect),
         "deformation_mm": float(deformation_mm),
         "size_sd": float(size_sd),
@@ -528,6 +538,7 @@ def make_mri_dataset(
     deformation_mm: float = 2.0,
     size_sd: float = 0.04,
     split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    unseen_ad_fraction: float | None = 0.5,
     num_workers: int | None = None,
     progress: bool = True,
 ) -> Path:
@@ -560,6 +571,7 @@ def make_mri_dataset(
         deformation_mm: RMS of each subject's random smooth deformation.
         size_sd: standard deviation of each subject's global size factor.
         split_fractions: (training, validation, test) fractions of the seen sites' subjects.
+        unseen_ad_fraction: patient fraction of the unseen sites (``None``: their vendors', i.e. confounded too).
         num_workers: worker processes (default: up to 4, as many as there are CPUs); results do not depend on it.
         progress: show a progress bar (tqdm, on stderr).
 
@@ -585,9 +597,17 @@ def make_mri_dataset(
         deformation_mm,
         size_sd,
         split_fractions,
+        unseen_ad_fraction,
     )
     sites = make_mri_sites(
-        seed, n_seen_sites, n_unseen_sites, subjects_per_site, vendor_ad_fraction, site_fraction_sd, site_effect
+        seed,
+        n_seen_sites,
+        n_unseen_sites,
+        subjects_per_site,
+        vendor_ad_fraction,
+        site_fraction_sd,
+        site_effect,
+        unseen_ad_fraction,
     )
     out = Path(out_dir)
     (out / _IMAGES).mkdir(parents=True, exist_ok=True)
@@ -718,6 +738,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--slab-mm", default="16", help="coronal slab thickness in mm, or 'none' for whole brains")
     parser.add_argument("--vendor", type=_parse_vendor, action="append", help="VENDOR=AD_FRACTION, repeatable")
     parser.add_argument("--site-effect", type=float, default=1.0)
+    parser.add_argument(
+        "--unseen-ad-fraction", default="0.5", help="patient fraction of the unseen sites, or 'vendor' (confounded)"
+    )
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--force", action="store_true", help="regenerate even if a matching data set exists")
     args = parser.parse_args(argv)
@@ -731,6 +754,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "slab_mm": None if args.slab_mm.lower() == "none" else float(args.slab_mm),
         "vendor_ad_fraction": dict(args.vendor) if args.vendor else None,
         "site_effect": args.site_effect,
+        "unseen_ad_fraction": None if args.unseen_ad_fraction.lower() == "vendor" else float(args.unseen_ad_fraction),
         "num_workers": args.num_workers,
         "progress": True,
     }
