@@ -38,6 +38,7 @@ from .spirals import (
     spirals_to_datalist,
 )
 from .tabular import datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
+from .tiff import TIFF_SUFFIXES, TiffFileReader, TiffImage, save_tiff
 
 # `python -m monai_armed.data.mri` runs a module this package has already imported; that is intended, so runpy's
 # "found in sys.modules ... unpredictable behaviour" warning about exactly that module is silenced.
