@@ -21,6 +21,16 @@ from .datasets import (
     split_by_cluster,
 )
 from .loader import TensorBatchLoader
+from .microscopy import (
+    PHENOTYPES,
+    apply_batch_signature,
+    ensure_microscopy_dataset,
+    make_cell_morphology,
+    make_microscopy_batches,
+    make_microscopy_dataset,
+    render_cell,
+    simulate_cell_image,
+)
 from .mri import (
     DEFAULT_VENDOR_AD_FRACTION,
     MNI_RIGHT_HIPPOCAMPUS,
@@ -40,6 +50,9 @@ from .spirals import (
 from .tabular import datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
 from .tiff import TIFF_SUFFIXES, TiffFileReader, TiffImage, save_tiff
 
-# `python -m monai_armed.data.mri` runs a module this package has already imported; that is intended, so runpy's
+# `python -m monai_armed.data.mri` (or `.microscopy`) runs a module this package has already imported; that is intended, so runpy's
 # "found in sys.modules ... unpredictable behaviour" warning about exactly that module is silenced.
-warnings.filterwarnings("ignore", message="'monai_armed.data.mri' found in sys.modules", category=RuntimeWarning)
+for _module in ("mri", "microscopy"):
+    warnings.filterwarnings(
+        "ignore", message=f"'monai_armed.data.{_module}' found in sys.modules", category=RuntimeWarning
+    )
