@@ -15,12 +15,19 @@ from . import blocks, layers, nets
 from .blocks import ClusterAdversary, ClusterScaleBias, cluster_context, cluster_norm_modules
 from .layers import GradientReversal, RandomEffects
 from .nets import (
+    AEC_VARIANTS,
     ARMED,
     ARMED_VARIANTS,
     ARMEDCNN,
     MLP_VARIANTS,
+    AECOutput,
+    AutoencoderClassifier,
+    ImageClusterClassifier,
+    MixedEffectsAutoencoder,
     MixedEffectsMLP,
+    RandomEffectsAutoencoder,
     ZPredictor,
+    aec_loss_weights,
     default_tap_layers,
     variant_loss_weights,
 )

@@ -13,5 +13,22 @@ from __future__ import annotations
 
 from .armed import ARMED, ARMED_VARIANTS, INPUT_SUFFIX, default_tap_layers
 from .armed_cnn import ARMEDCNN, ArmedCNN, PadToSize
+from .autoencoder import (
+    AEC_LOSS_WEIGHTS,
+    AEC_VARIANTS,
+    PAPER_AEC_CONFIG,
+    PAPER_IMAGE_CLASSIFIER_CONFIG,
+    AECDecoder,
+    AECEncoder,
+    AECLatents,
+    AECOutput,
+    AECReconstruction,
+    AutoencoderClassifier,
+    ImageClusterClassifier,
+    LatentClassifier,
+    MixedEffectsAutoencoder,
+    RandomEffectsAutoencoder,
+    aec_loss_weights,
+)
 from .mixed_effects_mlp import MLP_VARIANTS, MixedEffectsMLP, variant_loss_weights
 from .z_predictor import ZPredictor

@@ -1,0 +1,381 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Ignite trainer of the ARMED autoencoder-classifier family (conventional, domain-adversarial and ARMED-AEC)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys as Keys
+from monai.utils import IgniteInfo, min_version, optional_import
+from torch.nn.parallel import DistributedDataParallel
+
+from monai_armed.engines.distributed import unwrap_armed
+from monai_armed.engines.trainer import ARMEDKeys, ARMEDTrainer, _frozen
+from monai_armed.networks.nets.autoencoder import AEC_LOSS_WEIGHTS, AECOutput
+
+if TYPE_CHECKING:
+    from ignite.engine import EventEnum
+else:
+    EventEnum, _ = optional_import(
+        "ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum", as_type="base"
+    )
+
+__all__ = ["ARMEDAutoencoderTrainer", "AECIterationEvents", "AECKeys", "AEC_LOSS_KEYS", "seen_cross_entropy"]
+
+_W = AEC_LOSS_WEIGHTS
+
+
+class AECIterationEvents(EventEnum):
+    """Extra event fired by :class:`ARMEDAutoencoderTrainer` after the image-cluster-classifier step.
+
+    Example::
+
+        trainer.add_event_handler(AECIterationEvents.IMAGE_CLASSIFIER_COMPLETED, lambda e: ...)
+    """
+
+    IMAGE_CLASSIFIER_COMPLETED = "image_classifier_completed"
+
+
+class AECKeys(ARMEDKeys):
+    """Keys that :class:`ARMEDAutoencoderTrainer` adds to ``engine.state.output`` besides :class:`ARMEDKeys`.
+
+    Example::
+
+        LossHistory("loss_history.json", keys=AEC_LOSS_KEYS)
+    """
+
+    LOSS_RECON_FE = "loss_recon_fe"
+    LOSS_RECON_RE = "loss_recon_re"
+    LOSS_RE = "loss_re"
+    LOSS_LATENT_CLUSTER = "loss_latent_cluster"
+    LOSS_IMAGE_CLUSTER = "loss_image_cluster"
+    LOSS_IMAGE_CLASSIFIER = "loss_image_classifier"
+
+
+#: Every scalar an ARMED-AEC iteration logs (variant "armed" with an adversary and an image cluster classifier);
+#: fixed-effects-only variants log ``loss``, ``loss_recon_fe``, ``loss_fe``, ``loss_kl`` and, with an adversary,
+#: ``loss_adv``, ``adv_accuracy``, ``loss_gen``.
+AEC_LOSS_KEYS = (
+    Keys.LOSS,
+    AECKeys.LOSS_RECON_FE,
+    AECKeys.LOSS_RECON_RE,
+    AECKeys.LOSS_FE,
+    AECKeys.LOSS_RE,
+    AECKeys.LOSS_ME,
+    AECKeys.LOSS_ADV,
+    AECKeys.ADV_ACCURACY,
+    AECKeys.LOSS_GEN,
+    AECKeys.LOSS_LATENT_CLUSTER,
+    AECKeys.LOSS_IMAGE_CLUSTER,
+    AECKeys.LOSS_IMAGE_CLASSIFIER,
+    AECKeys.LOSS_KL,
+)
+
+
+def seen_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the rows of seen clusters (``target >= 0``); 0 when the batch has none.
+
+    ``nn.CrossEntropyLoss(ignore_index=-1)`` returns NaN for a batch of unseen clusters only; this returns 0.
+
+    Example::
+
+        seen_cross_entropy(torch.randn(3, 4), torch.tensor([2, -1, 0]))    # mean over rows 0 and 2
+    """
+    total = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum")
+    return total / (target >= 0).sum().clamp(min=1).to(total.dtype)
+
+
+class ARMEDAutoencoderTrainer(ARMEDTrainer):
+    """Ignite trainer for the ARMED autoencoder-classifiers (:class:`~monai_armed.networks.nets.MixedEffectsAutoencoder`).
+
+    Each iteration runs one forward pass of ``network.forward_autoencoder(image, cluster)`` and then (armed_method.md
+    section 3.3, with the paper's mixing subnetwork):
+
+    1. adversary step: ``adv_loss_function(adversary(features.detach()), cluster)`` updates the adversary only
+       (skipped without an adversary);
+    2. image-cluster-classifier step on the real images: ``CE(image_classifier(image), cluster)`` updates the
+       classifier only (variants with random effects, when one is given);
+    3. main step, with the adversary and the image classifier frozen (their just-updated weights are used)::
+
+           loss = recon_weight * MSE(x, recon_fe) + cls_weight * task(pred_fe) - adv_weight * CE(adversary(features), z)
+                + recon_re_weight * MSE(x, recon_re) + re_cls_weight * task(pred_re) + mix_weight * task(pred)
+                + latent_cluster_weight * CE(latent_cluster_logits, z) + image_cluster_weight * CE(image_classifier(recon_re), z)
+                + kl_weight * KL
+
+       The adversarial term is subtracted (the fixed-effects latent must lose the batch information; the reference's
+       ``MixedEffectsAEC`` adds it, a bug); the two cluster terms are added, i.e. minimised ("domain-enhancing": the
+       random-effects latent and reconstruction must keep the batch information).
+
+    This is a joint schedule. With the network's default ``detach_mixer_inputs=True`` the fixed-effects AEC, the
+    random-effects AEC and the mixer share no gradient, so it equals the paper's separately trained DA-AEC (or AEC),
+    RE-AEC and mixer (with per-parameter optimizers such as Adam). Every cluster cross-entropy ignores ``-1`` rows
+    (soft clusters use their arg-max). The image classifier stays in training mode in the main step as in the
+    reference, so its BatchNorm statistics also see the reconstructions.
+
+    ``engine.state.output`` holds (detached) ``loss`` (the objective above), ``loss_recon_fe``, ``loss_fe``,
+    ``loss_kl`` and, when the variant has them, ``loss_recon_re``, ``loss_re``, ``loss_me``, ``loss_latent_cluster``,
+    ``loss_image_cluster``, ``loss_image_classifier``, ``loss_adv``, ``adv_accuracy``, ``loss_gen`` (see
+    :data:`AEC_LOSS_KEYS`); ``pred`` (mixed-effects logits) and ``pred_fe``. Parts are logged even when their weight
+    is 0. Every weight is a plain attribute (``mix_weight`` and ``cls_weight`` are the inherited ``me_weight`` and
+    ``fe_weight``). AMP (CUDA), gradient accumulation, ``adversary_update="simultaneous"`` and DDP (network,
+    adversary and image classifier each through :func:`~monai_armed.engines.armed_ddp`) work as in
+    :class:`ARMEDTrainer`. Save ``adversary``, ``image_classifier`` and their optimizers beside the network to
+    resume.
+
+    Args:
+        device: device of the engine.
+        max_epochs: number of epochs.
+        train_data_loader: dictionary batches with ``image``, ``label`` and ``cluster``.
+        network: a network with ``forward_autoencoder(x, cluster) -> AECOutput``, or ``armed_ddp(network)``.
+        optimizer: optimizer of the network's parameters.
+        loss_function: task loss on logits; default :class:`~monai_armed.losses.LogitClassificationLoss`.
+        adversary: cluster classifier over ``AECOutput.features`` (``ClusterAdversary(net.feature_channels, C)``),
+            or ``None``.
+        adv_optimizer: optimizer of the adversary; default ``Adam(lr=1e-3)``.
+        adv_loss_function: adversary loss; default :func:`seen_cross_entropy`.
+        image_classifier: :class:`~monai_armed.networks.nets.ImageClusterClassifier` (or any image -> cluster
+            logits network) for variants with random effects, or ``None`` (no image-cluster terms).
+        image_classifier_optimizer: its optimizer; default ``Adam(lr=1e-3)``.
+        cluster_loss_function: loss of the latent and image cluster terms and of the image classifier's step;
+            default :func:`seen_cross_entropy`.
+        recon_loss_function: reconstruction loss; default ``nn.MSELoss()``.
+        recon_weight: weight of the fixed-effects reconstruction.
+        cls_weight: weight of the fixed-effects task loss.
+        adv_weight: weight of the adversarial term, subtracted.
+        recon_re_weight: weight of the random-effects reconstruction.
+        re_cls_weight: weight of the random-effects latent's target head.
+        mix_weight: weight of the mixed-effects (mixer) task loss.
+        latent_cluster_weight: weight of the random-effects latent's cluster head (added).
+        image_cluster_weight: weight of the image classifier's loss on the RE reconstruction (added).
+        kl_weight: weight of the summed KL divergence of the random effects.
+        adversary_update: ``"sequential"`` (default) or ``"simultaneous"`` (gradient reversal).
+        prepare_batch: default :class:`~monai_armed.engines.PrepareBatchCluster`.
+        kwargs: further ``SupervisedTrainer`` arguments.
+
+    Raises:
+        TypeError: the network has no ``forward_autoencoder``.
+        ValueError: an image classifier for a network without random effects, or wrapped unlike the network.
+
+    Example::
+
+        net = MixedEffectsAutoencoder(2, (1, 64, 64), out_channels=1, n_clusters=6, variant="armed")
+        adversary = ClusterAdversary(net.feature_channels, n_clusters=6, hidden_channels=(64, 32))
+        judge = ImageClusterClassifier(2, in_channels=1, n_clusters=6)
+        trainer = ARMEDAutoencoderTrainer(
+            device="cpu", max_epochs=10, train_data_loader=loader, network=net,
+            optimizer=torch.optim.Adam(net.parameters(), 1e-4), adversary=adversary, image_classifier=judge,
+            **aec_loss_weights("armed"),
+        )
+        trainer.run()
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Any,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable | None = None,
+        adversary: nn.Module | None = None,
+        adv_optimizer: torch.optim.Optimizer | None = None,
+        adv_loss_function: Callable | None = None,
+        image_classifier: nn.Module | None = None,
+        image_classifier_optimizer: torch.optim.Optimizer | None = None,
+        cluster_loss_function: Callable | None = None,
+        recon_loss_function: Callable | None = None,
+        recon_weight: float = _W["recon_weight"],
+        cls_weight: float = _W["cls_weight"],
+        adv_weight: float = _W["adv_weight"],
+        recon_re_weight: float = _W["recon_re_weight"],
+        re_cls_weight: float = _W["re_cls_weight"],
+        mix_weight: float = _W["mix_weight"],
+        latent_cluster_weight: float = _W["latent_cluster_weight"],
+        image_cluster_weight: float = _W["image_cluster_weight"],
+        kl_weight: float = _W["kl_weight"],
+        adversary_update: str = "sequential",
+        prepare_batch: Callable | None = None,
+        **kwargs: Any,
+    ) -> None:
+        module = unwrap_armed(network)
+        if not callable(getattr(module, "forward_autoencoder", None)):
+            raise TypeError(
+                f"ARMEDAutoencoderTrainer needs a network with forward_autoencoder(x, cluster) -> AECOutput; "
+                f"{type(module).__name__} has none (use monai_armed.networks.nets.MixedEffectsAutoencoder)."
+            )
+        if image_classifier is not None:
+            if not getattr(module, "has_random_effects", True):
+                raise ValueError(
+                    "image_classifier judges the random-effects reconstruction, but the network (variant "
+                    f"{getattr(module, 'variant', '?')!r}) has no random effects; pass image_classifier=None."
+                )
+            if isinstance(network, DistributedDataParallel) != isinstance(image_classifier, DistributedDataParallel):
+                raise ValueError(
+                    "ARMEDAutoencoderTrainer needs the network and the image classifier both plain or both "
+                    f"DistributedDataParallel (armed_ddp), got network={type(network).__name__}, "
+                    f"image_classifier={type(image_classifier).__name__}."
+                )
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            adversary=adversary,
+            adv_optimizer=adv_optimizer,
+            adv_loss_function=adv_loss_function or seen_cross_entropy,
+            me_weight=mix_weight,
+            fe_weight=cls_weight,
+            adv_weight=adv_weight,
+            kl_weight=kl_weight,
+            adversary_update=adversary_update,
+            prepare_batch=prepare_batch,
+            **kwargs,
+        )
+        self.register_events(*AECIterationEvents)
+        self.cluster_loss_function = cluster_loss_function or seen_cross_entropy
+        self.recon_loss_function = recon_loss_function or nn.MSELoss()
+        self.recon_weight, self.recon_re_weight, self.re_cls_weight = recon_weight, recon_re_weight, re_cls_weight
+        self.latent_cluster_weight, self.image_cluster_weight = latent_cluster_weight, image_cluster_weight
+        self.image_classifier = image_classifier
+        self._image_classifier_module = (
+            image_classifier.module if isinstance(image_classifier, DistributedDataParallel) else image_classifier
+        )
+        if image_classifier is not None and image_classifier_optimizer is None:
+            image_classifier_optimizer = torch.optim.Adam(image_classifier.parameters(), lr=1e-3)
+        self.image_classifier_optimizer = image_classifier_optimizer
+        if isinstance(image_classifier, DistributedDataParallel):
+            self._ddp_modules = self._ddp_modules + (image_classifier,)
+        self._image_classifier_params = list(image_classifier.parameters()) if image_classifier is not None else []
+        self.image_scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def mix_weight(self) -> float:
+        """Weight of the mixed-effects task loss (the inherited ``me_weight``)."""
+        return self.me_weight
+
+    @mix_weight.setter
+    def mix_weight(self, value: float) -> None:
+        self.me_weight = value
+
+    @property
+    def cls_weight(self) -> float:
+        """Weight of the fixed-effects task loss (the inherited ``fe_weight``)."""
+        return self.fe_weight
+
+    @cls_weight.setter
+    def cls_weight(self, value: float) -> None:
+        self.fe_weight = value
+
+    def run(self) -> None:  # type: ignore[override]
+        if self.amp and self.image_classifier is not None:
+            self.image_scaler = torch.amp.GradScaler("cuda")
+        super().run()
+
+    def _train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, cluster: torch.Tensor, zero_grad: bool, step: bool
+    ) -> dict:
+        """The adversary, image-classifier and main steps of one iteration (``zero_grad`` / ``step``: accumulation)."""
+        scale = 1.0 / self.accumulation_steps
+        for module in (self.network, self.adversary, self.image_classifier):
+            if module is not None and not module.training:
+                module.train()
+        if zero_grad:
+            self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        autocast = torch.autocast("cuda", **self.amp_kwargs) if self.amp else nullcontext()
+        target = cluster.argmax(1) if cluster.is_floating_point() else cluster
+
+        with autocast:
+            out: AECOutput = self._forward_armed(inputs, cluster)
+            loss = self._autoencoder_loss(out, inputs, targets, target)  # checks the labels before any other step
+        self.state.output[Keys.PRED], self.state.output[AECKeys.PRED_FE] = out.pred, out.pred_fe
+        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+
+        sequential = self.adversary is not None and self.adversary_update == "sequential"
+        if self.adversary is not None:
+            if zero_grad:
+                self.adv_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+            if sequential:
+                self._adversary_step(out.features, target, autocast, scale, step)
+        judged = self.image_classifier is not None and out.recon_re is not None
+        if judged:
+            self._image_classifier_step(inputs, target, autocast, scale, zero_grad, step)
+
+        frozen = (self._adversary_params if sequential else []) + (self._image_classifier_params if judged else [])
+        with _frozen(frozen):
+            with autocast:
+                if judged:
+                    loss = loss + self._image_cluster_loss(out.recon_re, target)
+                loss_gen = self._generalization_loss(out.features, target)
+                loss = self._total_loss(loss, loss_gen, out.kl)
+            self.fire_event(IterationEvents.LOSS_COMPLETED)
+            self._backward(loss * scale if scale != 1.0 else loss, self.scaler)
+        self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if step:
+            self._step(self.optimizer, self.scaler)
+            if self.adversary is not None and not sequential:
+                self._step(self.adv_optimizer, self.adv_scaler)
+        self.fire_event(IterationEvents.MODEL_COMPLETED)
+        return self.state.output
+
+    def _autoencoder_loss(
+        self, out: AECOutput, inputs: torch.Tensor, targets: torch.Tensor, cluster_target: torch.Tensor
+    ) -> torch.Tensor:
+        """The weighted reconstruction, task and latent-cluster terms, logging each part."""
+        parts = [
+            (AECKeys.LOSS_RECON_FE, self.recon_weight, self.recon_loss_function(out.recon_fe, inputs)),
+            (AECKeys.LOSS_FE, self.cls_weight, self.loss_function(out.pred_fe, targets).mean()),
+        ]
+        if out.recon_re is not None:
+            parts += [
+                (AECKeys.LOSS_RECON_RE, self.recon_re_weight, self.recon_loss_function(out.recon_re, inputs)),
+                (AECKeys.LOSS_RE, self.re_cls_weight, self.loss_function(out.pred_re, targets).mean()),
+                (AECKeys.LOSS_ME, self.mix_weight, self.loss_function(out.pred, targets).mean()),
+                (
+                    AECKeys.LOSS_LATENT_CLUSTER,
+                    self.latent_cluster_weight,
+                    self.cluster_loss_function(out.latent_cluster_logits, cluster_target),
+                ),
+            ]
+        loss = out.pred_fe.new_zeros(())
+        for key, weight, part in parts:
+            self.state.output[key] = part.detach()
+            if weight:
+                loss = loss + weight * part
+        return loss
+
+    def _image_classifier_step(
+        self, inputs: torch.Tensor, target: torch.Tensor, autocast: Any, scale: float, zero_grad: bool, step: bool
+    ) -> None:
+        """One step of the image cluster classifier on the real images."""
+        if zero_grad:
+            self.image_classifier_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        with autocast:
+            loss = self.cluster_loss_function(self.image_classifier(inputs), target)
+        self._backward(loss * scale if scale != 1.0 else loss, self.image_scaler)
+        if step:
+            self._step(self.image_classifier_optimizer, self.image_scaler)
+        self.state.output[AECKeys.LOSS_IMAGE_CLASSIFIER] = loss.detach()
+        self.fire_event(AECIterationEvents.IMAGE_CLASSIFIER_COMPLETED)
+
+    def _image_cluster_loss(self, recon_re: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``image_cluster_weight * CE(image_classifier(recon_re), cluster)`` with the frozen classifier (unwrapped)."""
+        part = self.cluster_loss_function(self._image_classifier_module(recon_re), target)
+        self.state.output[AECKeys.LOSS_IMAGE_CLUSTER] = part.detach()
+        return self.image_cluster_weight * part if self.image_cluster_weight else part.new_zeros(())
