@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_open", "meta_schema_path", "shape_str", "write_json"]
+__all__ = ["atomic_open", "meta_schema_path", "nan_to_none", "shape_str", "write_json"]
 
 
 @contextmanager
@@ -69,6 +70,20 @@ def write_json(content: Any, path: str | os.PathLike) -> str:
     with atomic_open(path) as f:
         json.dump(content, f, indent=2)
     return str(path)
+
+
+def nan_to_none(value: Any) -> Any:
+    """Replace float NaN by ``None`` in nested dicts and lists, so a report is strict JSON.
+
+    Example::
+
+        nan_to_none({"auroc": float("nan"), "mse": [0.1, float("nan")]})   # {"auroc": None, "mse": [0.1, None]}
+    """
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def meta_schema_path() -> str:

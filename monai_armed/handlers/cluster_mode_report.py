@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from monai_armed.metrics import (
     per_cluster_binary_metrics,
     positive_probability,
 )
-from monai_armed.utils import write_json
+from monai_armed.utils import nan_to_none, write_json
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -126,7 +125,7 @@ class ClusterModeReport:
         finally:
             evaluator.data_loader, evaluator.state.epoch_length = previous
             evaluator.cluster_mode = previous_mode
-        results = _nan_to_none(results)
+        results = nan_to_none(results)
         if self.output_file is not None:
             write_json(results, self.output_file)
         metric = "accuracy" if self.metrics == "classification" else "auroc"
@@ -148,15 +147,6 @@ class ClusterModeReport:
                 label, prob, c.cluster.cpu().numpy(), summary["threshold"], self.cluster_names
             )
         return summary
-
-
-def _nan_to_none(value: Any) -> Any:
-    """Replace float NaN by ``None`` in nested dicts and lists, so the report is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def format_report_table(reports: Mapping[str, Mapping], metric: str = "accuracy") -> str:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_armed.engines.autoencoder_trainer import AEC_LOSS_KEYS
 from monai_armed.engines.trainer import ARMEDKeys
 from monai_armed.utils import write_json
 
@@ -31,15 +32,20 @@ else:
 
 __all__ = ["LOSS_KEYS", "LossHistory"]
 
-#: the scalar parts of an ``ARMEDTrainer`` output (``SupervisedTrainer`` has ``loss`` only)
-LOSS_KEYS = (
-    "loss",
-    ARMEDKeys.LOSS_ME,
-    ARMEDKeys.LOSS_FE,
-    ARMEDKeys.LOSS_ADV,
-    ARMEDKeys.LOSS_GEN,
-    ARMEDKeys.LOSS_KL,
-    ARMEDKeys.ADV_ACCURACY,
+#: the scalar parts of an ``ARMEDTrainer`` or ``ARMEDAutoencoderTrainer`` output (``SupervisedTrainer``: ``loss``)
+LOSS_KEYS = tuple(
+    dict.fromkeys(
+        (
+            "loss",
+            ARMEDKeys.LOSS_ME,
+            ARMEDKeys.LOSS_FE,
+            ARMEDKeys.LOSS_ADV,
+            ARMEDKeys.LOSS_GEN,
+            ARMEDKeys.LOSS_KL,
+            ARMEDKeys.ADV_ACCURACY,
+            *AEC_LOSS_KEYS,
+        )
+    )
 )
 
 
