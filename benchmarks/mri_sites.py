@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shlex
 import sys
@@ -34,13 +33,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigWorkflow
+from bundle_runner import run_train_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from results_md import replace_section  # noqa: E402
 
 from monai_armed.engines import ARMEDTrainer
 from monai_armed.metrics import mean_ci95
 from monai_armed.networks import ARMED, ARMEDCNN, ClusterAdversary, variant_loss_weights
 from monai_armed.utils import write_json
-from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "armed_mri_classification" / "configs"
@@ -63,29 +62,13 @@ def log(message: str) -> None:
 
 def train_bundle(variant: str, seed: int, root: Path, data_dir: Path, overrides: dict) -> dict:
     """Train and evaluate one model with the bundle; returns its metrics.json (cached in ``root``)."""
-    metrics_file = root / "eval" / "metrics.json"
-    if metrics_file.exists():
-        return json.loads(metrics_file.read_text())
     run = ["$@vocabulary.save(@vocabulary_file)", "$@train#trainer.run()"]
     if variant in RANDOM_EFFECTS:
         run.append("$@zpredictor_train#trainer.run()")
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "train.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(root),
-        dataset_dir=str(data_dir),
-        variant=variant,
-        seed=seed,
-        data_seed=seed,
-        run=[*run, "$@report.run()"],
-        **overrides,
+    run.append("$@report.run()")
+    return run_train_config(
+        CONFIGS, root, run, dataset_dir=str(data_dir), variant=variant, seed=seed, data_seed=seed, **overrides
     )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
-    return json.loads(metrics_file.read_text())
 
 
 def step_time(overrides: dict, n_clusters: int = 8, steps: int = 20) -> dict:
