@@ -23,7 +23,7 @@ from parameterized import parameterized
 
 from monai_armed.data import TensorBatchLoader
 from monai_armed.engines import ARMEDEvaluator, ARMEDKeys, ARMEDTrainer, PrepareBatchCluster
-from monai_armed.losses import LogitClassificationLoss, balanced_class_weights
+from monai_armed.losses import LogitClassificationLoss, balanced_class_weights, cluster_confusion_loss
 from monai_armed.networks import ClusterAdversary, MixedEffectsMLP, ZPredictor
 
 N_CLUSTERS = 4
@@ -209,6 +209,77 @@ class TestARMEDTrainer(unittest.TestCase):
             after[weight] = accuracy(net_w, adv_w)
         self.assertLess(after[2.0], before - 0.2)
         self.assertLess(after[2.0], after[0.0] - 0.2)
+
+    def test_confusion_objective_gradient(self):
+        """adversarial_objective='confusion': the network gradient is that of the task losses plus adv_weight times
+        the frozen adversary's cross-entropy against the uniform distribution; the adversary's own step is unchanged."""
+        net, adv = _models(variant="domain_adversarial")
+        loader = _loader(n=64, batch_size=64, shuffle=False)
+        kw = {"me_weight": 1.0, "fe_weight": 0.5, "adv_weight": 0.8, "kl_weight": 0.0}
+        trainer = _trainer(
+            loader, net, adv, epochs=1, lr=0.0, adv_lr=0.0, sgd=True, adversarial_objective="confusion", **kw
+        )
+        trainer.run()
+        got_net, got_adv = _grads(net), _grads(adv)
+        batch = next(iter(loader))
+        x, y, c = batch["features"], batch["label"], batch["cluster"]
+        net.zero_grad()
+        out = net.forward_armed(x, c)
+        uniform_ce = -torch.log_softmax(adv(out.features), dim=1).mean()
+        loss = (
+            F.binary_cross_entropy_with_logits(out.pred[:, 0], y)
+            + 0.5 * F.binary_cross_entropy_with_logits(out.pred_fe[:, 0], y)
+            + 0.8 * uniform_ce
+        )
+        loss.backward()
+        torch.testing.assert_close(got_net, _grads(net))
+        adv.zero_grad()
+        F.cross_entropy(adv([f.detach() for f in out.features]), c).backward()
+        torch.testing.assert_close(got_adv, _grads(adv))
+        output = trainer.state.output
+        torch.testing.assert_close(output["loss_gen"], uniform_ce.detach())
+        torch.testing.assert_close(
+            output["loss"], output["loss_me"] + 0.5 * output["loss_fe"] + 0.8 * output["loss_gen"]
+        )
+
+    def test_confusion_step_flattens_adversary(self):
+        """A main step with only the confusion term moves the frozen adversary's predictions towards uniform."""
+        net, adv = _models()
+        loader = _loader(n=128, batch_size=128, shuffle=False, shift=3.0)
+        batch = next(iter(loader))
+        x, c = batch["features"], batch["cluster"]
+        _trainer(loader, net, adv, epochs=5, lr=0.0, adv_lr=0.05, adv_weight=0.0).run()  # the adversary learns
+
+        def uniform_ce() -> float:
+            with torch.no_grad():
+                return float(cluster_confusion_loss(adv(net.forward_armed(x, c).features), c))
+
+        before = uniform_ce()
+        _trainer(
+            loader, net, adv, epochs=3, lr=0.05, adv_lr=0.0, sgd=True, me_weight=0.0, fe_weight=0.0, kl_weight=0.0,
+            adversarial_objective="confusion",
+        ).run()  # fmt: skip
+        self.assertLess(uniform_ce(), before)
+
+    def test_confusion_loss_values(self):
+        logits = torch.zeros(3, 5, requires_grad=True)
+        torch.testing.assert_close(cluster_confusion_loss(logits, torch.tensor([0, 1, 2])), torch.tensor(np.log(5.0), dtype=torch.float32))
+        skewed = torch.tensor([[4.0, 0.0], [0.0, 0.0]])
+        torch.testing.assert_close(
+            cluster_confusion_loss(skewed, torch.tensor([-1, 1])), torch.tensor(np.log(2.0)), check_dtype=False
+        )
+        none_seen = cluster_confusion_loss(logits, torch.tensor([-1, -1, -1]))
+        self.assertEqual(float(none_seen), 0.0)
+        none_seen.backward()  # still differentiable
+        with self.assertRaisesRegex(ValueError, "expects logits"):
+            cluster_confusion_loss(torch.zeros(3), torch.tensor([0, 1, 2]))
+
+    def test_rejects_bad_adversarial_objective(self):
+        net, adv = _models()
+        with self.assertRaisesRegex(ValueError, "adversarial_objective must be"):
+            _trainer(_loader(), net, adv, adversarial_objective="entropy")
+        with self.assertRaisesRegex(ValueError, "needs adversary_update='sequential'"):
+            _trainer(_loader(), net, adv, adversarial_objective="confusion", adversary_update="simultaneous")
 
     def test_simultaneous_mode(self):
         net, adv = _models()

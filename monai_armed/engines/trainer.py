@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from monai_armed.engines.distributed import ARMEDForward
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
-from monai_armed.losses import LogitClassificationLoss
+from monai_armed.losses import LogitClassificationLoss, cluster_confusion_loss
 from monai_armed.networks.layers.gradient_reversal import grad_reverse
 
 if TYPE_CHECKING:
@@ -115,6 +115,12 @@ class ARMEDTrainer(SupervisedTrainer):
         adv_weight: weight of the adversarial (generalisation) term, subtracted from the loss.
         kl_weight: weight of the summed KL divergence.
         adversary_update: ``"sequential"`` (default, as in the paper) or ``"simultaneous"``.
+        adversarial_objective: what the main step asks of the features against the (frozen) adversary:
+            ``"negative_ce"`` (default, the paper's) subtracts ``adv_weight`` times the adversary's cross-entropy on
+            the true clusters; ``"confusion"`` adds ``adv_weight`` times its cross-entropy against the uniform
+            distribution over the seen clusters (Tzeng et al. 2015), which asks for features the adversary cannot
+            tell apart instead of features it gets wrong (maximising its error can keep the clusters separable, only
+            relabelled). ``"confusion"`` needs ``adversary_update="sequential"``.
         prepare_batch: default :class:`PrepareBatchCluster`; must return the cluster as keyword ``cluster``.
         kwargs: further ``SupervisedTrainer`` arguments (``train_handlers``, ``key_train_metric``, ``amp``,
             ``decollate``, ``accumulation_steps``, ...).
@@ -147,11 +153,18 @@ class ARMEDTrainer(SupervisedTrainer):
         kl_weight: float = 1e-3,
         adversary_update: str = "sequential",
         prepare_batch: Callable | None = None,
+        adversarial_objective: str = "negative_ce",
         **kwargs: Any,
     ) -> None:
         adversary_module = _check_wrappers(network, adversary)
         if adversary_update not in ("sequential", "simultaneous"):
             raise ValueError(f"adversary_update must be 'sequential' or 'simultaneous', got {adversary_update!r}.")
+        if adversarial_objective not in ("negative_ce", "confusion"):
+            raise ValueError(
+                f"adversarial_objective must be 'negative_ce' or 'confusion', got {adversarial_objective!r}."
+            )
+        if adversarial_objective == "confusion" and adversary_update != "sequential":
+            raise ValueError("adversarial_objective='confusion' needs adversary_update='sequential'.")
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -173,7 +186,7 @@ class ARMEDTrainer(SupervisedTrainer):
         self.adv_optimizer = adv_optimizer
         self.adv_loss_function = adv_loss_function or nn.CrossEntropyLoss(ignore_index=-1)
         self.me_weight, self.fe_weight, self.adv_weight, self.kl_weight = me_weight, fe_weight, adv_weight, kl_weight
-        self.adversary_update = adversary_update
+        self.adversary_update, self.adversarial_objective = adversary_update, adversarial_objective
         self._adversary_params = list(adversary.parameters()) if adversary is not None else []
         self.adv_scaler: torch.amp.GradScaler | None = None
 
@@ -274,18 +287,25 @@ class ARMEDTrainer(SupervisedTrainer):
         if self.adversary is None:
             return None
         if self.adversary_update == "sequential":  # unwrapped: frozen, it has nothing for DDP to reduce
-            return self.adv_loss_function(self._adversary_module(features), target)
+            adv_logits = self._adversary_module(features)
+            if self.adversarial_objective == "confusion":
+                return cluster_confusion_loss(adv_logits, target)
+            return self.adv_loss_function(adv_logits, target)
         adv_logits = self.adversary([grad_reverse(f, self.adv_weight) for f in features])
         loss_gen = self.adv_loss_function(adv_logits, target)
         self._record_adversary(adv_logits, target, loss_gen)
         return loss_gen
 
     def _total_loss(self, task: torch.Tensor, loss_gen: torch.Tensor | None, kl: torch.Tensor) -> torch.Tensor:
-        """The tensor to back-propagate; logs the objective ``task - adv_weight * loss_gen + kl_weight * kl``."""
+        """The tensor to back-propagate; logs the objective ``task - adv_weight * loss_gen + kl_weight * kl``
+        (``+ adv_weight * loss_gen`` with the confusion objective)."""
         output = self.state.output
         objective = task + self.kl_weight * kl if self.kl_weight else task
         backward = objective
-        if loss_gen is not None:
+        if loss_gen is not None and self.adversarial_objective == "confusion":
+            output[ARMEDKeys.LOSS_GEN] = loss_gen.detach()
+            backward = objective = objective + self.adv_weight * loss_gen
+        elif loss_gen is not None:
             output[ARMEDKeys.LOSS_GEN] = loss_gen.detach()
             # simultaneous: the reversal layer already gives the features -adv_weight times the gradient
             backward = (

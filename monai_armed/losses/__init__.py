@@ -11,4 +11,4 @@
 
 from __future__ import annotations
 
-from .classification import LogitClassificationLoss, balanced_class_weights
+from .classification import LogitClassificationLoss, balanced_class_weights, cluster_confusion_loss

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LogitClassificationLoss", "balanced_class_weights"]
+__all__ = ["LogitClassificationLoss", "balanced_class_weights", "cluster_confusion_loss"]
 
 
 def balanced_class_weights(labels: torch.Tensor, n_classes: int = 2) -> torch.Tensor:
@@ -75,3 +75,27 @@ class LogitClassificationLoss(nn.Module):
             return F.cross_entropy(logits, label, weight=self.class_weight)
         weight = None if self.class_weight is None else self.class_weight[label]
         return F.binary_cross_entropy_with_logits(logits[:, 0], label.to(logits.dtype), weight=weight)
+
+
+def cluster_confusion_loss(logits: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a cluster classifier's logits against the uniform distribution over the clusters.
+
+    Minimised by features from which the classifier cannot tell the clusters apart (every softmax row uniform, loss
+    ``log(n_clusters)``), unlike the negative cross-entropy on the true clusters, which is also minimised by features
+    that the classifier confidently gets wrong. Rows whose ``cluster`` is ``-1`` (unseen) are left out; ``0`` when none
+    is left.
+
+    Args:
+        logits: ``(B, n_clusters)`` classifier logits.
+        cluster: ``(B,)`` cluster indices (only their sign is used: ``-1`` rows are skipped).
+
+    Example::
+
+        loss = cluster_confusion_loss(adversary(features), cluster)    # minimise with the features' optimizer
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"cluster_confusion_loss expects logits (batch, n_clusters), got {tuple(logits.shape)}.")
+    seen = cluster.reshape(-1) >= 0
+    if not bool(seen.any()):
+        return logits.sum() * 0.0
+    return -torch.log_softmax(logits[seen], dim=1).mean()
