@@ -79,6 +79,10 @@ def write_autoencoder_outputs(
     Returns:
         the path of ``predictions.csv``.
 
+    Raises:
+        KeyError: a batch without ``image`` or ``path_key``.
+        ValueError: an empty loader, or two images with the same file name stem (their outputs would collide).
+
     Example::
 
         write_autoencoder_outputs(net, DataLoader(dataset, batch_size=8), "eval/inference", z_predictor=zp)
@@ -90,6 +94,7 @@ def write_autoencoder_outputs(
         z_predictor.eval()
     fallback = "inferred" if z_predictor is not None else "fixed"
     rows: list[dict[str, Any]] = []
+    source_of: dict[str, str] = {}  # output stem -> the image it was written for
     for batch in loader:
         if "image" not in batch or path_key not in batch:
             raise KeyError(
@@ -104,6 +109,13 @@ def write_autoencoder_outputs(
         effects = _effect_source(observed, x.shape[0], fallback)
         for i, path in enumerate(batch[path_key]):
             stem = _stem(str(path))
+            if stem in source_of:  # its maps would silently overwrite the other image's
+                raise ValueError(
+                    f"write_autoencoder_outputs: '{path}' and '{source_of[stem]}' have the same file name stem "
+                    f"{stem!r}, so their outputs in '{out}' would overwrite each other; give the images unique "
+                    "names."
+                )
+            source_of[stem] = str(path)
             maps = {"recon_fe": recon.fe[i]}
             if recon.me is not None:
                 maps.update(recon_me=recon.me[i], batch_effect=recon.me[i] - recon.fe[i])

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -138,8 +139,13 @@ class AutoencoderReport:
         return self.run()
 
     def run(self) -> dict:
-        """Evaluate every dataset in its modes, write and return the report."""
-        self.collected = {name: self._collect(loader, self.modes[name]) for name, loader in self.datasets.items()}
+        """Evaluate every dataset in its modes, write and return the report.
+
+        Raises:
+            KeyError: a batch without ``image``, ``label`` or ``cluster``.
+            ValueError: a dataset without batches, or a single-class ``threshold_dataset`` (no threshold to fit).
+        """
+        self.collected = {name: self._collect(name, loader) for name, loader in self.datasets.items()}
         order = [self.threshold_dataset] if self.threshold_dataset is not None else []
         order += [name for name in self.datasets if name not in order]
         results: dict[str, Any] = {}
@@ -149,6 +155,12 @@ class AutoencoderReport:
                 threshold = None
                 if self.threshold_dataset is not None and name != self.threshold_dataset:
                     threshold = results[self.threshold_dataset][mode]["threshold"]
+                    if math.isnan(threshold):  # binary_metrics could only say "threshold must be finite"
+                        raise ValueError(
+                            f"AutoencoderReport: the threshold dataset {self.threshold_dataset!r} holds a single "
+                            f"class, so no decision threshold can be fitted for {name!r}; give it both classes or "
+                            "pass threshold_dataset=None to fit each dataset's own threshold."
+                        )
                 results[name][mode] = self._mode_summary(data, mode, threshold)
         results["latent"] = self._latent_scores(self.collected[self.latent_dataset])
         if self.anova_dataset in self.collected:
@@ -192,9 +204,10 @@ class AutoencoderReport:
         return paths
 
     @torch.no_grad()
-    def _collect(self, loader: Iterable[Mapping[str, Any]], modes: Sequence[str]) -> dict[str, np.ndarray]:
-        network, z_predictor = self.network, self.z_predictor
-        was_training = network.training
+    def _collect(self, name: str, loader: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        network, z_predictor, modes = self.network, self.z_predictor, self.modes[name]
+        network_training = network.training
+        z_predictor_training = z_predictor is not None and z_predictor.training
         network.eval()
         if z_predictor is not None:
             z_predictor.eval()
@@ -202,11 +215,12 @@ class AutoencoderReport:
         parts: dict[str, list[torch.Tensor]] = {}
         try:
             for batch in loader:
-                x = torch.as_tensor(batch["image"]).to(self.device, torch.float32)
-                if "cluster" not in batch or "label" not in batch:
+                if any(key not in batch for key in ("image", "label", "cluster")):
                     raise KeyError(
-                        f"AutoencoderReport needs 'image', 'label' and 'cluster' batches, got {sorted(batch)}."
+                        f"AutoencoderReport needs 'image', 'label' and 'cluster' batches, got {sorted(batch)} in "
+                        f"dataset {name!r}."
                     )
+                x = torch.as_tensor(batch["image"]).to(self.device, torch.float32)
                 cluster = torch.as_tensor(batch["cluster"]).reshape(-1).long().to(self.device)
                 row = {"image": x, "label": torch.as_tensor(batch["label"]).reshape(-1), "cluster": cluster}
                 latents = network.encode(x, cluster)
@@ -223,9 +237,11 @@ class AutoencoderReport:
                 for key, value in row.items():
                     parts.setdefault(key, []).append(value.detach().float().cpu())
         finally:
-            network.train(was_training)
+            network.train(network_training)
+            if z_predictor is not None:
+                z_predictor.train(z_predictor_training)
         if not parts:
-            raise ValueError("AutoencoderReport: a dataset gave no batches.")
+            raise ValueError(f"AutoencoderReport: dataset {name!r} gave no batches.")
         return {key: torch.cat(values).numpy() for key, values in parts.items()}
 
     def _mode_summary(self, data: Mapping[str, np.ndarray], mode: str, threshold: float | None) -> dict[str, Any]:
