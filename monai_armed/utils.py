@@ -73,17 +73,17 @@ def write_json(content: Any, path: str | os.PathLike) -> str:
 
 
 def nan_to_none(value: Any) -> Any:
-    """Replace float NaN by ``None`` in nested dicts and lists, so a report is strict JSON.
+    """Replace float NaN (and infinities) by ``None`` in nested dicts and lists, so a report is strict JSON.
 
     Example::
 
-        nan_to_none({"auroc": float("nan"), "mse": [0.1, float("nan")]})   # {"auroc": None, "mse": [0.1, None]}
+        nan_to_none({"auroc": float("nan"), "f": [0.1, float("inf")]})   # {"auroc": None, "f": [0.1, None]}
     """
     if isinstance(value, dict):
         return {k: nan_to_none(v) for k, v in value.items()}
     if isinstance(value, list):
         return [nan_to_none(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def meta_schema_path() -> str:

@@ -198,6 +198,31 @@ class TestForwardContract(unittest.TestCase):
             ImageClusterClassifier(2, 1, 2)(torch.rand(2, 3, 16, 16))
 
 
+class TestAdversaryInputs(unittest.TestCase):
+    def test_latent_only_features(self):
+        net, x = _net("domain_adversarial", adversary_inputs="latent"), _x()
+        out = net.forward_autoencoder(x, CLUSTER)
+        self.assertEqual(len(out.features), 1)
+        self.assertIs(out.features[0], out.latent_fe)
+        self.assertEqual(net.feature_channels, SMALL["latent_size"])
+        logits = ClusterAdversary(net.feature_channels, C, (8,), input_norm=True)(out.features)
+        self.assertEqual(tuple(logits.shape), (4, C))
+        everything = _net("domain_adversarial").forward_autoencoder(x, CLUSTER).features
+        self.assertEqual(len(everything), len(SMALL["channels"]) + 1)
+        with self.assertRaisesRegex(ValueError, "adversary_inputs must be 'all' or 'latent'"):
+            _net(adversary_inputs="blocks")
+
+    def test_input_norm_makes_the_adversary_scale_invariant(self):
+        """A standardised adversary sees the same features whatever per-feature scale the network gives them."""
+        torch.manual_seed(0)
+        adversary = ClusterAdversary(6, C, (8,), input_norm=True)
+        features = torch.randn(16, 6)
+        scale = torch.tensor([0.1, 1.0, 50.0, 0.2, 3.0, 1e2])
+        torch.testing.assert_close(adversary(features * scale), adversary(features), atol=1e-3, rtol=1e-3)
+        plain = ClusterAdversary(6, C, (8,))
+        self.assertFalse(torch.allclose(plain(features * scale), plain(features), atol=1e-3))
+
+
 class TestGradients(unittest.TestCase):
     def test_detached_mixer_keeps_parts_apart(self):
         net, x = _net("armed"), _x()

@@ -263,7 +263,9 @@ class TestARMEDTrainer(unittest.TestCase):
 
     def test_confusion_loss_values(self):
         logits = torch.zeros(3, 5, requires_grad=True)
-        torch.testing.assert_close(cluster_confusion_loss(logits, torch.tensor([0, 1, 2])), torch.tensor(np.log(5.0), dtype=torch.float32))
+        torch.testing.assert_close(
+            cluster_confusion_loss(logits, torch.tensor([0, 1, 2])), torch.tensor(np.log(5.0), dtype=torch.float32)
+        )
         skewed = torch.tensor([[4.0, 0.0], [0.0, 0.0]])
         torch.testing.assert_close(
             cluster_confusion_loss(skewed, torch.tensor([-1, 1])), torch.tensor(np.log(2.0)), check_dtype=False
@@ -273,6 +275,26 @@ class TestARMEDTrainer(unittest.TestCase):
         none_seen.backward()  # still differentiable
         with self.assertRaisesRegex(ValueError, "expects logits"):
             cluster_confusion_loss(torch.zeros(3), torch.tensor([0, 1, 2]))
+
+    def test_adversary_steps(self):
+        """adversary_steps=k takes k adversary updates per iteration on the same detached features: with plain SGD
+        the adversary ends where k successive single steps on that batch would take it, the network is unaffected."""
+        loader = _loader(n=64, batch_size=64, shuffle=False)
+        batch = next(iter(loader))
+        net, adv = _models(variant="domain_adversarial")
+        reference = copy.deepcopy(adv)
+        _trainer(loader, net, adv, epochs=1, lr=0.0, adv_lr=0.1, sgd=True, adversary_steps=3).run()
+        optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+        features = [f.detach() for f in net.forward_armed(batch["features"], batch["cluster"]).features]
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(reference(features), batch["cluster"]).backward()
+            optimizer.step()
+        torch.testing.assert_close(_flat(adv), _flat(reference))
+        with self.assertRaisesRegex(ValueError, "adversary_steps must be >= 1"):
+            _trainer(loader, net, adv, adversary_steps=0)
+        with self.assertRaisesRegex(ValueError, "1 with gradient accumulation"):
+            _trainer(loader, net, adv, adversary_steps=2, accumulation_steps=2)
 
     def test_rejects_bad_adversarial_objective(self):
         net, adv = _models()

@@ -115,6 +115,8 @@ class ARMEDTrainer(SupervisedTrainer):
         adv_weight: weight of the adversarial (generalisation) term, subtracted from the loss.
         kl_weight: weight of the summed KL divergence.
         adversary_update: ``"sequential"`` (default, as in the paper) or ``"simultaneous"``.
+        adversary_steps: updates of the adversary per iteration (sequential mode), each on the same detached
+            features; more than one keeps a fast-moving network from outrunning it. Needs ``accumulation_steps=1``.
         adversarial_objective: what the main step asks of the features against the (frozen) adversary:
             ``"negative_ce"`` (default, the paper's) subtracts ``adv_weight`` times the adversary's cross-entropy on
             the true clusters; ``"confusion"`` adds ``adv_weight`` times its cross-entropy against the uniform
@@ -154,6 +156,7 @@ class ARMEDTrainer(SupervisedTrainer):
         adversary_update: str = "sequential",
         prepare_batch: Callable | None = None,
         adversarial_objective: str = "negative_ce",
+        adversary_steps: int = 1,
         **kwargs: Any,
     ) -> None:
         adversary_module = _check_wrappers(network, adversary)
@@ -165,6 +168,11 @@ class ARMEDTrainer(SupervisedTrainer):
             )
         if adversarial_objective == "confusion" and adversary_update != "sequential":
             raise ValueError("adversarial_objective='confusion' needs adversary_update='sequential'.")
+        if adversary_steps < 1 or (adversary_steps > 1 and kwargs.get("accumulation_steps", 1) != 1):
+            raise ValueError(
+                f"adversary_steps must be >= 1, and 1 with gradient accumulation; got {adversary_steps} with "
+                f"accumulation_steps={kwargs.get('accumulation_steps', 1)}."
+            )
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -187,6 +195,7 @@ class ARMEDTrainer(SupervisedTrainer):
         self.adv_loss_function = adv_loss_function or nn.CrossEntropyLoss(ignore_index=-1)
         self.me_weight, self.fe_weight, self.adv_weight, self.kl_weight = me_weight, fe_weight, adv_weight, kl_weight
         self.adversary_update, self.adversarial_objective = adversary_update, adversarial_objective
+        self.adversary_steps = adversary_steps
         self._adversary_params = list(adversary.parameters()) if adversary is not None else []
         self.adv_scaler: torch.amp.GradScaler | None = None
 
@@ -254,12 +263,16 @@ class ARMEDTrainer(SupervisedTrainer):
     def _adversary_step(
         self, features: Sequence[torch.Tensor], target: torch.Tensor, autocast: Any, scale: float, step: bool
     ) -> None:
-        with autocast:
-            adv_logits = self.adversary([f.detach() for f in features])
-            loss_adv = self.adv_loss_function(adv_logits, target)
-        self._backward(loss_adv * scale if scale != 1.0 else loss_adv, self.adv_scaler)
-        if step:
-            self._step(self.adv_optimizer, self.adv_scaler)
+        detached = [f.detach() for f in features]
+        for repeat in range(self.adversary_steps):
+            if repeat:
+                self.adv_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+            with autocast:
+                adv_logits = self.adversary(detached)
+                loss_adv = self.adv_loss_function(adv_logits, target)
+            self._backward(loss_adv * scale if scale != 1.0 else loss_adv, self.adv_scaler)
+            if step:
+                self._step(self.adv_optimizer, self.adv_scaler)
         self._record_adversary(adv_logits, target, loss_adv)
         self.fire_event(ARMEDIterationEvents.ADVERSARY_COMPLETED)
 

@@ -53,6 +53,9 @@ class ClusterAdversary(nn.Module):
         hidden_channels: widths of the hidden layers (the paper's MLP adversary uses ``(8, 8, 4)``, the spiral
             benchmark ``(4, 4)``).
         act: activation name or ``(name, kwargs)`` from MONAI's ``Act`` factory.
+        input_norm: standardise the concatenated features with a ``BatchNorm1d`` without affine parameters before the
+            dense layers, so the network cannot hide the cluster from the adversary by shrinking the features that
+            carry it (they are still there for any later layer that rescales them).
 
     Example::
 
@@ -61,12 +64,18 @@ class ClusterAdversary(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, n_clusters: int, hidden_channels: Sequence[int] = (8, 8, 4), act: str | tuple = "relu"
+        self,
+        in_features: int,
+        n_clusters: int,
+        hidden_channels: Sequence[int] = (8, 8, 4),
+        act: str | tuple = "relu",
+        input_norm: bool = False,
     ) -> None:
         super().__init__()
         if n_clusters < 2:
             raise ValueError(f"an adversary needs at least 2 clusters, got n_clusters={n_clusters}.")
         self.in_features, self.n_clusters = in_features, n_clusters
+        self.input_norm = nn.BatchNorm1d(in_features, affine=False) if input_norm else nn.Identity()
         self.hidden = nn.Sequential(*mlp_layers(in_features, hidden_channels, act))
         self.out = nn.Linear(hidden_channels[-1] if hidden_channels else in_features, n_clusters)
         glorot_init(self)
@@ -81,4 +90,4 @@ class ClusterAdversary(nn.Module):
                 f"ClusterAdversary expected {self.in_features} concatenated features, got {x.shape[1]} "
                 f"(from shapes {[tuple(f.shape) for f in features]})."
             )
-        return self.out(self.hidden(x))
+        return self.out(self.hidden(self.input_norm(x)))

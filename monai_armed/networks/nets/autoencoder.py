@@ -644,6 +644,10 @@ class MixedEffectsAutoencoder(nn.Module):
         latent_norm: ``BatchNorm1d`` after the FE latent.
         norm: norm of the FE conv blocks.
         norm_kwargs: further :class:`ClusterScaleBias` arguments of the RE autoencoder.
+        adversary_inputs: what ``AECOutput.features`` gives the cluster adversary: ``"all"`` (the paper's multi-level
+            adversary: every FE encoder block output and the latent) or ``"latent"`` (the FE latent only, the code
+            whose batch invariance is asked for; the early blocks cannot drop image intensity, which carries the
+            batch, without failing to reconstruct).
 
     Example::
 
@@ -671,10 +675,14 @@ class MixedEffectsAutoencoder(nn.Module):
         latent_norm: bool = True,
         norm: str | tuple = _KERAS_BATCH_NORM,
         norm_kwargs: dict | None = None,
+        adversary_inputs: str = "all",
     ) -> None:
         super().__init__()
         if n_clusters < 1:
             raise ValueError(f"n_clusters must be >= 1, got {n_clusters}.")
+        if adversary_inputs not in ("all", "latent"):
+            raise ValueError(f"adversary_inputs must be 'all' or 'latent', got {adversary_inputs!r}.")
+        self.adversary_inputs = adversary_inputs
         spec = _variant(variant)
         self.variant, self.n_clusters, self.out_channels = variant, int(n_clusters), out_channels
         self.in_shape, self.latent_size = tuple(int(s) for s in in_shape), latent_size
@@ -716,7 +724,7 @@ class MixedEffectsAutoencoder(nn.Module):
     @property
     def feature_channels(self) -> int:
         """Width of the pooled adversary inputs: ``ClusterAdversary(net.feature_channels, n_clusters)``."""
-        return self.fixed_effects.feature_channels
+        return self.latent_size if self.adversary_inputs == "latent" else self.fixed_effects.feature_channels
 
     def kl_divergence(self) -> torch.Tensor:
         """Summed KL divergence of every random-effects layer (0 for fixed-effects-only variants)."""
@@ -750,7 +758,7 @@ class MixedEffectsAutoencoder(nn.Module):
         features, latent_fe = self.fixed_effects.encode_features(x)
         recon_fe = self.fixed_effects.decode(latent_fe)
         pred_fe = self.fixed_effects.classify(latent_fe)
-        features = features + [latent_fe]
+        features = [latent_fe] if self.adversary_inputs == "latent" else features + [latent_fe]
         fixed = dict(pred_fe=pred_fe, recon_fe=recon_fe, latent_fe=latent_fe, features=features)
         if self.random_effects is None:
             none = dict(pred_re=None, recon_re=None, latent_re=None, latent_cluster_logits=None)
