@@ -127,10 +127,15 @@ class TestShapes(unittest.TestCase):
         self.assertEqual(type(fe.encoder.latent_norm).__name__, "BatchNorm1d")
         self.assertIsInstance(re.encoder.blocks[0].adn.N, ClusterScaleBias)
         self.assertEqual(type(re.encoder.latent_norm).__name__, "Identity")
-        last = re.decoder.blocks[-1]
+        upsample, last = re.decoder.blocks[-1]  # stride 2: nearest upsampling, then a stride-1 convolution
+        self.assertIsInstance(upsample, torch.nn.Upsample)
+        self.assertEqual(last.conv.stride, (1, 1))
         self.assertIsInstance(last.adn.N, ClusterScaleBias)
         self.assertEqual(last.adn.N.num_features, 1)
         self.assertFalse(hasattr(last.adn, "A"))  # no activation before the sigmoid
+        fe_last = fe.decoder.blocks[-1][-1]
+        self.assertFalse(hasattr(fe_last, "adn"))  # fixed effects: a plain convolution before the sigmoid
+        self.assertFalse(any(isinstance(m, torch.nn.ConvTranspose2d) for m in net.modules()))
         self.assertEqual(fe.classifier[1].negative_slope, 0.3)
         self.assertEqual(net.mixer[0].in_features, 16)
         self.assertEqual(re.latent_classifier.cluster[-1].out_features, C)
@@ -257,8 +262,9 @@ class TestTyingAndExport(unittest.TestCase):
                 self.assertIsNot(block.conv.bias, mirror.conv.bias)
         n_tied = sum(p.numel() for p in tied.parameters())
         n_shared = sum(
-            b.conv.weight.numel() for aec in (untied.fixed_effects, untied.random_effects) for b in aec.decoder.blocks
+            b.conv.weight.numel() for aec in (tied.fixed_effects, tied.random_effects) for b in aec.decoder.blocks
         )
+        # the untied decoders (resize-convolutions) hold kernels of the same sizes as the shared ones
         self.assertEqual(n_tied, sum(p.numel() for p in untied.parameters()) - n_shared)
         # a state-dict round trip keeps the kernels tied
         buffer = io.BytesIO()

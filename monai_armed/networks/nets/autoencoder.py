@@ -291,9 +291,13 @@ class AECDecoder(nn.Module):
     """Decoder mirroring an :class:`AECEncoder`: ``Linear -> reshape -> PReLU``, transposed-conv blocks, sigmoid.
 
     Block ``i`` mirrors encoder block ``n-1-i`` (same stride, channels in reverse); the last one maps back to the
-    image channels and has a norm but no activation before the sigmoid, so reconstructions are in ``[0, 1]``.
-    ``tie_to`` shares each transposed convolution's kernel with the mirrored encoder convolution (the paper's
-    ``TiedDecoder``; biases stay separate).
+    image channels with no activation before the sigmoid, so reconstructions are in ``[0, 1]``, and with a norm only
+    when ``final_norm`` (the random-effects decoder's per-cluster scale and bias of the output; a batch norm there, as
+    in the paper's fixed-effects decoder, only slows down learning the image's mean intensity). A block of stride
+    ``s > 1`` upsamples by nearest-neighbour interpolation and then convolves ("resize-convolution"): a transposed
+    convolution whose odd kernel does not divide evenly by its stride paints a checkerboard that the last norm
+    amplifies into saturated pixels. ``tie_weights`` uses transposed convolutions instead and shares each kernel with
+    the mirrored encoder convolution (the paper's ``TiedDecoder``; biases stay separate).
 
     Args:
         encoder: the encoder to mirror (its layout, and its kernels when tied).
@@ -302,7 +306,8 @@ class AECDecoder(nn.Module):
         kernel_size: odd kernel size.
         latent_size: width of the latent code.
         norm: norm of every block, a MONAI name or ``(name, kwargs)``.
-        tie_weights: share the kernels with ``encoder``.
+        tie_weights: transposed convolutions sharing their kernels with ``encoder``.
+        final_norm: a norm on the last (image-channel) block too.
 
     Example::
 
@@ -320,6 +325,7 @@ class AECDecoder(nn.Module):
         latent_size: int = 32,
         norm: str | tuple = _KERAS_BATCH_NORM,
         tie_weights: bool = False,
+        final_norm: bool = True,
     ) -> None:
         super().__init__()
         spatial_dims = len(encoder.in_shape) - 1
@@ -329,19 +335,21 @@ class AECDecoder(nn.Module):
         self.blocks = nn.ModuleList()
         widths = [encoder.in_shape[0]] + [int(c) for c in channels]
         for i in reversed(range(len(channels))):
-            last = i == 0
-            self.blocks.append(
-                Convolution(
-                    spatial_dims,
-                    widths[i + 1],
-                    widths[i],
-                    strides=strides[i],
-                    kernel_size=kernel_size,
-                    act=None if last else _prelu(widths[i]),
-                    norm=norm,
-                    is_transposed=True,
-                )
+            last, stride = i == 0, int(strides[i])
+            conv = Convolution(
+                spatial_dims,
+                widths[i + 1],
+                widths[i],
+                strides=stride if tie_weights else 1,
+                kernel_size=kernel_size,
+                act=None if last else _prelu(widths[i]),
+                norm=None if last and not final_norm else norm,
+                is_transposed=tie_weights,
             )
+            if tie_weights or stride == 1:
+                self.blocks.append(conv)
+            else:
+                self.blocks.append(nn.Sequential(nn.Upsample(scale_factor=stride, mode="nearest"), conv))
         if tie_weights:
             for block, mirror in zip(self.blocks, reversed(encoder.blocks)):
                 block.conv.weight = mirror.conv.weight  # Conv (out, in, k..) and ConvTranspose (in, out, k..) agree
@@ -421,7 +429,9 @@ class AutoencoderClassifier(nn.Module):
         self.encoder = AECEncoder(
             spatial_dims, in_shape, channels, strides, kernel_size, latent_size, norm, latent_norm
         )
-        self.decoder = AECDecoder(self.encoder, channels, strides, kernel_size, latent_size, norm, tie_weights)
+        self.decoder = AECDecoder(
+            self.encoder, channels, strides, kernel_size, latent_size, norm, tie_weights, final_norm=False
+        )
         self.classifier = _head(latent_size, (classifier_channels,), out_channels, nn.LeakyReLU(0.3))
         self.feature_channels = int(sum(channels)) + latent_size
         _keras_init(self)
