@@ -383,12 +383,14 @@ class AutoencoderClassifier(nn.Module):
     """Conventional autoencoder-classifier (AEC), the fixed-effects half of ARMED-AEC (armed_method.md section 2.3).
 
     Encoder ``x -> e`` (conv blocks with BatchNorm and PReLU, ``Linear`` to the latent, ``BatchNorm1d``), decoder
-    ``e -> x_hat`` (mirrored transposed convs, sigmoid) and an auxiliary classifier ``e -> Linear(32) ->
+    ``e -> x_hat`` (mirrored upsampling conv blocks, sigmoid) and an auxiliary classifier ``e -> Linear(32) ->
     LeakyReLU(0.3) -> Linear(out_channels)`` giving logits. ``forward(x)`` returns the logits.
 
     Deviations from the reference: kernels are odd (3 by default; the paper's 4 has no symmetric 'same' padding),
-    PReLU has one slope per channel, and the decoder is not weight-tied unless ``tie_weights=True`` (the paper ties;
-    :data:`PAPER_AEC_CONFIG` does). Kernels are Glorot-uniform and BatchNorm uses Keras' eps 1e-3 / momentum 0.99.
+    PReLU has one slope per channel, the decoder upsamples by resize-convolution and is not weight-tied unless
+    ``tie_weights=True`` (transposed convolutions sharing the encoder's kernels, as the paper's; :data:`PAPER_AEC_CONFIG`
+    ties), and its last convolution has no BatchNorm before the sigmoid (see :class:`AECDecoder`). Kernels are
+    Glorot-uniform and BatchNorm uses Keras' eps 1e-3 / momentum 0.99.
 
     Args:
         spatial_dims: 2 or 3.
