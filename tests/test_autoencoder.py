@@ -26,6 +26,7 @@ from monai_armed.networks.nets.autoencoder import (
     AEC_VARIANTS,
     PAPER_AEC_CONFIG,
     PAPER_IMAGE_CLASSIFIER_CONFIG,
+    AECDecoder,
     AECEncoder,
     AutoencoderClassifier,
     ImageClusterClassifier,
@@ -130,11 +131,11 @@ class TestShapes(unittest.TestCase):
         upsample, last = re.decoder.blocks[-1]  # stride 2: nearest upsampling, then a stride-1 convolution
         self.assertIsInstance(upsample, torch.nn.Upsample)
         self.assertEqual(last.conv.stride, (1, 1))
-        self.assertIsInstance(last.adn.N, ClusterScaleBias)
-        self.assertEqual(last.adn.N.num_features, 1)
-        self.assertFalse(hasattr(last.adn, "A"))  # no activation before the sigmoid
-        fe_last = fe.decoder.blocks[-1][-1]
-        self.assertFalse(hasattr(fe_last, "adn"))  # fixed effects: a plain convolution before the sigmoid
+        self.assertFalse(hasattr(last, "adn"))  # a plain convolution before the sigmoid: no norm, no activation
+        self.assertIsInstance(re.decoder.blocks[-2][-1].adn.N, ClusterScaleBias)  # the blocks before it have one
+        self.assertFalse(hasattr(fe.decoder.blocks[-1][-1], "adn"))
+        with_norm = AECDecoder(re.encoder, SMALL["channels"], SMALL["strides"], latent_size=8, final_norm=True)
+        self.assertEqual(with_norm.blocks[-1][-1].adn.N.num_features, 1)  # the paper's layout, as an option
         self.assertFalse(any(isinstance(m, torch.nn.ConvTranspose2d) for m in net.modules()))
         self.assertEqual(fe.classifier[1].negative_slope, 0.3)
         self.assertEqual(net.mixer[0].in_features, 16)

@@ -292,8 +292,10 @@ class AECDecoder(nn.Module):
 
     Block ``i`` mirrors encoder block ``n-1-i`` (same stride, channels in reverse); the last one maps back to the
     image channels with no activation before the sigmoid, so reconstructions are in ``[0, 1]``, and with a norm only
-    when ``final_norm`` (the random-effects decoder's per-cluster scale and bias of the output; a batch norm there, as
-    in the paper's fixed-effects decoder, only slows down learning the image's mean intensity). A block of stride
+    when ``final_norm``. The paper puts one there (a batch norm in the fixed-effects decoder, a one-channel
+    ``ClusterScaleBias`` in the random-effects one), but a norm on the single output channel takes away each image's
+    own mean and contrast (instance norm) or slows down learning the mean intensity (batch norm): measured on the
+    microscopy data, the random-effects reconstruction error was 0.017 with it, worse than a flat image (0.008). A block of stride
     ``s > 1`` upsamples by nearest-neighbour interpolation and then convolves ("resize-convolution"): a transposed
     convolution whose odd kernel does not divide evenly by its stride paints a checkerboard that the last norm
     amplifies into saturated pixels. ``tie_weights`` uses transposed convolutions instead and shares each kernel with
@@ -325,7 +327,7 @@ class AECDecoder(nn.Module):
         latent_size: int = 32,
         norm: str | tuple = _KERAS_BATCH_NORM,
         tie_weights: bool = False,
-        final_norm: bool = True,
+        final_norm: bool = False,
     ) -> None:
         super().__init__()
         spatial_dims = len(encoder.in_shape) - 1
@@ -431,9 +433,7 @@ class AutoencoderClassifier(nn.Module):
         self.encoder = AECEncoder(
             spatial_dims, in_shape, channels, strides, kernel_size, latent_size, norm, latent_norm
         )
-        self.decoder = AECDecoder(
-            self.encoder, channels, strides, kernel_size, latent_size, norm, tie_weights, final_norm=False
-        )
+        self.decoder = AECDecoder(self.encoder, channels, strides, kernel_size, latent_size, norm, tie_weights)
         self.classifier = _head(latent_size, (classifier_channels,), out_channels, nn.LeakyReLU(0.3))
         self.feature_channels = int(sum(channels)) + latent_size
         _keras_init(self)
