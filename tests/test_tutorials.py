@@ -40,8 +40,19 @@ MRI_QUICK = {
     "EPOCHS": 2,
     "BATCH_SIZE": 8,
 }
+MICROSCOPY_NOTEBOOK = TUTORIALS / "armed_microscopy_batches.ipynb"
+# 4 seen batches (one of them confounded) and 1 unseen, 32 x 32 images (the smallest the generator draws)
+MICROSCOPY_QUICK = {
+    "N_SEEN_BATCHES": 4,
+    "N_UNSEEN_BATCHES": 1,
+    "CELLS_PER_BATCH": 8,
+    "FRAMES_PER_CELL": 2,
+    "IMAGE_SIZE": 32,
+    "EPOCHS": 2,
+    "BATCH_SIZE": 16,
+}
 # the settings every tutorial is executed with here; a notebook without an entry fails test_every_tutorial_is_run
-QUICK_SETTINGS = {MRI_NOTEBOOK.name: MRI_QUICK}
+QUICK_SETTINGS = {MRI_NOTEBOOK.name: MRI_QUICK, MICROSCOPY_NOTEBOOK.name: MICROSCOPY_QUICK}
 _REPORT_MARKER = "TEST-REPORT:"
 
 
@@ -200,3 +211,73 @@ def test_mri_densenet_tutorial_runs(tmp_path, monkeypatch):
     # slices per vendor, loss curves, the Grad-CAM figure and every site figure are shown inline
     assert _png_outputs(nb) >= 3 + len(figures)
     assert (work / "data" / "datalist.json").is_file()
+
+
+def test_microscopy_batches_tutorial_runs(tmp_path, monkeypatch):
+    """The microscopy tutorial trains both autoencoders, reports seen / unseen batches and runs TIFF inference."""
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    work = tmp_path / "work"
+    report = (
+        "import json as _json, sys as _sys\n"
+        f"print({_REPORT_MARKER!r} + _json.dumps({{'executable': _sys.executable, 'work_dir': str(WORK_DIR), "
+        "'modes': {m: {d: sorted(r[d]) for d in ('train', 'seen', 'unseen')} for m, r in reports.items()}, "
+        "'latent': {m: sorted(r['latent']) for m, r in reports.items()}, "
+        "'anova': {m: sorted(r['anova_f']) for m, r in reports.items()}, "
+        "'unseen_auroc': {m: r['unseen']['fixed']['auroc'] for m, r in reports.items()}, "
+        "'figures': figures, 'n_clusters': n_clusters, 'epochs': {'conventional': history_conventional['epoch'], "
+        "'armed': history_armed['epoch']}, 'predictions': predictions, 'new_files': new_files, "
+        "'membership_sums': membership.sum(1).tolist()}))"
+    )
+    tmp_path.joinpath("notebook").mkdir()
+    nb = _execute_notebook(
+        MICROSCOPY_NOTEBOOK,
+        tmp_path / "notebook",
+        {**QUICK_SETTINGS[MICROSCOPY_NOTEBOOK.name], "WORK_DIR": work},
+        report,
+    )
+    result = _read_report(nb)
+
+    assert result["executable"] == sys.executable
+    assert Path(result["work_dir"]) == work
+    assert result["n_clusters"] == MICROSCOPY_QUICK["N_SEEN_BATCHES"]
+    epochs = list(range(1, MICROSCOPY_QUICK["EPOCHS"] + 1))
+    assert result["epochs"] == {"conventional": epochs, "armed": epochs}
+    assert result["modes"]["conventional"] == {
+        "train": ["fixed", "observed"],
+        "seen": ["fixed", "observed"],
+        "unseen": ["fixed"],
+    }
+    assert result["modes"]["armed"] == {
+        "train": ["fixed", "inferred", "observed"],
+        "seen": ["fixed", "observed"],
+        "unseen": ["fixed", "inferred"],
+    }
+    # the conventional model has one latent and one decoder; ARMED adds the random-effects ones
+    assert result["latent"] == {"conventional": ["fe"], "armed": ["fe", "re"]}
+    assert result["anova"] == {"conventional": ["fe", "original"], "armed": ["fe", "me", "original"]}
+    for model, auroc in result["unseen_auroc"].items():
+        assert auroc is not None and 0.0 <= auroc <= 1.0, f"{model}: unseen AUROC {auroc}"
+
+    for model in ("conventional", "armed"):
+        for png in result["figures"][model].values():
+            assert Path(png).is_file() and Path(png).stat().st_size > 1000, png
+            assert Path(png).parent == work / "figures" / model
+        assert (work / "eval" / f"metrics_{model}.json").is_file()
+    assert (work / "data" / "datalist.json").is_file() and (work / "data" / "batches.json").is_file()
+
+    # inference on the new TIFFs of an unseen batch: inferred membership, one output row and three maps per file
+    assert len(result["predictions"]) == len(result["new_files"]) == 4
+    for row, path in zip(result["predictions"], result["new_files"]):
+        assert row["image"] == path and row["effects"] == "inferred"
+        assert 0.0 <= float(row["probability"]) <= 1.0
+        for suffix in ("recon_fe", "recon_me", "batch_effect"):
+            assert (work / "inference" / f"{Path(path).stem}_{suffix}.tif").is_file()
+    assert result["membership_sums"] == pytest.approx([1.0] * 4, abs=1e-5)
+
+    text = _stream_text(nb)
+    assert "unseen/inferred" in text and "seen/observed" in text  # the printed comparison tables
+    assert "ARMED fixed-effects reconstructions" in text  # the ANOVA table
+    assert "confounded" in text  # the batch table
+    # two data figures, the loss curves, reconstructions and embeddings of both models, the inference figure
+    assert _png_outputs(nb) >= 8
