@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
 import re
@@ -59,7 +58,8 @@ from scipy import ndimage
 from scipy.special import expit
 from tqdm import tqdm
 
-from monai_armed.data.mri import _MANIFEST, _hash, _read_manifest, _split_subjects
+from monai_armed.data.generated import MANIFEST, ensure_generated, parameter_hash
+from monai_armed.data.mri import _split_subjects
 from monai_armed.data.tiff import save_tiff
 from monai_armed.utils import write_json
 
@@ -661,7 +661,7 @@ def make_microscopy_dataset(
     batches = make_microscopy_batches(n_seen, n_unseen, seed, batch_effect, cells_per_batch, params["n_confounded"])
     out = Path(out_dir)
     (out / _IMAGES).mkdir(parents=True, exist_ok=True)
-    for name in (_MANIFEST, _DATALIST):
+    for name in (MANIFEST, _DATALIST):
         (out / name).unlink(missing_ok=True)
 
     def cell_id(batch: Mapping[str, Any], index: int) -> str:
@@ -715,8 +715,14 @@ def make_microscopy_dataset(
             stale.unlink()
     write_json({"parameters": params, "phenotypes": list(PHENOTYPES), "batches": batches}, out / _BATCHES)
     write_json(datalist, out / _DATALIST)
-    manifest = {"parameters": params, "hash": _hash(params), "datalist": _DATALIST, "batches": _BATCHES, "files": files}
-    write_json(manifest, out / _MANIFEST)
+    manifest = {
+        "parameters": params,
+        "hash": parameter_hash(params),
+        "datalist": _DATALIST,
+        "batches": _BATCHES,
+        "files": files,
+    }
+    write_json(manifest, out / MANIFEST)
     return out / _DATALIST
 
 
@@ -743,21 +749,7 @@ def ensure_microscopy_dataset(out_dir: str | os.PathLike, **params: Any) -> Path
         datalist = ensure_microscopy_dataset("data/microscopy", seed=0)   # generates (seconds)
         datalist = ensure_microscopy_dataset("data/microscopy", seed=0)   # reuses the files
     """
-    out = Path(out_dir)
-    bound = inspect.signature(make_microscopy_dataset).bind(out, **params)  # TypeError on unknown parameters
-    bound.apply_defaults()
-    wanted = _parameters(
-        **{k: v for k, v in bound.arguments.items() if k not in ("out_dir", "num_workers", "progress")}
-    )
-    manifest = _read_manifest(out)
-    if (
-        manifest.get("hash") == _hash(wanted)
-        and (out / _DATALIST).is_file()
-        and (out / _BATCHES).is_file()
-        and all((out / f).is_file() for f in manifest.get("files", []))
-    ):
-        return out / _DATALIST
-    return make_microscopy_dataset(out, **params)
+    return ensure_generated(make_microscopy_dataset, _parameters, out_dir, params, [_DATALIST, _BATCHES])
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
-import inspect
 import json
 import os
 import re
@@ -49,6 +47,7 @@ from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
 from tqdm import tqdm
 
+from monai_armed.data.generated import MANIFEST, ensure_generated, parameter_hash
 from monai_armed.utils import write_json
 
 __all__ = [
@@ -68,7 +67,7 @@ DEFAULT_VENDOR_AD_FRACTION = {"GE": 0.75, "Philips": 0.25, "Siemens": 0.25}
 
 # Bump when the generator changes what it writes, so that cached data sets are regenerated.
 _GENERATOR_VERSION = 1
-_DATALIST, _SITES, _MANIFEST, _IMAGES = "datalist.json", "sites.json", "manifest.json", "images"
+_DATALIST, _SITES, _IMAGES = "datalist.json", "sites.json", "images"
 
 # Anatomy in MNI mm: axis segments of the right hippocampus (head to tail) and the right lateral ventricle body; the
 # left ones are their mirror images (x -> -x). Gaussian widths of the atrophy fields around them.
@@ -611,7 +610,7 @@ def make_mri_dataset(
     )
     out = Path(out_dir)
     (out / _IMAGES).mkdir(parents=True, exist_ok=True)
-    for name in (_MANIFEST, _DATALIST):
+    for name in (MANIFEST, _DATALIST):
         (out / name).unlink(missing_ok=True)
     seen_subjects = [(f"{s['site']}-sub{i:03d}", lab) for s in sites if s["seen"] for i, lab in enumerate(s["labels"])]
     split_of = _split_subjects(seen_subjects, split_fractions, np.random.default_rng([seed, 3]))
@@ -659,22 +658,15 @@ def make_mri_dataset(
     }
     write_json({"parameters": params, "vendors": vendors, "sites": sites}, out / _SITES)
     write_json(datalist, out / _DATALIST)
-    manifest = {"parameters": params, "hash": _hash(params), "datalist": _DATALIST, "sites": _SITES, "files": files}
-    write_json(manifest, out / _MANIFEST)
+    manifest = {
+        "parameters": params,
+        "hash": parameter_hash(params),
+        "datalist": _DATALIST,
+        "sites": _SITES,
+        "files": files,
+    }
+    write_json(manifest, out / MANIFEST)
     return out / _DATALIST
-
-
-def _hash(params: Mapping[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of the parameters."""
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
-
-
-def _read_manifest(out: Path) -> dict[str, Any]:
-    """The manifest of a previous generation, or ``{}`` when there is none or it is unreadable."""
-    try:
-        return json.loads((out / _MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def ensure_mri_dataset(out_dir: str | os.PathLike, **params: Any) -> Path:
@@ -695,21 +687,7 @@ def ensure_mri_dataset(out_dir: str | os.PathLike, **params: Any) -> Path:
         datalist = ensure_mri_dataset("data/mri", seed=0)   # generates (about a minute on 2 CPUs)
         datalist = ensure_mri_dataset("data/mri", seed=0)   # reuses the files
     """
-    out = Path(out_dir)
-    bound = inspect.signature(make_mri_dataset).bind(out, **params)  # TypeError on unknown parameters
-    bound.apply_defaults()
-    wanted = _parameters(
-        **{k: v for k, v in bound.arguments.items() if k not in ("out_dir", "num_workers", "progress")}
-    )
-    manifest = _read_manifest(out)
-    if (
-        manifest.get("hash") == _hash(wanted)
-        and (out / _DATALIST).is_file()
-        and (out / _SITES).is_file()
-        and all((out / f).is_file() for f in manifest.get("files", []))
-    ):
-        return out / _DATALIST
-    return make_mri_dataset(out, **params)
+    return ensure_generated(make_mri_dataset, _parameters, out_dir, params, [_DATALIST, _SITES])
 
 
 def _parse_vendor(text: str) -> tuple[str, float]:
