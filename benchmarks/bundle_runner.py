@@ -8,18 +8,26 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Shared by the benchmark scripts: train and evaluate one model with a bundle's own ``train.json``."""
+"""Shared by the bundle benchmark scripts: train one model with a bundle's ``train.json``, options, JSON and RESULTS.md."""
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
-from collections.abc import Sequence
+import shlex
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.bundle import ConfigWorkflow
+from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-__all__ = ["run_train_config"]
+from monai_armed.utils import write_json
+
+__all__ = ["benchmark_parser", "parse_benchmark_args", "run_benchmark", "run_train_config"]
 
 
 def run_train_config(configs: Path, root: Path, run: Sequence[str], **overrides: Any) -> dict:
@@ -48,3 +56,67 @@ def run_train_config(configs: Path, root: Path, run: Sequence[str], **overrides:
     workflow.run()
     workflow.finalize()
     return json.loads(metrics_file.read_text())
+
+
+def benchmark_parser(
+    doc: str, models: Sequence[str], seeds: str, work_dir: Path, section: str
+) -> argparse.ArgumentParser:
+    """The options every bundle benchmark has (``--json``, ``--seeds``, ``--models``, ``--work-dir``, ``--threads``,
+    ``--section``, ``--no-results-md``); the script adds its own.
+
+    Example::
+
+        parser = benchmark_parser(__doc__, MODELS, "0,1,2", ROOT / "benchmarks/out/mri_sites", "mri-sites")
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, required=True, help="output JSON")
+    parser.add_argument("--seeds", default=seeds, type=lambda t: [int(v) for v in t.split(",")])
+    parser.add_argument("--models", default=",".join(models), type=lambda t: t.split(","))
+    parser.add_argument("--work-dir", type=Path, default=work_dir)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust timings on a shared CPU)")
+    parser.add_argument("--section", default=section)
+    parser.add_argument("--no-results-md", action="store_true")
+    return parser
+
+
+def parse_benchmark_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str], models: Sequence[str]
+) -> argparse.Namespace:
+    """Parsed arguments; an unknown model name is a usage error.
+
+    Example::
+
+        args = parse_benchmark_args(parser, ["--json", "out.json"], MODELS)
+    """
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.models if m not in models]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {list(models)}")
+    return args
+
+
+def run_benchmark(
+    script: str,
+    argv: Sequence[str],
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace], dict],
+    render: Callable[[dict], str],
+    results_md: Path,
+) -> dict:
+    """Run a benchmark, stamp its command, date and wall time, write its JSON and its ``RESULTS.md`` section.
+
+    Example::
+
+        return run_benchmark("benchmarks/mri_sites.py", argv, args, run, render_section, RESULTS_MD)
+    """
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    results = run(args)
+    results["protocol"]["command"] = shlex.join(["python", script, *argv])
+    results["protocol"]["date"] = datetime.datetime.now().isoformat(timespec="seconds")
+    results["protocol"]["total_wall_seconds"] = time.perf_counter() - start
+    write_json(results, args.json)
+    if not args.no_results_md:
+        replace_section(results_md, args.section, render(results))
+    print(render(results), flush=True)
+    return results

@@ -19,15 +19,13 @@ across batches of the brightness, contrast, sharpness and SNR of the fixed-effec
 for random-effects models, of the mixed-effects ones (``anova_f_me``). Values are means over seeds; ``per_seed``
 keeps each seed's. The wall time of each full bundle run (train + evaluate) is recorded.
 
-    python benchmarks/microscopy_batches.py --json benchmarks/out/microscopy_batches.json --seeds 0,1
+    python benchmarks/microscopy_batches.py --json benchmarks/out/microscopy_batches.json --seeds 0,1,2
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -35,10 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bundle_runner import run_train_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from results_md import replace_section  # noqa: E402
+from bundle_runner import (  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+    benchmark_parser,
+    parse_benchmark_args,
+    run_benchmark,
+    run_train_config,
+)
 
-from monai_armed.utils import nan_to_none, write_json
+from monai_armed.utils import nan_to_none
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "armed_microscopy_autoencoder" / "configs"
@@ -173,38 +175,18 @@ def render_section(results: dict) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, required=True, help="output JSON")
-    parser.add_argument("--seeds", default="0,1", type=lambda t: [int(v) for v in t.split(",")])
-    parser.add_argument("--models", default=",".join(MODELS), type=lambda t: t.split(","))
+    parser = benchmark_parser(
+        __doc__, list(MODELS), "0,1,2", ROOT / "benchmarks" / "out" / "microscopy_batches", "microscopy-batches"
+    )
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--cells-per-batch", type=int, default=24)
     parser.add_argument("--gen-weight", type=float, default=0.1)
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / "out" / "microscopy_batches")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--section", default="microscopy-batches")
-    parser.add_argument("--no-results-md", action="store_true")
-    args = parser.parse_args(argv)
-    unknown = [m for m in args.models if m not in MODELS]
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
-    return args
+    return parse_benchmark_args(parser, argv, list(MODELS))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    results = run(args)
-    results["protocol"]["command"] = shlex.join(["python", "benchmarks/microscopy_batches.py", *argv])
-    results["protocol"]["date"] = datetime.datetime.now().isoformat(timespec="seconds")
-    results["protocol"]["total_wall_seconds"] = time.perf_counter() - start
-    write_json(results, args.json)
-    if not args.no_results_md:
-        replace_section(RESULTS_MD, args.section, render_section(results))
-    log(render_section(results))
-    return results
+    return run_benchmark("benchmarks/microscopy_batches.py", argv, parse_args(argv), run, render_section, RESULTS_MD)
 
 
 if __name__ == "__main__":

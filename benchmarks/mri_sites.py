@@ -24,22 +24,23 @@ conventionally on the same batch and device.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from bundle_runner import run_train_config  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from results_md import replace_section  # noqa: E402
+from bundle_runner import (  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+    benchmark_parser,
+    parse_benchmark_args,
+    run_benchmark,
+    run_train_config,
+)
 
 from monai_armed.engines import ARMEDTrainer
 from monai_armed.metrics import mean_ci95
 from monai_armed.networks import ARMED, ARMEDCNN, ClusterAdversary, variant_loss_weights
-from monai_armed.utils import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundles" / "armed_mri_classification" / "configs"
@@ -233,41 +234,19 @@ def render_section(results: dict) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, required=True, help="output JSON")
-    parser.add_argument("--seeds", default="0,1,2", type=lambda t: [int(v) for v in t.split(",")])
-    parser.add_argument("--models", default=",".join(MODELS), type=lambda t: t.split(","))
+    parser = benchmark_parser(__doc__, list(MODELS), "0,1,2", ROOT / "benchmarks" / "out" / "mri_sites", "mri-sites")
     parser.add_argument("--subjects-per-site", type=int, default=48)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--filters", default="16,32,32,64,64,128,128", type=lambda t: [int(v) for v in t.split(",")])
     parser.add_argument("--hidden-channels", type=int, default=128)
     parser.add_argument("--gen-weight", type=float, default=0.1)
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / "out" / "mri_sites")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust timings on a shared CPU)")
-    parser.add_argument("--section", default="mri-sites")
-    parser.add_argument("--no-results-md", action="store_true")
-    args = parser.parse_args(argv)
-    unknown = [m for m in args.models if m not in MODELS]
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
-    return args
+    return parse_benchmark_args(parser, argv, list(MODELS))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    results = run(args)
-    results["protocol"]["command"] = shlex.join(["python", "benchmarks/mri_sites.py", *argv])
-    results["protocol"]["date"] = datetime.datetime.now().isoformat(timespec="seconds")
-    results["protocol"]["total_wall_seconds"] = time.perf_counter() - start
-    write_json(results, args.json)
-    if not args.no_results_md:
-        replace_section(RESULTS_MD, args.section, render_section(results))
-    log(render_section(results))
-    return results
+    return run_benchmark("benchmarks/mri_sites.py", argv, parse_args(argv), run, render_section, RESULTS_MD)
 
 
 if __name__ == "__main__":
