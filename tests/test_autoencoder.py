@@ -324,3 +324,13 @@ class TestLossWeights(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def test_latent_batch_norm_follows_the_block_norm():
+    """The fixed-effects latent's BatchNorm1d takes the blocks' batch-norm arguments (Keras' defaults otherwise)."""
+    quick = _net("conventional", norm=("batch", {"eps": 1e-3, "momentum": 0.1})).fixed_effects.encoder.latent_norm
+    assert (quick.momentum, quick.eps) == (0.1, 1e-3)
+    keras = _net("conventional").fixed_effects.encoder.latent_norm
+    assert (keras.momentum, keras.eps) == (0.01, 1e-3)
+    instance = _net("conventional", norm="instance").fixed_effects.encoder.latent_norm
+    assert (instance.momentum, instance.eps) == (0.01, 1e-3)

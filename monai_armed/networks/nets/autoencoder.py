@@ -222,6 +222,13 @@ def _prelu(channels: int) -> tuple:
     return ("prelu", {"num_parameters": channels, "init": 0.0})
 
 
+def _latent_batch_norm(norm: str | tuple, latent_size: int) -> nn.BatchNorm1d:
+    """The latent's ``BatchNorm1d``, with the blocks' batch-norm arguments when they use one (Keras' otherwise)."""
+    name, kwargs = (norm, {}) if isinstance(norm, str) else (norm[0], dict(norm[1]) if len(norm) > 1 else {})
+    keras = {"eps": 1e-3, "momentum": 0.01}
+    return nn.BatchNorm1d(latent_size, **({**keras, **kwargs} if str(name).lower() == "batch" else keras))
+
+
 class AECEncoder(nn.Module):
     """Convolutional encoder of the AEC family: strided ``Conv -> norm -> PReLU`` blocks, then a dense latent.
 
@@ -237,7 +244,8 @@ class AECEncoder(nn.Module):
         latent_size: width of the latent code.
         norm: norm of the blocks, a MONAI name or ``(name, kwargs)`` (``("clusterscalebias", {"n_clusters": C})``
             for the random-effects encoder).
-        latent_norm: add ``BatchNorm1d`` after the latent (the fixed-effects encoder of the paper).
+        latent_norm: add ``BatchNorm1d`` after the latent (the fixed-effects encoder of the paper), with the arguments
+            of ``norm`` when that is a batch norm.
 
     Example::
 
@@ -273,7 +281,7 @@ class AECEncoder(nn.Module):
             )
             width = out
         self.latent = nn.Linear(math.prod(self.out_shape), latent_size)
-        self.latent_norm = nn.BatchNorm1d(latent_size, eps=1e-3, momentum=0.01) if latent_norm else nn.Identity()
+        self.latent_norm = _latent_batch_norm(norm, latent_size) if latent_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         if tuple(x.shape[1:]) != self.in_shape:
