@@ -27,13 +27,16 @@ from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.pat
 
 from monai_armed.utils import write_json
 
-__all__ = ["benchmark_parser", "parse_benchmark_args", "run_benchmark", "run_train_config"]
+__all__ = ["benchmark_parser", "bundle_wall_seconds", "parse_benchmark_args", "run_benchmark", "run_train_config"]
+
+WALL_FILE = "benchmark_wall_seconds.json"
 
 
 def run_train_config(configs: Path, root: Path, run: Sequence[str], **overrides: Any) -> dict:
     """Run ``configs/train.json`` with ``run`` expressions in ``root``; returns ``root/eval/metrics.json``.
 
-    A model whose ``metrics.json`` already exists is not trained again (benchmarks resume after an interruption).
+    A model whose ``metrics.json`` already exists is not trained again (benchmarks resume after an interruption);
+    the wall time of the run is kept beside it (:func:`bundle_wall_seconds`).
 
     Example::
 
@@ -43,6 +46,7 @@ def run_train_config(configs: Path, root: Path, run: Sequence[str], **overrides:
     metrics_file = root / "eval" / "metrics.json"
     if metrics_file.exists():
         return json.loads(metrics_file.read_text())
+    start = time.perf_counter()
     workflow = ConfigWorkflow(
         config_file=str(configs / "train.json"),
         meta_file=str(configs / "metadata.json"),
@@ -55,7 +59,19 @@ def run_train_config(configs: Path, root: Path, run: Sequence[str], **overrides:
     workflow.initialize()
     workflow.run()
     workflow.finalize()
+    write_json({"seconds": time.perf_counter() - start}, root / "eval" / WALL_FILE)
     return json.loads(metrics_file.read_text())
+
+
+def bundle_wall_seconds(root: Path) -> float | None:
+    """Wall time of the :func:`run_train_config` run that trained ``root`` (``None`` if it was not recorded).
+
+    Example::
+
+        seconds = bundle_wall_seconds(Path("out/seed0/armed"))
+    """
+    path = root / "eval" / WALL_FILE
+    return float(json.loads(path.read_text())["seconds"]) if path.exists() else None
 
 
 def benchmark_parser(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from bundle_runner import (  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
     benchmark_parser,
+    bundle_wall_seconds,
     parse_benchmark_args,
     run_benchmark,
     run_train_config,
@@ -99,10 +99,10 @@ def run(args: argparse.Namespace) -> dict:
             variant, seen_mode = MODELS[name]
             if variant not in trained:
                 log(f"seed {seed}: training {variant}")
-                start = time.perf_counter()
+                root = args.work_dir / f"seed{seed}" / variant
                 trained[variant] = run_train_config(
                     CONFIGS,
-                    args.work_dir / f"seed{seed}" / variant,
+                    root,
                     ["$@vocabulary.save(@vocabulary_file)", "$@train#trainer.run()", "$@report.run()"],
                     dataset_dir=str(args.work_dir / f"data_seed{seed}"),
                     variant=variant,
@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> dict:
                     data_seed=seed,
                     **overrides,
                 )
-                wall.setdefault(variant, []).append(time.perf_counter() - start)
+                seconds = bundle_wall_seconds(root)
+                if seconds is not None:
+                    wall.setdefault(variant, []).append(seconds)
             per_seed[name].append(model_scores(trained[variant], seen_mode))
             s = per_seed[name][-1]
             log(
