@@ -182,7 +182,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--cells-per-batch", type=int, default=24)
-    parser.add_argument("--gen-weight", type=float, default=0.1)
+    parser.add_argument("--gen-weight", type=float, default=0.03)
     return parse_benchmark_args(parser, argv, list(MODELS))
 
 
