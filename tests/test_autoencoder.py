@@ -150,6 +150,7 @@ class TestForwardContract(unittest.TestCase):
             logits = net(x)
             torch.testing.assert_close(logits, net.forward_autoencoder(x, CLUSTER).pred_fe)
             torch.testing.assert_close(logits, net.fixed_effects(x))
+            torch.testing.assert_close(net.forward_autoencoder(x).pred, logits)  # no cluster: as forward(x)
             if variant not in RE_VARIANTS:
                 torch.testing.assert_close(net(x, CLUSTER), logits)
         self.assertIsInstance(logits, torch.Tensor)

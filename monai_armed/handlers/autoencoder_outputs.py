@@ -67,7 +67,8 @@ def write_autoencoder_outputs(
     ``(H, W)`` as :class:`~monai_armed.data.TiffFileReader` reads it (``reverse_indexing=True``).
 
     Args:
-        network: e.g. :class:`~monai_armed.networks.MixedEffectsAutoencoder` (``encode``, ``reconstruct``, forward).
+        network: e.g. :class:`~monai_armed.networks.MixedEffectsAutoencoder` (``forward_autoencoder``: everything
+            from one pass per batch).
         loader: dictionary batches with ``image`` ``(B, 1, *spatial)``, ``path_key`` (source paths) and optionally
             ``cluster``.
         output_dir: folder of the TIFFs and of ``predictions.csv`` (every file written atomically).
@@ -103,9 +104,9 @@ def write_autoencoder_outputs(
         x = torch.as_tensor(batch["image"]).to(device, torch.float32)
         observed = torch.as_tensor(batch["cluster"]).reshape(-1).long().to(device) if "cluster" in batch else None
         cluster = resolve_cluster("observed", x, observed, network.n_clusters, z_predictor)
-        recon = network.reconstruct(x, cluster)
-        prob = positive_probability(network(x, cluster)).reshape(-1).cpu().numpy()
-        latent = network.encode(x).fe.cpu().numpy()
+        result = network.forward_autoencoder(x, cluster)
+        prob = positive_probability(result.pred).reshape(-1).cpu().numpy()
+        latent = result.latent_fe.cpu().numpy()
         effects = _effect_source(observed, x.shape[0], fallback)
         for i, path in enumerate(batch[path_key]):
             stem = _stem(str(path))
@@ -116,9 +117,9 @@ def write_autoencoder_outputs(
                     "names."
                 )
             source_of[stem] = str(path)
-            maps = {"recon_fe": recon.fe[i]}
-            if recon.me is not None:
-                maps.update(recon_me=recon.me[i], batch_effect=recon.me[i] - recon.fe[i])
+            maps = {"recon_fe": result.recon_fe[i]}
+            if result.recon_re is not None:
+                maps.update(recon_me=result.recon_re[i], batch_effect=result.recon_re[i] - result.recon_fe[i])
             for name, value in maps.items():
                 array = value[0].cpu().numpy().astype(np.float32)
                 save_tiff(out / f"{stem}_{name}.tif", array.T if array.ndim == 2 else array.transpose(2, 1, 0))

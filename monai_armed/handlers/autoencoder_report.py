@@ -65,8 +65,8 @@ class AutoencoderReport:
     ``-1`` for unseen). The report is written as strict JSON (NaN as ``null``).
 
     Args:
-        network: an autoencoder-classifier with ``forward(x, cluster)``, ``encode(x, cluster)`` and
-            ``reconstruct(x, cluster)`` (e.g. :class:`~monai_armed.networks.MixedEffectsAutoencoder`).
+        network: an autoencoder-classifier with ``encode(x, cluster)`` and ``forward_autoencoder(x, cluster)`` (one
+            pass per mode for logits and reconstructions; e.g. :class:`~monai_armed.networks.MixedEffectsAutoencoder`).
         datasets: name -> iterable of dictionary batches (e.g. ``{"train": ..., "seen": ..., "unseen": ...}``).
         modes: name -> cluster modes; default ``observed, fixed, randomized`` (+ ``inferred`` with a Z-predictor).
         n_clusters: number of seen clusters (for ``randomized``); default ``network.n_clusters``.
@@ -229,11 +229,11 @@ class AutoencoderReport:
                     row["latent_re"] = latents.re
                 for mode in modes:
                     mode_cluster = resolve_cluster(mode, x, cluster, self.n_clusters, z_predictor, generator)
-                    recon = network.reconstruct(x, mode_cluster)
-                    row["recon_fe"] = recon.fe
-                    if recon.me is not None:
-                        row[f"recon_me_{mode}"] = recon.me
-                    row[f"logits_{mode}"] = network(x, mode_cluster)
+                    out = network.forward_autoencoder(x, mode_cluster)
+                    row["recon_fe"] = out.recon_fe
+                    if out.recon_re is not None:
+                        row[f"recon_me_{mode}"] = out.recon_re
+                    row[f"logits_{mode}"] = out.pred
                 for key, value in row.items():
                     parts.setdefault(key, []).append(value.detach().float().cpu())
         finally:

@@ -774,7 +774,10 @@ class MixedEffectsAutoencoder(nn.Module):
         return self._mix(latent_fe, self.random_effects.encode(x, cluster))
 
     def forward_autoencoder(self, x: torch.Tensor, cluster: torch.Tensor | None = None) -> AECOutput:
-        """Predictions, reconstructions, latents, adversary features and KL from one forward pass."""
+        """Predictions, reconstructions, latents, adversary features and KL from one forward pass.
+
+        ``pred`` is what :meth:`forward` gives for the same ``cluster``: the fixed-effects logits when it is ``None``.
+        """
         features, latent_fe = self.fixed_effects.encode_features(x)
         recon_fe = self.fixed_effects.decode(latent_fe)
         pred_fe = self.fixed_effects.classify(latent_fe)
@@ -789,7 +792,7 @@ class MixedEffectsAutoencoder(nn.Module):
             recon_re = re_aec.decoder(latent_re)
         pred_re, cluster_logits = re_aec.latent_classifier(latent_re)
         return AECOutput(
-            pred=self._mix(latent_fe, latent_re),
+            pred=pred_fe if cluster is None else self._mix(latent_fe, latent_re),
             pred_re=pred_re,
             recon_re=recon_re,
             latent_re=latent_re,
