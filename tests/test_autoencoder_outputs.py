@@ -202,3 +202,28 @@ def test_empty_loader_and_colliding_names_raise(tmp_path):
     with pytest.raises(ValueError, match="'/data/2021-03-02/cell.tif' and '/data/2021-03-01/cell.tif' have the same"):
         write_autoencoder_outputs(_net(), batches, tmp_path / "same")
     assert not (tmp_path / "same" / "predictions.csv").exists()
+
+
+def test_inferer_and_writer_reject_what_they_cannot_handle(tmp_path):
+    from monai.inferers import SimpleInferer
+
+    from monai_armed.engines import ARMEDEvaluator, AutoencoderInferer
+    from monai_armed.handlers import AutoencoderOutputWriter
+    from monai_armed.networks import MixedEffectsMLP
+
+    x = torch.rand(2, *IN_SHAPE)
+    out = AutoencoderInferer()(x, _net(), cluster=torch.tensor([0, 1]))
+    torch.testing.assert_close(out.recon_re, _net().reconstruct(x, torch.tensor([0, 1])).me)
+    with pytest.raises(TypeError, match="needs a network with forward_autoencoder.*MixedEffectsMLP has none"):
+        AutoencoderInferer()(torch.rand(2, 4), MixedEffectsMLP(4, 1, n_clusters=2))
+    evaluator = ARMEDEvaluator(
+        "cpu",
+        _batches([0, 1]),
+        _net(),
+        inferer=SimpleInferer(),
+        decollate=False,
+        val_handlers=[AutoencoderOutputWriter(tmp_path)],
+    )
+    with pytest.raises(TypeError, match="pred to be an AECOutput, got Tensor; give the evaluator inferer="):
+        evaluator.run()
+    assert not list(tmp_path.iterdir()), "nothing is written for a run that cannot write its maps"

@@ -164,6 +164,15 @@ def test_train_config_passes_monai_property_checks(trained, data_dir):
     assert workflow.max_epochs == TRAINING["epochs"]
 
 
+def test_inference_config_passes_monai_property_checks(trained, data_dir):
+    root, _ = trained
+    over = {"datalist_file": str(data_dir / "datalist.json"), "data_list_key": "test", **NETWORK}
+    workflow = _workflow(["inference.json"], root, "inference", **over)
+    assert workflow.check_properties() == []
+    assert type(workflow.evaluator).__name__ == "ARMEDEvaluator"
+    assert type(workflow.inferer).__name__ == "AutoencoderInferer"
+
+
 def _user_dataset(
     data_dir: Path, root: Path, bad_image: Path | None = None, drop_cluster_of: int | None = None
 ) -> None:

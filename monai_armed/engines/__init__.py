@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from .autoencoder_inferer import AutoencoderInferer
 from .autoencoder_trainer import AEC_LOSS_KEYS, AECIterationEvents, AECKeys, ARMEDAutoencoderTrainer, seen_cross_entropy
 from .distributed import ARMEDForward, armed_ddp, unwrap_armed
 from .evaluator import CLUSTER_MODES, ARMEDEvaluator, resolve_cluster
