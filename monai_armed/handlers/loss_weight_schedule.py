@@ -41,14 +41,14 @@ class LossWeightSchedule:
       adversarial pressure grows only once the adversary is informative, which keeps the two from a runaway
       game early on;
     - ``"linear"``: ``min(1, p / ramp_fraction)``;
-    - ``"constant"``: 1 (the weight is set once and held).
+    - ``"constant"``: 1 (the weight stays at ``value``).
 
     The weight follows the iteration counter, so a resumed run picks up the schedule where it stopped. The current
     value is also written to ``engine.state.metrics[name]`` for the loggers.
 
     Args:
         name: attribute of the engine to set (``adv_weight``, ``kl_weight``, ``image_cluster_weight``, ...).
-        value: the final weight; ``None`` takes the engine's value when attached.
+        value: the final weight; ``None`` takes the engine's value when the run starts.
         schedule: one of :data:`LOSS_WEIGHT_SCHEDULES`.
         gamma: steepness of the ``"dann"`` ramp.
         ramp_fraction: fraction of training over which ``"linear"`` rises.
