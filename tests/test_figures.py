@@ -14,9 +14,11 @@ from __future__ import annotations
 import os
 import tempfile
 import unittest
+from unittest import mock
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 
 from monai_armed.visualize import (
     feature_importance,
@@ -43,6 +45,27 @@ class CountingPredict:
         self.shapes.append(tuple(x.shape))
         shift = 0.0 if cluster is None else SHIFT[cluster]
         return torch.sigmoid(4 * (x[:, 0] - shift))
+
+
+class TitleRecorder:
+    """Records every axes title a plotting function sets (wraps ``Axes.set_title``)."""
+
+    def __init__(self) -> None:
+        self.titles: list[str] = []
+
+    def __enter__(self) -> TitleRecorder:
+        original = Axes.set_title
+        self._patch = mock.patch.object(
+            Axes,
+            "set_title",
+            autospec=True,
+            side_effect=lambda ax, t, *a, **k: (self.titles.append(t), original(ax, t)),
+        )
+        self._patch.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._patch.stop()
 
 
 class FigureTestCase(unittest.TestCase):

@@ -23,7 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.image import imread
 
 from monai_armed.visualize import save_latent_embedding, save_reconstruction_grid
-from tests.test_figures import FigureTestCase
+from tests.test_figures import FigureTestCase, TitleRecorder
 
 
 def batch_images(n_clusters: int = 3, per_cluster: int = 4, size: int = 16) -> tuple[np.ndarray, ...]:
@@ -32,27 +32,6 @@ def batch_images(n_clusters: int = 3, per_cluster: int = 4, size: int = 16) -> t
     clusters = np.repeat(np.arange(n_clusters), per_cluster)
     images = rng.random((clusters.size, 1, size, size)) * 0.5 + 0.1 * clusters[:, None, None, None]
     return images, images * 0.9 + 0.05, images * 0.95, clusters
-
-
-class TitleRecorder:
-    """Records every axes title a plotting function sets."""
-
-    def __init__(self) -> None:
-        self.titles: list[str] = []
-
-    def __enter__(self) -> TitleRecorder:
-        original = Axes.set_title
-        self._patch = mock.patch.object(
-            Axes,
-            "set_title",
-            autospec=True,
-            side_effect=lambda ax, t, *a, **k: (self.titles.append(t), original(ax, t)),
-        )
-        self._patch.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._patch.stop()
 
 
 class TestReconstructionGrid(FigureTestCase):

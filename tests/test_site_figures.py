@@ -28,30 +28,7 @@ from monai_armed.visualize import (
     positive_fraction,
     save_figure,
 )
-from tests.test_figures import PNG_MAGIC, FigureTestCase
-
-
-class TitleRecorder:
-    """Wraps ``Axes.set_title`` to record the titles a plotting function sets."""
-
-    def __init__(self) -> None:
-        self.titles: list[str] = []
-
-    def __enter__(self) -> TitleRecorder:
-        from matplotlib.axes import Axes
-
-        original = Axes.set_title
-        self._patch = mock.patch.object(
-            Axes,
-            "set_title",
-            autospec=True,
-            side_effect=lambda ax, t, *a, **k: (self.titles.append(t), original(ax, t)),
-        )
-        self._patch.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._patch.stop()
+from tests.test_figures import PNG_MAGIC, FigureTestCase, TitleRecorder
 
 
 class TestSiteFigures(FigureTestCase):
