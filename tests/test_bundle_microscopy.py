@@ -26,6 +26,7 @@ from monai.bundle import ConfigWorkflow
 from monai.transforms import LoadImage
 
 from monai_armed.data import TiffFileReader, ensure_microscopy_dataset, save_tiff
+from tests.bundle_workflow import bundle_workflow
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "armed_microscopy_autoencoder" / "configs"
 #: the network's size, shared by train / evaluate / inference
@@ -36,16 +37,7 @@ N_SEEN, N_UNSEEN, CELLS, FRAMES = 4, 2, 6, 2
 
 
 def _workflow(config_files, root: Path, workflow_type: str = "train", **override) -> ConfigWorkflow:
-    workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in config_files],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        workflow_type=workflow_type,
-        bundle_root=str(root),
-        **override,
-    )
-    workflow.initialize()
-    return workflow
+    return bundle_workflow(CONFIGS, config_files, root, workflow_type, **override)
 
 
 def _train_overrides(dataset_dir: Path, **override) -> dict:

@@ -21,6 +21,7 @@ from monai.bundle import ConfigWorkflow, ckpt_export
 from monai.data import load_net_with_metadata
 
 from monai_armed.networks import ARMED, ARMEDCNN, load_network_checkpoint
+from tests.bundle_workflow import bundle_workflow
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "armed_mri_classification"
 CONFIGS = BUNDLE / "configs"
@@ -36,16 +37,7 @@ SMALL = {
 
 
 def _workflow(config_files, root: Path, workflow_type: str = "train", **override) -> ConfigWorkflow:
-    workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in config_files],
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        workflow_type=workflow_type,
-        bundle_root=str(root),
-        **override,
-    )
-    workflow.initialize()
-    return workflow
+    return bundle_workflow(CONFIGS, config_files, root, workflow_type, **override)
 
 
 @pytest.fixture(scope="module")
@@ -163,5 +155,7 @@ def test_network_exports_with_ckpt_export(trained, tmp_path):
 
 def test_configs_pass_monai_property_checks(trained):
     assert _workflow(["train.json"], trained, **SMALL).check_properties() == []
-    inference = _workflow(["inference.json"], trained, "inference", datalist_file=str(trained / "data" / "datalist.json"))
+    inference = _workflow(
+        ["inference.json"], trained, "inference", datalist_file=str(trained / "data" / "datalist.json")
+    )
     assert inference.check_properties() == []
