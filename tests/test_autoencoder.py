@@ -16,6 +16,7 @@ import io
 import unittest
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from parameterized import parameterized
@@ -34,7 +35,7 @@ from monai_armed.networks.nets.autoencoder import (
     aec_loss_weights,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 C = 3
 SMALL = {"channels": (4, 8, 8), "strides": (2, 2, 1), "latent_size": 8, "classifier_channels": 8}

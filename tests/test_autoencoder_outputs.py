@@ -31,12 +31,7 @@ IN_SHAPE = (1, 32, 16)  # (C, W, H) as TiffFileReader gives it; not square, so a
 LATENT = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # these tiny convolutions only slow down with more threads on a shared CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _net(variant: str = "armed") -> MixedEffectsAutoencoder:

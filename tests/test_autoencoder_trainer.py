@@ -15,6 +15,7 @@ from __future__ import annotations
 import unittest
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from ignite.engine import Events
@@ -32,7 +33,7 @@ from monai_armed.networks.nets.autoencoder import (
     aec_loss_weights,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SIZE = 32
 ADV_KEYS = {"loss_adv", "adv_accuracy", "loss_gen"}

@@ -15,14 +15,14 @@ from __future__ import annotations
 import math
 import unittest
 
-import torch
+import pytest
 from ignite.engine import Engine, Events
 from parameterized import parameterized
 
 from monai_armed.handlers import LossWeightSchedule
 from tests.test_autoencoder_trainer import _images, _models, _trainer
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _run_with_schedule(
