@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from monai.utils import convert_to_numpy
 from scipy import ndimage
 from scipy.stats import f_oneway
 from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score
@@ -37,16 +38,9 @@ ArrayLike = np.ndarray | torch.Tensor | Sequence
 _SINGLE_KEY = "value"
 
 
-def _to_numpy(values: ArrayLike, dtype: type | None = None) -> np.ndarray:
-    """``values`` as a numpy array (tensors are detached and moved to the CPU)."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=dtype)
-
-
 def _labels(clusters: ArrayLike, n: int, what: str) -> np.ndarray:
     """The ``(N,)`` batch labels, checked against the ``n`` samples of ``what``."""
-    labels = _to_numpy(clusters)
+    labels = convert_to_numpy(clusters, wrap_sequence=True)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1:
@@ -91,7 +85,7 @@ def latent_cluster_scores(latents: ArrayLike, clusters: ArrayLike, standardize: 
         scores = latent_cluster_scores(fixed_effects_latents, dates)
         scores["davies_bouldin"], scores["calinski_harabasz"]
     """
-    x = _to_numpy(latents, np.float64)
+    x = convert_to_numpy(latents, np.float64, wrap_sequence=True)
     if x.ndim < 2:
         raise ValueError(f"latents must have shape (N, D), got {x.shape}.")
     x = x.reshape(x.shape[0], -1)
@@ -115,7 +109,7 @@ def latent_cluster_scores(latents: ArrayLike, clusters: ArrayLike, standardize: 
 
 def _single_channel_images(images: ArrayLike) -> np.ndarray:
     """``(N, *spatial)`` float64 images from ``(N, H, W)``, ``(N, 1, H, W)`` or ``(N, 1, H, W, D)``."""
-    x = _to_numpy(images, np.float64)
+    x = convert_to_numpy(images, np.float64, wrap_sequence=True)
     if x.ndim == 3:
         return x
     if x.ndim in (4, 5) and x.shape[1] == 1:
@@ -207,10 +201,10 @@ def anova_f_by_cluster(
     if min_samples < 2:
         raise ValueError(f"min_samples must be at least 2 (a batch needs a variance), got {min_samples}.")
     metrics = dict(values) if isinstance(values, Mapping) else {_SINGLE_KEY: values}
-    labels = _to_numpy(clusters)
+    labels = convert_to_numpy(clusters, wrap_sequence=True)
     result = {}
     for name, metric in metrics.items():
-        array = _to_numpy(metric, np.float64)
+        array = convert_to_numpy(metric, np.float64, wrap_sequence=True)
         if array.ndim != 1:
             raise ValueError(f"values[{name!r}] must be a 1-D array (N,), got shape {array.shape}.")
         result[str(name)] = _anova_f(array, _labels(labels, array.shape[0], f"values[{name!r}]"), min_samples)
@@ -238,8 +232,8 @@ def reconstruction_mse(images: ArrayLike, reconstructions: ArrayLike, reduction:
     """
     if reduction not in ("none", "mean"):
         raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}.")
-    x = _to_numpy(images, np.float64)
-    y = _to_numpy(reconstructions, np.float64)
+    x = convert_to_numpy(images, np.float64, wrap_sequence=True)
+    y = convert_to_numpy(reconstructions, np.float64, wrap_sequence=True)
     if x.shape != y.shape:
         raise ValueError(f"images and reconstructions differ in shape: {x.shape} vs {y.shape}.")
     if x.ndim < 1 or x.shape[0] == 0:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from monai.utils import convert_to_numpy
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
@@ -40,16 +41,9 @@ _METHODS = ("pca", "tsne")
 _LEGEND_ROWS = 15
 
 
-def _to_numpy(values: ArrayLike, dtype: type | None = None) -> np.ndarray:
-    """``values`` as a numpy array (tensors are detached and moved to the CPU)."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=dtype)
-
-
 def _label_array(values: ArrayLike, n: int, name: str) -> np.ndarray:
     """``(N,)`` labels named ``name``, checked to hold ``n`` entries."""
-    array = _to_numpy(values)
+    array = convert_to_numpy(values, wrap_sequence=True)
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
     if array.ndim != 1 or array.shape[0] != n:
@@ -78,7 +72,7 @@ def _display_name(value: object, names: Sequence[str] | None, what: str) -> str:
 
 def _planes(images: ArrayLike, name: str) -> np.ndarray:
     """``(N, H, W)`` float32 planes of ``(N, H, W)``, ``(N, 1, H, W)`` or ``(N, 1, H, W, D)`` (middle slice)."""
-    x = _to_numpy(images, np.float32)
+    x = convert_to_numpy(images, np.float32, wrap_sequence=True)
     if x.ndim == 3:
         return x
     if x.ndim == 4 and x.shape[1] == 1:
@@ -151,7 +145,8 @@ def save_reconstruction_grid(
         columns[column] = _planes(value, argument)
         if columns[column].shape != originals.shape:
             raise ValueError(
-                f"{argument} has shape {_to_numpy(value).shape}, expected the shape of images {_to_numpy(images).shape}."
+                f"{argument} has shape {tuple(np.shape(value))}, expected the shape of images "
+                f"{tuple(np.shape(images))}."
             )
     labels = _label_array(clusters, originals.shape[0], "clusters")
     rows = [
@@ -272,7 +267,7 @@ def save_latent_embedding(
         raise ValueError("latents is empty: expected at least one {name: (N, D) array}.")
     arrays = {}
     for name, latent in latents.items():
-        array = _to_numpy(latent, np.float64)
+        array = convert_to_numpy(latent, np.float64, wrap_sequence=True)
         if array.ndim < 2:
             raise ValueError(f"latents[{name!r}] must have shape (N, D), got {array.shape}.")
         array = array.reshape(array.shape[0], -1)
