@@ -20,7 +20,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST", "ensure_generated", "parameter_hash", "read_manifest"]
+from monai_armed.utils import write_json
+
+__all__ = ["MANIFEST", "ensure_generated", "parameter_hash", "read_manifest", "write_manifest"]
 
 #: name of the manifest file a generator writes last, listing its parameters, their hash and its files
 MANIFEST = "manifest.json"
@@ -47,6 +49,20 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
         return json.loads((Path(out_dir) / MANIFEST).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def write_manifest(out_dir: str | os.PathLike, params: Mapping[str, Any], files: Sequence[str], **records: str) -> Path:
+    """Write the manifest that marks a generation in ``out_dir`` as complete (a generator writes it last).
+
+    It holds ``params``, their :func:`parameter_hash`, the generated ``files`` and ``records`` (names of the
+    generator's own record files, e.g. ``datalist="datalist.json"``).
+
+    Example::
+
+        write_manifest(out, params, ["images/a.nii.gz"], datalist="datalist.json", sites="sites.json")
+    """
+    manifest = {"parameters": dict(params), "hash": parameter_hash(params), **records, "files": list(files)}
+    return Path(write_json(manifest, Path(out_dir) / MANIFEST))
 
 
 def ensure_generated(

@@ -58,7 +58,7 @@ from scipy import ndimage
 from scipy.special import expit
 from tqdm import tqdm
 
-from monai_armed.data.generated import MANIFEST, ensure_generated, parameter_hash
+from monai_armed.data.generated import MANIFEST, ensure_generated, write_manifest
 from monai_armed.data.mri import _split_subjects
 from monai_armed.data.tiff import save_tiff
 from monai_armed.utils import write_json
@@ -715,14 +715,7 @@ def make_microscopy_dataset(
             stale.unlink()
     write_json({"parameters": params, "phenotypes": list(PHENOTYPES), "batches": batches}, out / _BATCHES)
     write_json(datalist, out / _DATALIST)
-    manifest = {
-        "parameters": params,
-        "hash": parameter_hash(params),
-        "datalist": _DATALIST,
-        "batches": _BATCHES,
-        "files": files,
-    }
-    write_json(manifest, out / MANIFEST)
+    write_manifest(out, params, files, datalist=_DATALIST, batches=_BATCHES)
     return out / _DATALIST
 
 

@@ -47,7 +47,7 @@ from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
 from tqdm import tqdm
 
-from monai_armed.data.generated import MANIFEST, ensure_generated, parameter_hash
+from monai_armed.data.generated import MANIFEST, ensure_generated, write_manifest
 from monai_armed.utils import write_json
 
 __all__ = [
@@ -658,14 +658,7 @@ def make_mri_dataset(
     }
     write_json({"parameters": params, "vendors": vendors, "sites": sites}, out / _SITES)
     write_json(datalist, out / _DATALIST)
-    manifest = {
-        "parameters": params,
-        "hash": parameter_hash(params),
-        "datalist": _DATALIST,
-        "sites": _SITES,
-        "files": files,
-    }
-    write_json(manifest, out / MANIFEST)
+    write_manifest(out, params, files, datalist=_DATALIST, sites=_SITES)
     return out / _DATALIST
 
 
