@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from monai_armed.data import ensure_spiral_csv, load_csv_datalist, save_predictions_csv, split_by_cluster
+from monai_armed.data import ensure_spiral_dataset, load_csv_datalist, save_predictions_csv, split_by_cluster
 from monai_armed.networks import MixedEffectsMLP, load_network_checkpoint
 from monai_armed.report import main as report_main
 
@@ -65,17 +65,31 @@ def test_split_falls_back_when_a_stratum_has_one_sample():
     assert len(split["train"]) + len(split["test"]) == len(data)
 
 
-def test_ensure_spiral_csv_writes_once_and_keeps_numpy_state(tmp_path):
+def test_ensure_spiral_dataset_writes_once_and_keeps_numpy_state(tmp_path):
     np.random.seed(7)
     expected_next = np.random.rand()
     np.random.seed(7)
-    path = ensure_spiral_csv(tmp_path / "s.csv", clusters=3, points_per_cluster=20)
+    path = ensure_spiral_dataset(tmp_path, clusters=3, points_per_cluster=20)
+    assert path == tmp_path / "spirals.csv"
     assert np.random.rand() == expected_next
     data = load_csv_datalist(path)
-    assert len(data) == 60 and {d["cluster"] for d in data} == {0, 1, 2}
-    mtime = (tmp_path / "s.csv").stat().st_mtime_ns
-    ensure_spiral_csv(path, clusters=5)
-    assert (tmp_path / "s.csv").stat().st_mtime_ns == mtime
+    assert len(data) == 60 and {str(d["cluster"]) for d in data} == {"0", "1", "2"}
+    mtime = path.stat().st_mtime_ns
+    ensure_spiral_dataset(tmp_path, clusters=3, points_per_cluster=20)
+    assert path.stat().st_mtime_ns == mtime, "same parameters: reused"
+    ensure_spiral_dataset(tmp_path, clusters=5, points_per_cluster=20)
+    assert len(load_csv_datalist(path)) == 100, "other parameters: generated again"
+
+
+def test_spiral_generation_refuses_a_folder_with_the_users_csv(tmp_path):
+    from monai_armed.data import ForeignFilesError
+
+    mine = tmp_path / "spirals.csv"
+    mine.write_text("f0,f1,label,cluster\n0.5,0.1,1,siteA\n")
+    before = mine.read_bytes()
+    with pytest.raises(ForeignFilesError, match="spirals.csv.*--generate_default_data False"):
+        ensure_spiral_dataset(tmp_path, clusters=3, points_per_cluster=20)
+    assert mine.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["spirals.csv"]
 
 
 def test_save_predictions_csv(tmp_path):
@@ -130,7 +144,7 @@ def test_atomic_open_keeps_the_old_file_on_error(tmp_path):
 def test_spiral_true_boundaries_scale_with_each_cluster_radius(tmp_path):
     from monai_armed.data import make_spiral_true_boundary, spiral_radii_file, spiral_true_boundaries
 
-    path = ensure_spiral_csv(tmp_path / "s.csv", clusters=3, points_per_cluster=20)
+    path = ensure_spiral_dataset(tmp_path, clusters=3, points_per_cluster=20)
     radii = json.loads(spiral_radii_file(path).read_text())["radii"]
     boundaries = spiral_true_boundaries(path, ["2", "0"])
     unit = make_spiral_true_boundary(degrees=180)

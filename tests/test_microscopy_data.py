@@ -23,7 +23,7 @@ import tifffile
 from scipy import ndimage
 
 import monai_armed.data.microscopy as microscopy
-from monai_armed.data import load_image_datalist
+from monai_armed.data import ForeignFilesError, load_image_datalist
 from monai_armed.data.microscopy import (
     PHENOTYPES,
     apply_batch_signature,
@@ -183,7 +183,7 @@ def test_deterministic_and_independent_of_workers(tmp_path):
     again = make_microscopy_dataset(tmp_path / "b", seed=3, **{**params, "num_workers": 2})
     other = make_microscopy_dataset(tmp_path / "c", seed=4, **params)
     files = _files(first.parent)
-    assert len(files) == 4 * 4 * 2 + 3
+    assert len(files) == 4 * 4 * 2 + 4  # images, datalist, batches, manifest, ownership file
     assert _files(again.parent) == files
     image = _items(first)[0]["image"]
     assert (other.parent / image).read_bytes() != files[image]
@@ -306,17 +306,21 @@ def test_cache_reuses_and_regenerates(tmp_path):
     ensure_microscopy_dataset(tmp_path, **{**params, "batch_effect": 0.5})
     assert json.loads((tmp_path / "manifest.json").read_text())["hash"] != manifest["hash"]
     assert image.read_bytes() != content
-    # fewer frames: stale images and leftovers of interrupted writes go, other files stay
+    # fewer frames: stale images and leftovers of interrupted writes go
     (tmp_path / f"images/.{'0' * 32}.b00_p0_c000_f0.tif").write_bytes(b"partial")  # a save_tiff temporary
-    (tmp_path / "images/notes.txt").write_text("mine")
     ensure_microscopy_dataset(tmp_path, **{**params, "frames_per_cell": 1})
-    assert (tmp_path / "images/notes.txt").read_text() == "mine"
-    names = sorted(p.name for p in (tmp_path / "images").iterdir() if p.name != "notes.txt")
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert len(names) == 5 * 4 and all(n.endswith("_f0.tif") for n in names)
     # a missing file is noticed
     (tmp_path / "images" / names[3]).unlink()
     ensure_microscopy_dataset(tmp_path, **{**params, "frames_per_cell": 1})
     assert (tmp_path / "images" / names[3]).is_file()
+    # a file the generator did not write: refused, nothing touched
+    (tmp_path / "images/notes.txt").write_text("mine")
+    with pytest.raises(ForeignFilesError, match="notes.txt"):
+        ensure_microscopy_dataset(tmp_path, **params)
+    assert (tmp_path / "images/notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted([*names, "notes.txt"])
     with pytest.raises(TypeError, match="cells"):
         ensure_microscopy_dataset(tmp_path, cells=3)
 
@@ -352,7 +356,7 @@ def test_metadata_holds_parameters_and_signatures(tiny):
     expected = make_microscopy_batches(n_seen=3, n_unseen=2, seed=0, cells_per_batch=4, n_confounded=1)
     assert content["batches"] == expected
     assert {"background", "gain", "gamma", "blur_sigma", "photons", "read_noise"} <= set(expected[0]["signature"])
-    assert sorted(manifest["files"]) == sorted(i["image"] for i in _items(tiny))
+    assert sorted(manifest["files"]) == sorted([*(i["image"] for i in _items(tiny)), "batches.json", "datalist.json"])
 
 
 def test_command_line(tmp_path, capsys):

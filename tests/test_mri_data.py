@@ -22,6 +22,7 @@ from monai.data import load_decathlon_datalist
 import monai_armed.data.mri as mri
 from monai_armed.data import (
     MNI_RIGHT_HIPPOCAMPUS,
+    ForeignFilesError,
     ensure_mri_dataset,
     make_mri_dataset,
     make_mri_sites,
@@ -116,7 +117,7 @@ def test_deterministic_given_seed(tmp_path):
     again = make_mri_dataset(tmp_path / "b", seed=3, **params)
     other = make_mri_dataset(tmp_path / "c", seed=4, **params)
     files = sorted(p.relative_to(first.parent) for p in first.parent.rglob("*") if p.is_file())
-    assert len(files) == 6 + 3
+    assert len(files) == 6 + 4  # images, datalist, sites, manifest, ownership file
     for name in files:
         assert (first.parent / name).read_bytes() == (again.parent / name).read_bytes(), name
     image = "images/site00_sub000_img0.nii.gz"
@@ -138,18 +139,28 @@ def test_cache_reuses_and_regenerates(tmp_path):
     ensure_mri_dataset(tmp_path, **{**params, "atrophy": 0.8})
     assert json.loads((tmp_path / "manifest.json").read_text())["hash"] != manifest["hash"]
     assert image.read_bytes() != content
-    # fewer subjects: stale images and leftovers of interrupted writes are removed, other files are kept
+    # fewer subjects: stale images and leftovers of interrupted writes are removed
     (tmp_path / "images/.site00_sub000_img0.nii.gz.0123abcd.tmp").write_bytes(b"partial")
-    (tmp_path / "images/notes.txt").write_text("mine")
     ensure_mri_dataset(tmp_path, **{**params, "subjects_per_site": 1})
-    assert (tmp_path / "images/notes.txt").read_text() == "mine"
-    (tmp_path / "images/notes.txt").unlink()
     assert not (tmp_path / "images/site00_sub001_img0.nii.gz").exists()
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
         "site00_sub000_img0.nii.gz",
         "site01_sub000_img0.nii.gz",
         "site02_sub000_img0.nii.gz",
     ]
+    # a file the generator did not write: refused, nothing touched
+    (tmp_path / "images/notes.txt").write_text("mine")
+    with pytest.raises(ForeignFilesError, match="notes.txt"):
+        ensure_mri_dataset(tmp_path, **{**params, "subjects_per_site": 2})
+    assert (tmp_path / "images/notes.txt").read_text() == "mine"
+    assert not (tmp_path / "images/site00_sub001_img0.nii.gz").exists()
+    (tmp_path / "images/notes.txt").unlink()
+    # a truncated image is noticed
+    image = tmp_path / "images/site00_sub000_img0.nii.gz"
+    content = image.read_bytes()
+    image.write_bytes(content[: len(content) // 2])
+    ensure_mri_dataset(tmp_path, **{**params, "subjects_per_site": 1})
+    assert image.read_bytes() == content
     # a missing file is noticed
     (tmp_path / "images/site01_sub000_img0.nii.gz").unlink()
     ensure_mri_dataset(tmp_path, **{**params, "subjects_per_site": 1})

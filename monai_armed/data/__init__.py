@@ -14,12 +14,14 @@ from __future__ import annotations
 import warnings
 
 from .datasets import (
-    ensure_spiral_csv,
+    ensure_spiral_dataset,
     load_image_datalist,
+    make_spiral_dataset,
     spiral_radii_file,
     spiral_true_boundaries,
     split_by_cluster,
 )
+from .generated import ForeignFilesError
 from .loader import TensorBatchLoader
 from .microscopy import (
     PHENOTYPES,

@@ -8,24 +8,67 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Caching of generated data sets: a manifest with the generator's parameter hash, reused while it matches."""
+"""
+Generated data sets: folders a generator owns, a manifest that records every file's size and hash, reuse of a
+complete earlier run, and worker processes that die with their parent.
+
+A generator writes only into a folder it owns: one that was new or empty when it started (it then writes an
+ownership file, :data:`OWNER_FILE`, before anything else), or one that holds its ownership file or an earlier
+manifest of its own. A folder with any file the generator did not write is refused before anything is touched, so a
+user's data set is never deleted or overwritten.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import inspect
 import json
+import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from monai_armed.utils import write_json
 
-__all__ = ["MANIFEST", "ensure_generated", "parameter_hash", "read_manifest", "write_manifest"]
+__all__ = [
+    "MANIFEST",
+    "OWNER_FILE",
+    "ForeignFilesError",
+    "claim_output_dir",
+    "ensure_generated",
+    "file_record",
+    "parameter_hash",
+    "read_manifest",
+    "remove_stale_files",
+    "run_jobs",
+    "verify_manifest",
+    "write_manifest",
+]
+
+logger = logging.getLogger(__name__)
 
 #: name of the manifest file a generator writes last, listing its parameters, their hash and its files
 MANIFEST = "manifest.json"
+#: name of the file that marks a folder as a generator's own; written before anything else
+OWNER_FILE = ".monai_armed_generated.json"
+
+# temporary files of atomic writes: ".<name>.<hex>.tmp" (atomic_open, NIfTI) and ".<hex>.<name>" (TIFF)
+_TEMPORARY = (re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8,}\.tmp"), re.compile(r"\.[0-9a-f]{32}\.(?P<name>.+)"))
+_CHUNK = 1 << 20
+
+
+class ForeignFilesError(FileExistsError):
+    """A generator was asked to write into a folder that holds files it did not write (nothing was changed)."""
 
 
 def parameter_hash(params: Mapping[str, Any]) -> str:
@@ -38,6 +81,20 @@ def parameter_hash(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex digest}`` of a file, as the manifest records it.
+
+    Example::
+
+        file_record("data/mri/images/site01_sub000_img0.nii.gz")["size"]
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a previous generation in ``out_dir``, or ``{}`` when there is none or it is unreadable.
 
@@ -46,23 +103,161 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
         read_manifest("data/mri").get("hash")
     """
     try:
-        return json.loads((Path(out_dir) / MANIFEST).read_text())
+        manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
     except (OSError, ValueError):
         return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
-def write_manifest(out_dir: str | os.PathLike, params: Mapping[str, Any], files: Sequence[str], **records: str) -> Path:
+def write_manifest(
+    out_dir: str | os.PathLike, params: Mapping[str, Any], files: Sequence[str], generator: str = "", **records: str
+) -> Path:
     """Write the manifest that marks a generation in ``out_dir`` as complete (a generator writes it last).
 
-    It holds ``params``, their :func:`parameter_hash`, the generated ``files`` and ``records`` (names of the
-    generator's own record files, e.g. ``datalist="datalist.json"``).
+    It holds the ``generator``'s name, ``params`` and their :func:`parameter_hash`, the names of the generator's own
+    ``records`` (e.g. ``datalist="datalist.json"``) and, under ``files``, the size and SHA-256 of every generated file
+    and record (:func:`file_record`), so that a missing, truncated or changed file is noticed.
 
     Example::
 
-        write_manifest(out, params, ["images/a.nii.gz"], datalist="datalist.json", sites="sites.json")
+        write_manifest(out, params, ["images/a.nii.gz"], "mri", datalist="datalist.json", sites="sites.json")
     """
-    manifest = {"parameters": dict(params), "hash": parameter_hash(params), **records, "files": list(files)}
-    return Path(write_json(manifest, Path(out_dir) / MANIFEST))
+    out = Path(out_dir)
+    names = [*files, *records.values()]
+    manifest = {
+        "generator": generator,
+        "parameters": dict(params),
+        "hash": parameter_hash(params),
+        **records,
+        "files": {name: file_record(out / name) for name in names},
+    }
+    return Path(write_json(manifest, out / MANIFEST))
+
+
+def verify_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> str | None:
+    """What is wrong with the files of a previous generation (``None`` if each has its recorded size and hash).
+
+    Example::
+
+        problem = verify_manifest("data/mri", read_manifest("data/mri"))   # e.g. "images/a.nii.gz is missing"
+    """
+    files = manifest.get("files")
+    if not isinstance(files, Mapping) or not files:
+        return f"{MANIFEST} lists no file sizes and hashes (written by an older version)"
+    out = Path(out_dir)
+    for name, record in files.items():
+        path = out / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != record.get("size"):
+            return f"{name} has {size} bytes, {record.get('size')} were written (truncated or replaced)"
+    for name, record in files.items():
+        if file_record(out / name)["sha256"] != record.get("sha256"):
+            return f"{name} has changed since it was written (its SHA-256 differs)"
+    return None
+
+
+def _real_name(relative: str) -> str:
+    """The file a temporary file of an atomic write was for (``images/.a.tif.<hex>.tmp`` -> ``images/a.tif``)."""
+    folder, _, name = relative.rpartition("/")
+    for pattern in _TEMPORARY:
+        match = pattern.fullmatch(name)
+        if match:
+            return f"{folder}/{match['name']}" if folder else match["name"]
+    return relative
+
+
+def _is_own_manifest(manifest: Mapping[str, Any], generator: str) -> bool:
+    """A manifest this generator wrote (also one of the versions that did not yet name the generator)."""
+    params = manifest.get("parameters")
+    if not isinstance(params, Mapping) or manifest.get("hash") != parameter_hash(params):
+        return False
+    return manifest.get("generator", generator) == generator
+
+
+def _files_under(out: Path) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def claim_output_dir(out_dir: str | os.PathLike, generator: str, owns: Callable[[str], bool]) -> Path:
+    """Make sure ``generator`` may write into ``out_dir``; raise :class:`ForeignFilesError` before touching anything.
+
+    ``out_dir`` may be written when it is new or empty (it is created and marked with :data:`OWNER_FILE`), or when it
+    holds the generator's :data:`OWNER_FILE` or manifest, and every file in it is one the generator writes:
+    ``owns(relative posix path)`` is true, it is listed in the previous manifest, or it is a temporary file of an
+    interrupted atomic write of such a file. A record the previous manifest lists (e.g. ``datalist.json``) must also
+    still have its recorded hash: a user's edit of it is never overwritten.
+
+    Args:
+        out_dir: the output folder.
+        generator: the generator's name, written into :data:`OWNER_FILE` and the manifest.
+        owns: whether a relative path (e.g. ``"images/site01_sub000_img0.nii.gz"``) is a name the generator writes.
+
+    Example::
+
+        claim_output_dir("data/mri", "mri", lambda name: name in ("datalist.json", "sites.json"))
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ForeignFilesError(f"{out} is a file, not a folder; the generated data set needs a folder.")
+    found = _files_under(out) if out.is_dir() else []
+    if not found:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json({"generator": generator}, out / OWNER_FILE)
+        return out
+    manifest = read_manifest(out)
+    own_manifest = _is_own_manifest(manifest, generator)
+    try:
+        owner = json.loads((out / OWNER_FILE).read_text()).get("generator")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    listed = manifest.get("files", ()) if own_manifest else ()
+    fixed = {OWNER_FILE, MANIFEST}
+    if owner is not None and owner != generator:
+        foreign = [OWNER_FILE]
+    elif owner is None and not own_manifest:
+        foreign = [name for name in found if name not in fixed] or found
+    else:
+        foreign = [n for n in found if (real := _real_name(n)) not in fixed and not owns(real) and real not in listed]
+    if foreign:
+        raise ForeignFilesError(
+            f"{out} holds files that the {generator} generator did not write, e.g. {foreign[0]!r} ({len(foreign)} "
+            f"such file(s)); refusing to generate the default data set there, and nothing in the folder was changed. "
+            f"To train on your own data in this folder, pass --generate_default_data False; to generate the default "
+            f"data, choose a new or empty --dataset_dir."
+        )
+    if isinstance(listed, Mapping):
+        for key, name in manifest.items():
+            record = listed.get(name) if key != "files" and isinstance(name, str) else None
+            if isinstance(record, Mapping) and (out / name).is_file() and file_record(out / name) != record:
+                raise ForeignFilesError(
+                    f"{out / name} was changed since the {generator} generator wrote it; refusing to overwrite it "
+                    f"(nothing in {out} was changed). To train on the edited data, pass --generate_default_data False; "
+                    f"to generate the default data, choose a new or empty --dataset_dir."
+                )
+    if owner is None:
+        write_json({"generator": generator}, out / OWNER_FILE)
+    return out
+
+
+def remove_stale_files(out_dir: str | os.PathLike, keep: Iterable[str], owns: Callable[[str], bool]) -> list[str]:
+    """Delete the generator's own files in ``out_dir`` that a new generation no longer lists (and temporary files of
+    interrupted writes); everything else is left alone. Returns the removed relative paths.
+
+    Example::
+
+        remove_stale_files("data/mri", files, lambda name: OWN_IMAGE.fullmatch(name) is not None)
+    """
+    out, keep = Path(out_dir), set(keep)
+    removed = []
+    for name in _files_under(out):
+        real = _real_name(name)
+        temporary_of_own = real != name and (owns(real) or real in keep or real in (MANIFEST, OWNER_FILE))
+        if temporary_of_own or (real == name and owns(name) and name not in keep):
+            (out / name).unlink()
+            removed.append(name)
+    return removed
 
 
 def ensure_generated(
@@ -75,15 +270,16 @@ def ensure_generated(
     """``out_dir / required[0]`` from a complete earlier ``make(out_dir, **params)``, else from a new one.
 
     The earlier run is reused when its manifest's hash equals that of ``parameters(...)`` of the same arguments (all
-    but ``out_dir``, ``num_workers`` and ``progress``, which do not change the output), and every file in
-    ``required`` and in the manifest's ``files`` exists.
+    but ``out_dir``, ``num_workers`` and ``progress``, which do not change the output), every file in ``required``
+    exists and every file the manifest lists has its recorded size and hash (:func:`verify_manifest`); otherwise the
+    reason is logged and ``make`` runs again (it refuses a folder that is not its own, see :func:`claim_output_dir`).
 
     Args:
         make: the generator, ``make(out_dir, **params) -> path of its datalist``; it writes the manifest last.
         parameters: the generator's canonical parameter record (what its manifest hashes).
         out_dir: the output folder.
         params: keyword arguments of ``make``; an unknown one raises ``TypeError``.
-        required: files the generator writes besides those in its manifest, the datalist first.
+        required: files the generator writes besides its data files, the datalist first.
 
     Example::
 
@@ -94,7 +290,72 @@ def ensure_generated(
     bound.apply_defaults()
     wanted = parameters(**{k: v for k, v in bound.arguments.items() if k not in ("out_dir", "num_workers", "progress")})
     manifest = read_manifest(out)
-    files = [*required, *manifest.get("files", [])]
-    if manifest.get("hash") == parameter_hash(wanted) and all((out / f).is_file() for f in files):
-        return out / required[0]
+    if manifest.get("hash") == parameter_hash(wanted):
+        missing = [name for name in required if not (out / name).is_file()]
+        problem = f"{missing[0]} is missing" if missing else verify_manifest(out, manifest)
+        if problem is None:
+            return out / required[0]
+        logger.warning(f"regenerating the data set in {out}: {problem}.")
     return make(out, **params)
+
+
+def _exit_with_parent(parent_pid: int, initializer: Callable[[], Any] | None) -> None:
+    """Worker start-up: the worker is killed when its parent dies, even by ``kill -9`` (no orphans holding memory)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError, TypeError):
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    if initializer is not None:
+        initializer()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def run_jobs(
+    render: Callable[[dict[str, Any]], Any],
+    jobs: Sequence[dict[str, Any]],
+    num_workers: int | None = None,
+    progress: bool = False,
+    desc: str = "images",
+    count: Callable[[dict[str, Any]], int] | None = None,
+    initializer: Callable[[], Any] | None = None,
+    min_parallel_jobs: int = 2,
+) -> None:
+    """Run ``render(job)`` for every job, in worker processes when ``num_workers > 1``.
+
+    Workers die with the calling process (``PR_SET_PDEATHSIG`` on Linux, a watcher thread elsewhere), so killing a
+    generation leaves no orphans. The progress bar (tqdm, on stderr) is shown only on a terminal.
+
+    Args:
+        render: function of one job; module-level, so that worker processes can run it.
+        jobs: the jobs, each with its own seeds (the result must not depend on the number of workers).
+        num_workers: worker processes (default: up to 4, as many as there are CPUs).
+        progress: show a progress bar when stderr is a terminal.
+        desc: the progress bar's label.
+        count: images a job writes (default 1), for the progress bar.
+        initializer: run once in each worker (e.g. to load a template).
+        min_parallel_jobs: fewer jobs than this run in this process.
+
+    Example::
+
+        run_jobs(_render_job, jobs, num_workers=2, progress=True, desc="MRI images")
+    """
+    workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+    workers = min(workers, len(jobs)) if len(jobs) >= min_parallel_jobs else 1
+    counts = [count(job) if count is not None else 1 for job in jobs]
+    with tqdm(total=sum(counts), desc=desc, unit="image", disable=None if progress else True) as bar:
+        if workers <= 1:
+            for job, n in zip(jobs, counts):
+                render(job)
+                bar.update(n)
+            return
+        with ProcessPoolExecutor(workers, initializer=_exit_with_parent, initargs=(os.getpid(), initializer)) as pool:
+            for n, _ in zip(counts, pool.map(render, jobs, chunksize=4)):
+                bar.update(n)

@@ -48,7 +48,6 @@ import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -56,9 +55,15 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 from scipy.special import expit
-from tqdm import tqdm
 
-from monai_armed.data.generated import MANIFEST, ensure_generated, write_manifest
+from monai_armed.data.generated import (
+    MANIFEST,
+    claim_output_dir,
+    ensure_generated,
+    remove_stale_files,
+    run_jobs,
+    write_manifest,
+)
 from monai_armed.data.mri import _split_subjects
 from monai_armed.data.tiff import save_tiff
 from monai_armed.utils import write_json
@@ -84,8 +89,8 @@ _DTYPES = ("uint8", "uint16")
 # pixel widths (blur, membrane, texture grain) are given for 64-pixel images and scale with the image size
 _REFERENCE_SIZE = 64
 _FIRST_DATE = date(2020, 1, 6)
-# images (and temporary files of interrupted writes) that this generator names; others in images/ are left alone
-_OWN_FILE = re.compile(r"(\.[0-9a-f]{32}\.)?b\d+_p\d_c\d+_f\d+\.tif")
+# the files this generator names; it refuses a folder holding others and never deletes them
+_OWN_FILE = re.compile(rf"{re.escape(_DATALIST)}|{re.escape(_BATCHES)}|{_IMAGES}/b\d+_p\d_c\d+_f\d+\.tif")
 
 
 def _batch_signature(rng: np.random.Generator, batch_effect: float) -> dict[str, float]:
@@ -558,21 +563,9 @@ def _render_job(job: dict[str, Any]) -> None:
         save_tiff(path, np.rint(image * top).astype(job["dtype"]))
 
 
-def _run_jobs(jobs: list[dict[str, Any]], num_workers: int | None, progress: bool) -> None:
-    """Render all cells, in worker processes when ``num_workers > 1``; every job has its own seeds."""
-    workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
-    workers = min(workers, len(jobs))
-    n_images = sum(len(job["paths"]) for job in jobs)
-    bar = tqdm(total=n_images, desc="cell images", unit="image", disable=not progress)
-    if workers <= 1:
-        for job in jobs:
-            _render_job(job)
-            bar.update(len(job["paths"]))
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for job, _ in zip(jobs, pool.map(_render_job, jobs, chunksize=4)):
-                bar.update(len(job["paths"]))
-    bar.close()
+def _owns(name: str) -> bool:
+    """Whether a path relative to the output folder is one this generator writes."""
+    return _OWN_FILE.fullmatch(name) is not None
 
 
 def make_microscopy_dataset(
@@ -605,7 +598,9 @@ def make_microscopy_dataset(
 
     Every file is written atomically. The old manifest and datalist are removed first, so an interrupted run
     leaves no datalist and :func:`ensure_microscopy_dataset` redoes it. The result depends only on the arguments,
-    not on ``num_workers``.
+    not on ``num_workers``. ``out_dir`` must be new, empty or an earlier output of this generator: a folder holding
+    any other file (e.g. a user's own data set) raises :class:`~monai_armed.data.generated.ForeignFilesError` before
+    anything is written.
 
     ``datalist.json`` holds four sections:
 
@@ -632,7 +627,7 @@ def make_microscopy_dataset(
             batches then tie the label to anything in the image).
         n_confounded: seen batches imaging a single phenotype (default ``n_seen // 4``).
         num_workers: worker processes (default: up to 4, as many as there are CPUs); results do not depend on it.
-        progress: show a progress bar (tqdm, on stderr).
+        progress: show a progress bar (tqdm, on stderr) when stderr is a terminal.
 
     Returns:
         the path of ``datalist.json``.
@@ -659,8 +654,8 @@ def make_microscopy_dataset(
         n_confounded,
     )
     batches = make_microscopy_batches(n_seen, n_unseen, seed, batch_effect, cells_per_batch, params["n_confounded"])
-    out = Path(out_dir)
-    (out / _IMAGES).mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(out_dir, "microscopy", _owns)
+    (out / _IMAGES).mkdir(exist_ok=True)
     for name in (MANIFEST, _DATALIST):
         (out / name).unlink(missing_ok=True)
 
@@ -707,15 +702,12 @@ def make_microscopy_dataset(
                         "frame": frame,
                     }
                 )
-    _run_jobs(jobs, num_workers, progress)
+    run_jobs(_render_job, jobs, num_workers, progress, "cell images", count=lambda job: len(job["paths"]))
     files = sorted(item["image"] for items in datalist.values() for item in items)
-    listed = set(files)
-    for stale in (out / _IMAGES).iterdir():
-        if _OWN_FILE.fullmatch(stale.name) and f"{_IMAGES}/{stale.name}" not in listed:
-            stale.unlink()
+    remove_stale_files(out, [*files, _BATCHES, _DATALIST], _owns)
     write_json({"parameters": params, "phenotypes": list(PHENOTYPES), "batches": batches}, out / _BATCHES)
     write_json(datalist, out / _DATALIST)
-    write_manifest(out, params, files, datalist=_DATALIST, batches=_BATCHES)
+    write_manifest(out, params, files, "microscopy", datalist=_DATALIST, batches=_BATCHES)
     return out / _DATALIST
 
 

@@ -36,7 +36,6 @@ import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,15 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from scipy import ndimage
-from tqdm import tqdm
 
-from monai_armed.data.generated import MANIFEST, ensure_generated, write_manifest
+from monai_armed.data.generated import (
+    MANIFEST,
+    claim_output_dir,
+    ensure_generated,
+    remove_stale_files,
+    run_jobs,
+    write_manifest,
+)
 from monai_armed.utils import write_json
 
 __all__ = [
@@ -81,8 +86,8 @@ _BRAIN_CENTRE = np.array([0.0, -17.0, 5.0])  # centre of the template's brain bo
 # z [-72, 82]; the margin leaves room for size variation and registration residuals.
 _FOV = ((-80.0, 80.0), (-112.0, 78.0), (-78.0, 88.0))
 _CONTROL_SPACING = 16.0  # mm between the control points of the random smooth deformation
-# images (and temporary files of interrupted writes) that this generator names; others in images/ are left alone
-_OWN_FILE = re.compile(r"\.?site\d+_sub\d+_img\d+\.nii\.gz(\.[0-9a-f]+\.tmp)?")
+# the files this generator names; it refuses a folder holding others and never deletes them
+_OWN_FILE = re.compile(rf"{re.escape(_DATALIST)}|{re.escape(_SITES)}|{_IMAGES}/site\d+_sub\d+_img\d+\.nii\.gz")
 
 
 @lru_cache(maxsize=1)
@@ -506,20 +511,9 @@ def _render_job(job: dict[str, Any]) -> None:
     _write_nifti(image, Path(job["path"]))
 
 
-def _run_jobs(jobs: list[dict[str, Any]], num_workers: int | None, progress: bool) -> None:
-    """Render all images, in worker processes when ``num_workers > 1``; every job has its own seeds."""
-    workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
-    workers = min(workers, len(jobs)) if len(jobs) >= 16 else min(workers, 1)
-    bar = tqdm(total=len(jobs), desc="MRI images", unit="image", disable=not progress)
-    if workers <= 1:
-        for job in jobs:
-            _render_job(job)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_template) as pool:
-            for _ in pool.map(_render_job, jobs, chunksize=4):
-                bar.update()
-    bar.close()
+def _owns(name: str) -> bool:
+    """Whether a path relative to the output folder is one this generator writes."""
+    return _OWN_FILE.fullmatch(name) is not None
 
 
 def make_mri_dataset(
@@ -548,6 +542,8 @@ def make_mri_dataset(
     signatures), ``datalist.json`` and, last, ``manifest.json`` (parameters, their hash, the files). Every file is
     written atomically and the old manifest and datalist are removed first, so an interrupted run leaves no datalist
     and is redone by :func:`ensure_mri_dataset`. The result depends only on the arguments (not on ``num_workers``).
+    ``out_dir`` must be new, empty or an earlier output of this generator: a folder holding any other file (e.g. a
+    user's own data set) raises :class:`~monai_armed.data.generated.ForeignFilesError` before anything is written.
 
     ``datalist.json`` holds ``training``, ``validation`` and ``test`` (subjects of the seen sites, split by subject
     and stratified on site x label) and ``unseen`` (every subject of the unseen sites). Each item is
@@ -572,7 +568,7 @@ def make_mri_dataset(
         split_fractions: (training, validation, test) fractions of the seen sites' subjects.
         unseen_ad_fraction: patient fraction of the unseen sites (``None``: their vendors', i.e. confounded too).
         num_workers: worker processes (default: up to 4, as many as there are CPUs); results do not depend on it.
-        progress: show a progress bar (tqdm, on stderr).
+        progress: show a progress bar (tqdm, on stderr) when stderr is a terminal.
 
     Returns:
         the path of ``datalist.json``.
@@ -608,8 +604,8 @@ def make_mri_dataset(
         site_effect,
         unseen_ad_fraction,
     )
-    out = Path(out_dir)
-    (out / _IMAGES).mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(out_dir, "mri", _owns)
+    (out / _IMAGES).mkdir(exist_ok=True)
     for name in (MANIFEST, _DATALIST):
         (out / name).unlink(missing_ok=True)
     seen_subjects = [(f"{s['site']}-sub{i:03d}", lab) for s in sites if s["seen"] for i, lab in enumerate(s["labels"])]
@@ -647,18 +643,16 @@ def make_mri_dataset(
                         "severity": round(severity, 4),
                     }
                 )
-    _run_jobs(jobs, num_workers, progress)
+    run_jobs(_render_job, jobs, num_workers, progress, "MRI images", initializer=_template, min_parallel_jobs=16)
     files = sorted(item["image"] for items in datalist.values() for item in items)
-    for stale in (out / _IMAGES).iterdir():
-        if _OWN_FILE.fullmatch(stale.name) and f"{_IMAGES}/{stale.name}" not in files:
-            stale.unlink()
+    remove_stale_files(out, [*files, _SITES, _DATALIST], _owns)
     vendors = {
         v: {"ad_fraction": f, "sites": [s["site"] for s in sites if s["vendor"] == v]}
         for v, f in params["vendor_ad_fraction"]
     }
     write_json({"parameters": params, "vendors": vendors, "sites": sites}, out / _SITES)
     write_json(datalist, out / _DATALIST)
-    write_manifest(out, params, files, datalist=_DATALIST, sites=_SITES)
+    write_manifest(out, params, files, "mri", datalist=_DATALIST, sites=_SITES)
     return out / _DATALIST
 
 
