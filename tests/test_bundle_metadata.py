@@ -154,3 +154,18 @@ def test_unfilled_class_descriptions_and_scores_are_rejected():
         "pred_classes must describe the bundle's classes, got None",
         "eval_metrics must map metric names to achieved scores, got {}",
     ]
+
+
+@pytest.mark.parametrize("meta_file", BUNDLES, ids=lambda p: p.parents[1].name)
+def test_every_bundle_states_the_licence_of_its_data(meta_file):
+    docs = meta_file.parents[1] / "docs"
+    notice = (docs / "data_license.txt").read_text()
+    assert "Apache-2.0" in notice
+    assert "docs/data_license.txt" in (docs / "README.md").read_text()
+
+
+def test_mri_data_licence_carries_the_icbm152_notice():
+    notice = " ".join((BUNDLES_DIR / "armed_mri_classification/docs/data_license.txt").read_text().split())
+    assert "ICBM152 2009a nonlinear symmetric" in notice
+    assert "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute" in notice
+    assert "provided that the above copyright notice appear in all copies" in notice
