@@ -22,7 +22,10 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_open", "meta_schema_path", "nan_to_none", "shape_str", "write_json"]
+__all__ = ["META_SCHEMA_MD5", "atomic_open", "meta_schema_path", "nan_to_none", "shape_str", "write_json"]
+
+META_SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
+"""MD5 of the model zoo's ``meta_schema_20240725.json``, the value MONAI's own tests pin for that release asset."""
 
 
 @contextmanager
@@ -87,15 +90,21 @@ def nan_to_none(value: Any) -> Any:
 
 
 def meta_schema_path() -> str:
-    """Path of the bundle-metadata JSON schema shipped with monai_armed, for ``verify_metadata`` without a network.
+    """Path of the model zoo's bundle-metadata schema shipped with monai_armed, for ``verify_metadata`` without a network.
 
+    The file is ``meta_schema_20240725.json``, the schema every bundle's ``metadata.json`` names, kept verbatim
+    (Apache-2.0, Project MONAI): published at
+    https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json and
+    copied from the first commit of the same file in Project-MONAI/project-monai.github.io (branch
+    ``add_bundle_schema``); its MD5 is :data:`META_SCHEMA_MD5`, the hash MONAI's tests pin for the release asset.
     MONAI's ``verify_metadata`` downloads the schema named in ``metadata.json`` unless ``filepath`` already exists;
-    pointing ``filepath`` at this file validates offline against the mandatory keys and tensor specifiers of the
-    model-zoo schema.
+    with ``hash_val`` it also checks that the file is that schema.
 
     Example::
 
         from monai.bundle import verify_metadata
-        verify_metadata(meta_file="bundles/armed_spirals/configs/metadata.json", filepath=meta_schema_path())
+        verify_metadata(
+            meta_file="bundles/armed_spirals/configs/metadata.json", filepath=meta_schema_path(), hash_val=META_SCHEMA_MD5
+        )
     """
-    return str(Path(__file__).parent / "resources" / "meta_schema.json")
+    return str(Path(__file__).parent / "resources" / "meta_schema_20240725.json")
