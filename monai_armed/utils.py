@@ -29,25 +29,42 @@ META_SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator[IO[str]]:
-    """Open a text file for writing so that ``path`` only ever holds a complete file.
+def atomic_open(path: str | os.PathLike, newline: str | None = None, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a file for writing so that ``path`` only ever holds a complete file.
 
     Writes go to a uniquely named temporary file beside ``path`` (created with the usual permissions, unlike
-    ``tempfile.mkstemp``), which replaces ``path`` when the block ends without error; on error it is removed and an
-    existing ``path`` is left as it was. Parent folders are created.
+    ``tempfile.mkstemp``), which is flushed to disk and replaces ``path`` when the block ends without error; on error it
+    is removed and an existing ``path`` is left as it was. Parent folders are created. A failed write (e.g. a full
+    disk) raises an ``OSError`` that names ``path`` and says that the previous file is intact.
+
+    Args:
+        path: the file to write.
+        newline: as for ``open`` (text mode).
+        mode: ``"w"`` (text, UTF-8) or ``"wb"`` (binary).
 
     Example::
 
         with atomic_open("models/clusters.json") as f:
             json.dump(content, f)
+        with atomic_open("models/model.pt", mode="wb") as f:
+            torch.save(network.state_dict(), f)
     """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes text ('w') or bytes ('wb'), got mode {mode!r}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    text = {"newline": newline, "encoding": "utf-8"} if mode == "w" else {}
     try:
-        with open(tmp, "x", newline=newline, encoding="utf-8") as f:
+        with open(tmp, mode.replace("w", "x"), **text) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        kept = f"the previous {path.name} is left as it was" if path.exists() else f"no {path.name} was written"
+        raise OSError(err.errno, f"could not write {path}: {err.strerror or err}; {kept}") from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

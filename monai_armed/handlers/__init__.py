@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from .autoencoder_outputs import AutoencoderOutputWriter, write_autoencoder_outputs
 from .autoencoder_report import AutoencoderReport
-from .checkpoints import latest_checkpoint
+from .checkpoints import AtomicCheckpointSaver, AtomicDiskSaver, latest_checkpoint
 from .cluster_mode_report import ClusterModeReport, format_report_table
 from .loss_history import LOSS_KEYS, LossHistory
 from .loss_weight_schedule import LOSS_WEIGHT_SCHEDULES, LossWeightSchedule
 from .per_cluster_accuracy import PerClusterAccuracy
 from .prediction_collector import PredictionCollector, output_field
 from .random_effects_summary import RandomEffectsSummary
+from .random_states import RandomStates
