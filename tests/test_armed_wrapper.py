@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -19,7 +20,17 @@ import warnings
 
 import torch
 import torch.nn as nn
-from monai.networks.nets import DenseNet121, EfficientNetBN, SEResNet50, resnet18
+from monai.networks.nets import (
+    UNETR,
+    ViT,
+    Classifier,
+    DenseNet121,
+    EfficientNetBN,
+    Regressor,
+    SEResNet50,
+    SwinUNETR,
+    resnet18,
+)
 from parameterized import parameterized
 
 from monai_armed.data import TensorBatchLoader
@@ -69,6 +80,17 @@ class _Pair(nn.Module):
         return x, x
 
 
+class _FirstOfPair(nn.Module):
+    """Returns its input itself through a layer that returns a tuple (so the head's output stays the network's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = _Pair()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pair(x)[0]
+
+
 def _small(seed: int = 0, **kwargs) -> ARMED:
     torch.manual_seed(seed)
     net = ARMED(_Small(), n_clusters=C, post_loc_init_scale=0.5, **kwargs)
@@ -96,15 +118,13 @@ class TestMonaiNetworks(unittest.TestCase):
         torch.manual_seed(0)
         network = _monai(name, dims)
         head = [n for n, m in network.named_modules() if isinstance(m, nn.Linear)][-1]
-        # 2-D: feature_channels from a dry run on in_shape; 3-D (slower): recorded by the first forward_armed
-        net = ARMED(network, n_clusters=C, in_shape=(1,) + (size,) * dims if dims == 2 else None)
+        net = ARMED(network, n_clusters=C, in_shape=(1,) + (size,) * dims)
         self.assertEqual(net.head_name, head)
         self.assertEqual(net.tapped_layers, blocks + [head + ":input"])
-        channels = net.feature_channels if dims == 2 else None
+        channels = net.feature_channels  # measured by the construction dry run
         x = torch.randn((2, 1) + (size,) * dims)
         cluster = torch.tensor([0, 2])
         out = net.forward_armed(x, cluster)
-        channels = channels or net.feature_channels
         self.assertEqual(tuple(out.pred.shape), (2, 2))
         self.assertEqual(tuple(out.pred_fe.shape), (2, 2))
         self.assertEqual(len(out.features), len(net.tapped_layers))
@@ -308,18 +328,19 @@ class TestARMEDErrors(unittest.TestCase):
             _small(tap_layers=["fc"])
         with self.assertRaisesRegex(ValueError, "lists a layer twice"):
             _small(tap_layers=["conv", "conv"])
-        net = ARMED(_Small(post=_Pair()), C, tap_layers=["post"])
         with self.assertRaisesRegex(
-            TypeError, "tap layer 'post' returned a tuple; a tapped layer must return a tensor"
+            TypeError, "tap layer 'post.pair' returned a tuple; a tapped layer must return a tensor"
         ):
-            net.forward_armed(_x(), torch.tensor([0, 1, 2, 0]))
+            ARMED(_Small(post=_FirstOfPair()), C, tap_layers=["post.pair"])
+        self.assertEqual(ARMED(_Small(post=_FirstOfPair()), C, tap_layers=["post"]).feature_widths, [3])
 
     def test_tap_not_called(self):
         network = _Small(post=nn.Identity())
         network.unused = nn.Linear(2, 2)
-        net = ARMED(network, C, head="fc", tap_layers=["unused"])
-        with self.assertRaisesRegex(RuntimeError, r"tap layers \['unused'\] were not called"):
-            net.forward_armed(_x(), torch.tensor([0, 1, 2, 0]))
+        with self.assertRaisesRegex(
+            ValueError, r"tap layers \['unused'\] were not called during a dry run of _Small .* pass tap_layers="
+        ):
+            ARMED(network, C, head="fc", tap_layers=["unused"])
 
     def test_cluster_errors(self):
         net, x = _small(), _x()
@@ -337,24 +358,136 @@ class TestARMEDErrors(unittest.TestCase):
             net(x, [0, 1, 2, 0])
 
     def test_head_must_be_last(self):
-        net = ARMED(_Small(post=nn.Sigmoid()), C)
-        self.assertEqual(tuple(net(_x(), torch.tensor([0, 1, 2, 0])).shape), (4, 3))
-        with self.assertRaisesRegex(ValueError, "is not the output of the head 'fc'"):
-            net.forward_armed(_x(), torch.tensor([0, 1, 2, 0]))
+        with self.assertRaisesRegex(
+            ValueError,
+            r"the output of _Small is not the output of the head 'fc' \(Linear, the last nn.Linear of _Small\): .* "
+            r"the head gave a Tensor \(1, 3\) but _Small returned a Tensor \(1, 3\)\. .* head=",
+        ):
+            ARMED(_Small(post=nn.Sigmoid()), C)
 
-    def test_probe_needs_shape_without_conv(self):
+    def test_mlp_shape_from_its_first_linear(self):
         mlp = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
-        net = ARMED(mlp, C, tap_layers=["1"])
-        with self.assertRaisesRegex(RuntimeError, r"pass in_shape=\(channels, \*spatial\)"):
-            net.feature_channels
-        self.assertIn("unknown (pass in_shape)", net.report())
-        self.assertEqual(ARMED(mlp, C, tap_layers=["1"], in_shape=(5,)).feature_channels, 8)
+        self.assertEqual(ARMED(mlp, C, tap_layers=["1"]).feature_channels, 8)  # dry run on (1, 5)
+        self.assertIn("tapped layers for the adversary (1, 8 channels):\n  1: 8", ARMED(mlp, C, tap_layers=["1"]).report())
 
     def test_bad_arguments(self):
         with self.assertRaisesRegex(ValueError, "n_clusters must be >= 1"):
             ARMED(_Small(), 0)
         with self.assertRaisesRegex(TypeError, "network must be a torch.nn.Module"):
             ARMED("densenet", C)
+
+
+def _unsupported(name: str) -> tuple[nn.Module, tuple]:
+    """Small MONAI networks whose last nn.Linear is not their output layer, with an input shape they accept."""
+    torch.manual_seed(0)
+    if name == "unetr":
+        net = UNETR(1, 2, img_size=16, feature_size=4, hidden_size=24, mlp_dim=48, num_heads=2, spatial_dims=2)
+        return net, (1, 16, 16)
+    if name == "swinunetr":
+        net = SwinUNETR(1, 2, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), spatial_dims=2)
+        return net, (1, 64, 64)
+    if name == "classifier":
+        return Classifier((1, 16, 16), classes=2, channels=(4, 8), strides=(2, 2)), (1, 16, 16)
+    return Regressor((1, 16, 16), out_shape=(3,), channels=(4, 8), strides=(2, 2)), (1, 16, 16)
+
+
+def _hook_count(network: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in network.modules())
+
+
+class TestHeadDryRun(unittest.TestCase):
+    @parameterized.expand(
+        [
+            ("unetr", r"a Tensor \(1, 2, 16, 16\)"),
+            ("swinunetr", r"a Tensor \(1, 2, 64, 64\)"),
+            ("classifier", r"a Tensor \(1, 2\)"),  # a reshaped copy of the head's output
+            ("regressor", r"a Tensor \(1, 3\)"),
+        ]
+    )
+    def test_refuses_networks_whose_last_linear_is_not_the_output(self, name, returned):
+        network, shape = _unsupported(name)
+        head = [n for n, m in network.named_modules() if isinstance(m, nn.Linear)][-1]
+        kind = type(network).__name__
+        flags = [m.training for m in network.modules()]
+        with self.assertRaises(ValueError) as caught:
+            ARMED(network, C, in_shape=shape)
+        message = str(caught.exception)
+        self.assertIn(f"is not the output of the head '{head}' (Linear, the last nn.Linear of {kind})", message)
+        self.assertRegex(message, f"{kind} returned {returned}")
+        self.assertIn('ARMED(net, n_clusters, head="fc")', message)
+        self.assertIn("Dense prediction (segmentation) and transformer networks are not supported", message)
+        self.assertEqual([m.training for m in network.modules()], flags)
+        self.assertEqual(_hook_count(network), 0)
+
+    def test_refuses_vit_tuple_output(self):
+        torch.manual_seed(0)
+        vit = ViT(1, 16, 8, hidden_size=24, mlp_dim=48, num_layers=1, num_heads=2, classification=True,
+                  num_classes=2, spatial_dims=2)  # fmt: skip
+        with self.assertRaisesRegex(
+            TypeError,
+            r"ViT returned a tuple \(Tensor \(1, 2\), list\) on a dry run of ViT on a zero input \(1, 1, 16, 16\) "
+            r"\(in_shape\); ARMED needs a network that returns "
+            r"one tensor, the output of its head 'classification_head.0' \(Linear, the last nn.Linear of ViT\)\. "
+            r"Pass .* as head=, e\.g\. ARMED\(net, n_clusters, head=\"fc\"\)",
+        ):
+            ARMED(vit, C, in_shape=(1, 16, 16))
+
+    def test_explicit_head(self):
+        network = _Small()
+        network.aux = nn.Linear(3, 3)  # the last nn.Linear, never called
+        with self.assertRaisesRegex(
+            ValueError, r"the head 'aux' \(Linear, the last nn.Linear of _Small\) was not called during a dry run.*head="
+        ):
+            ARMED(network, C)
+        net = ARMED(network, C, head="fc").eval()
+        self.assertEqual((net.head_name, net.in_features, net.out_channels), ("fc", 16, 3))
+        out = net.forward_armed(_x(), torch.tensor([0, 1, 2, -1]))
+        torch.testing.assert_close(out.pred_fe, net(_x()))
+        self.assertFalse(torch.allclose(out.pred[0], out.pred_fe[0]))
+        with self.assertRaisesRegex(
+            ValueError,
+            r"is not the output of the head 'hidden.1' \(Linear, given as head=\): .* the head gave a Tensor \(1, 16\) "
+            r"but _Small returned a Tensor \(1, 3\)",
+        ):
+            ARMED(_Small(), C, head="hidden.1")
+
+    def test_dry_run_leaves_the_network_as_it_was(self):
+        for training in (True, False):
+            torch.manual_seed(0)
+            network = _Small().train(training)
+            with torch.no_grad():
+                network.bn.running_mean.fill_(0.5)
+            before = copy.deepcopy(network.state_dict())
+            reference = copy.deepcopy(network).eval()
+            net = ARMED(network, C, post_loc_init_scale=0.5)
+            for key, value in network.state_dict().items():
+                self.assertTrue(torch.equal(value, before[key]), key)  # running_mean, num_batches_tracked, weights
+            self.assertEqual({m.training for m in network.modules()}, {training})
+            self.assertEqual(_hook_count(network), 0)
+            x = _x()
+            torch.testing.assert_close(net.eval()(x), reference(x), rtol=0, atol=0)  # network(x) is never changed
+
+    def test_refused_network_keeps_its_norms(self):
+        network = _Small(post=nn.Sigmoid())
+        with self.assertRaisesRegex(ValueError, "is not the output of the head 'fc'"):
+            ARMED(network, C, swap_norm=True)
+        self.assertIsInstance(network.bn, nn.BatchNorm2d)
+
+    def test_dry_run_shape(self):
+        flat = nn.Sequential(nn.Conv3d(2, 2, 3), nn.Flatten(), nn.Linear(2 * 6**3, 2))  # needs 8^3 inputs
+        with self.assertRaisesRegex(
+            ValueError,
+            r"a dry run of Sequential on a zero input \(1, 2, 32, 32, 32\) \(guessed from '0' \(Conv3d\); .*\) failed: "
+            r"RuntimeError: .* Pass in_shape=\(channels, \*spatial\)",
+        ):
+            ARMED(flat, C)
+        self.assertEqual(ARMED(flat, C, in_shape=(2, 8, 8, 8)).feature_widths, [2, 432])
+        lazy_first = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+        with self.assertRaisesRegex(ValueError, r"first layer '0' is an uninitialised LazyLinear; pass in_shape="):
+            ARMED(lazy_first, C)
+        lazy_head = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(2))
+        net = ARMED(lazy_head, C, in_shape=(1, 6, 6))  # the dry run initialises the lazy head before it is read
+        self.assertEqual((net.in_features, net.random_slope.units), (32, 32))
 
 
 class TestExportAndCheckpoints(unittest.TestCase):

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,8 +50,19 @@ _SWAPPABLE_NORMS: dict[type, int] = {
     nn.InstanceNorm2d: 2,
     nn.InstanceNorm3d: 3,
 }
-#: spatial size of the dry run that measures the tapped feature widths, per number of spatial dimensions
+#: spatial size of the construction dry run when ``in_shape`` is not given, per number of spatial dimensions
 _PROBE_SIZE = {1: 256, 2: 64, 3: 32}
+#: the end of every refusal of a network whose output layer ARMED cannot use
+_HEAD_HINT = (
+    "Pass the layer whose output the network returns as head=, e.g. ARMED(net, n_clusters, head=\"fc\") with a name "
+    "from net.named_modules(): an nn.Linear called last in forward, whose output the network returns unchanged. "
+    "Dense prediction (segmentation) and transformer networks are not supported by ARMED yet; they come in a later "
+    "release."
+)
+
+
+class _TapOutputError(TypeError):
+    """A tapped layer returned something other than a tensor (raised from a hook, so not a dry-run input problem)."""
 
 
 def _norm_dims(module: nn.Module) -> int:
@@ -68,6 +80,38 @@ def _last_linear(network: nn.Module) -> str:
             "final linear layer> (a module name from network.named_modules())."
         )
     return names[-1]
+
+
+def _guess_in_shape(network: nn.Module) -> tuple[tuple[int, ...], str]:
+    """The dry run's input shape without the batch dimension, and where it came from, when ``in_shape`` is not given:
+    the first convolution's input channels at ``_PROBE_SIZE``, else the first linear layer's input features."""
+    layers = [(n, m) for n, m in network.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    layers = layers or [(n, m) for n, m in network.named_modules() if isinstance(m, nn.Linear)]
+    name, layer = layers[0]  # the head is an nn.Linear, so there is one
+    if isinstance(layer, nn.Linear):
+        shape: tuple[int, ...] = (layer.in_features,)
+    else:
+        dims = len(layer.kernel_size)
+        shape = (layer.in_channels,) + (_PROBE_SIZE.get(dims, 64),) * dims
+    if 0 in shape:
+        raise ValueError(
+            f"cannot guess the input shape of {type(network).__name__} for ARMED's dry run: its first layer {name!r} is "
+            f"an uninitialised {type(layer).__name__}; pass in_shape=(channels, *spatial), the shape of one input "
+            "without the batch dimension."
+        )
+    return shape, f"guessed from {name!r} ({type(layer).__name__}); pass in_shape=(channels, *spatial) otherwise"
+
+
+def _describe(value: Any) -> str:
+    """What a forward returned, for error messages: ``"a Tensor (1, 2)"``, ``"a tuple (Tensor (1, 2), list)"``."""
+    if isinstance(value, torch.Tensor):
+        return f"a Tensor {shape_str(value)}"
+    if isinstance(value, (tuple, list)):
+        items = [f"Tensor {shape_str(v)}" if isinstance(v, torch.Tensor) else type(v).__name__ for v in value]
+        return f"a {type(value).__name__} ({', '.join(items)})"
+    if isinstance(value, dict):
+        return f"a {type(value).__name__} with keys {list(value)}"
+    return f"a {type(value).__name__}"
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -143,7 +187,7 @@ class ARMED(nn.Module):
     ARMED (Nguyen & Montillo, https://arxiv.org/abs/2202.11783, TPAMI 2023) adds per-cluster Bayesian random effects
     to a fixed-effects network and a cluster adversary on its features. This wrapper does it with forward hooks:
 
-    - the **head** (the final ``nn.Linear``, auto-detected as the last one in ``named_modules`` order) gets a random
+    - the **head** (the final ``nn.Linear``: ``head=``, or the last one in ``named_modules`` order) gets a random
       multiplicative scale on its input features ``h`` and a random intercept on its logits, as in the paper's
       mixed-effects CNN (armed_method.md section 2.2)::
 
@@ -165,17 +209,23 @@ class ARMED(nn.Module):
     backbone: without cluster norms the head alone runs on ``[h * (1 + u_s); h]``; with cluster norms the batch is
     doubled (``[x; x]`` with clusters ``[z; unseen]``), which costs a second forward's compute in the same call.
 
-    The head must produce the network's output (nothing after it but the identity), since the intercept is added to
-    its output and ``pred_fe`` is read there. Tapped modules must return one tensor ``(B, C, *spatial)`` or
-    ``(B, C)``; if one is called more than once per pass the last call counts. ``feature_channels`` (the adversary's
-    input width) is measured once, by a dry run on a zero input of ``in_shape`` (default: the first convolution's
-    input channels and 64 x 64 in 2-D, 32^3 in 3-D) in eval mode without gradients, or by the first
-    ``forward_armed`` call.
+    The head is never picked silently: at construction a **dry run** on one zero input of ``in_shape`` checks that
+    the network returns a single tensor that *is* the head's output (nothing after the head, not even a reshape or an
+    activation: the intercept is added to that output and ``pred_fe`` is read there) and that every tapped layer is
+    called, and measures ``feature_channels`` (the adversary's input width). Otherwise it raises a ``ValueError`` or
+    ``TypeError`` naming the head found (e.g. an attention projection of UNETR, or ViT's head with its tuple output)
+    and how to pass ``head=``; dense prediction (segmentation) and transformer networks are not supported yet. The
+    dry run runs in eval mode without gradients before any norm is swapped, so the network's weights, running
+    statistics and training flags are left as they were (lazy layers are initialised by it). Without ``in_shape`` it
+    uses the first convolution's input channels at 64 x 64 in 2-D, 32^3 in 3-D, 256 in 1-D, or else the first
+    ``nn.Linear``'s ``(in_features,)``; pass ``in_shape`` when the network needs another size. Tapped modules must
+    return one tensor ``(B, C, *spatial)`` or ``(B, C)``; if one is called more than once per pass the last call
+    counts.
 
     Args:
         network: the fixed-effects classifier (any ``nn.Module`` whose ``forward(x)`` returns logits).
         n_clusters: number of seen clusters.
-        head: name of the final linear layer (default: the last ``nn.Linear``).
+        head: name of the final linear layer, whose output the network returns (default: the last ``nn.Linear``).
         tap_layers: module names whose outputs feed the adversary (``"<name>:input"`` for an input); default
             ``default_tap_layers(network) + [head + ":input"]``.
         swap_norm: ``True`` (every BatchNorm / InstanceNorm), a list of module names, or ``False``.
@@ -190,15 +240,17 @@ class ARMED(nn.Module):
         re_kwargs: further :class:`RandomEffects` arguments of ``u_s`` and ``u_int`` (``kl_estimator``, ...).
         cluster_input: the cluster-as-input baseline: a learned, unregularised logit offset per cluster, which is
             what concatenating the one-hot cluster to the linear head's input amounts to (zero for unseen clusters).
-        in_shape: ``(channels, *spatial)`` of the dry run that measures ``feature_channels``.
+        in_shape: ``(channels, *spatial)`` of one input, for the construction dry run (default: guessed, see above).
 
     Example::
 
-        net = ARMED(DenseNet121(spatial_dims=3, in_channels=1, out_channels=2), n_clusters=8)
+        net = ARMED(DenseNet121(spatial_dims=3, in_channels=1, out_channels=2), n_clusters=8, in_shape=(1, 64, 64, 64))
         adversary = ClusterAdversary(net.feature_channels, n_clusters=8, hidden_channels=(64, 32))
         logits = net(x, cluster)                 # mixed effects; net(x) gives fixed effects
         out = net.forward_armed(x, cluster)      # ARMEDOutput(pred, pred_fe, features, kl) for ARMEDTrainer
         print(net.report())
+        ARMED(UNETR(1, 2, img_size=32), n_clusters=8)   # ValueError: its last nn.Linear (in a transformer block)
+                                                         # is not the output layer; names it and how to pass head=
     """
 
     def __init__(
@@ -235,9 +287,10 @@ class ARMED(nn.Module):
         head_module = modules[self.head_name]
         if not isinstance(head_module, nn.Linear):
             raise TypeError(f"head {self.head_name!r} must be an nn.Linear, got {type(head_module).__name__}.")
-        self.in_features, self.out_channels = head_module.in_features, head_module.out_features
+        head_found = "given as head=" if head is not None else f"the last nn.Linear of {type(network).__name__}"
+        self._head_desc = f"{self.head_name!r} ({type(head_module).__name__}, {head_found})"
 
-        self.swapped_norms = self._swap_norms(swap_norm, norm_kwargs or {})
+        swap_names = self._swap_names(swap_norm)
         self._norm_names = list(cluster_norm_modules(network))
         taps = (
             default_tap_layers(network, self.head_name) + [self.head_name + INPUT_SUFFIX]
@@ -245,6 +298,11 @@ class ARMED(nn.Module):
             else [str(t) for t in tap_layers]
         )
         self.tapped_layers = self._check_taps(taps)
+        # before the norms are swapped, so that a refused network is left as it was
+        self._feature_widths = self._dry_run()
+        self.swapped_norms = self._swap_norms(swap_names, norm_kwargs or {})
+        self._norm_names = list(cluster_norm_modules(network))
+        self.in_features, self.out_channels = head_module.in_features, head_module.out_features  # lazy: set by now
 
         re_args = dict(re_kwargs or {})
         self.random_slope = (
@@ -277,7 +335,6 @@ class ARMED(nn.Module):
             for m in (self.random_slope, self.random_intercept):
                 if m is not None:
                     m.to(reference.device)
-        self._feature_widths: list[int] | None = None
 
     @classmethod
     def from_variant(cls, variant: str, network: nn.Module, n_clusters: int, **kwargs: Any) -> ARMED:
@@ -294,7 +351,8 @@ class ARMED(nn.Module):
         return cls(network, n_clusters, **{**kwargs, **ARMED_VARIANTS[variant]})
 
     # ----------------------------------------------------------------------------------------------- construction
-    def _swap_norms(self, swap_norm: bool | Sequence[str], norm_kwargs: dict) -> list[str]:
+    def _swap_names(self, swap_norm: bool | Sequence[str]) -> list[str]:
+        """The norm layers that ``swap_norm`` names, checked (nothing is replaced yet)."""
         network = self.network
         if swap_norm is False or swap_norm is None:
             return []
@@ -317,6 +375,11 @@ class ARMED(nn.Module):
                     f"swap_norm: {name!r} is a {type(modules[name]).__name__}; only BatchNorm1d/2d/3d and "
                     "InstanceNorm1d/2d/3d layers can be swapped."
                 )
+        return names
+
+    def _swap_norms(self, names: list[str], norm_kwargs: dict) -> list[str]:
+        network = self.network
+        modules = dict(network.named_modules())
         for name in names:
             old = modules[name]
             new = ClusterScaleBias(old.num_features, self.n_clusters, spatial_dims=_norm_dims(old), **norm_kwargs)
@@ -351,9 +414,7 @@ class ARMED(nn.Module):
     # ------------------------------------------------------------------------------------------------- properties
     @property
     def feature_widths(self) -> list[int]:
-        """Channel width of each tapped feature, in ``tapped_layers`` order (measured once, see the class doc)."""
-        if self._feature_widths is None:
-            self._feature_widths = self._probe_widths()
+        """Channel width of each tapped feature, in ``tapped_layers`` order (measured by the construction dry run)."""
         return list(self._feature_widths)
 
     @property
@@ -384,11 +445,7 @@ class ARMED(nn.Module):
 
     def report(self) -> str:
         """A human-readable summary: head, random effects, tapped layers with widths, swapped / cluster norms."""
-        try:
-            widths: list[Any] = self.feature_widths
-            total = str(sum(widths))
-        except RuntimeError:
-            widths, total = ["?"] * len(self.tapped_layers), "unknown (pass in_shape)"
+        widths = self.feature_widths
         lines = [
             f"ARMED wrapper of {type(self.network).__name__}, {self.n_clusters} clusters",
             f"head: {self.head_name} (Linear {self.in_features} -> {self.out_channels})",
@@ -396,7 +453,7 @@ class ARMED(nn.Module):
             + ("yes" if self.random_slope is not None else "no"),
             f"  random intercept on its {self.out_channels} logits: "
             + ("yes" if self.random_intercept is not None else "no"),
-            f"tapped layers for the adversary ({len(self.tapped_layers)}, {total} channels):",
+            f"tapped layers for the adversary ({len(self.tapped_layers)}, {sum(widths)} channels):",
         ]
         lines += [f"  {name}: {width}" for name, width in zip(self.tapped_layers, widths)]
         lines.append(f"swapped norms -> ClusterScaleBias ({len(self.swapped_norms)}):")
@@ -443,8 +500,6 @@ class ARMED(nn.Module):
             self._check_output(out, state)
             pred, pred_fe = out, state.pred_fe
             features = self._collect(state)
-        if self._feature_widths is None:
-            self._feature_widths = [_width(f) for f in features]
         return ARMEDOutput(pred, pred_fe, features, self.kl_divergence())
 
     # ------------------------------------------------------------------------------------------------------ hooks
@@ -478,14 +533,16 @@ class ARMED(nn.Module):
 
             def read_input(m: nn.Module, args: tuple) -> None:
                 if not args or not isinstance(args[0], torch.Tensor):
-                    raise TypeError(f"tap layer {tap!r} was not called with a tensor as its first positional input.")
+                    raise _TapOutputError(
+                    f"tap layer {tap!r} was not called with a tensor as its first positional input."
+                )
                 captured[tap] = args[0]
 
             return module.register_forward_pre_hook(read_input)
 
         def read_output(m: nn.Module, args: tuple, out: Any) -> None:
             if not isinstance(out, torch.Tensor):
-                raise TypeError(
+                raise _TapOutputError(
                     f"tap layer {tap!r} returned a {type(out).__name__}; a tapped layer must return a tensor."
                 )
             captured[tap] = out
@@ -548,9 +605,9 @@ class ARMED(nn.Module):
             )
         if state is not None and out is not state.head_output:
             raise ValueError(
-                f"the output of {type(self.network).__name__} is not the output of the head {self.head_name!r}: "
+                f"the output of {type(self.network).__name__} is not the output of the head {self._head_desc}: "
                 "ARMED adds the random intercept there and reads the fixed-effects logits there, so the head must be "
-                "the network's last operation (pass head=<that layer>)."
+                f"the network's last operation. {_HEAD_HINT}"
             )
 
     def _collect(self, state: _PassState) -> list[torch.Tensor]:
@@ -563,35 +620,62 @@ class ARMED(nn.Module):
             )
         return [captured[tap] for tap in self.tapped_layers]
 
-    def _probe_widths(self) -> list[int]:
-        shape = self.in_shape
-        if shape is None:
-            conv = next((m for m in self.network.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-            if conv is None:
-                raise RuntimeError(
-                    f"cannot guess the input shape of {type(self.network).__name__} to measure the tapped feature "
-                    "widths; pass in_shape=(channels, *spatial) to ARMED."
-                )
-            dims = len(conv.kernel_size)
-            shape = (conv.in_channels,) + (_PROBE_SIZE.get(dims, 64),) * dims
-        reference = next(self.parameters())
-        x = torch.zeros((1, *shape), device=reference.device, dtype=reference.dtype)
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
+    def _dry_run(self) -> list[int]:
+        """Check on one zero input that the network returns its head's output and calls every tapped layer; returns
+        the tapped widths. Eval mode without gradients, so running statistics stay; training flags are restored."""
+        network, name = self.network, type(self.network).__name__
+        shape, source = (self.in_shape, "in_shape") if self.in_shape is not None else _guess_in_shape(network)
+        reference = next(itertools.chain(network.parameters(), network.buffers()), None)
+        x = torch.zeros(
+            (1, *shape),
+            device=reference.device if reference is not None else None,
+            dtype=reference.dtype if reference is not None and reference.is_floating_point() else None,
+        )
+        where = f"a dry run of {name} on a zero input {shape_str(x)} ({source})"
+        head_outputs: list[Any] = []
+        head = network.get_submodule(self.head_name)
+        handle = head.register_forward_hook(lambda m, args, out: head_outputs.append(out))
+        modes = [(m, m.training) for m in network.modules()]
         state = _PassState(None, split_head=False, captured={})
+        network.eval()
         try:
             with torch.no_grad(), self._hooked(state):
-                self.network(x)
-            return [_width(f) for f in self._collect(state)]
+                out = network(x)
+        except _TapOutputError:
+            raise
         except Exception as e:
-            raise RuntimeError(
-                f"could not measure the tapped feature widths of {type(self.network).__name__} by a dry run on an input "
-                f"of shape {(1, *shape)}: {e}. Pass in_shape=(channels, *spatial) to ARMED."
+            raise ValueError(
+                f"{where} failed: {type(e).__name__}: {e}. Pass in_shape=(channels, *spatial), the shape of one input "
+                "without the batch dimension, that the network accepts."
             ) from e
         finally:
+            handle.remove()
             for m, training in modes:
                 m.training = training
-
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"{name} returned {_describe(out)} on {where}; ARMED needs a network that returns one tensor, the "
+                f"output of its head {self._head_desc}. {_HEAD_HINT}"
+            )
+        if not head_outputs:
+            raise ValueError(
+                f"the head {self._head_desc} was not called during {where}, which returned {_describe(out)}. "
+                f"{_HEAD_HINT}"
+            )
+        if out is not head_outputs[-1]:
+            raise ValueError(
+                f"the output of {name} is not the output of the head {self._head_desc}: on {where} the head gave "
+                f"{_describe(head_outputs[-1])} but {name} returned {_describe(out)}. ARMED adds the random intercept "
+                f"to the head's output and reads the fixed-effects prediction there, so the head must be the "
+                f"network's last operation. {_HEAD_HINT}"
+            )
+        missing = [tap for tap in self.tapped_layers if tap not in (state.captured or {})]
+        if missing:
+            raise ValueError(
+                f"tap layers {missing} were not called during {where}; pass tap_layers= with layers that the forward "
+                "pass calls (names from net.named_modules())."
+            )
+        return [_width(f) for f in self._collect(state)]
 
 def _width(feature: torch.Tensor) -> int:
     return int(feature.shape[1]) if feature.dim() > 1 else 1
