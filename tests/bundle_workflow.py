@@ -39,3 +39,65 @@ def bundle_workflow(
     )
     workflow.initialize()
     return workflow
+
+
+class Interrupted(RuntimeError):
+    """Raised by :func:`interrupt_before_epoch` to stop a run as a crash would."""
+
+
+def interrupt_before_epoch(workflow: ConfigWorkflow, epoch: int | None, trainer_id: str = "train#trainer") -> None:
+    """Make the workflow's trainer raise :class:`Interrupted` when ``epoch`` starts (the checkpoints of the epochs
+    before it are written, as when a run is killed between two epochs); ``None`` only instantiates the trainer.
+
+    The trainer (with its network and data loaders) is instantiated here, before ``run``. A MONAI ``DataLoader``
+    reseeds torch's global generator when it is built, so the order in which a config's objects are built decides the
+    initial weights: call this with ``None`` on the uninterrupted run that the resumed one is compared with.
+
+    Example::
+
+        interrupt_before_epoch(workflow, 3)
+        with pytest.raises(RuntimeError) as crash:     # the bundle's run expression wraps it
+            workflow.run()
+        assert isinstance(crash.value.__cause__, Interrupted)
+    """
+    from ignite.engine import Events
+
+    def stop(engine):
+        raise Interrupted(f"interrupted before epoch {epoch}")
+
+    trainer = workflow.parser.get_parsed_content(trainer_id)
+    if epoch is not None:
+        trainer.add_event_handler(Events.EPOCH_STARTED(once=epoch), stop)
+
+
+def assert_same_training(first: Path, second: Path, checkpoints: list[str], outputs: list[str]) -> None:
+    """Two bundle runs in ``first`` and ``second`` wrote bit-identical checkpoint tensors and identical JSON outputs.
+
+    Example::
+
+        assert_same_training(tmp_path / "full", tmp_path / "resumed", ["model.pt"], ["metrics.json"])
+    """
+    import json
+
+    import torch
+
+    for name in checkpoints:
+        a = torch.load(first / "models" / name, weights_only=True)
+        b = torch.load(second / "models" / name, weights_only=True)
+        flat_a, flat_b = _flatten(a), _flatten(b)
+        assert flat_a.keys() == flat_b.keys(), name
+        different = [k for k in flat_a if not torch.equal(flat_a[k], flat_b[k])]
+        assert not different, f"{name}: {len(different)} of {len(flat_a)} tensors differ, e.g. {different[:3]}"
+    for name in outputs:
+        a, b = (json.loads((root / "eval" / name).read_text()) for root in (first, second))
+        assert a == b, name
+
+
+def _flatten(state, prefix: str = "") -> dict:
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    if isinstance(state, dict):
+        return {k: v for key, value in state.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {}

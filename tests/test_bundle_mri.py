@@ -21,7 +21,7 @@ from monai.bundle import ConfigWorkflow, ckpt_export
 from monai.data import load_net_with_metadata
 
 from monai_armed.networks import ARMED, ARMEDCNN, load_network_checkpoint
-from tests.bundle_workflow import bundle_workflow
+from tests.bundle_workflow import Interrupted, assert_same_training, bundle_workflow, interrupt_before_epoch
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "armed_mri_classification"
 CONFIGS = BUNDLE / "configs"
@@ -159,3 +159,30 @@ def test_configs_pass_monai_property_checks(trained):
         ["inference.json"], trained, "inference", datalist_file=str(trained / "data" / "datalist.json")
     )
     assert inference.check_properties() == []
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):
+    settings = {**SMALL, "epochs": 4, "generate_default_data": False, "dataset_dir": str(trained / "data")}
+    full = _workflow(["train.json"], tmp_path / "full", **settings)
+    interrupt_before_epoch(full, None)  # builds the run's objects in the same order as below
+    full.run()
+    cut = _workflow(["train.json"], tmp_path / "cut", **settings)
+    interrupt_before_epoch(cut, 3)
+    with pytest.raises(RuntimeError) as crash:
+        cut.run()
+    assert isinstance(crash.value.__cause__, Interrupted)
+    best = tmp_path / "cut" / "models" / "model_best_val_auroc.pt"
+    best_before = best.read_bytes()
+    _workflow(["train.json"], tmp_path / "cut", resume=True, **settings).run()
+    assert_same_training(
+        tmp_path / "full",
+        tmp_path / "cut",
+        ["model.pt", "zpredictor.pt", "model_best_val_auroc.pt", "resume_checkpoint_epoch=4.pt"],
+        ["metrics.json", "loss_history.json", "random_effects.json"],
+    )
+    resumed = torch.load(tmp_path / "cut" / "models" / "resume_checkpoint_epoch=4.pt", weights_only=True)
+    tracking = resumed["best_model_tracking"]
+    full = torch.load(tmp_path / "full" / "models" / "resume_checkpoint_epoch=4.pt", weights_only=True)
+    assert tracking == full["best_model_tracking"] and tracking["best_metric_epoch"] >= 1
+    if tracking["best_metric_epoch"] <= 2:  # the best model came before the interruption: the resumed run kept it
+        assert best.read_bytes() == best_before

@@ -23,6 +23,7 @@ from monai.bundle import ConfigWorkflow
 
 from monai_armed.data import save_csv_datalist
 from monai_armed.networks import MixedEffectsMLP, load_network_checkpoint
+from tests.bundle_workflow import Interrupted, assert_same_training, interrupt_before_epoch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "armed_spirals" / "configs"
 
@@ -177,3 +178,32 @@ def test_resume_without_checkpoint_names_the_folder(tmp_path):
         workflow.run()
     assert isinstance(error.value.__cause__, FileNotFoundError)
     assert "no checkpoint 'resume_*epoch=N.pt' to resume from in" in str(error.value.__cause__)
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    _clustered_csv(tmp_path / "data.csv")
+    data = {"csv_file": str(tmp_path / "data.csv"), "generate_default_data": False, "n_unseen_clusters": 1, "epochs": 4}
+    full = _workflow(["train.json"], tmp_path / "full", **data)
+    interrupt_before_epoch(full, None)  # builds the run's objects in the same order as below
+    full.run()
+    cut = _workflow(["train.json"], tmp_path / "cut", **data)
+    interrupt_before_epoch(cut, 3)
+    with pytest.raises(RuntimeError) as crash:
+        cut.run()
+    assert isinstance(crash.value.__cause__, Interrupted)
+    assert sorted(p.name for p in (tmp_path / "cut" / "models").glob("resume_*")) == [
+        "resume_checkpoint_epoch=1.pt",
+        "resume_checkpoint_epoch=2.pt",
+    ]
+    _workflow(["train.json"], tmp_path / "cut", resume=True, **data).run()
+    assert_same_training(
+        tmp_path / "full",
+        tmp_path / "cut",
+        ["model.pt", "zpredictor.pt", "resume_checkpoint_epoch=4.pt"],
+        ["metrics.json", "random_effects.json", "per_cluster_accuracy.json"],
+    )
+    # the resume checkpoints are pruned to the last two, across the two runs
+    assert sorted(p.name for p in (tmp_path / "cut" / "models").glob("resume_*")) == [
+        "resume_checkpoint_epoch=3.pt",
+        "resume_checkpoint_epoch=4.pt",
+    ]

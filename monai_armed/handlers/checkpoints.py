@@ -171,7 +171,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore what :meth:`state_dict` returned (also a bare ignite ``Checkpoint`` state, as MONAI's saver takes)."""
-        if "saved" in state_dict:  # MONAI's key_metric_save_state format
+        if "_saved" in state_dict:  # MONAI's key_metric_save_state format
             state_dict = {"key_metric": state_dict}
         if "key_metric" in state_dict:
             if self._key_metric_checkpoint is None:
