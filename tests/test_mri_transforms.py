@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +22,12 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+from scipy import ndimage
 
 from monai_armed.data import make_mri_sites, simulate_mri_image
 from monai_armed.transforms import CheckedLoadImage, CheckedLoadImaged, CoronalSlice, CoronalSliced
+
+LOGGER = "monai_armed.transforms.mri"
 
 
 def _pipeline(**kwargs) -> Callable[[dict], dict]:
@@ -40,6 +44,14 @@ def _save(data: np.ndarray, path: Path, affine: np.ndarray | None = None, codes:
     return str(path)
 
 
+def _save_image(image: nib.Nifti1Image, path: Path) -> str:
+    """Save with the affine as sform and qform (code 4, MNI152)."""
+    image.set_sform(image.affine, code=4)
+    image.set_qform(image.affine, code=4)
+    nib.save(image, path)
+    return str(path)
+
+
 def _centred_affine(shape: tuple, centre=(32.0, -6.0, -26.0)) -> np.ndarray:
     """1 mm RAS affine putting the array's middle voxel at ``centre``."""
     affine = np.eye(4)
@@ -51,6 +63,43 @@ def _centred_affine(shape: tuple, centre=(32.0, -6.0, -26.0)) -> np.ndarray:
 def generated(tmp_path_factory) -> nib.Nifti1Image:
     signature = make_mri_sites(seed=0)[1]["signature"]
     return simulate_mri_image(signature, 1.0, [1, 2], [3, 4], slab_mm=4.0)
+
+
+@pytest.fixture(scope="module")
+def template() -> nib.Nifti1Image:
+    """The 1 mm nilearn MNI152 template (skull-stripped, zero outside the brain)."""
+    from nilearn.datasets import load_mni152_template
+
+    return load_mni152_template(resolution=1)
+
+
+@pytest.fixture(scope="module")
+def mni_slab(template) -> nib.Nifti1Image:
+    """The template's coronal slab y = -22 .. 10 mm (1 mm RAS voxels), around the paper's plane y = -6."""
+    slab = template.slicer[:, 112:145, :]
+    assert np.allclose(slab.affine[:3, 3], [-98.0, -22.0, -72.0])
+    return nib.Nifti1Image(np.asarray(slab.dataobj, dtype=np.float32), slab.affine)
+
+
+def _thick(image: nib.Nifti1Image, axis: int, factor: int = 4) -> nib.Nifti1Image:
+    """``image`` acquired with ``factor`` times thicker voxels along ``axis``: block means, affine of the blocks."""
+    data = np.moveaxis(np.asarray(image.dataobj), axis, -1)
+    blocks = data.shape[-1] // factor
+    data = data[..., : blocks * factor].reshape(*data.shape[:-1], blocks, factor).mean(-1)
+    affine = image.affine.copy()
+    affine[:3, 3] += affine[:3, axis] * (factor - 1) / 2  # a block's centre
+    affine[:3, axis] *= factor
+    return nib.Nifti1Image(np.moveaxis(data, -1, axis).astype(np.float32), affine)
+
+
+def _brain_box(image: torch.Tensor, threshold: float = 0.2) -> np.ndarray:
+    """(first row, last row, first column, last column) of the pixels above ``threshold``."""
+    rows, cols = np.nonzero(image[0].numpy() > threshold)
+    return np.array([rows.min(), rows.max(), cols.min(), cols.max()])
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
 
 
 def test_slice_of_a_generated_image(generated, tmp_path):
@@ -177,3 +226,146 @@ def test_errors_inside_compose_keep_the_message(tmp_path):
         pipeline({"image": path})
     assert isinstance(caught.value.__cause__, ValueError)
     assert "far.nii.gz' (key 'image'): world coordinate" in str(caught.value.__cause__)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_thick_slices_give_the_slice_of_the_one_mm_image(mni_slab, tmp_path, caplog, axis):
+    reference = _pipeline(spatial_size=64)({"image": _save_image(mni_slab, tmp_path / "mni_1mm.nii")})["image"]
+    thick_path = _save_image(_thick(mni_slab, axis), tmp_path / "mni_thick.nii")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        thick = _pipeline(spatial_size=64)({"image": thick_path})["image"]
+    # resampled to 1 mm cubes before slicing: not squashed 4x along the thick axis, same anatomy and intensities
+    assert thick.shape == reference.shape == (1, 64, 64)
+    assert np.corrcoef(thick.numpy().ravel(), reference.numpy().ravel())[0, 1] > 0.95
+    assert float((thick - reference).abs().mean()) < 0.06
+    np.testing.assert_allclose(_brain_box(thick), _brain_box(reference), atol=2)
+    # the plane y = -6 on the 1 mm grid from y = -22 (-20.5, the first 4 mm voxel's centre, when y is thick)
+    assert reference.meta["coronal_index"] == 16 and thick.meta["coronal_index"] == (14 if axis == 1 else 16)
+    assert not _warnings(caplog)
+    # deterministic
+    again = _pipeline(spatial_size=64)({"image": thick_path})["image"]
+    assert torch.equal(again, thick)
+
+
+def test_isotropic_mm_sets_the_slicing_grid(mni_slab, tmp_path):
+    path = _save_image(mni_slab, tmp_path / "mni.nii")
+    default = _pipeline(spatial_size=64)({"image": path})["image"]
+    coarse = _pipeline(spatial_size=64, isotropic_mm=2.0)({"image": path})["image"]
+    assert coarse.meta["coronal_index"] == 8  # (-6 - -22) / 2
+    assert np.corrcoef(coarse.numpy().ravel(), default.numpy().ravel())[0, 1] > 0.9
+    slab = _pipeline(spatial_size=64, spatial_dims=3, num_slices=4, isotropic_mm=2.0)({"image": path})["image"]
+    assert slab.shape == (1, 64, 64, 4)
+    # the slab counts slices of the resampled grid: 17 planes 2 mm apart span y -22 .. 10
+    with pytest.raises(ValueError, match=r"mni\.nii' \(key 'image'\): the slab of 20 coronal .* the image has 17"):
+        _pipeline(spatial_dims=3, num_slices=20, isotropic_mm=2.0)({"image": path})
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="isotropic_mm must be a positive voxel side"):
+            CoronalSlice(isotropic_mm=bad)
+
+
+def test_oblique_image_is_sliced_in_world_space_and_warned(mni_slab, tmp_path, caplog):
+    reference = _pipeline(spatial_size=64)({"image": _save_image(mni_slab, tmp_path / "mni.nii")})["image"]
+    # the same anatomy in world space, stored on voxel axes turned 12 degrees about y (an oblique acquisition)
+    turn = np.radians(12.0)
+    rotation = np.eye(4)
+    rotation[[0, 0, 2, 2], [0, 2, 0, 2]] = np.cos(turn), np.sin(turn), -np.sin(turn), np.cos(turn)
+    affine = rotation @ mni_slab.affine
+    voxels = np.linalg.inv(mni_slab.affine) @ affine
+    data = ndimage.affine_transform(np.asarray(mni_slab.dataobj), voxels, order=1)
+    path = _save_image(nib.Nifti1Image(data, affine), tmp_path / "oblique.nii")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        out = _pipeline(spatial_size=64)({"image": path})["image"]
+    assert np.corrcoef(out.numpy().ravel(), reference.numpy().ravel())[0, 1] > 0.95
+    (message,) = _warnings(caplog)
+    assert "oblique.nii' (key 'image')" in message and "oblique affine" in message and "12.0 degrees" in message
+    assert "register the image to MNI152 first (e.g. ANTs antsRegistration or FSL FLIRT)" in message
+
+
+def test_scanner_space_placement_is_warned(mni_slab, tmp_path, caplog):
+    affine = mni_slab.affine.copy()
+    affine[:3, 3] += [60.0, 0.0, 30.0]
+    path = _save_image(nib.Nifti1Image(np.asarray(mni_slab.dataobj), affine), tmp_path / "scanner.nii")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        out = _pipeline(spatial_size=64)({"image": path})["image"]
+    assert out.shape == (1, 64, 64)  # warned, not failed
+    (message,) = _warnings(caplog)
+    assert "scanner.nii' (key 'image') does not look like a skull-stripped brain registered to MNI152" in message
+    assert "spans x -12..132, y -22..10, z -22..111 mm, more than 20 mm beyond the MNI152 brain" in message
+    assert "centred at x = 60 mm" in message and "oblique" not in message
+    # a raw scanner file whose origin is its first voxel: warned, then the coordinate is outside its field of view
+    corner = _save_image(nib.Nifti1Image(np.asarray(mni_slab.dataobj), np.eye(4)), tmp_path / "corner.nii")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER), pytest.raises(ValueError, match="outside the image"):
+        _pipeline()({"image": corner})
+    assert "corner.nii" in _warnings(caplog)[0]
+
+
+def test_implausible_brains_are_warned(mni_slab, tmp_path, caplog):
+    data = np.asarray(mni_slab.dataobj)
+    half = mni_slab.affine @ np.diag([0.5, 1.0, 0.5, 1.0])  # header voxel size wrong by 2
+    half[:3, 3] += [49.0, 0.0, 36.0]
+    unstripped = np.where(data > 0, data, 0.05).astype(np.float32)  # background kept: not skull-stripped
+    zscored = ((data - data.mean()) / data.std()).astype(np.float32)
+    cases = {
+        "small.nii": (data, half, "the brain is 72 mm wide in x, less than 100 mm"),
+        "unstripped.nii": (unstripped, mni_slab.affine, "spans x -98..98, y -22..10, z -72..116 mm, more than 20"),
+        "zscored.nii": (zscored, mni_slab.affine, "of the non-zero voxels are negative (expected non-negative"),
+    }
+    for name, (values, affine, reason) in cases.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            path = _save_image(nib.Nifti1Image(values, affine), tmp_path / name)
+            _pipeline(spatial_size=64, min_size=16)({"image": path})
+        (message,) = _warnings(caplog)
+        assert f"{name}' (key 'image') does not look like" in message and reason in message, message
+
+
+def test_warned_once_per_file(mni_slab, tmp_path, caplog):
+    affine = mni_slab.affine.copy()
+    affine[0, 3] += 60.0
+    first = _save_image(nib.Nifti1Image(np.asarray(mni_slab.dataobj), affine), tmp_path / "first.nii")
+    second = _save_image(nib.Nifti1Image(np.asarray(mni_slab.dataobj), affine), tmp_path / "second.nii")
+    pipeline = _pipeline(spatial_size=32)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for path in (first, first, second, first):
+            pipeline({"image": path})
+    messages = _warnings(caplog)
+    assert len(messages) == 2 and "first.nii" in messages[0] and "second.nii" in messages[1]
+
+
+def test_mni_template_and_generated_images_are_not_warned(template, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        voxels = torch.as_tensor(np.asarray(template.dataobj, dtype=np.float32))
+        whole = MetaTensor(voxels[None], affine=template.affine)
+        whole.meta["filename_or_obj"] = "mni152.nii.gz"
+        assert CoronalSlice(spatial_size=64)(whole).shape == (1, 64, 64)
+        for index, site in enumerate(make_mri_sites(seed=0)):
+            image = simulate_mri_image(site["signature"], 1.0, [0, index], [1, index], slab_mm=4.0)
+            path = tmp_path / f"{site['site']}.nii.gz"
+            nib.save(image, path)
+            _pipeline(spatial_size=64)({"image": str(path)})
+    assert not _warnings(caplog)
+
+
+@pytest.mark.parametrize("bad, kind", [(np.nan, "1 NaN, 0 infinite"), (np.inf, "0 NaN, 1 infinite")])
+def test_non_finite_voxels_name_the_file(tmp_path, bad, kind):
+    data = np.ones((8, 8, 8), np.float32)
+    data[3, 4, 5] = bad
+    path = _save(data, tmp_path / "broken.nii.gz", _centred_affine((8, 8, 8)))
+    expected = (
+        rf"broken\.nii\.gz' \(key 'image'\) has 1 non-finite voxel\(s\) of 512 \({kind}\); expected finite intensities"
+    )
+    with pytest.raises(ValueError, match=expected):
+        _pipeline()({"image": path})
+    with pytest.raises(ValueError, match=r"broken\.nii\.gz' has 1 non-finite"):
+        CheckedLoadImage(image_only=False)(path)
+
+
+def test_two_dimensional_image_is_rejected(tmp_path):
+    path = _save(np.ones((64, 64), np.float32), tmp_path / "slice.nii.gz", np.eye(4))
+    with pytest.raises(
+        ValueError, match=r"slice\.nii\.gz' \(key 'image'\): expected a 3D volume, got a 2D image of shape \(64, 64\)"
+    ):
+        _pipeline()({"image": path})
+    with pytest.raises(ValueError, match=r"expected a channel-first single-channel 3D volume .*\(2D and 4D images"):
+        CoronalSlice()(MetaTensor(torch.ones(1, 64, 64)))
