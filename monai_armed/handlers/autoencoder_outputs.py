@@ -254,11 +254,11 @@ class AutoencoderOutputWriter:
 
     def _reset(self, engine: Engine) -> None:
         self.rows, self._source_of = [], {}
-        if self.ood_threshold is None or isinstance(self.ood_threshold, numbers.Real):
-            self.threshold = None if self.ood_threshold is None else float(self.ood_threshold)
-        else:
+        if isinstance(self.ood_threshold, (str, os.PathLike)):  # read at every run: training may rewrite it
             content = read_ood_threshold(self.ood_threshold)
             self.threshold = None if content is None else float(content["threshold"])
+        else:
+            self.threshold = None if self.ood_threshold is None else float(self.ood_threshold)
 
     def _check_batch(self, engine: Engine) -> None:
         batch = engine.state.batch
