@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,16 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["META_SCHEMA_MD5", "atomic_open", "meta_schema_path", "nan_to_none", "shape_str", "write_json"]
+__all__ = [
+    "CSV_FORMULA_PREFIXES",
+    "META_SCHEMA_MD5",
+    "atomic_open",
+    "csv_cell",
+    "meta_schema_path",
+    "nan_to_none",
+    "shape_str",
+    "write_json",
+]
 
 META_SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
 """MD5 of the model zoo's ``meta_schema_20240725.json``, the value MONAI's own tests pin for that release asset."""
@@ -68,6 +78,29 @@ def atomic_open(path: str | os.PathLike, newline: str | None = None, mode: str =
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+CSV_FORMULA_PREFIXES: tuple[str, ...] = ("=", "+", "-", "@", "\t", "\r")
+"""First characters that make a spreadsheet read a CSV text cell as a formula (OWASP "CSV injection")."""
+
+
+def csv_cell(value: Any) -> Any:
+    """A value ready for ``csv.writer``: numbers unchanged, text that a spreadsheet would run as a formula escaped.
+
+    Text (and any other object, as ``str(value)``) starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage
+    return gets a leading single quote, as OWASP recommends against CSV injection, so ``=HYPERLINK(...)`` is written
+    as ``'=HYPERLINK(...)``. Numbers (``int``, ``float``, ``bool``, numpy scalars) are returned unchanged so they are
+    written as numbers, ``-0.5`` as ``-0.5``; ``None`` stays ``None`` (an empty cell). Text made of digits stays text:
+    a cluster id ``"01"`` is written ``01``, not ``1``.
+
+    Example::
+
+        writer.writerow([csv_cell(v) for v in ("=1+2", "-site", "01", -0.5, 3)])   # '=1+2,'-site,01,-0.5,3
+    """
+    if value is None or isinstance(value, numbers.Number):
+        return value
+    text = str(value)
+    return "'" + text if text.startswith(CSV_FORMULA_PREFIXES) else text
 
 
 def shape_str(x: torch.Tensor) -> str:

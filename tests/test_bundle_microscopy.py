@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -86,6 +87,10 @@ def test_train_writes_checkpoint_vocabulary_metrics_history_and_figures(trained)
     root, metrics = trained
     assert set(torch.load(root / "models" / "model.pt", weights_only=True)) == {"model", "zpredictor"}
     assert json.loads((root / "models" / "clusters.json").read_text())["n_clusters"] == N_SEEN
+    threshold = json.loads((root / "models" / "ood_threshold.json").read_text())
+    assert threshold["metric"] == "recon_mse_fe" and threshold["quantile"] == 0.99
+    assert threshold["n_images"] == metrics["train"]["fixed"]["n"], "fitted on every training image"
+    assert 0.0 < threshold["mse_median"] <= threshold["threshold"] <= threshold["mse_max"]
     assert set(metrics) == {"train", "seen", "unseen", "latent", "anova_f"}
     assert set(metrics["seen"]) == {"observed", "fixed", "randomized"}
     assert set(metrics["unseen"]) == {"fixed", "inferred"}
@@ -100,6 +105,22 @@ def test_train_writes_checkpoint_vocabulary_metrics_history_and_figures(trained)
     assert history["loss_recon_fe"][-1] < history["loss_recon_fe"][0], "the reconstruction improves"
     for figure in ("reconstructions", "latent_embedding"):
         assert (root / "eval" / "figures" / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+
+
+@torch.no_grad()
+def test_ood_threshold_is_the_quantile_of_the_training_reconstruction_errors(trained, data_dir):
+    root, _ = trained
+    workflow = _workflow(["train.json", "evaluate.json"], root, **_train_overrides(data_dir))
+    workflow.parser.get_parsed_content("load_checkpoints")
+    network = workflow.parser.get_parsed_content("network").eval()
+    errors = []
+    for batch in workflow.parser.get_parsed_content("evaluation#loaders#train"):
+        x = batch["image"].float()
+        errors.append(((network.reconstruct(x).fe - x) ** 2).flatten(1).mean(1))
+    errors = torch.cat(errors).double().numpy()
+    threshold = json.loads((root / "models" / "ood_threshold.json").read_text())
+    assert threshold["n_images"] == len(errors)
+    assert threshold["threshold"] == pytest.approx(float(np.quantile(errors, 0.99)), rel=1e-5)
 
 
 def test_evaluate_reproduces_the_metrics_from_the_checkpoint(trained, data_dir):
@@ -120,7 +141,9 @@ def test_inference_on_unseen_batches_writes_inferred_maps(trained, data_dir):
     assert len(rows) == N_UNSEEN * CELLS * FRAMES
     assert {r["effects"] for r in rows} == {"inferred"}, "unseen batches get the Z-predictor's membership"
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
-    assert [f"latent_fe_{k}" for k in range(NETWORK["latent_size"])] == list(rows[0])[3:]
+    assert list(rows[0])[:5] == ["image", "effects", "probability", "recon_mse_fe", "ood"]
+    assert [f"latent_fe_{k}" for k in range(NETWORK["latent_size"])] == list(rows[0])[5:]
+    assert all(float(r["recon_mse_fe"]) > 0.0 for r in rows) and {r["ood"] for r in rows} <= {"0", "1"}
     out = root / "eval" / "inference"
     assert len(list(out.glob("*.tif"))) == 3 * len(rows)
     stem = Path(rows[0]["image"]).name[: -len(".tif")]
@@ -128,6 +151,36 @@ def test_inference_on_unseen_batches_writes_inferred_maps(trained, data_dir):
     maps = {name: load(str(out / f"{stem}_{name}.tif")) for name in ("recon_fe", "recon_me", "batch_effect")}
     assert maps["recon_fe"].shape == (1, 32, 32) and 0.0 <= float(maps["recon_me"].min()) <= 1.0
     torch.testing.assert_close(maps["batch_effect"], maps["recon_me"] - maps["recon_fe"])
+
+
+def test_inference_flags_noise_and_saturated_images_and_runs_without_a_threshold_file(trained, data_dir, tmp_path, caplog):
+    root, _ = trained
+    shutil.copytree(root / "models", tmp_path / "models")
+    sections = json.loads((data_dir / "datalist.json").read_text())
+    cells = [{"image": str(data_dir / item["image"])} for item in sections["test"][:6]]
+    rng = np.random.default_rng(0)
+    far = {
+        "noise_0": rng.choice(np.array([0, 255], np.uint8), (32, 32)),  # salt and pepper
+        "noise_1": rng.choice(np.array([0, 255], np.uint8), (32, 32)),
+        "saturated": np.full((32, 32), 255, np.uint8),
+    }
+    for name, pixels in far.items():
+        save_tiff(tmp_path / "odd" / f"{name}.tif", pixels)
+    items = cells + [{"image": str(tmp_path / "odd" / f"{name}.tif")} for name in far]
+    (tmp_path / "datalist.json").write_text(json.dumps({"test": items}))
+    with caplog.at_level(logging.INFO, logger="monai_armed.handlers.autoencoder_outputs"):
+        rows = _inference(tmp_path, tmp_path / "datalist.json", "test")
+    flags = {Path(r["image"]).stem: r["ood"] for r in rows}
+    assert [flags[name] for name in far] == ["1", "1", "1"], flags
+    assert {flags[Path(item["image"]).stem] for item in cells} == {"0"}, "test cells of seen batches are not flagged"
+    assert f"3 of {len(items)} images are out of distribution" in caplog.text
+    # a model trained before the threshold file existed: inference still runs, the flag is left empty
+    (tmp_path / "models" / "ood_threshold.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="monai_armed.handlers.autoencoder_outputs"):
+        rows = _inference(tmp_path, tmp_path / "datalist.json", "test")
+    assert {r["ood"] for r in rows} == {""} and all(float(r["recon_mse_fe"]) > 0.0 for r in rows)
+    assert "No out-of-distribution threshold file" in caplog.text
 
 
 def test_conventional_variant_has_no_random_effects(data_dir, tmp_path):
@@ -196,6 +249,10 @@ def _write_bad_tiff(kind: str, path: Path, data_dir: Path) -> None:
         save_tiff(path, np.zeros((32, 32, 3), np.uint8), photometric="rgb")
     elif kind == "uint16":
         save_tiff(path, np.full((32, 32), 1000, np.uint16))
+    elif kind == "multipage":
+        save_tiff(path, np.zeros((3, 32, 32), np.uint8))
+    elif kind == "16 bytes":  # a TIFF header and nothing else
+        path.write_bytes(b"II*\x00" + bytes(12))
     else:
         with warnings.catch_warnings():  # tifffile warns that a zero-size image is not conformant, and writes it
             warnings.simplefilter("ignore")
@@ -208,6 +265,8 @@ def _write_bad_tiff(kind: str, path: Path, data_dir: Path) -> None:
         ("corrupt", "is not a readable TIFF file"),
         ("rgb", "expected a grayscale (1-channel) image, got 3 samples per pixel (RGB)"),
         ("uint16", "holds uint16 pixels; allowed dtypes are uint8"),
+        ("multipage", "holds 3 planes (axes 'QYX', shape (3, 32, 32)); expected one 2D plane (spatial_dims=2)"),
+        ("16 bytes", "is empty: it holds no images (the file has a TIFF header but is 16 bytes long"),
         ("empty", "is empty: its image has shape (0, 0)"),
     ],
 )

@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+import csv
 import os
 
 import numpy as np
 import pytest
+import torch
 
-from monai_armed.data import datalist_to_arrays, load_csv_datalist, save_csv_datalist
+from monai_armed.data import datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
+from monai_armed.utils import csv_cell
 
 
 def _write(tmp_path, text, name="data.csv"):
@@ -149,3 +152,45 @@ def test_save_rejects_inconsistent_inputs(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         save_csv_datalist([], tmp_path / "a.csv")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ('=HYPERLINK("http://x")', '\'=HYPERLINK("http://x")'),
+        ("+1", "'+1"),
+        ("-site", "'-site"),
+        ("@x", "'@x"),
+        ("\tx", "'\tx"),
+        ("\rx", "'\rx"),
+        ("site-a", "site-a"),
+        ("01", "01"),
+        ("", ""),
+    ],
+)
+def test_csv_cell_escapes_formula_text(value, expected):
+    assert csv_cell(value) == expected
+
+
+@pytest.mark.parametrize("number", [-0.5, 3, -7, np.float32(-1.25), np.int64(-2), True])
+def test_csv_cell_keeps_numbers_as_numbers(number):
+    assert csv_cell(number) is number
+
+
+def test_save_predictions_csv_escapes_text_cells_and_keeps_numbers(tmp_path):
+    datalist = [
+        {"image": '=HYPERLINK("http://evil","x")', "subject": -3, "cluster": "+1"},
+        {"image": "-scan.nii", "subject": 12, "cluster": "@x"},
+        {"image": "a.nii", "subject": "s-1", "cluster": "01"},
+    ]
+    path = save_predictions_csv(tmp_path / "p.csv", datalist, torch.tensor([0.25, 0.5, 0.75]), id_keys=["image", "subject"])
+    with open(path, newline="") as f:
+        text = f.read()
+    assert text.splitlines()[1:] == [
+        '"\'=HYPERLINK(""http://evil"",""x"")",-3,\'+1,0.250000',
+        "'-scan.nii,12,'@x,0.500000",
+        "a.nii,s-1,01,0.750000",
+    ]
+    rows = list(csv.DictReader(text.splitlines()))
+    assert float(rows[0]["subject"]) == -3.0 and float(rows[1]["p_class1"]) == 0.5
+    assert rows[2]["cluster"] == "01", "a cluster id of digits stays text, not the number 1"

@@ -260,6 +260,55 @@ def test_random_bytes_are_not_a_readable_tiff(tmp_path):
         LoadImage(reader=TiffFileReader())(str(path))
 
 
+def _load_one_plane(path) -> torch.Tensor:
+    """Load ``path`` as the microscopy bundle does: ``LoadImaged`` with a reader for one grayscale 2D plane."""
+    load = LoadImaged(keys="image", reader=TiffFileReader(channels=1, spatial_dims=2), ensure_channel_first=True)
+    return load({"image": str(path)})["image"]
+
+
+@pytest.mark.parametrize("imagej", [False, True])
+def test_multi_page_tiff_where_one_plane_is_expected_names_file_and_planes(tmp_path, imagej):
+    path = save_tiff(tmp_path / "stack.tif", _pixels((3, 8, 6), np.uint8), metadata={} if imagej else None)
+    axes = "QYX" if imagej else "IYX"
+    expected = f"'{path}' holds 3 planes (axes '{axes}', shape (3, 8, 6)); expected one 2D plane (spatial_dims=2)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        _load_one_plane(path)
+    # without spatial_dims the stack loads as a 3D volume, which 2D transforms would take for a 3-plane image
+    assert LoadImage(reader=TiffFileReader(channels=1), image_only=True)(path).shape == (6, 8, 3)
+    assert LoadImage(reader=TiffFileReader(spatial_dims=3), image_only=True)(path).shape == (6, 8, 3)
+
+
+def test_single_plane_passes_spatial_dims_2_and_fails_spatial_dims_3(tmp_path):
+    path = save_tiff(tmp_path / "plane.tif", _pixels((8, 6), np.uint8))
+    assert _load_one_plane(path).shape == (1, 6, 8)
+    rgb = save_tiff(tmp_path / "rgb.tif", _pixels((8, 6, 3), np.uint8), photometric="rgb")
+    assert _read(rgb, spatial_dims=2)[0].shape == (6, 8, 3), "samples per pixel are not planes"
+    expected = f"'{path}' holds a single 2D plane (axes 'YX', shape (8, 6)); expected a 3D stack of planes"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        LoadImage(reader=TiffFileReader(spatial_dims=3))(path)
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("header_only", b"II*\x00" + bytes(12), "is empty: it holds no images (the file has a TIFF header but is 16 bytes"),
+        ("big_endian", b"MM\x00*" + bytes(12), "is empty: it holds no images (the file has a TIFF header but is 16 bytes"),
+        ("ifd_past_end", b"II*\x00" + (1000).to_bytes(4, "little") + bytes(8), "is empty: it holds no images"),
+        ("empty_ifd", b"II*\x00" + (8).to_bytes(4, "little") + bytes(8), "is empty: its image has shape (0,)"),
+        ("random", np.random.default_rng(1).bytes(16), "is not a readable TIFF file"),
+    ],
+)
+def test_sixteen_byte_tiff_names_the_file(tmp_path, name, content, expected):
+    path = tmp_path / f"{name}.tif"
+    path.write_bytes(content)
+    assert len(content) == 16
+    # a file with a TIFF header raises ValueError from get_data; random bytes make LoadImage try (and report) its
+    # other readers in a RuntimeError
+    with pytest.raises((ValueError, RuntimeError)) as error:
+        _load_one_plane(path)
+    assert f"'{path}' {expected}" in str(error.value)
+
+
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_truncated_tiff_names_the_file_and_is_not_loaded_by_another_reader(tmp_path, contiguous):
     path = _truncated_stack(tmp_path, contiguous)
@@ -312,6 +361,8 @@ def test_verify_suffix(names, expected):
     [
         ({"channels": 0}, "channels must be a positive int or None, got 0"),
         ({"series": -1}, "series must be an int >= 0, got -1"),
+        ({"spatial_dims": 1}, "spatial_dims must be 2, 3 or None, got 1"),
+        ({"spatial_dims": True}, "spatial_dims must be 2, 3 or None, got True"),
         ({"dtypes": ("uint8", "pixels")}, "dtypes entry 'pixels' is not a numpy dtype name"),
         ({"not_an_option": True}, "tifffile.TiffFile takes no argument(s) ['not_an_option']"),
     ],

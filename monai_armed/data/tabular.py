@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from monai_armed.utils import atomic_open
+from monai_armed.utils import atomic_open, csv_cell
 
 __all__ = ["load_csv_datalist", "save_csv_datalist", "save_predictions_csv", "datalist_to_arrays"]
 
@@ -233,7 +233,10 @@ def save_predictions_csv(
     """Write one row per sample: its ``id_keys`` values (e.g. the image path), its raw cluster id (if any) and the
     predicted probability of each class.
 
-    ``probability`` is ``(N,)`` (binary: probability of class 1) or ``(N, C)``. Written atomically.
+    ``probability`` is ``(N,)`` (binary: probability of class 1) or ``(N, C)``, written as numbers with 6 decimals.
+    Id and cluster cells are written as given (a cluster ``"01"`` stays ``01``; numeric ids stay numbers), except that
+    text starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'`` so a spreadsheet does
+    not run it as a formula (:func:`~monai_armed.utils.csv_cell`). Written atomically.
 
     Example::
 
@@ -249,6 +252,6 @@ def save_predictions_csv(
         writer = csv.writer(f)
         writer.writerow([*id_keys, "cluster", *names])
         for item, row in zip(datalist, prob):
-            ids = [item.get(k, "") for k in id_keys]
-            writer.writerow([*ids, item.get(raw_cluster_key, ""), *(f"{v:.6f}" for v in row)])
+            text = [csv_cell(item.get(k, "")) for k in (*id_keys, raw_cluster_key)]
+            writer.writerow([*text, *(f"{v:.6f}" for v in row)])
     return str(path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import threading
 import uuid
@@ -136,14 +137,21 @@ class TiffFileReader(ImageReader):
     Errors name the file. :meth:`read` raises when a file cannot be opened as a TIFF (missing, a folder, another
     format, a corrupt header); ``LoadImage`` then tries its other readers and reports them all in one
     ``RuntimeError``. Problems found once the file is open as a TIFF (data that cannot be decoded, a truncated file,
-    a missing series / level) and the checks of ``channels`` / ``dtypes`` / emptiness are raised as ``ValueError``
-    by :meth:`get_data`, which ``LoadImage`` does not catch: otherwise it would fall back to ``PILReader``, which
-    silently loads only the first page of a broken stack.
+    a missing series / level, a file that holds no image, such as a 16-byte file with a TIFF header and nothing else)
+    and the checks of ``channels`` / ``dtypes`` / ``spatial_dims`` / emptiness are raised as ``ValueError`` by
+    :meth:`get_data`, which ``LoadImage`` does not catch: otherwise it would fall back to ``PILReader``, which silently
+    loads only the first page of a broken stack or of a multi-page file.
+
+    By default any number of planes is read (a multi-page file loads as a 3D stack). A pipeline built for 2D images
+    should pass ``spatial_dims=2``: a multi-page TIFF then raises, naming the file, the number of planes found and
+    the shape, instead of flowing on as a 3D volume into 2D transforms.
 
     Args:
         channels: the number of channels (samples per pixel) every image must have, e.g. 1 to require grayscale;
             None accepts any.
         dtypes: the stored dtypes allowed, e.g. ``("uint8", "uint16")``; None accepts any.
+        spatial_dims: the number of spatial axes every image must have: 2 for one 2D plane per file (a multi-page
+            stack is an error), 3 for a stack of planes (a single plane is an error); None (default) accepts 2 or 3.
         series: which tifffile series (image) of the file to read.
         level: which pyramid level of that series to read; 0 is full resolution.
         reverse_indexing: reverse the spatial axes (``(H, W)`` -> ``(W, H)``) to match MONAI's other readers; False
@@ -160,16 +168,18 @@ class TiffFileReader(ImageReader):
 
         from monai.transforms import LoadImaged
 
-        load = LoadImaged(keys="image", reader=TiffFileReader(channels=1, dtypes=("uint8",)), ensure_channel_first=True)
+        reader = TiffFileReader(channels=1, dtypes=("uint8",), spatial_dims=2)
+        load = LoadImaged(keys="image", reader=reader, ensure_channel_first=True)
         image = load({"image": "cell_0001.tif"})["image"]  # MetaTensor (1, W, H), float32
         # equivalently, by name (also from a bundle config): LoadImaged(keys="image",
-        #     reader="monai_armed.data.tiff.TiffFileReader", channels=1)
+        #     reader="monai_armed.data.tiff.TiffFileReader", channels=1, spatial_dims=2)
     """
 
     def __init__(
         self,
         channels: int | None = None,
         dtypes: Sequence[str] | str | None = None,
+        spatial_dims: int | None = None,
         series: int = 0,
         level: int = 0,
         reverse_indexing: bool = True,
@@ -181,12 +191,15 @@ class TiffFileReader(ImageReader):
         # and silently builds the reader with default arguments instead.
         if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
             raise ValueError(f"TiffFileReader: channels must be a positive int or None, got {channels!r}.")
+        if spatial_dims is not None and (isinstance(spatial_dims, bool) or spatial_dims not in (2, 3)):
+            raise ValueError(f"TiffFileReader: spatial_dims must be 2, 3 or None, got {spatial_dims!r}.")
         for name, value in (("series", series), ("level", level)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TiffFileReader: {name} must be an int >= 0, got {value!r}.")
         _check_tifffile_kwargs(kwargs)
         self.channels = channels
         self.dtypes = None if dtypes is None else tuple(_dtype_name(d) for d in ensure_tuple(dtypes))
+        self.spatial_dims = spatial_dims
         self.series = series
         self.level = level
         self.reverse_indexing = reverse_indexing
@@ -247,9 +260,10 @@ class TiffFileReader(ImageReader):
 
         Raises:
             ValueError: an image could not be read in full (:attr:`TiffImage.error`: undecodable or truncated data,
-                a missing series / level), is empty, has another number of channels than ``channels``, a dtype not in
-                ``dtypes``, more than 3 spatial axes, or (several files) another shape or pixel size than the first;
-                the message names the file.
+                a missing series / level, no image in the file), is empty, has another number of channels than
+                ``channels``, a dtype not in ``dtypes``, another number of spatial axes than ``spatial_dims`` (e.g. a
+                multi-page stack where one plane is expected), more than 3 spatial axes, or (several files) another
+                shape or pixel size than the first; the message names the file.
 
         Example::
 
@@ -308,7 +322,11 @@ class TiffFileReader(ImageReader):
         """Read the chosen series and level of an open ``tifffile.TiffFile``."""
         n_series = len(tif.series)
         if n_series == 0:
-            raise _FileSelectionError(f"'{name}' is empty: it holds no images.")
+            size = os.path.getsize(name)
+            raise _FileSelectionError(
+                f"'{name}' is empty: it holds no images (the file has a TIFF header but is {size} bytes long; "
+                "truncated, or not written completely?)."
+            )
         if self.series >= n_series:
             raise _FileSelectionError(f"'{name}' has {n_series} image series; series={self.series} does not exist.")
         series = tif.series[self.series]
@@ -343,6 +361,8 @@ class TiffFileReader(ImageReader):
         if self.channels is not None and n_channels != self.channels:
             raise ValueError(f"'{name}': {_channel_mismatch(self.channels, n_channels, axes, image.photometric)}.")
         spatial = [i for i in range(array.ndim) if i not in channel_axes]
+        if self.spatial_dims is not None and len(spatial) != self.spatial_dims:
+            raise ValueError(f"'{name}' {_spatial_mismatch(self.spatial_dims, array.shape, axes, spatial)}.")
         if len(spatial) > 3:
             raise ValueError(
                 f"'{name}' has {len(spatial)} spatial axes (axes '{axes}'); at most 3 are supported, "
@@ -461,6 +481,20 @@ def _channel_mismatch(expected: int, found: int, axes: str, photometric: str) ->
     else:
         got = f"{found} channels (axis 'C')"
     return f"expected {want}, got {got}"
+
+
+def _spatial_mismatch(expected: int, shape: tuple[int, ...], axes: str, spatial: list[int]) -> str:
+    """Explain that an image of ``shape`` (tifffile ``axes``) has other spatial axes than ``expected`` (2 or 3)."""
+    planes = math.prod(shape[i] for i in spatial if axes[i] not in "YX")
+    found = f"(axes '{axes}', shape {tuple(shape)})"
+    if expected == 2:
+        return (
+            f"holds {planes} planes {found}; expected one 2D plane (spatial_dims=2). Save each plane as its own file, "
+            "or read the file as a stack with spatial_dims=3"
+        )
+    if len(spatial) == 2:
+        return f"holds a single 2D plane {found}; expected a 3D stack of planes (spatial_dims=3)"
+    return f"has {len(spatial)} spatial axes {found}; expected 3 (spatial_dims=3)"
 
 
 def _check_stackable(first_name: str, first: dict, name: str, meta: dict) -> None:

@@ -11,7 +11,13 @@
 
 from __future__ import annotations
 
-from .autoencoder_outputs import AutoencoderOutputWriter, write_autoencoder_outputs
+from .autoencoder_outputs import (
+    DEFAULT_OOD_QUANTILE,
+    AutoencoderOutputWriter,
+    fit_ood_threshold,
+    read_ood_threshold,
+    write_autoencoder_outputs,
+)
 from .autoencoder_report import AutoencoderReport
 from .checkpoints import AtomicCheckpointSaver, AtomicDiskSaver, latest_checkpoint
 from .cluster_mode_report import ClusterModeReport, format_report_table

@@ -8,12 +8,22 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Inference outputs of an ARMED autoencoder-classifier: reconstructions and batch-effect maps as TIFF, plus a CSV."""
+"""Inference outputs of an ARMED autoencoder-classifier: reconstructions and batch-effect maps as TIFF, plus a CSV.
+
+The CSV flags images that are out of distribution: their fixed-effects reconstruction error is above a threshold that
+:func:`fit_ood_threshold` takes from the training images (a high quantile of their per-image errors) and stores as
+JSON beside the checkpoint. An autoencoder reconstructs what it was trained on; an image far from the training cells
+(another stain, a saturated or empty field, noise) is reconstructed badly, while its phenotype probability can still
+look confident.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sized
 from pathlib import Path
@@ -29,9 +39,9 @@ from monai_armed.data.tiff import save_tiff
 from monai_armed.engines.autoencoder_inferer import AutoencoderInferer
 from monai_armed.engines.evaluator import ARMEDEvaluator
 from monai_armed.engines.trainer import ARMEDKeys
-from monai_armed.metrics import positive_probability
+from monai_armed.metrics import positive_probability, reconstruction_mse
 from monai_armed.networks.nets.autoencoder import AECOutput
-from monai_armed.utils import atomic_open
+from monai_armed.utils import atomic_open, csv_cell, write_json
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -39,9 +49,130 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["AutoencoderOutputWriter", "write_autoencoder_outputs"]
+__all__ = [
+    "DEFAULT_OOD_QUANTILE",
+    "AutoencoderOutputWriter",
+    "fit_ood_threshold",
+    "read_ood_threshold",
+    "write_autoencoder_outputs",
+]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_OOD_QUANTILE = 0.99
+"""Quantile of the training images' reconstruction errors used as the out-of-distribution threshold."""
+
+
+def _recon_mse_fe(image: torch.Tensor, result: AECOutput) -> np.ndarray:
+    """Per-image MSE ``(B,)`` between the network's input and its fixed-effects reconstruction."""
+    return reconstruction_mse(image.detach().float(), result.recon_fe.detach().float(), reduction="none")
+
+
+@torch.no_grad()
+def fit_ood_threshold(
+    network: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    output_file: str | os.PathLike | None = None,
+    quantile: float = DEFAULT_OOD_QUANTILE,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """The out-of-distribution threshold of an autoencoder-classifier: a quantile of its training reconstruction errors.
+
+    Runs the network (in eval mode; its mode is restored) over ``loader``, computes each image's fixed-effects
+    reconstruction MSE (``recon_mse_fe``: the mean over pixels of ``(recon_fe - image)²``; fixed effects, so it needs no
+    batch and is defined for images of unseen batches) and takes the ``quantile`` of them (numpy's linear
+    interpolation). By construction about ``1 - quantile`` of the training images lie above it; new images of the
+    same distribution reconstruct slightly worse than training images, so expect a few more of them to be flagged.
+    ``loader`` should give the training images as inference preprocesses them (no augmentation).
+
+    Args:
+        network: an autoencoder-classifier with ``forward_autoencoder`` (e.g.
+            :class:`~monai_armed.networks.MixedEffectsAutoencoder`).
+        loader: dictionary batches with ``image`` ``(B, C, *spatial)``.
+        output_file: where to write the result as JSON (atomically), e.g. ``models/ood_threshold.json``; None writes
+            nothing.
+        quantile: in ``(0, 1]``; 1 takes the largest training error.
+        device: device; default the network's.
+
+    Returns:
+        ``{"metric": "recon_mse_fe", "quantile", "threshold", "n_images", "mse_median", "mse_max"}``.
+
+    Raises:
+        ValueError: ``quantile`` outside ``(0, 1]``, a loader with no images, or non-finite reconstruction errors (a
+            diverged model); nothing is written then.
+        KeyError: a batch without ``image``.
+
+    Example::
+
+        fit_ood_threshold(net, DataLoader(train_dataset, batch_size=64), "models/ood_threshold.json", quantile=0.99)
+        # inference: AutoencoderOutputWriter("eval/inference", ood_threshold="models/ood_threshold.json")
+    """
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 < quantile <= 1.0:
+        raise ValueError(f"fit_ood_threshold: quantile must be a number in (0, 1], got {quantile!r}.")
+    device = torch.device(device) if device is not None else next(network.parameters()).device
+    inferer, errors, training = AutoencoderInferer(), [], network.training
+    network.eval()
+    try:
+        for batch in loader:
+            if "image" not in batch:
+                raise KeyError(f"fit_ood_threshold needs 'image' in each batch, got {sorted(batch)}.")
+            x = torch.as_tensor(batch["image"]).to(device, torch.float32)
+            errors.append(_recon_mse_fe(x, inferer(x, network)))
+    finally:
+        network.train(training)
+    if not errors:
+        raise ValueError("fit_ood_threshold: the loader gave no images.")
+    mse = np.concatenate(errors)
+    bad = int((~np.isfinite(mse)).sum())
+    if bad:
+        raise ValueError(
+            f"fit_ood_threshold: {bad} of {len(mse)} images have a non-finite reconstruction error; the model has "
+            "diverged, so no threshold can be fitted."
+        )
+    content = {
+        "metric": "recon_mse_fe",
+        "quantile": float(quantile),
+        "threshold": float(np.quantile(mse, quantile)),
+        "n_images": int(len(mse)),
+        "mse_median": float(np.median(mse)),
+        "mse_max": float(mse.max()),
+    }
+    if output_file is not None:
+        write_json(content, output_file)
+    return content
+
+
+def read_ood_threshold(path: str | os.PathLike) -> dict[str, Any] | None:
+    """Read a threshold file written by :func:`fit_ood_threshold`; None (with a warning) when it does not exist.
+
+    A missing file is not an error, so models trained before the file existed still run inference, only without the
+    out-of-distribution flag.
+
+    Raises:
+        ValueError: the file is not JSON, or its ``threshold`` is missing or not a finite number >= 0; the message
+            names the file.
+
+    Example::
+
+        read_ood_threshold("models/ood_threshold.json")["threshold"]   # e.g. 0.0042
+    """
+    path = Path(path)
+    if not path.is_file():
+        logger.warning(
+            f"No out-of-distribution threshold file '{path}' (written at the end of training by fit_ood_threshold): "
+            "the 'ood' column of the predictions will be empty."
+        )
+        return None
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"'{path}' is not a readable out-of-distribution threshold file (invalid JSON: {e}).") from e
+    threshold = content.get("threshold") if isinstance(content, dict) else None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise ValueError(f"'{path}': key 'threshold' must be a finite number, got {threshold!r}.")
+    if threshold < 0:
+        raise ValueError(f"'{path}': key 'threshold' must be >= 0 (a mean squared error), got {threshold!r}.")
+    return content
 
 
 def _stem(path: str) -> str:
@@ -59,7 +190,11 @@ class AutoencoderOutputWriter:
     ``<name>_recon_me.tif`` the mixed-effects one (with the batch's random effects) and ``<name>_batch_effect.tif``
     their difference, the batch-effect map; networks without random effects write only the first. ``predictions.csv``
     (written when the run completes) holds the image path, ``effects`` (which random effects were used), the phenotype
-    probability (mixed effects) and the fixed-effects latent (``latent_fe_0``, ...). Arrays are written in the
+    probability (mixed effects), ``recon_mse_fe`` (the fixed-effects reconstruction MSE of the image as the network saw
+    it, after preprocessing), ``ood`` (1 when ``recon_mse_fe`` is above the out-of-distribution threshold, else 0;
+    empty when there is no threshold) and the fixed-effects latent (``latent_fe_0``, ...). Numbers are written as
+    numbers; text cells that a spreadsheet would run as a formula are escaped (:func:`~monai_armed.utils.csv_cell`).
+    The number of flagged images is logged (a warning when there are any). Arrays are written in the
     loader's ``(C, W, H)`` order, channel dropped, transposed back to the TIFF's ``(H, W)`` as
     :class:`~monai_armed.data.TiffFileReader` reads it (``reverse_indexing=True``). Every file is written atomically.
 
@@ -73,21 +208,41 @@ class AutoencoderOutputWriter:
         output_dir: folder of the TIFFs and of ``predictions.csv``.
         path_key: batch key of the source paths (add it with ``CopyItemsd(keys="image", names="image_path")`` before
             loading).
+        ood_threshold: the out-of-distribution threshold on ``recon_mse_fe``: a number, or the JSON file written by
+            :func:`fit_ood_threshold` (read when each run starts; a missing file gives a warning and an empty ``ood``
+            column); None: no flag.
 
     Raises:
         KeyError: a batch without ``image`` or ``path_key`` (before anything of that batch is written).
         TypeError: the evaluator's output is not an :class:`~monai_armed.networks.nets.autoencoder.AECOutput`.
-        ValueError: a run with no images, or two images with the same file name stem (their outputs would collide).
+        ValueError: a run with no images, two images with the same file name stem (their outputs would collide), or an
+            invalid ``ood_threshold`` (a negative or non-finite number, a threshold file that cannot be read: raised
+            when the run starts).
 
     Example::
 
         evaluator = ARMEDEvaluator(device, loader, net, z_predictor=zp, inferer=AutoencoderInferer(), decollate=False)
-        AutoencoderOutputWriter("eval/inference").attach(evaluator)
+        AutoencoderOutputWriter("eval/inference", ood_threshold="models/ood_threshold.json").attach(evaluator)
         evaluator.run()
     """
 
-    def __init__(self, output_dir: str | os.PathLike, path_key: str = "image_path") -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        path_key: str = "image_path",
+        ood_threshold: float | str | os.PathLike | None = None,
+    ) -> None:
         self.output_dir, self.path_key = Path(output_dir), path_key
+        if isinstance(ood_threshold, numbers.Real) and not isinstance(ood_threshold, bool):
+            if not math.isfinite(ood_threshold) or ood_threshold < 0:
+                raise ValueError(f"AutoencoderOutputWriter: ood_threshold must be a finite number >= 0, got {ood_threshold}.")
+        elif ood_threshold is not None and not isinstance(ood_threshold, (str, os.PathLike)):
+            raise ValueError(
+                "AutoencoderOutputWriter: ood_threshold must be a number, a threshold file path or None, got "
+                f"{type(ood_threshold).__name__}."
+            )
+        self.ood_threshold = ood_threshold
+        self.threshold: float | None = None  # the threshold in use for the current run
         self.rows: list[dict[str, Any]] = []
         self._source_of: dict[str, str] = {}  # output stem -> the image it was written for
 
@@ -99,6 +254,11 @@ class AutoencoderOutputWriter:
 
     def _reset(self, engine: Engine) -> None:
         self.rows, self._source_of = [], {}
+        if isinstance(self.ood_threshold, (str, os.PathLike)):  # read at every run: training may rewrite it
+            content = read_ood_threshold(self.ood_threshold)
+            self.threshold = None if content is None else float(content["threshold"])
+        else:
+            self.threshold = None if self.ood_threshold is None else float(self.ood_threshold)
 
     def _check_batch(self, engine: Engine) -> None:
         batch = engine.state.batch
@@ -125,6 +285,7 @@ class AutoencoderOutputWriter:
         )
         prob = positive_probability(result.pred.float()).reshape(-1).cpu().numpy()
         latent = result.latent_fe.float().cpu().numpy()
+        mse = _recon_mse_fe(engine.state.output[Keys.IMAGE], result)
         for i, path in enumerate(paths):
             stem = _stem(path)
             if stem in self._source_of:  # its maps would silently overwrite the other image's
@@ -142,7 +303,14 @@ class AutoencoderOutputWriter:
                 save_tiff(
                     self.output_dir / f"{stem}_{name}.tif", array.T if array.ndim == 2 else array.transpose(2, 1, 0)
                 )
-            row = {"image": path, "effects": effects[i], "probability": float(prob[i])}
+            ood = None if self.threshold is None else int(mse[i] > self.threshold)
+            row = {
+                "image": path,
+                "effects": effects[i],
+                "probability": float(prob[i]),
+                "recon_mse_fe": float(mse[i]),
+                "ood": ood,
+            }
             row.update({f"latent_fe_{k}": float(v) for k, v in enumerate(latent[i])})
             self.rows.append(row)
 
@@ -155,10 +323,17 @@ class AutoencoderOutputWriter:
                 f"{fallbacks} of {len(self.rows)} images had no seen batch: {self._fallback(engine)} effects were "
                 "used for them."
             )
+        if self.threshold is not None:
+            flagged = sum(r["ood"] for r in self.rows)
+            log = logger.warning if flagged else logger.info
+            log(
+                f"{flagged} of {len(self.rows)} images are out of distribution (ood = 1): their fixed-effects "
+                f"reconstruction MSE is above {self.threshold:.6g}; their predictions are unreliable."
+            )
         with atomic_open(self.output_dir / "predictions.csv", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows({key: csv_cell(value) for key, value in row.items()} for row in self.rows)
 
     @property
     def csv_path(self) -> str:
@@ -173,6 +348,7 @@ def write_autoencoder_outputs(
     z_predictor: nn.Module | None = None,
     path_key: str = "image_path",
     device: str | torch.device | None = None,
+    ood_threshold: float | str | os.PathLike | None = None,
 ) -> str:
     """Run an autoencoder-classifier over ``loader`` and write its :class:`AutoencoderOutputWriter` outputs.
 
@@ -187,6 +363,7 @@ def write_autoencoder_outputs(
         z_predictor: optional Z-predictor for unseen or missing batches.
         path_key: key of the source paths.
         device: device; default the network's.
+        ood_threshold: as :class:`AutoencoderOutputWriter`: a number or the file of :func:`fit_ood_threshold`.
 
     Returns:
         the path of ``predictions.csv``.
@@ -196,11 +373,12 @@ def write_autoencoder_outputs(
 
     Example::
 
-        write_autoencoder_outputs(net, DataLoader(dataset, batch_size=8), "eval/inference", z_predictor=zp)
+        write_autoencoder_outputs(net, DataLoader(dataset, batch_size=8), "eval/inference", z_predictor=zp,
+                                  ood_threshold="models/ood_threshold.json")
     """
     if isinstance(loader, Sized) and len(loader) == 0:
         raise ValueError("write_autoencoder_outputs: the loader gave no images.")
-    writer = AutoencoderOutputWriter(output_dir, path_key=path_key)
+    writer = AutoencoderOutputWriter(output_dir, path_key=path_key, ood_threshold=ood_threshold)
     evaluator = ARMEDEvaluator(
         device=torch.device(device) if device is not None else next(network.parameters()).device,
         val_data_loader=loader,
