@@ -26,8 +26,11 @@ import torch
 __all__ = [
     "CSV_FORMULA_PREFIXES",
     "META_SCHEMA_MD5",
+    "MISSING_VALUE_TEXTS",
     "atomic_open",
+    "cluster_id",
     "csv_cell",
+    "is_missing_value",
     "meta_schema_path",
     "nan_to_none",
     "shape_str",
@@ -36,6 +39,13 @@ __all__ = [
 
 META_SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
 """MD5 of the model zoo's ``meta_schema_20240725.json``, the value MONAI's own tests pin for that release asset."""
+
+#: Cell texts that ``pandas.read_csv`` reads as a missing value by default (what pandas, R and spreadsheets write for
+#: one); never a cluster id.
+MISSING_VALUE_TEXTS = frozenset(
+    {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+     "NULL", "NaN", "None", "n/a", "nan", "null"}
+)  # fmt: skip
 
 
 @contextmanager
@@ -158,3 +168,52 @@ def meta_schema_path() -> str:
         )
     """
     return str(Path(__file__).parent / "resources" / "meta_schema_20240725.json")
+
+
+def _scalar(raw: Any) -> Any:
+    """A 0-d tensor or numpy scalar as the Python number it holds; anything else unchanged."""
+    if isinstance(raw, torch.Tensor) and raw.numel() == 1:
+        return raw.item()
+    return raw.item() if hasattr(raw, "item") and getattr(raw, "ndim", None) == 0 else raw
+
+
+def is_missing_value(raw: Any) -> bool:
+    """Whether ``raw`` stands for a missing value: ``None``, a float NaN, or (stripped) one of ``MISSING_VALUE_TEXTS``.
+
+    Example::
+
+        is_missing_value(" NA "), is_missing_value(float("nan")), is_missing_value("site01")   # True, True, False
+    """
+    raw = _scalar(raw)
+    if raw is None:
+        return True
+    if isinstance(raw, float):
+        return math.isnan(raw)
+    return isinstance(raw, str) and raw.strip() in MISSING_VALUE_TEXTS
+
+
+def cluster_id(raw: Any, where: str = "cluster id") -> str:
+    """The text of a raw cluster id: the one form under which ids are stored, compared and saved.
+
+    A string is kept as its stripped text, so ``"01"``, ``"001"`` and ``"1"`` are three clusters; a number becomes
+    ``str`` of it, so ``3`` (a JSON number, a numpy or 0-d tensor integer) is ``"3"``, the same cluster as a CSV cell
+    ``3``, and a float ``3.0`` is ``"3.0"``, the same cluster as a CSV cell ``3.0`` (as pandas writes an integer column
+    that held a NaN). A missing value (see :func:`is_missing_value`), a bool or any other type raises a
+    ``ValueError`` that starts with ``where``.
+
+    Example::
+
+        cluster_id(3), cluster_id(" 03 "), cluster_id(3.0)      # ("3", "03", "3.0")
+        cluster_id("", where="data.csv, line 7")                 # ValueError: data.csv, line 7: ...
+    """
+    value = _scalar(raw)
+    if is_missing_value(value):
+        raise ValueError(
+            f"{where}: missing cluster id {raw!r}; expected a non-empty id (the site, scanner, batch or subject of the "
+            "sample). Empty, NaN, NA, null and None are read as missing."
+        )
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{where}: cluster id {raw!r} ({type(raw).__name__}); expected a string or a number.")

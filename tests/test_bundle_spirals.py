@@ -111,6 +111,33 @@ def test_evaluate_and_inference_reload_checkpoint(trained):
     assert all(0.0 <= float(r["p_class1"]) <= 1.0 for r in rows)
 
 
+def _predictions(root: Path, csv_file: Path) -> list[dict]:
+    _workflow(["inference.json"], root, csv_file=str(csv_file)).run()
+    with open(root / "eval" / "predictions.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_inference_without_cluster_column_or_with_empty_cells(trained, tmp_path, capsys):
+    root, _ = trained
+    with open(root / "data.csv") as f:
+        rows = list(csv.DictReader(f))[::20]
+    no_column, mixed = tmp_path / "no_cluster.csv", tmp_path / "mixed.csv"
+    no_column.write_text("f0,f1\n" + "".join(f"{r['f0']},{r['f1']}\n" for r in rows))
+    cells = [r["cluster"] if i % 2 else "" for i, r in enumerate(rows)]
+    mixed.write_text("f0,f1,cluster\n" + "".join(f"{r['f0']},{r['f1']},{c}\n" for r, c in zip(rows, cells)))
+    without = _predictions(root, no_column)  # the bundle's logging.conf logs to stdout
+    assert "no_cluster.csv: no cluster column 'cluster', so the clusters are unknown" in capsys.readouterr().out
+    assert len(without) == len(rows) and {r["cluster"] for r in without} == {""}
+    assert all(0.0 <= float(r["p_class1"]) <= 1.0 for r in without)
+    observed = _predictions(root, root / "data.csv")[::20]
+    both = _predictions(root, mixed)
+    assert [r["cluster"] for r in both] == cells
+    # rows without a cluster get the Z-predictor's prediction, rows with one their cluster's, in the same batch
+    expected = [float((w if i % 2 == 0 else o)["p_class1"]) for i, (w, o) in enumerate(zip(without, observed))]
+    np.testing.assert_allclose([float(r["p_class1"]) for r in both], expected, atol=2e-6)
+    assert not np.allclose([float(r["p_class1"]) for r in without], [float(r["p_class1"]) for r in observed])
+
+
 def test_checkpoint_for_other_number_of_clusters_is_rejected(trained):
     root, _ = trained
     other = MixedEffectsMLP(2, 1, n_clusters=7)

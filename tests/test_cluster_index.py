@@ -53,9 +53,6 @@ class TestClusterVocabulary(unittest.TestCase):
             ("padded_str", " 3 "),
             ("np_int64", np.int64(3)),
             ("tensor", torch.tensor(3)),
-            ("float", 3.0),
-            ("np_float", np.float32(3.0)),
-            ("float_tensor", torch.tensor(3.0)),
         ]
     )
     def test_equivalent_ids(self, _, raw):
@@ -63,9 +60,42 @@ class TestClusterVocabulary(unittest.TestCase):
         self.assertEqual(vocab.index(raw), 1)
         self.assertIn(raw, vocab)
 
+    @parameterized.expand([("float", 3.0), ("np_float", np.float32(3.0)), ("float_tensor", torch.tensor(3.0))])
+    def test_float_ids_are_their_own_text(self, _, raw):
+        # a float id is "3.0", as a CSV cell written by pandas from a float column: not the cluster "3"
+        vocab = ClusterVocabulary.from_ids([1, 3, 7])
+        self.assertEqual(vocab.index(raw), -1)
+        self.assertNotIn(raw, vocab)
+        self.assertEqual(ClusterVocabulary.from_ids([raw, "3.0"]).clusters, ["3.0"])
+        self.assertEqual(vocab.lookalikes(raw), ["3"])
+
+    def test_zero_padded_ids_are_distinct_and_sort_as_text(self):
+        vocab = ClusterVocabulary.from_ids(["1", "01", "001", "01"])
+        self.assertEqual(vocab.clusters, ["001", "01", "1"])
+        self.assertEqual([vocab.index(i) for i in ("001", "01", "1", 1)], [0, 1, 2, 2])
+        # integers of distinct values still sort numerically, zero-padded or not
+        self.assertEqual(ClusterVocabulary.from_ids(["10", "02", "1"]).clusters, ["1", "02", "10"])
+
+    @parameterized.expand([("none", None), ("nan", float("nan")), ("empty", " "), ("na", "NA"), ("np_nan", np.nan)])
+    def test_missing_ids_are_errors(self, _, raw):
+        with self.assertRaisesRegex(ValueError, "missing cluster id"):
+            ClusterVocabulary.from_ids(["a", raw])
+        with self.assertRaisesRegex(ValueError, r"datalist item 1, key 'cluster': missing cluster id"):
+            ClusterVocabulary.from_datalist([{"cluster": "a"}, {"cluster": raw}])
+        vocab = ClusterVocabulary(["a"])
+        self.assertNotIn(raw, vocab)
+        with self.assertRaisesRegex(ValueError, "missing cluster id"):
+            vocab.index(raw)
+
     def test_equivalent_ids_collapse_when_building(self):
         vocab = ClusterVocabulary.from_ids([3, "3", np.int64(3), torch.tensor(3), 4])
         self.assertEqual(vocab.clusters, ["3", "4"])
+
+    def test_ids_that_are_neither_text_nor_numbers(self):
+        with self.assertRaisesRegex(ValueError, r"cluster id True \(bool\); expected a string or a number"):
+            ClusterVocabulary.from_ids(["a", True])
+        with self.assertRaisesRegex(ValueError, r"cluster vocabulary entry 1: cluster id \['b'\] \(list\)"):
+            ClusterVocabulary(["a", ["b"]])
 
     def test_unknown(self):
         vocab = ClusterVocabulary(["a", "b"])
@@ -138,6 +168,14 @@ def test_save_load_round_trip(tmp_path):
     assert ClusterVocabulary.load(path).clusters == ["1", "2"]
 
 
+def test_saved_vocabularies_keep_loading_as_text(tmp_path):
+    path = tmp_path / "clusters.json"
+    path.write_text(json.dumps({"clusters": [3, 1, "01"], "n_clusters": 3}))  # ints, as an older file may hold
+    vocab = ClusterVocabulary.load(path)
+    assert vocab.clusters == ["3", "1", "01"]  # the saved order is the index order
+    assert [vocab.index(i) for i in ("3", 1, "1", "01", "001")] == [0, 1, 1, 2, -1]
+
+
 def test_load_missing_file(tmp_path):
     path = tmp_path / "absent.json"
     with pytest.raises(FileNotFoundError, match="absent.json"):
@@ -189,6 +227,20 @@ class TestClusterIndexd(unittest.TestCase):
             t({"features": [1.0]})
         skip = ClusterIndexd("cluster", self.vocab, allow_missing_keys=True)
         self.assertEqual(skip({"features": [1.0]}), {"features": [1.0]})
+
+    def test_missing_value_without_option_names_the_key(self):
+        with self.assertRaisesRegex(ValueError, r"key 'cluster': missing cluster id"):
+            ClusterIndexd("cluster", self.vocab)({"cluster": None})
+
+    def test_missing_as_unseen(self):
+        t = ClusterIndexd("cluster", self.vocab, raw_key_suffix="_id", missing_as_unseen=True)
+        outs = [t(d) for d in ({"x": 1}, {"x": 2, "cluster": "siteB"}, {"x": 3, "cluster": float("nan")}, {"x": 4})]
+        self.assertEqual([int(o["cluster"]) for o in outs], [-1, 1, -1, -1])
+        self.assertTrue(all(o["cluster"].dtype == torch.int64 for o in outs))
+        self.assertEqual([o.get("cluster_id") for o in outs], [None, "siteB", None, None])
+        self.assertEqual((t.n_missing, t.n_unseen), (3, 0))
+        site = ClusterIndexd("site", self.vocab, output_key="cluster", missing_as_unseen=True)
+        self.assertEqual(int(site({"x": 1})["cluster"]), -1)
 
     def test_raw_key_suffix(self):
         t = ClusterIndexd("cluster", self.vocab, raw_key_suffix="_id")
@@ -242,3 +294,23 @@ def test_seen_ids_do_not_log(caplog):
 def test_output_key_needs_a_single_key():
     with pytest.raises(ValueError, match="output_key needs a single key"):
         ClusterIndexd(keys=["site", "scanner"], vocabulary=ClusterVocabulary(["a"]), output_key="cluster")
+
+
+def test_missing_as_unseen_logs_once(caplog):
+    t = ClusterIndexd("cluster", ClusterVocabulary(["a"]), missing_as_unseen=True)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        for _ in range(3):
+            t({"features": [0.0]})
+    records = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(records) == 1 and "no cluster id under 'cluster'" in records[0] and "Z-predictor" in records[0]
+    assert t.n_missing == 3
+
+
+def test_unseen_warning_names_an_id_written_differently(caplog):
+    t = ClusterIndexd("cluster", ClusterVocabulary(["03", "4"]))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert int(t({"cluster": 3})["cluster"]) == -1
+        assert int(t({"cluster": "x"})["cluster"]) == -1
+    first, second = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert "cluster '3' is not in the vocabulary" in first and "['03']" in first and "compared as text" in first
+    assert "compared as text" not in second

@@ -56,6 +56,17 @@ def test_split_by_cluster_named_unseen_and_errors():
         split_by_cluster([{"features": [0.0], "label": 1}])
 
 
+def test_split_compares_cluster_ids_as_text():
+    data = _datalist(n_clusters=3, per_cluster=10)
+    for item, name in zip(data, [1, "01", "s2"] * 10):
+        item["cluster"] = name
+    split = split_by_cluster(data, unseen_clusters=[1], test_fraction=0.2)
+    assert {d["cluster"] for d in split["unseen"]} == {1} and len(split["unseen"]) == 10  # "01" is another cluster
+    data[7]["cluster"] = float("nan")
+    with pytest.raises(ValueError, match="datalist item 7, key 'cluster': missing cluster id"):
+        split_by_cluster(data, n_unseen=1)
+
+
 def test_split_falls_back_when_a_stratum_has_one_sample():
     data = _datalist(n_clusters=3, per_cluster=10)
     data[0]["label"] = 1 - data[0]["label"]
@@ -73,7 +84,7 @@ def test_ensure_spiral_dataset_writes_once_and_keeps_numpy_state(tmp_path):
     assert path == tmp_path / "spirals.csv"
     assert np.random.rand() == expected_next
     data = load_csv_datalist(path)
-    assert len(data) == 60 and {str(d["cluster"]) for d in data} == {"0", "1", "2"}
+    assert len(data) == 60 and {d["cluster"] for d in data} == {"0", "1", "2"}
     mtime = path.stat().st_mtime_ns
     ensure_spiral_dataset(tmp_path, clusters=3, points_per_cluster=20)
     assert path.stat().st_mtime_ns == mtime, "same parameters: reused"

@@ -19,12 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Events
+from monai.data import DataLoader, Dataset
 from parameterized import parameterized
 
 from monai_armed.data import TensorBatchLoader
 from monai_armed.engines import ARMEDEvaluator, ARMEDKeys, ARMEDTrainer, PrepareBatchCluster
 from monai_armed.losses import LogitClassificationLoss, balanced_class_weights, cluster_confusion_loss
 from monai_armed.networks import ClusterAdversary, MixedEffectsMLP, ZPredictor
+from monai_armed.transforms import ClusterIndexd, ClusterVocabulary
 
 N_CLUSTERS = 4
 LOSS_KEYS = ("loss", "loss_me", "loss_fe", "loss_adv", "loss_gen", "loss_kl", "adv_accuracy")
@@ -496,6 +498,58 @@ class TestARMEDEvaluator(unittest.TestCase):
     def test_n_unseen_zero_in_other_modes(self):
         _, ev = self._evaluate("fixed")
         self.assertEqual(ev.state.n_unseen, 0)
+
+
+class TestOptionalClusterAtInference(unittest.TestCase):
+    """A batch that mixes items with and without a cluster: DataLoader collation, PrepareBatchCluster, evaluator."""
+
+    @classmethod
+    def setUpClass(cls):
+        torch.manual_seed(0)
+        cls.net = MixedEffectsMLP(2, 1, n_clusters=3, random_slopes="both").eval()
+        with torch.no_grad():  # clearly non-zero random effects, so mixed, inferred and fixed predictions differ
+            for param in cls.net.random_effects.parameters():
+                param.add_(torch.randn_like(param))
+        cls.zp = ZPredictor(in_features=2, n_clusters=3).eval()
+        cls.vocab = ClusterVocabulary(["a", "b", "c"])
+        x = torch.randn(10, 2)
+        cls.items = [
+            {"features": x[i], **({"cluster": "abc"[i % 3]} if i % 4 else {})} for i in range(10)
+        ]  # items 0, 4, 8 have no cluster
+        cls.without = torch.tensor([i % 4 == 0 for i in range(10)])
+
+    def _predict(self, items, mode="observed", z_predictor=None):
+        transform = ClusterIndexd("cluster", self.vocab, missing_as_unseen=True)
+        loader = DataLoader(Dataset(items, transform=transform), batch_size=6)
+        ev = ARMEDEvaluator(
+            "cpu", loader, self.net, cluster_mode=mode, z_predictor=z_predictor,
+            prepare_batch=PrepareBatchCluster("features", require_cluster=False), decollate=False,
+        )  # fmt: skip
+        preds: list[torch.Tensor] = []
+        ev.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output["pred"].detach()))
+        ev.run()
+        return torch.cat(preds), ev
+
+    def test_rows_without_cluster_get_the_inferred_prediction(self):
+        pred, ev = self._predict(self.items, z_predictor=self.zp)
+        alone, _ = self._predict([d for d, w in zip(self.items, self.without) if w], "inferred", self.zp)
+        with_cluster, _ = self._predict([d for d, w in zip(self.items, self.without) if not w])
+        torch.testing.assert_close(pred[self.without], alone)
+        torch.testing.assert_close(pred[~self.without], with_cluster)
+        fixed, _ = self._predict(self.items, "fixed")
+        self.assertFalse(torch.allclose(pred[self.without], fixed[self.without]))
+        self.assertEqual(ev.state.n_unseen, 3)
+
+    def test_rows_without_cluster_get_fixed_effects_without_z_predictor(self):
+        pred, _ = self._predict(self.items)
+        fixed, _ = self._predict([d for d, w in zip(self.items, self.without) if w], "fixed")
+        torch.testing.assert_close(pred[self.without], fixed)
+        self.assertFalse(torch.allclose(pred[~self.without], self._predict(self.items, "fixed")[0][~self.without]))
+
+    def test_raw_ids_in_a_batch_are_named(self):
+        batch = {"features": torch.zeros(2, 2), "cluster": ["a", "b"]}
+        with self.assertRaisesRegex(TypeError, "batch key 'cluster' holds raw cluster ids.*ClusterIndexd"):
+            PrepareBatchCluster("features")(batch)
 
 
 class TestLogitClassificationLoss(unittest.TestCase):

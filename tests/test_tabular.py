@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from monai_armed.data import datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
+from monai_armed.transforms import ClusterVocabulary
 from monai_armed.utils import csv_cell
 
 
@@ -40,7 +42,7 @@ def test_round_trip_default_names(tmp_path):
     for original, item in zip(datalist, loaded):
         assert item["features"].dtype == np.float32
         np.testing.assert_array_equal(item["features"], original["features"])
-        assert item["label"] == original["label"] and item["cluster"] == original["cluster"]
+        assert item["label"] == original["label"] and item["cluster"] == str(original["cluster"])
     assert [f.name for f in tmp_path.iterdir()] == ["out.csv"]
 
 
@@ -124,6 +126,78 @@ def test_empty_cluster(tmp_path):
     path = _write(tmp_path, "f0,label,cluster\n1,0, \n", name="nocl.csv")
     with pytest.raises(ValueError, match="nocl.csv, line 2, column 'cluster'"):
         load_csv_datalist(path)
+
+
+@pytest.mark.parametrize("cell", ["", " ", "nan", "NaN", "NA", "N/A", "null", "None"])
+def test_missing_cluster_id_names_the_line(tmp_path, cell):
+    path = _write(tmp_path, f"f0,label,cluster\n1,0,a\n2,1,{cell}\n", name="gaps.csv")
+    with pytest.raises(ValueError) as err:
+        load_csv_datalist(path)
+    assert "gaps.csv, line 3, column 'cluster': missing cluster id" in str(err.value)
+
+
+def test_cluster_ids_are_the_cells_text(tmp_path):
+    path = _write(tmp_path, "f0,label,cluster\n1,0,01\n2,1,001\n3,0, 1 \n4,1,3.0\n5,0,site a\n")
+    assert [item["cluster"] for item in load_csv_datalist(path)] == ["01", "001", "1", "3.0", "site a"]
+    assert ClusterVocabulary.from_datalist(load_csv_datalist(path)).clusters == ["001", "01", "1", "3.0", "site a"]
+
+
+def test_labels_by_name(tmp_path):
+    path = _write(tmp_path, "f0,dx,cluster\n1,CN,a\n2, AD ,a\n3,1,b\n", name="names.csv")
+    loaded = load_csv_datalist(path, label_column="dx", label_names=["CN", "AD"])
+    assert [item["label"] for item in loaded] == [0, 1, 1]
+    with pytest.raises(ValueError) as err:
+        load_csv_datalist(path, label_column="dx")
+    assert "names.csv, line 2, column 'dx': label 'CN' is not an integer class index" in str(err.value)
+    assert "pass label_names" in str(err.value)
+
+
+def test_unknown_label_name_or_index_names_the_line(tmp_path):
+    path = _write(tmp_path, "f0,dx,cluster\n1,CN,a\n2,MCI,a\n", name="mci.csv")
+    with pytest.raises(ValueError, match=r"mci.csv, line 3, column 'dx': label 'MCI' is not one of label_names"):
+        load_csv_datalist(path, label_column="dx", label_names=["CN", "AD"])
+    path = _write(tmp_path, "f0,dx,cluster\n1,2,a\n", name="two.csv")
+    with pytest.raises(ValueError, match=r"two.csv, line 2, column 'dx': label 2 is out of range .*expected 0..1"):
+        load_csv_datalist(path, label_column="dx", label_names=["CN", "AD"])
+    with pytest.raises(ValueError, match="label_names has duplicate"):
+        load_csv_datalist(path, label_column="dx", label_names=["CN", "CN"])
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_undecodable_csv_names_file_line_and_encoding(tmp_path, bom):
+    path = tmp_path / "latin.csv"
+    path.write_bytes(bom + "f0,label,cluster\n1,0,a\n2,1,Universit\u00e9\n".encode("latin-1"))
+    before = path.read_bytes()
+    with pytest.raises(ValueError) as err:
+        load_csv_datalist(path)
+    message = str(err.value)
+    offset = before.index(b"\xe9")
+    assert f"latin.csv, line 3 (byte {offset}): the file is not valid UTF-8" in message
+    assert "encoding='latin-1'" in message and "Re-save it as UTF-8" in message
+    assert [item["cluster"] for item in load_csv_datalist(path, encoding="latin-1")][-1] == "Universit\u00e9"
+    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match="latin.csv: unknown text encoding 'latin-99'"):
+        load_csv_datalist(path, encoding="latin-99")
+
+
+def test_optional_cluster_column_absent(tmp_path, caplog):
+    path = _write(tmp_path, "f0,f1\n1,2\n3,4\n", name="new.csv")
+    with pytest.raises(ValueError, match=r"new.csv: missing column\(s\) \['cluster'\]"):
+        load_csv_datalist(path, label_column=None)
+    with caplog.at_level(logging.WARNING, logger="monai_armed.data.tabular"):
+        loaded = load_csv_datalist(path, label_column=None, require_cluster=False)
+    assert [sorted(item) for item in loaded] == [["features"], ["features"]]
+    np.testing.assert_array_equal(loaded[1]["features"], [3, 4])
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "new.csv: no cluster column 'cluster'" in message and "fixed effects" in message
+
+
+def test_optional_cluster_cells_may_be_empty(tmp_path, caplog):
+    path = _write(tmp_path, "f0,cluster\n1,a\n2,\n3,NA\n4,b\n", name="mixed.csv")
+    with caplog.at_level(logging.WARNING, logger="monai_armed.data.tabular"):
+        loaded = load_csv_datalist(path, label_column=None, require_cluster=False)
+    assert [item.get("cluster") for item in loaded] == ["a", None, None, "b"]
+    assert "2 of 4 rows have no cluster id" in caplog.records[0].getMessage()
 
 
 def test_save_failure_leaves_no_file(tmp_path):

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data import load_decathlon_datalist
 from sklearn.model_selection import train_test_split
 
 from monai_armed.data.generated import MANIFEST, claim_output_dir, ensure_generated, write_manifest
 from monai_armed.data.spirals import make_spiral_random_radius, make_spiral_true_boundary, spirals_to_datalist
 from monai_armed.data.tabular import save_csv_datalist
-from monai_armed.utils import write_json
+from monai_armed.data.validation import check_label_names, check_section, read_datalist_sections, resolve_image_paths
+from monai_armed.utils import cluster_id, write_json
 
 __all__ = [
     "load_image_datalist",
@@ -41,36 +41,37 @@ def load_image_datalist(
     data_list_key: str = "training",
     required_keys: Sequence[str] = ("image", "label", "cluster"),
     base_dir: str | os.PathLike | None = None,
+    label_names: Sequence[str] | None = None,
+    image_key: str = "image",
 ) -> list[dict]:
     """One section of a MONAI datalist JSON of clustered images, with every item checked for ``required_keys``.
 
-    Image paths are resolved against ``base_dir`` (default: the datalist's folder) by MONAI's
-    ``load_decathlon_datalist``; labels stay numbers. An empty or missing section, or an item without one of the keys
-    (e.g. no ``cluster``), raises an error that names the file, the section and the item.
+    Image paths (``image_key``: a path or a list of paths) are resolved against ``base_dir`` (default: the datalist's
+    folder) as MONAI's ``load_decathlon_datalist`` does; no other key is rewritten as a path. Cluster ids become text
+    (:func:`monai_armed.utils.cluster_id`: the JSON number ``3`` is ``"3"``, the same cluster as a CSV cell ``3``;
+    ``"01"`` stays ``"01"``). Numeric labels stay numbers; string labels are mapped through ``label_names`` (class
+    names in class-index order, e.g. ``["CN", "AD"]``; text integers such as ``"1"`` become ints).
+
+    An empty or missing section, an item without one of the keys (e.g. no ``cluster``), a missing cluster id (empty,
+    NaN, null) where ``cluster`` is required, or a label name that is not in ``label_names`` raises an error that
+    names the file, the section and the item. Where ``cluster`` is not required (inference), an item with an empty
+    one is kept without it (logged): ``ClusterIndexd(..., missing_as_unseen=True)`` then gives it the index ``-1``.
+    To check every section and the image files at once, use :func:`monai_armed.data.validate_datalist`.
 
     Example::
 
         train = load_image_datalist("data/mri/datalist.json", "training")
         unseen = load_image_datalist("data/mri/datalist.json", "unseen", required_keys=("image", "label"))
+        adni = load_image_datalist("adni/datalist.json", "training", label_names=["CN", "AD"])   # "AD" -> 1
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"datalist file not found: {path}")
-    with open(path) as f:
-        try:
-            sections = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"datalist {path} is not valid JSON: {e}") from None
-    if not isinstance(sections, dict) or not sections.get(data_list_key):
-        present = sorted(sections) if isinstance(sections, dict) else type(sections).__name__
-        raise KeyError(f"datalist {path} has no (or an empty) {data_list_key!r} section; it has {present}.")
-    for i, item in enumerate(sections[data_list_key]):
-        missing = [k for k in required_keys if not isinstance(item, dict) or k not in item]
-        if missing:
-            raise KeyError(
-                f"datalist {path}, section {data_list_key!r}, item {i}: missing key(s) {missing}; every item needs "
-                f"{list(required_keys)} (got {sorted(item) if isinstance(item, dict) else item!r})."
-            )
-    return load_decathlon_datalist(path, is_segmentation=False, data_list_key=data_list_key, base_dir=base_dir)
+    source = os.fspath(path)
+    sections = read_datalist_sections(source)
+    names = check_label_names(label_names, source)
+    items, problems = check_section(source, sections, data_list_key, required_keys, names)
+    if problems:
+        raise problems[0]
+    folder = base_dir if base_dir is not None else os.path.dirname(os.path.abspath(source))
+    return resolve_image_paths(items, folder, image_key)
 
 
 def split_by_cluster(
@@ -86,7 +87,8 @@ def split_by_cluster(
 
     The held-out clusters are ``unseen_clusters`` if given, else ``n_unseen`` clusters drawn with ``seed``. The seen
     clusters' samples are split into train and test stratified on label x cluster (on the cluster alone when a
-    label x cluster group has a single sample).
+    label x cluster group has a single sample). Cluster ids are compared as text (:func:`monai_armed.utils.cluster_id`:
+    ``3`` and ``"3"`` are one cluster, ``"01"`` and ``"1"`` two); a missing id raises an error naming the item.
 
     Example::
 
@@ -98,14 +100,15 @@ def split_by_cluster(
         raise KeyError(
             f"datalist item {missing[0]} lacks {cluster_key!r} or {label_key!r}: {sorted(datalist[missing[0]])}."
         )
-    clusters = np.array([str(d[cluster_key]) for d in datalist])
+    ids = [cluster_id(d[cluster_key], f"datalist item {i}, key {cluster_key!r}") for i, d in enumerate(datalist)]
+    clusters = np.array(ids)
     names = sorted(set(clusters))
     if unseen_clusters is None:
         if not 0 <= n_unseen < len(names) - 1:
             raise ValueError(f"n_unseen must leave at least 2 seen clusters; got {n_unseen} of {len(names)} clusters.")
         unseen = set(np.random.RandomState(seed).choice(names, size=n_unseen, replace=False).tolist())
     else:
-        unseen = {str(c) for c in unseen_clusters}
+        unseen = {cluster_id(c, "unseen_clusters") for c in unseen_clusters}
         unknown = sorted(unseen - set(names))
         if unknown:
             raise ValueError(f"unseen_clusters {unknown} are not in the datalist (clusters: {names}).")

@@ -52,7 +52,7 @@ class TensorBatchLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         columns = data if isinstance(data, Mapping) else _datalist_columns(data, keys)
-        self.data = {k: torch.as_tensor(np.asarray(v)) for k, v in columns.items() if keys is None or k in keys}
+        self.data = {k: _column_tensor(k, v) for k, v in columns.items() if keys is None or k in keys}
         lengths = {k: len(v) for k, v in self.data.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"all keys need the same number of samples, got {lengths}.")
@@ -81,7 +81,27 @@ def _datalist_columns(datalist: Sequence[Mapping], keys: Sequence[str] | None) -
     if not datalist:
         raise ValueError("TensorBatchLoader got an empty datalist.")
     names = list(keys) if keys is not None else list(datalist[0])
-    missing = [k for k in names if any(k not in item for item in datalist)]
-    if missing:
-        raise KeyError(f"datalist items lack key(s) {missing}; first item has keys {sorted(datalist[0])}.")
+    for key in names:
+        lacking = [i for i, item in enumerate(datalist) if key not in item]
+        if lacking:
+            hint = (
+                " Give items without a cluster the index -1 with ClusterIndexd(..., missing_as_unseen=True)."
+                if key == "cluster"
+                else ""
+            )
+            raise KeyError(
+                f"{len(lacking)} datalist item(s) lack key {key!r}, the first is item {lacking[0]} "
+                f"(keys {sorted(datalist[lacking[0]])}); every item needs {names}.{hint}"
+            )
     return {k: [item[k] for item in datalist] for k in names}
+
+
+def _column_tensor(key: str, values: Sequence) -> torch.Tensor:
+    """One key's values stacked into a tensor; text values (e.g. raw cluster ids) get an error naming the key."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "biufc":
+        raise TypeError(
+            f"TensorBatchLoader key {key!r} holds non-numeric values ({array.dtype}, e.g. {array.flat[0]!r}); expected "
+            "numbers. Map raw cluster ids to indices with ClusterIndexd first."
+        )
+    return torch.as_tensor(array)

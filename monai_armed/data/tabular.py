@@ -11,24 +11,31 @@
 """
 CSV datalists for users' own tabular data.
 
-A tabular CSV has one row per sample, numeric feature columns, an integer label column and a cluster
-column (any identifier of the group the sample belongs to, e.g. a site or a subject). Loading it gives
-a MONAI-style datalist of ``{"features": float32 array, "label": int, "cluster": id}`` dicts.
+A tabular CSV has one row per sample, numeric feature columns, a label column (class indices, or class names with
+``label_names``) and a cluster column (any identifier of the group the sample belongs to, e.g. a site or a subject,
+kept as text). Loading it gives a MONAI-style datalist of ``{"features": float32 array, "label": int, "cluster": str}``
+dicts.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from monai_armed.utils import atomic_open, csv_cell
+from monai_armed.data.validation import check_label_names, parse_label
+from monai_armed.utils import atomic_open, cluster_id, csv_cell, is_missing_value
 
 __all__ = ["load_csv_datalist", "save_csv_datalist", "save_predictions_csv", "datalist_to_arrays"]
+
+logger = logging.getLogger(__name__)
 
 
 def _read_header(reader: Iterator[list[str]], path: str) -> list[str]:
@@ -77,26 +84,21 @@ def _parse_feature(value: str, where: str) -> float:
     return number
 
 
-def _parse_label(value: str, where: str) -> int:
-    """Parse an integer class label; integral floats such as ``"1.0"`` are accepted."""
+def _decode_error(path: str, encoding: str, err: UnicodeDecodeError) -> ValueError:
+    """A ``ValueError`` naming the file, the line and byte offset where it stops being ``encoding``, and the fix."""
+    raw = Path(path).read_bytes()
     try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not number.is_integer():
-        raise ValueError(f"{where}: label {value!r} is not an integer class index.")
-    return int(number)
-
-
-def _parse_cluster(value: str, where: str) -> int | str:
-    """Return the cluster id as an int when it is an integer literal, otherwise as the stripped string."""
-    value = value.strip()
-    if not value:
-        raise ValueError(f"{where}: empty cluster value.")
-    try:
-        return int(value)
-    except ValueError:
-        return value
+        raw.decode(encoding)
+        offset = err.start
+    except UnicodeDecodeError as whole:  # offsets relative to the file, not to the reader's buffer
+        skips_bom = codecs.lookup(encoding).name == "utf-8-sig" and raw.startswith(codecs.BOM_UTF8)
+        offset = whole.start + (len(codecs.BOM_UTF8) if skips_bom else 0)
+    line = raw.count(b"\n", 0, offset) + 1
+    name = "UTF-8" if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig") else encoding
+    return ValueError(
+        f"{path}, line {line} (byte {offset}): the file is not valid {name} (byte {raw[offset:offset + 1]!r}: "
+        f"{err.reason}). Re-save it as UTF-8, or pass the file's encoding, e.g. encoding='latin-1'."
+    )
 
 
 def load_csv_datalist(
@@ -104,59 +106,114 @@ def load_csv_datalist(
     feature_columns: Sequence[str] | None = None,
     label_column: str | None = "label",
     cluster_column: str | None = "cluster",
+    label_names: Sequence[str] | None = None,
+    require_cluster: bool = True,
+    encoding: str = "utf-8-sig",
 ) -> list[dict]:
     """
     Load a tabular CSV file into a datalist.
+
+    Cluster ids are kept as the exact (stripped) text of their cell, so ``01``, ``001`` and ``1`` are three clusters
+    and the ids agree with a JSON datalist's (:func:`monai_armed.utils.cluster_id`: the JSON number ``3`` is ``"3"``,
+    like the cell ``3``; the cell ``3.0`` is ``"3.0"``, like the JSON number ``3.0``).
 
     Args:
         path: CSV file with a header row.
         feature_columns: names of the feature columns, in the order they should appear in the feature
             vector. ``None`` uses every column except ``label_column`` and ``cluster_column``, in file order.
-        label_column: name of the integer class label column; ``None`` for unlabelled data (inference).
+        label_column: name of the class label column; ``None`` for unlabelled data (inference).
         cluster_column: name of the cluster (random-effect group) column; ``None`` when clusters are unknown
             (the model then uses fixed effects, or a Z-predictor's inferred membership).
+        label_names: class names in class-index order (e.g. ``["CN", "AD"]``): a label cell holding a name becomes
+            its index. Without it, labels must be integer class indices.
+        require_cluster: every row needs a cluster id (training). ``False`` (inference): a file without
+            ``cluster_column``, or a row whose cell is empty or NA, gives items without ``"cluster"``; this is logged,
+            and the model then uses the Z-predictor's inferred membership or fixed effects for them
+            (``ClusterIndexd(..., missing_as_unseen=True)`` gives them the index ``-1``).
+        encoding: text encoding of the file; the default reads UTF-8 with or without a byte-order mark.
 
     Returns:
-        one dict per data row: ``{"features": float32 array (F,), "label": int, "cluster": int | str}``.
-        The cluster is an int when the cell is an integer literal, otherwise the string as read.
+        one dict per data row: ``{"features": float32 array (F,), "label": int, "cluster": str}``.
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        ValueError: when the file is empty or has no data rows, a column is missing, a row has the wrong
-            number of cells, a feature is empty, NaN, infinite or not a number, a label is not an integer,
-            or a cluster is empty. The message names the file, and the line and column where relevant.
+        ValueError: when the file is not valid ``encoding``, is empty or has no data rows, a column is missing, a row
+            has the wrong number of cells, a feature is empty, NaN, infinite or not a number, a label is not an
+            integer or one of ``label_names``, or a cluster id is missing (empty, NaN, NA). The message names the file,
+            and the line and column where relevant.
 
     Example::
 
         datalist = load_csv_datalist("patients.csv", feature_columns=["age", "bmi"], cluster_column="site")
         datalist[0]  # {"features": array([63., 27.1], dtype=float32), "label": 1, "cluster": "site_a"}
+        load_csv_datalist("patients.csv", label_column="diagnosis", label_names=["CN", "AD"])  # "AD" -> 1
+        load_csv_datalist("new_patients.csv", label_column=None, require_cluster=False)        # no cluster column
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CSV datalist file not found: {path}")
+    names = check_label_names(label_names, path)
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"{path}: unknown text encoding {encoding!r}; expected e.g. 'utf-8' or 'latin-1'.") from None
     # utf-8-sig drops the byte-order mark that spreadsheet programs put in front of the first column name.
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = _read_header(reader, path)
-        features = _resolve_feature_columns(header, feature_columns, label_column, cluster_column, path)
-        feature_idx = [header.index(name) for name in features]
-        columns = {k: c for k, c in (("label", label_column), ("cluster", cluster_column)) if c is not None}
-        parsers = {"label": _parse_label, "cluster": _parse_cluster}
-        datalist = []
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            line = f"{path}, line {reader.line_num}"
-            if len(row) != len(header):
-                raise ValueError(f"{line}: expected {len(header)} cells as in the header, found {len(row)}.")
-            values = [_parse_feature(row[i], f"{line}, column {name!r}") for i, name in zip(feature_idx, features)]
-            item = {"features": np.asarray(values, dtype=np.float32)}
-            for key, column in columns.items():
-                item[key] = parsers[key](row[header.index(column)], f"{line}, column {column!r}")
-            datalist.append(item)
+    with open(path, newline="", encoding=encoding) as f:
+        try:
+            datalist, n_without_cluster = _read_rows(
+                csv.reader(f), path, feature_columns, label_column, cluster_column, names, require_cluster
+            )
+        except UnicodeDecodeError as err:
+            raise _decode_error(path, encoding, err) from None
     if not datalist:
         raise ValueError(f"{path}: the file has a header but no data rows.")
+    if n_without_cluster:
+        logger.warning(
+            f"{path}: {n_without_cluster} of {len(datalist)} rows have no cluster id (column {cluster_column!r}); "
+            "their predictions use the Z-predictor's inferred membership, or fixed effects only."
+        )
     return datalist
+
+
+def _read_rows(
+    reader: Iterator[list[str]],
+    path: str,
+    feature_columns: Sequence[str] | None,
+    label_column: str | None,
+    cluster_column: str | None,
+    label_names: list[str] | None,
+    require_cluster: bool,
+) -> tuple[list[dict], int]:
+    """The datalist of a CSV reader's rows, and how many have an empty cluster cell (``require_cluster=False``)."""
+    header = _read_header(reader, path)
+    if cluster_column is not None and cluster_column not in header and not require_cluster:
+        logger.warning(
+            f"{path}: no cluster column {cluster_column!r}, so the clusters are unknown: predictions use the "
+            "Z-predictor's inferred membership, or fixed effects only."
+        )
+        cluster_column = None
+    features = _resolve_feature_columns(header, feature_columns, label_column, cluster_column, path)
+    feature_idx = [header.index(name) for name in features]
+    datalist, n_without_cluster = [], 0
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        line = f"{path}, line {reader.line_num}"
+        if len(row) != len(header):
+            raise ValueError(f"{line}: expected {len(header)} cells as in the header, found {len(row)}.")
+        values = [_parse_feature(row[i], f"{line}, column {name!r}") for i, name in zip(feature_idx, features)]
+        item: dict = {"features": np.asarray(values, dtype=np.float32)}
+        if label_column is not None:
+            cell = row[header.index(label_column)]
+            item["label"] = parse_label(cell, f"{line}, column {label_column!r}", label_names)
+        if cluster_column is not None:
+            cell = row[header.index(cluster_column)]
+            if require_cluster or not is_missing_value(cell):
+                item["cluster"] = cluster_id(cell, f"{line}, column {cluster_column!r}")
+            else:
+                n_without_cluster += 1
+        datalist.append(item)
+    return datalist, n_without_cluster
 
 
 def _feature_rows(datalist: Sequence[dict], features_key: str) -> list[np.ndarray]:

@@ -26,7 +26,8 @@ class PrepareBatchCluster(PrepareBatch):
 
     ARMED engines and MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator`` pass the keyword arguments on to the
     network, so ``network(inputs, cluster=cluster)`` sees the cluster. Missing keys raise a ``KeyError`` that names the
-    key and the keys present; non-finite inputs raise a ``ValueError``.
+    key and the keys present; non-finite inputs raise a ``ValueError``; raw cluster ids (strings, not mapped by
+    ``ClusterIndexd``) a ``TypeError`` that says so.
 
     Args:
         image_key: key of the network input (``"image"``; tabular datalists use ``"features"``).
@@ -77,8 +78,22 @@ class PrepareBatchCluster(PrepareBatch):
                     "Map raw cluster ids with ClusterIndexd first."
                 )
         else:
-            cluster = torch.as_tensor(cluster).to(device=device, non_blocking=non_blocking)
+            cluster = _cluster_tensor(cluster, self.cluster_key).to(device=device, non_blocking=non_blocking)
         return inputs, targets, (), {"cluster": cluster}
+
+
+def _cluster_tensor(cluster: Any, key: str) -> torch.Tensor:
+    """The batch's cluster indices or memberships as a tensor; raw ids (text) get an error that says how to map them."""
+    if isinstance(cluster, torch.Tensor):
+        return cluster
+    values = list(cluster) if isinstance(cluster, (list, tuple)) else [cluster]
+    if any(isinstance(v, str) or v is None for v in values):
+        raise TypeError(
+            f"batch key {key!r} holds raw cluster ids or missing values ({values[:4]!r}...); expected int64 indices "
+            "(-1 = unseen). Map the ids with ClusterIndexd(keys=..., vocabulary=...), with missing_as_unseen=True "
+            "where some items have no cluster."
+        )
+    return torch.as_tensor(cluster)
 
 
 class PrepareBatchClusterTarget(PrepareBatchCluster):

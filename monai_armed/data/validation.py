@@ -1,0 +1,400 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""
+Checks of datalists before any long work starts.
+
+:func:`validate_datalist` looks at every section a run will use (training, validation, test, unseen, inference) and
+reports every problem it finds in one error: missing sections and keys, image files that are absent or unreadable,
+labels of the wrong type or out of range, missing cluster ids. The item-level rules (labels, cluster ids) are the
+ones :func:`monai_armed.data.load_image_datalist` and :func:`monai_armed.data.load_csv_datalist` apply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from monai_armed.utils import cluster_id, is_missing_value
+
+__all__ = [
+    "validate_datalist",
+    "check_section",
+    "parse_label",
+    "check_label_names",
+    "read_datalist_sections",
+    "resolve_image_paths",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REQUIRED_KEYS = ("image", "label", "cluster")
+_ERROR_LINE = re.compile(r"[\w.]+(Error|Exception): ")
+
+
+def check_label_names(label_names: Sequence[str] | None, source: str) -> list[str] | None:
+    """``label_names`` as a list, checked to be distinct non-empty strings (``source`` names the run's data).
+
+    Example::
+
+        check_label_names(["CN", "AD"], "data.csv")   # ["CN", "AD"]
+    """
+    if label_names is None:
+        return None
+    if isinstance(label_names, str):
+        raise ValueError(f"{source}: label_names must be a list of class names in index order, got {label_names!r}.")
+    names = list(label_names)
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"{source}: label_names must be non-empty class names in index order, got {names!r}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{source}: label_names has duplicate class names: {names!r}.")
+    return names
+
+
+def parse_label(value: Any, where: str, label_names: Sequence[str] | None = None) -> Any:
+    """A class label as a class index: a name in ``label_names`` becomes its position, a text integer (a CSV cell
+    ``"1"`` or ``"1.0"``) an ``int``; other numbers are returned as they are.
+
+    Raises a ``ValueError`` starting with ``where`` for a bool, a name that is not in ``label_names`` (or any name
+    when there are none: then it says to pass ``label_names``), and an index outside ``label_names``.
+
+    Example::
+
+        parse_label("AD", "data.csv, line 3", ["CN", "AD"])   # 1
+        parse_label("1", "data.csv, line 3")                  # 1
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: label {value!r} is a bool; expected an integer class index.")
+    if isinstance(value, str):
+        text = value.strip()
+        if label_names is not None and text in label_names:
+            return list(label_names).index(text)
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not number.is_integer():
+            if label_names is None:
+                raise ValueError(
+                    f"{where}: label {value!r} is not an integer class index; to use class names, pass label_names "
+                    "(the names in class-index order, e.g. ['CN', 'AD'])."
+                )
+            raise ValueError(
+                f"{where}: label {value!r} is not one of label_names {list(label_names)} nor an integer class index."
+            )
+        value = int(number)
+    if label_names is not None and isinstance(value, numbers.Integral) and not 0 <= value < len(label_names):
+        raise ValueError(
+            f"{where}: label {value} is out of range for label_names {list(label_names)}; "
+            f"expected 0..{len(label_names) - 1}."
+        )
+    return value
+
+
+def read_datalist_sections(path: str | os.PathLike) -> dict:
+    """The JSON object of a datalist file; ``FileNotFoundError`` / ``ValueError`` naming the file otherwise.
+
+    Example::
+
+        sorted(read_datalist_sections("data/mri/datalist.json"))   # ["test", "training", "unseen", "validation"]
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"datalist file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            sections = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"datalist {path} is not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"datalist {path} is not UTF-8 text (byte {e.start}: {e.reason}); re-save it as UTF-8."
+            ) from None
+    if not isinstance(sections, dict):
+        raise ValueError(f"datalist {path} must be a JSON object of sections, got a {type(sections).__name__}.")
+    return sections
+
+
+def check_section(
+    source: str,
+    sections: Mapping[str, Any],
+    name: str,
+    required_keys: Sequence[str],
+    label_names: Sequence[str] | None = None,
+    n_classes: int | None = None,
+    label_key: str = "label",
+    cluster_key: str = "cluster",
+) -> tuple[list[dict | None], list[Exception]]:
+    """One datalist section's items with labels as class indices and cluster ids as text, and its problems.
+
+    The section must be a non-empty list (else a ``KeyError`` problem); each item needs ``required_keys`` (else a
+    ``KeyError``); a present label is parsed with :func:`parse_label` and, with ``n_classes``, must be an integer in
+    ``[0, n_classes)``; a present cluster id must not be missing (empty, NaN, null) when ``cluster_key`` is required,
+    and is dropped (logged) when it is not. An item with a problem is ``None`` in the returned list. Every message
+    names ``source``, the section and the item.
+
+    Example::
+
+        items, problems = check_section("datalist.json", json.load(f), "training", ["image", "label", "cluster"])
+        if problems:
+            raise problems[0]
+    """
+    items = sections.get(name)
+    if items is None or (isinstance(items, list) and not items):
+        return [], [KeyError(f"datalist {source} has no (or an empty) {name!r} section; it has {sorted(sections)}.")]
+    if not isinstance(items, list):
+        return [], [
+            ValueError(f"datalist {source}, section {name!r}: expected a list of items, got a {type(items).__name__}.")
+        ]
+    checked: list[dict | None] = []
+    problems: list[Exception] = []
+    n_without_cluster = 0
+    for i, item in enumerate(items):
+        where = f"datalist {source}, section {name!r}, item {i}"
+        missing = [k for k in required_keys if not isinstance(item, dict) or k not in item]
+        if missing:
+            got = sorted(item) if isinstance(item, dict) else repr(item)
+            problems.append(
+                KeyError(f"{where}: missing key(s) {missing}; every item needs {list(required_keys)} (got {got}).")
+            )
+            checked.append(None)
+            continue
+        item = dict(item)
+        try:
+            if label_key in item:
+                item[label_key] = _class_index(item[label_key], f"{where}, key {label_key!r}", label_names, n_classes)
+            if cluster_key in item and cluster_key not in required_keys and is_missing_value(item[cluster_key]):
+                del item[cluster_key]  # unknown cluster: the Z-predictor's membership or fixed effects
+                n_without_cluster += 1
+            elif cluster_key in item:
+                item[cluster_key] = cluster_id(item[cluster_key], f"{where}, key {cluster_key!r}")
+        except ValueError as err:
+            problems.append(err)
+            item = None
+        checked.append(item)
+    if n_without_cluster:
+        logger.warning(
+            f"datalist {source}, section {name!r}: {n_without_cluster} item(s) have an empty {cluster_key!r}; they "
+            "are treated as of unknown cluster (the Z-predictor's inferred membership, or fixed effects only)."
+        )
+    return checked, problems
+
+
+def _class_index(value: Any, where: str, label_names: Sequence[str] | None, n_classes: int | None) -> Any:
+    """:func:`parse_label`, then, with ``n_classes``, an integer in ``[0, n_classes)``."""
+    value = parse_label(value, where, label_names)
+    if n_classes is None:
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"{where}: label {value!r} is not an integer class index; expected 0..{n_classes - 1}.")
+    if not 0 <= value < n_classes:
+        raise ValueError(f"{where}: label {value} is out of range; expected a class index 0..{n_classes - 1}.")
+    return int(value)
+
+
+def resolve_image_paths(items: list, base_dir: str | os.PathLike, image_key: str = "image") -> list:
+    """Join each item's relative image path (or list of paths) to ``base_dir``, as MONAI's datalist loader does;
+    other keys are left alone (a cluster id that happens to name a file stays the id). ``None`` items are skipped.
+
+    Example::
+
+        resolve_image_paths([{"image": "images/a.nii.gz"}], "/data/mri")   # [{"image": "/data/mri/images/a.nii.gz"}]
+    """
+    for item in items:
+        value = item.get(image_key) if item is not None else None
+        if isinstance(value, (str, os.PathLike)):
+            item[image_key] = os.path.normpath(os.path.join(base_dir, value))
+        elif isinstance(value, list) and value and all(isinstance(v, (str, os.PathLike)) for v in value):
+            item[image_key] = [os.path.normpath(os.path.join(base_dir, v)) for v in value]
+    return items
+
+
+def _file_problems(
+    where: str, value: Any, loader: Callable[[Any], Any] | None, read: dict[str, str | None]
+) -> list[Exception]:
+    """Problems of one item's image file(s): not a path, absent, or (with ``loader``) unreadable.
+
+    ``read`` caches each file's outcome, so a file that several items share is read once.
+    """
+    paths = value if isinstance(value, list) else [value]
+    if not paths or not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        return [ValueError(f"{where}: {value!r} is not a file path; expected a path or a list of paths.")]
+    problems = []
+    for path in map(os.fspath, paths):
+        if path not in read:
+            read[path] = _read_problem(path, loader)
+        if read[path] is not None:
+            problems.append(ValueError(f"{where}: {read[path]}"))
+    return problems
+
+
+def _read_problem(path: str, loader: Callable[[Any], Any] | None) -> str | None:
+    if not os.path.isfile(path):
+        return f"file {path} not found; expected an existing image file."
+    if loader is None:
+        return None
+    try:
+        loader(path)
+    except Exception as err:
+        return f"could not read {path} ({_summary(err)}); expected a complete, readable image file."
+    return None
+
+
+def _summary(err: Exception, limit: int = 400) -> str:
+    """One line for an exception whose message may hold tracebacks (MONAI's ``LoadImage`` lists every reader's):
+    its first line and the first ``SomeError: ...`` line in it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    cause = next((line for line in lines[1:] if _ERROR_LINE.match(line)), None)
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}" + (f" ... {cause}" if cause else "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _cluster_coverage(
+    source: str,
+    checked: Mapping[str, list[dict]],
+    train_section: str | None,
+    unseen_sections: Sequence[str],
+    cluster_key: str,
+) -> None:
+    """Warn about clusters that the runs will treat differently from what the sections' names say."""
+    if train_section not in checked:
+        return
+    seen = {item[cluster_key] for item in checked[train_section] if cluster_key in item}
+    for name, items in checked.items():
+        if name == train_section:
+            continue
+        ids = {item[cluster_key] for item in items if cluster_key in item}
+        if name in unseen_sections:
+            if ids & seen:
+                logger.warning(
+                    f"datalist {source}, section {name!r}: cluster(s) {sorted(ids & seen)} are also in section "
+                    f"{train_section!r}, so they are evaluated as seen clusters."
+                )
+            continue
+        new = sorted(ids - seen)
+        if new:
+            twins = sorted(c for c in seen if any(_same_number(c, n) for n in new))
+            hint = f" Section {train_section!r} has {twins}: cluster ids are compared as text." if twins else ""
+            n_items = sum(item.get(cluster_key) in new for item in items)
+            logger.warning(
+                f"datalist {source}, section {name!r}: {n_items} item(s) of cluster(s) {new} not in section "
+                f"{train_section!r}; they are evaluated as unseen (-1).{hint}"
+            )
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
+def validate_datalist(
+    datalist: str | os.PathLike | Mapping[str, Sequence[Mapping]],
+    sections: Mapping[str, Sequence[str]] | Sequence[str],
+    n_classes: int | None = None,
+    label_names: Sequence[str] | None = None,
+    loader: Callable[[Any], Any] | None = None,
+    train_section: str | None = "training",
+    unseen_sections: Sequence[str] = ("unseen",),
+    base_dir: str | os.PathLike | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+    cluster_key: str = "cluster",
+    max_problems: int = 50,
+) -> dict[str, list[dict]]:
+    """
+    Check every datalist section a run will use before the run starts, and report all problems in one error.
+
+    For each section in ``sections``: it exists and is a non-empty list; each item has the section's required keys;
+    its image file(s) exist and, with ``loader``, can be read; its label is a class index in ``[0, n_classes)`` (or a
+    name in ``label_names``); its cluster id is not missing (empty, NaN, null). Clusters of the other sections that
+    are not in ``train_section`` are logged as a warning (they are evaluated as unseen), and so are clusters of
+    ``unseen_sections`` that are in it.
+
+    Reading each image with the loader the run uses is what catches a truncated or corrupt file (a ``.nii.gz`` whose
+    header is intact but whose data ends early passes a header-only check); it reads every file once, so it costs
+    about one epoch of loading (the generated MRI set, 576 NIfTI files of 0.3 MB: about 6 s on 2 CPU cores, against
+    0.01 s for existence alone). Pass ``loader=None`` to check only that the files exist.
+
+    Args:
+        datalist: a datalist JSON file, or a mapping ``section -> items`` (e.g. a split of a CSV datalist).
+        sections: the sections to check, with the keys each item needs (``{"unseen": ["image", "label"]}``); a
+            list of names requires ``image``, ``label`` and ``cluster`` in each.
+        n_classes: number of classes; labels must be integers in ``[0, n_classes)``. Default ``len(label_names)``,
+            else labels are only parsed.
+        label_names: class names in class-index order (``["CN", "AD"]``): string labels are mapped to their index.
+        loader: called with each image path (e.g. ``monai_armed.transforms.CheckedLoadImage(image_only=True)``, or
+            ``monai.transforms.LoadImage(reader=TiffFileReader(...), image_only=True)`` for TIFF); an exception
+            is reported as an unreadable file.
+        train_section: the section whose clusters the model learns (the vocabulary); ``None`` skips the coverage
+            warnings.
+        unseen_sections: sections meant to hold clusters absent from ``train_section``.
+        base_dir: folder that relative image paths are relative to (default: the datalist file's folder; the
+            working directory for a mapping).
+        image_key, label_key, cluster_key: keys of the image path(s), label and cluster id.
+        max_problems: at most this many problems are listed (the rest are counted).
+
+    Returns:
+        the checked sections: items with image paths joined to ``base_dir``, labels as class indices and cluster ids
+        as text (:func:`monai_armed.utils.cluster_id`).
+
+    Raises:
+        ValueError: listing every problem found, each naming the datalist, section, item, key and what was expected.
+        FileNotFoundError: when ``datalist`` is a path that does not exist.
+
+    Example::
+
+        validate_datalist(
+            "data/mri/datalist.json",
+            {"training": ["image", "label", "cluster"], "validation": ["image", "label", "cluster"],
+             "test": ["image", "label", "cluster"], "unseen": ["image", "label"]},
+            n_classes=2,
+            loader=CheckedLoadImage(image_only=True),
+        )
+    """
+    if isinstance(datalist, Mapping):
+        source, content = "<in-memory datalist>", datalist
+        folder = os.fspath(base_dir) if base_dir is not None else os.getcwd()
+    else:
+        source, content = os.fspath(datalist), read_datalist_sections(datalist)
+        folder = os.fspath(base_dir) if base_dir is not None else os.path.dirname(os.path.abspath(source))
+    names = check_label_names(label_names, source)
+    if n_classes is None and names is not None:
+        n_classes = len(names)
+    if names is not None and n_classes != len(names):
+        raise ValueError(f"{source}: n_classes={n_classes} but label_names has {len(names)} names {names}.")
+    required = dict(sections) if isinstance(sections, Mapping) else {s: DEFAULT_REQUIRED_KEYS for s in sections}
+    problems: list[Exception] = []
+    checked: dict[str, list[dict]] = {}
+    read: dict[str, str | None] = {}
+    for section, keys in required.items():
+        good, bad = check_section(source, content, section, keys, names, n_classes, label_key, cluster_key)
+        problems += bad
+        good = resolve_image_paths(good, folder, image_key)
+        checked[section] = [item for item in good if item is not None]
+        for i, item in enumerate(good):
+            if item is not None and image_key in item:
+                where = f"datalist {source}, section {section!r}, item {i}, key {image_key!r}"
+                problems += _file_problems(where, item[image_key], loader, read)
+    if problems:
+        listed = "\n".join(f"  - {p.args[0]}" for p in problems[:max_problems])
+        more = f"\n  ... and {len(problems) - max_problems} more." if len(problems) > max_problems else ""
+        raise ValueError(f"datalist {source}: {len(problems)} problem(s) found before the run:\n{listed}{more}")
+    _cluster_coverage(source, checked, train_section, unseen_sections, cluster_key)
+    logger.info(f"datalist {source}: sections {list(checked)} checked ({len(read)} image files).")
+    return checked
