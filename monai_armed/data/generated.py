@@ -296,6 +296,8 @@ def ensure_generated(
         if problem is None:
             return out / required[0]
         logger.warning(f"regenerating the data set in {out}: {problem}.")
+    else:
+        logger.info(f"generating the data set in {out}.")
     return make(out, **params)
 
 
