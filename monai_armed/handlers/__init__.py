@@ -20,3 +20,4 @@ from .loss_weight_schedule import LOSS_WEIGHT_SCHEDULES, LossWeightSchedule
 from .per_cluster_accuracy import PerClusterAccuracy
 from .prediction_collector import PredictionCollector, output_field
 from .random_effects_summary import RandomEffectsSummary
+from .report_logger import ReportLogger, flatten_report
