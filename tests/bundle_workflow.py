@@ -16,7 +16,7 @@ from pathlib import Path
 
 from monai.bundle import ConfigWorkflow
 
-__all__ = ["bundle_workflow"]
+__all__ = ["bundle_workflow", "mlflow_run", "tensorboard_scalars"]
 
 
 def bundle_workflow(
@@ -39,3 +39,33 @@ def bundle_workflow(
     )
     workflow.initialize()
     return workflow
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in ``log_dir``: ``{tag: [(step, value), ...]}``.
+
+    Example::
+
+        tensorboard_scalars(root / "eval" / "tensorboard")["loss"]
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def mlflow_run(tracking_uri: str):
+    """The client and the one run of the MLflow store at ``tracking_uri`` (a bundle run with ``--tracking mlflow``).
+
+    Example::
+
+        client, run = mlflow_run(monai.utils.path_to_sqlite_uri(root / "eval" / "mlruns.db"))
+        run.data.metrics["epoch_loss"]
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, f"expected one MLflow run in {tracking_uri}, found {len(runs)}"
+    return client, runs[0]
