@@ -26,7 +26,8 @@ from monai.bundle import ConfigWorkflow
 from monai.transforms import LoadImage
 
 from monai_armed.data import TiffFileReader, ensure_microscopy_dataset, save_tiff
-from tests.bundle_workflow import bundle_workflow
+from monai_armed.engines import AEC_LOSS_KEYS
+from tests.bundle_workflow import bundle_workflow, check_tracking
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "armed_microscopy_autoencoder" / "configs"
 #: the network's size, shared by train / evaluate / inference
@@ -76,7 +77,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("armed")
-    workflow = _workflow(["train.json"], root, **_train_overrides(data_dir))
+    workflow = _workflow(["train.json"], root, tracking="mlflow", **_train_overrides(data_dir))
     workflow.run()
     workflow.finalize()
     return root, json.loads((root / "eval" / "metrics.json").read_text())
@@ -100,6 +101,12 @@ def test_train_writes_checkpoint_vocabulary_metrics_history_and_figures(trained)
     assert history["loss_recon_fe"][-1] < history["loss_recon_fe"][0], "the reconstruction improves"
     for figure in ("reconstructions", "latent_embedding"):
         assert (root / "eval" / "figures" / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+
+
+def test_tracking_records_losses_lr_and_report(trained):
+    root, _ = trained
+    parts = AEC_LOSS_KEYS  # the armed variant: every part
+    check_tracking(root, parts, TRAINING["epochs"], None, "latent/fe/davies_bouldin")
 
 
 def test_evaluate_reproduces_the_metrics_from_the_checkpoint(trained, data_dir):
