@@ -145,6 +145,12 @@ def test_iteration_output_reads_as_entries_and_as_first_item():
     assert repr(output).startswith("IterationOutput({'pred': tensor(")
 
 
+def test_prediction_collector_reads_the_batch_of_an_iteration_output():
+    pred = torch.arange(6.0).reshape(3, 2)
+    output = IterationOutput({"pred": pred, "loss": torch.tensor(1.0)})
+    assert output_field(output, "pred") is pred and output_field(output, "label") is None
+
+
 def test_batch_entries_asked_of_the_first_item_name_where_they_are():
     output = IterationOutput({"pred": torch.zeros(4, 1), "label": torch.ones(4), "loss": torch.tensor(0.7)})
     with pytest.raises(KeyError, match=r"'pred': the first item .* only the iteration's scalars \['loss'\]; read batch"):

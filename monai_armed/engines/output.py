@@ -123,14 +123,13 @@ class IterationOutput(list):
 
 
 def iteration_scalars(output: Any) -> dict[str, Any]:
-    """The scalar entries (numbers, 0-dim tensors) of an engine output: an :class:`IterationOutput`, a dict, or MONAI's
-    decollated list of dicts (which repeats the scalars in every item); ``{}`` for anything else.
-
-    Use it as a handler's ``output_transform`` to log exactly the loss parts whatever ``decollate`` is.
+    """The scalar entries (numbers, 0-dim tensors) of an engine output: an :class:`IterationOutput`, a dict, or the
+    first item of MONAI's decollated list (which repeats the scalars in every item, but also holds each sample's own
+    numbers, such as its label: an ARMED trainer keeps its scalars alone in ``output_scalars``); ``{}`` otherwise.
 
     Example::
 
-        TensorBoardStatsHandler(log_dir="runs", output_transform=iteration_scalars)
+        TensorBoardStatsHandler(log_dir="runs", output_transform=iteration_scalars)    # the loss parts
     """
     if isinstance(output, IterationOutput):
         return dict(output.scalars)

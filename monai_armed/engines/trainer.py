@@ -198,7 +198,7 @@ class ARMEDTrainer(SupervisedTrainer):
             **kwargs,
         )
         self.register_events(*ARMEDIterationEvents)
-        if self._epoch_means is not None:  # no train handlers: nothing was registered yet
+        if self._epoch_means is not None:  # once: _register_handlers attached it already when there were handlers
             self._epoch_means.attach(self)
         # DDP runs forward_armed through the wrapper's forward; a plain network is called directly
         self._forward_armed = self.network if isinstance(network, DistributedDataParallel) else network.forward_armed
