@@ -24,3 +24,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_mlflow_environment():
+    """The machine's MLflow settings (``MLFLOW_TRACKING_URI`` takes precedence over a handler's ``tracking_uri``) must
+    not send the tests' runs to a tracking server."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield

@@ -112,7 +112,7 @@ class TestLoggedParts(unittest.TestCase):
             expected |= ADV_KEYS
         if net.has_random_effects:
             expected |= RE_KEYS
-        logged = {str(k) for k in out if str(k).startswith("loss") or k == "adv_accuracy"}
+        logged = {str(k) for k in out.keys() if str(k).startswith("loss") or k == "adv_accuracy"}
         self.assertEqual(logged, expected)
         self.assertTrue(expected <= set(AEC_LOSS_KEYS))
         for key in expected:

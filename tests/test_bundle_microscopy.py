@@ -27,7 +27,8 @@ from monai.bundle import ConfigWorkflow
 from monai.transforms import LoadImage
 
 from monai_armed.data import TiffFileReader, ensure_microscopy_dataset, save_tiff
-from tests.bundle_workflow import bundle_workflow
+from monai_armed.engines import AEC_LOSS_KEYS
+from tests.bundle_workflow import bundle_workflow, check_tracking
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "armed_microscopy_autoencoder" / "configs"
 #: the network's size, shared by train / evaluate / inference
@@ -77,7 +78,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("armed")
-    workflow = _workflow(["train.json"], root, **_train_overrides(data_dir))
+    workflow = _workflow(["train.json"], root, tracking="mlflow", **_train_overrides(data_dir))
     workflow.run()
     workflow.finalize()
     return root, json.loads((root / "eval" / "metrics.json").read_text())
@@ -121,6 +122,12 @@ def test_ood_threshold_is_the_quantile_of_the_training_reconstruction_errors(tra
     threshold = json.loads((root / "models" / "ood_threshold.json").read_text())
     assert threshold["n_images"] == len(errors)
     assert threshold["threshold"] == pytest.approx(float(np.quantile(errors, 0.99)), rel=1e-5)
+
+
+def test_tracking_records_losses_lr_and_report(trained):
+    root, _ = trained
+    parts = AEC_LOSS_KEYS  # the armed variant: every part
+    check_tracking(root, parts, TRAINING["epochs"], None, "latent/fe/davies_bouldin")
 
 
 def test_evaluate_reproduces_the_metrics_from_the_checkpoint(trained, data_dir):

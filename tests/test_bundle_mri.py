@@ -21,7 +21,7 @@ from monai.bundle import ConfigWorkflow, ckpt_export
 from monai.data import load_net_with_metadata
 
 from monai_armed.networks import ARMED, ARMEDCNN, load_network_checkpoint
-from tests.bundle_workflow import Interrupted, assert_same_training, bundle_workflow, interrupt_before_epoch
+from tests.bundle_workflow import Interrupted, assert_same_training, bundle_workflow, check_tracking, interrupt_before_epoch
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "armed_mri_classification"
 CONFIGS = BUNDLE / "configs"
@@ -43,7 +43,7 @@ def _workflow(config_files, root: Path, workflow_type: str = "train", **override
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("mri_bundle")
-    workflow = _workflow(["train.json"], root, **SMALL)
+    workflow = _workflow(["train.json"], root, tracking="mlflow", **SMALL)
     workflow.run()
     workflow.finalize()
     return root
@@ -67,6 +67,11 @@ def test_train_writes_checkpoints_metrics_and_figures(trained):
     assert history["epoch"] == [1, 2] and all(v > 0 for v in history["loss_me"]) and len(history["loss_kl"]) == 2
     summary = json.loads((root / "eval" / "random_effects.json").read_text())
     assert set(summary["groups"]) == {"random_slope", "random_intercept"}
+
+
+def test_tracking_records_losses_lr_validation_and_report(trained):
+    parts = ("loss", "loss_me", "loss_fe", "loss_adv", "loss_gen", "loss_kl", "adv_accuracy")
+    check_tracking(trained, parts, SMALL["epochs"], "val_auroc", "seen/fixed/auroc")
 
 
 def test_train_zpredictor_run_id_retrains_only_the_zpredictor(trained):

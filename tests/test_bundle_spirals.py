@@ -23,7 +23,7 @@ from monai.bundle import ConfigWorkflow
 
 from monai_armed.data import save_csv_datalist
 from monai_armed.networks import MixedEffectsMLP, load_network_checkpoint
-from tests.bundle_workflow import Interrupted, assert_same_training, interrupt_before_epoch
+from tests.bundle_workflow import Interrupted, assert_same_training, check_tracking, interrupt_before_epoch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "armed_spirals" / "configs"
 
@@ -64,7 +64,7 @@ def trained(tmp_path_factory):
         "generate_default_data": False,
         "n_unseen_clusters": 1,
     }
-    workflow = _workflow(["train.json"], root, **overrides)
+    workflow = _workflow(["train.json"], root, tracking="mlflow", **overrides)
     workflow.run()
     workflow.finalize()
     return root, overrides
@@ -96,6 +96,12 @@ def test_train_writes_checkpoints_metrics_and_figures(trained):
     intercepts = np.array(summary["groups"]["intercept"]["posterior_mean"])[:, 0]
     offsets = np.linspace(-1.5, 1.5, 5)[[int(name[len("site") :]) for name in summary["clusters"]]]
     assert np.corrcoef(intercepts, offsets)[0, 1] > 0.8
+
+
+def test_tracking_records_losses_lr_validation_and_report(trained):
+    root, overrides = trained
+    parts = ("loss", "loss_me", "loss_fe", "loss_adv", "loss_gen", "loss_kl", "adv_accuracy")
+    check_tracking(root, parts, overrides["epochs"], "val_accuracy", "unseen/inferred/accuracy")
 
 
 def test_evaluate_and_inference_reload_checkpoint(trained):

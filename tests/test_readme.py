@@ -31,7 +31,7 @@ def test_api_tour_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(tour, "README API tour", "exec"), namespace)
     output = namespace["trainer"].state.output
-    assert {"loss", "loss_me", "loss_fe", "loss_adv", "loss_gen", "loss_kl"} <= set(output)
+    assert {"loss", "loss_me", "loss_fe", "loss_adv", "loss_gen", "loss_kl"} <= set(output.keys())
     net = namespace["net"]
     namespace.update(x=torch.randn(4, 3), cluster=torch.tensor([0, 1, -1, 2]))
     exec(compile("net.eval()" + prediction.split("evaluator =")[0], "README prediction", "exec"), namespace)

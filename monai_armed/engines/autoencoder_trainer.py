@@ -290,7 +290,7 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
 
     def _train_step(
         self, inputs: torch.Tensor, targets: torch.Tensor, cluster: torch.Tensor, zero_grad: bool, step: bool
-    ) -> dict:
+    ) -> None:
         """The adversary, image-classifier and main steps of one iteration (``zero_grad`` / ``step``: accumulation)."""
         scale = 1.0 / self.accumulation_steps
         for module in (self.network, self.adversary, self.image_classifier):
@@ -331,8 +331,6 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
             self._step(self.optimizer, self.scaler)
             if self.adversary is not None and not sequential:
                 self._step(self.adv_optimizer, self.adv_scaler)
-        self.fire_event(IterationEvents.MODEL_COMPLETED)
-        return self.state.output
 
     def _autoencoder_loss(
         self, out: AECOutput, inputs: torch.Tensor, targets: torch.Tensor, cluster_target: torch.Tensor

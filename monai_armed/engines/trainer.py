@@ -24,6 +24,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch.nn.parallel import DistributedDataParallel
 
 from monai_armed.engines.distributed import ARMEDForward
+from monai_armed.engines.output import EpochMeans, IterationOutput, iteration_scalars
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
 from monai_armed.losses import LogitClassificationLoss, cluster_confusion_loss
 from monai_armed.networks.layers.gradient_reversal import grad_reverse
@@ -83,8 +84,16 @@ class ARMEDTrainer(SupervisedTrainer):
 
     Every loss part goes into ``engine.state.output`` (detached): ``loss``, ``loss_me``, ``loss_fe``, ``loss_adv``
     (the adversary's own loss), ``loss_gen`` (its loss in the main step), ``loss_kl`` (unweighted KL) and
-    ``adv_accuracy``; ``pred`` holds the mixed-effects and ``pred_fe`` the fixed-effects logits. All weights are plain
-    attributes, so a handler can schedule them. AMP (CUDA) uses one gradient scaler per optimizer; gradient
+    ``adv_accuracy``; ``pred`` holds the mixed-effects and ``pred_fe`` the fixed-effects logits, and
+    :attr:`output_scalars` the scalars alone. MONAI's handlers read the loss from the first item of a decollated output:
+    with ``decollate=True`` MONAI repeats the scalars in every item; without, the output is an
+    :class:`~monai_armed.engines.IterationOutput` (entries by key, ``output[0]`` the scalars). Either way
+    ``from_engine(["loss"], first=True)`` (``--tracking mlflow``, the model zoo) gives the scalar loss, and without
+    decollation the handlers' default ``lambda x: x[0]`` gives every loss part. With ``epoch_metrics`` the epoch means
+    of the parts (``epoch_loss``, ``epoch_loss_me``, ...) and the learning rate (``lr``) go into
+    ``engine.state.metrics`` at every epoch end before any handler runs, so the epoch logs of ``StatsHandler``,
+    ``TensorBoardStatsHandler`` and ``MLFlowHandler`` record them. All weights are plain attributes, so a handler can
+    schedule them. AMP (CUDA) uses one gradient scaler per optimizer; gradient
     accumulation applies to both optimizers. Save ``adversary`` and ``adv_optimizer`` in the ``CheckpointSaver``'s
     ``save_dict`` beside the network to resume.
 
@@ -124,6 +133,8 @@ class ARMEDTrainer(SupervisedTrainer):
             tell apart instead of features it gets wrong (maximising its error can keep the clusters separable, only
             relabelled). ``"confusion"`` needs ``adversary_update="sequential"``.
         prepare_batch: default :class:`PrepareBatchCluster`; must return the cluster as keyword ``cluster``.
+        epoch_metrics: write the epoch means of the loss parts and the learning rate to ``engine.state.metrics``
+            (:class:`~monai_armed.engines.output.EpochMeans`).
         kwargs: further ``SupervisedTrainer`` arguments (``train_handlers``, ``key_train_metric``, ``amp``,
             ``decollate``, ``accumulation_steps``, ...).
 
@@ -157,6 +168,7 @@ class ARMEDTrainer(SupervisedTrainer):
         prepare_batch: Callable | None = None,
         adversarial_objective: str = "negative_ce",
         adversary_steps: int = 1,
+        epoch_metrics: bool = True,
         **kwargs: Any,
     ) -> None:
         adversary_module = _check_wrappers(network, adversary)
@@ -173,6 +185,8 @@ class ARMEDTrainer(SupervisedTrainer):
                 f"adversary_steps must be >= 1, and 1 with gradient accumulation; got {adversary_steps} with "
                 f"accumulation_steps={kwargs.get('accumulation_steps', 1)}."
             )
+        # set before the parent attaches the train handlers (_register_handlers), which the epoch means must precede
+        self._epoch_means = EpochMeans() if epoch_metrics else None
         super().__init__(
             device=device,
             max_epochs=max_epochs,
@@ -184,6 +198,8 @@ class ARMEDTrainer(SupervisedTrainer):
             **kwargs,
         )
         self.register_events(*ARMEDIterationEvents)
+        if self._epoch_means is not None:  # once: _register_handlers attached it already when there were handlers
+            self._epoch_means.attach(self)
         # DDP runs forward_armed through the wrapper's forward; a plain network is called directly
         self._forward_armed = self.network if isinstance(network, DistributedDataParallel) else network.forward_armed
         self._ddp_modules = tuple(m for m in (network, adversary) if isinstance(m, DistributedDataParallel))
@@ -198,13 +214,20 @@ class ARMEDTrainer(SupervisedTrainer):
         self.adversary_steps = adversary_steps
         self._adversary_params = list(adversary.parameters()) if adversary is not None else []
         self.adv_scaler: torch.amp.GradScaler | None = None
+        #: the scalar entries of the last iteration's output (loss parts), whatever ``decollate`` is
+        self.output_scalars: dict[str, torch.Tensor] = {}
+
+    def _register_handlers(self, handlers: Sequence) -> None:
+        if self._epoch_means is not None:
+            self._epoch_means.attach(self)
+        super()._register_handlers(handlers)
 
     def run(self) -> None:  # type: ignore[override]
         if self.amp and self.adversary is not None:
             self.adv_scaler = torch.amp.GradScaler("cuda")
         super().run()
 
-    def _iteration(self, engine: ARMEDTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
+    def _iteration(self, engine: ARMEDTrainer, batchdata: dict[str, torch.Tensor]) -> IterationOutput | list:
         inputs, targets, cluster = prepare_cluster_batch(engine, batchdata)
         if cluster is None:
             raise KeyError("ARMEDTrainer needs the cluster of every sample; prepare_batch returned none.")
@@ -213,15 +236,22 @@ class ARMEDTrainer(SupervisedTrainer):
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: cluster}
         zero_grad, step = _accumulation_state(engine)
         if step or not engine._ddp_modules:
-            return engine._train_step(inputs, targets, cluster, zero_grad, step)
-        with ExitStack() as stack:  # accumulate locally: DDP all-reduces once, in the backward pass of the step
-            for module in engine._ddp_modules:
-                stack.enter_context(module.no_sync())
-            return engine._train_step(inputs, targets, cluster, zero_grad, step)
+            engine._train_step(inputs, targets, cluster, zero_grad, step)
+        else:
+            with ExitStack() as stack:  # accumulate locally: DDP all-reduces once, in the backward pass of the step
+                for module in engine._ddp_modules:
+                    stack.enter_context(module.no_sync())
+                engine._train_step(inputs, targets, cluster, zero_grad, step)
+        engine.output_scalars = iteration_scalars(engine.state.output)  # before decollation mixes them with samples
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # decollates and post-processes when configured
+        output = engine.state.output
+        # a decollated output is MONAI's list already; a dict becomes one that MONAI's handler defaults can read
+        engine.state.output = output if isinstance(output, list) else IterationOutput(output)
+        return engine.state.output
 
     def _train_step(
         self, inputs: torch.Tensor, targets: torch.Tensor, cluster: torch.Tensor, zero_grad: bool, step: bool
-    ) -> dict:
+    ) -> None:
         """The adversary step and the main step of one iteration (``zero_grad`` / ``step``: accumulation state)."""
         scale = 1.0 / self.accumulation_steps
         if not self.network.training:  # train() walks every submodule: skip it when nothing changed
@@ -257,8 +287,6 @@ class ARMEDTrainer(SupervisedTrainer):
             self._step(self.optimizer, self.scaler)
             if self.adversary is not None and not sequential:
                 self._step(self.adv_optimizer, self.adv_scaler)
-        self.fire_event(IterationEvents.MODEL_COMPLETED)
-        return self.state.output
 
     def _adversary_step(
         self, features: Sequence[torch.Tensor], target: torch.Tensor, autocast: Any, scale: float, step: bool

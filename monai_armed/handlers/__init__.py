@@ -27,3 +27,4 @@ from .per_cluster_accuracy import PerClusterAccuracy
 from .prediction_collector import PredictionCollector, output_field
 from .random_effects_summary import RandomEffectsSummary
 from .random_states import RandomStates
+from .report_logger import ReportLogger, flatten_report

@@ -18,6 +18,8 @@ import torch
 from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_armed.engines.output import IterationOutput
+
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -27,14 +29,14 @@ else:
 __all__ = ["PredictionCollector", "output_field"]
 
 
-def output_field(output: dict | Sequence[dict], key: str) -> torch.Tensor | None:
+def output_field(output: dict | IterationOutput | Sequence[dict], key: str) -> torch.Tensor | None:
     """One field of ``engine.state.output`` as a batch tensor, whether or not the engine decollated it.
 
     Example::
 
         pred = output_field(engine.state.output, "pred")     # (B, ...) tensor
     """
-    if isinstance(output, dict):
+    if isinstance(output, (dict, IterationOutput)):
         value = output.get(key)
         return None if value is None else torch.as_tensor(value)
     values = [item.get(key) for item in output]

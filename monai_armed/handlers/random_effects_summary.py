@@ -82,4 +82,6 @@ class RandomEffectsSummary:
                     self.summary_writer.add_scalar(
                         f"{self.tag_prefix}/{group}/spread_{unit}", spread, engine.state.epoch
                     )
+            if callable(getattr(self.summary_writer, "flush", None)):  # a process may end before the writer's own flush
+                self.summary_writer.flush()
         return summary
