@@ -287,7 +287,7 @@ def test_bad_tiff_in_the_datalist_names_the_file(data_dir, tmp_path, kind, expec
 
 def test_image_dtype_uint16_reads_and_scales_uint16_data(tmp_path):
     datalist = ensure_microscopy_dataset(
-        tmp_path / "data16", n_seen=2, n_unseen=0, cells_per_batch=2, frames_per_cell=1, size=32, dtype="uint16"
+        tmp_path / "data16", n_seen=2, n_unseen=1, cells_per_batch=10, frames_per_cell=1, size=32, dtype="uint16"
     )
     workflow = _workflow(["train.json"], tmp_path, datalist_file=str(datalist), image_dtype="uint16", **NETWORK)
     item = workflow.parser.get_parsed_content("train#cache")[0]

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow, ckpt_export
@@ -191,3 +194,67 @@ def test_a_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):
     assert tracking == full["best_model_tracking"] and tracking["best_metric_epoch"] >= 1
     if tracking["best_metric_epoch"] <= 2:  # the best model came before the interruption: the resumed run kept it
         assert best.read_bytes() == best_before
+
+
+def _checksums(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _user_copy(trained: Path, folder: Path) -> Path:
+    """The generated data set as a user's own: its datalist and images, no generator files."""
+    folder.mkdir()
+    shutil.copytree(trained / "data" / "images", folder / "images")
+    shutil.copy(trained / "data" / "datalist.json", folder / "datalist.json")
+    return folder
+
+
+def test_users_dataset_dir_with_generation_left_on_is_refused_before_any_write(trained, tmp_path):
+    user = _user_copy(trained, tmp_path / "my_mri")
+    before = _checksums(user)
+    workflow = _workflow(["train.json"], tmp_path / "run", dataset_dir=str(user), **SMALL)
+    with pytest.raises(RuntimeError) as error:
+        workflow.run()
+    message = str(error.value.__cause__)
+    assert str(user) in message and "--generate_default_data False" in message and "did not write" in message
+    assert _checksums(user) == before
+    assert not (tmp_path / "run" / "models").exists() and not (tmp_path / "run" / "eval").exists()
+
+
+def test_every_section_and_image_is_checked_before_training(trained, tmp_path):
+    user = _user_copy(trained, tmp_path / "my_mri")
+    sections = json.loads((user / "datalist.json").read_text())
+    del sections["unseen"]
+    truncated = user / sections["test"][0]["image"]
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    image = nib.load(user / sections["test"][1]["image"])
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data[5, 5, 2] = np.nan
+    header = image.header.copy()
+    header.set_data_dtype(np.float32)
+    nib.save(nib.Nifti1Image(data, image.affine, header), user / "images" / "nan.nii.gz")
+    sections["test"][1]["image"] = "images/nan.nii.gz"
+    sections["validation"][0]["label"] = "MCI"
+    (user / "datalist.json").write_text(json.dumps(sections))
+    workflow = _workflow(["train.json"], tmp_path / "run", generate_default_data=False, dataset_dir=str(user), **SMALL)
+    with pytest.raises(RuntimeError) as error:
+        workflow.run()
+    message = str(error.value.__cause__)
+    assert "4 problem(s) found before the run" in message
+    assert "has no (or an empty) 'unseen' section" in message
+    assert "section 'test', item 0" in message and truncated.name in message
+    assert "section 'test', item 1" in message and "nan.nii.gz" in message and "non-finite" in message
+    assert "section 'validation', item 0" in message and "'MCI'" in message and "['CN', 'AD']" in message
+    assert not (tmp_path / "run" / "models").exists(), "nothing was trained or written"
+
+
+def test_labels_given_as_names_are_mapped(trained, tmp_path):
+    user = _user_copy(trained, tmp_path / "my_mri")
+    sections = json.loads((user / "datalist.json").read_text())
+    for items in sections.values():
+        for item in items:
+            item["label"] = ["CN", "AD"][item["label"]]
+    (user / "datalist.json").write_text(json.dumps(sections))
+    workflow = _workflow(["train.json"], tmp_path / "run", generate_default_data=False, dataset_dir=str(user), **SMALL)
+    train = workflow.parser.get_parsed_content("sections#train")
+    original = json.loads((trained / "data" / "datalist.json").read_text())["training"]
+    assert [item["label"] for item in train] == [item["label"] for item in original]

@@ -240,3 +240,29 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
         "resume_checkpoint_epoch=3.pt",
         "resume_checkpoint_epoch=4.pt",
     ]
+
+
+def test_a_truncated_resume_checkpoint_falls_back_to_the_previous_epoch(tmp_path):
+    _clustered_csv(tmp_path / "data.csv")
+    data = {"csv_file": str(tmp_path / "data.csv"), "generate_default_data": False, "n_unseen_clusters": 1}
+    _workflow(["train.json"], tmp_path, epochs=2, **data).run()
+    newest = tmp_path / "models" / "resume_checkpoint_epoch=2.pt"
+    newest.write_bytes(newest.read_bytes()[:64])  # as a crash of an older version or a full disk left it
+    resumed = _workflow(["train.json"], tmp_path, epochs=3, resume=True, **data)
+    trainer = resumed.parser.get_parsed_content("train#trainer")
+    epochs_run = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: epochs_run.append(engine.state.epoch))
+    with pytest.warns(UserWarning, match="resume_checkpoint_epoch=1.pt: skipped resume_checkpoint_epoch=2.pt is unread"):
+        resumed.run()
+    assert epochs_run == [2, 3]
+
+
+def test_a_users_csv_file_is_used_without_generating_anything(tmp_path):
+    _clustered_csv(tmp_path / "mine.csv")
+    before = (tmp_path / "mine.csv").read_bytes()
+    _workflow(["train.json"], tmp_path / "run", csv_file=str(tmp_path / "mine.csv"), epochs=1, n_unseen_clusters=1).run()
+    vocabulary = json.loads((tmp_path / "run" / "models" / "clusters.json").read_text())["clusters"]
+    assert set(vocabulary) < {f"site{c}" for c in range(5)} and len(vocabulary) == 4
+    assert not (tmp_path / "run" / "data").exists(), "no default data were generated"
+    assert (tmp_path / "mine.csv").read_bytes() == before
+    assert (tmp_path / "run" / "eval" / "metrics.json").is_file()
