@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
+from monai.data import load_net_with_metadata
 from monai.transforms import LoadImage
 
 from monai_armed.data import TiffFileReader, ensure_microscopy_dataset, save_tiff
@@ -309,3 +310,37 @@ def test_checkpoint_for_another_number_of_clusters_is_rejected_by_evaluate(train
     assert isinstance(error.value.__cause__, ValueError)
     message = str(error.value.__cause__)
     assert "model.pt was trained with 4 clusters but the network has 5" in message
+
+
+def test_network_exports_with_ckpt_export_from_inference_json_alone(trained, tmp_path):
+    root, _ = trained
+    export_root = tmp_path / "exported"
+    shutil.copytree(root / "models", export_root / "models")
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(export_root / "models" / "model.pt"),
+        key_in_ckpt="model",
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "inference.json"),
+        bundle_root=str(export_root),
+        use_trace=True,
+        input_shape=[1, 1, NETWORK["image_size"], NETWORK["image_size"]],
+        **NETWORK,
+    )
+    exported, _, _ = load_net_with_metadata(str(tmp_path / "model.ts"))
+    network = _workflow(["inference.json"], export_root, "inference", **NETWORK).parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(export_root / "models" / "model.pt", weights_only=True)["model"])
+    x = torch.rand(3, 1, NETWORK["image_size"], NETWORK["image_size"])
+    torch.testing.assert_close(exported(x), network.eval()(x))  # the fixed-effects phenotype logit
+    assert sorted(p.name for p in export_root.iterdir()) == ["models"]
+
+
+def test_verify_net_in_out_from_inference_json_without_a_trained_model(tmp_path):
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "inference.json"),
+        bundle_root=str(tmp_path),
+    )
+    assert not list(tmp_path.iterdir()), "nothing was generated or written"

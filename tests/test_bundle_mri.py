@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow, ckpt_export
+from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
 from monai.data import load_net_with_metadata
 
 from monai_armed.networks import ARMED, ARMEDCNN, load_network_checkpoint
@@ -139,26 +139,40 @@ def test_checkpoint_for_other_sites_is_rejected(trained):
         load_network_checkpoint(other, str(trained / "models" / "model.pt"))
 
 
-def test_network_exports_with_ckpt_export(trained, tmp_path):
-    root = trained
-    ts_file = tmp_path / "model.ts"
-    ckpt_export(
-        net_id="network_def",
-        filepath=str(ts_file),
-        ckpt_file=str(root / "models" / "model.pt"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=str(CONFIGS / "train.json"),
-        bundle_root=str(root),
-        use_trace=True,
-        input_shape=[1, 1, 64, 64],
-        **{k: SMALL[k] for k in ("subjects_per_site", "image_size", "filters", "hidden_channels")},
-    )
-    exported, meta, _ = load_net_with_metadata(str(ts_file))
-    network = _workflow(["train.json"], root, **SMALL).parser.get_parsed_content("network_def")
+def test_network_exports_with_ckpt_export_from_inference_json_alone(trained, tmp_path):
+    root = tmp_path / "exported"  # the trained model and its vocabulary, no data: nothing is read or generated
+    shutil.copytree(trained / "models", root / "models")
+    small = {k: SMALL[k] for k in ("image_size", "filters", "hidden_channels")}
+    export = {
+        "net_id": "network_def",
+        "filepath": str(tmp_path / "model.ts"),
+        "ckpt_file": str(root / "models" / "model.pt"),
+        "meta_file": str(CONFIGS / "metadata.json"),
+        "config_file": str(CONFIGS / "inference.json"),
+        "bundle_root": str(root),
+        "input_shape": [1, 1, 64, 64],
+        **small,
+    }
+    with pytest.raises(RuntimeError, match="_norm_names"):  # the wrapper's hooks cannot be scripted: trace it
+        ckpt_export(**export)
+    ckpt_export(use_trace=True, **export)
+    exported, meta, _ = load_net_with_metadata(str(tmp_path / "model.ts"))
+    network = _workflow(["inference.json"], root, "inference", **small).parser.get_parsed_content("network_def")
     load_network_checkpoint(network, str(root / "models" / "model.pt"))
     x = torch.rand(2, 1, 64, 64)
-    torch.testing.assert_close(exported(x), network.eval()(x))
+    torch.testing.assert_close(exported(x), network.eval()(x))  # the fixed-effects prediction
     assert meta["version"] == json.loads((CONFIGS / "metadata.json").read_text())["version"]
+    assert sorted(p.name for p in root.iterdir()) == ["models"]
+
+
+def test_verify_net_in_out_from_inference_json_without_a_trained_model(tmp_path):
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "inference.json"),
+        bundle_root=str(tmp_path),
+    )
+    assert not list(tmp_path.iterdir()), "nothing was generated or written"
 
 
 def test_configs_pass_monai_property_checks(trained):

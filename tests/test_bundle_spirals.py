@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
+from monai.data import load_net_with_metadata
 
 from monai_armed.data import save_csv_datalist
 from monai_armed.networks import MixedEffectsMLP, load_network_checkpoint
@@ -266,3 +268,35 @@ def test_a_users_csv_file_is_used_without_generating_anything(tmp_path):
     assert not (tmp_path / "run" / "data").exists(), "no default data were generated"
     assert (tmp_path / "mine.csv").read_bytes() == before
     assert (tmp_path / "run" / "eval" / "metrics.json").is_file()
+
+
+def test_network_scripts_with_ckpt_export_from_inference_json_alone(trained, tmp_path):
+    root, _ = trained
+    export_root = tmp_path / "exported"
+    shutil.copytree(root / "models", export_root / "models")
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(export_root / "models" / "model.pt"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "inference.json"),
+        bundle_root=str(export_root),
+    )
+    exported, _, _ = load_net_with_metadata(str(tmp_path / "model.ts"))
+    network = _workflow(["inference.json"], export_root).parser.get_parsed_content("network_def")
+    load_network_checkpoint(network, str(export_root / "models" / "model.pt"))
+    x = torch.randn(16, 2)
+    torch.testing.assert_close(exported(x), network.eval()(x))
+    cluster = torch.tensor([0, 1, -1, 2] * 4)
+    torch.testing.assert_close(exported(x, cluster), network(x, cluster))  # scripted: mixed effects too
+    assert sorted(p.name for p in export_root.iterdir()) == ["models"]
+
+
+def test_verify_net_in_out_from_inference_json_without_a_trained_model(tmp_path):
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "inference.json"),
+        bundle_root=str(tmp_path),
+    )
+    assert not list(tmp_path.iterdir()), "nothing was generated or written"
