@@ -149,17 +149,26 @@ class ClusterModeReport:
         return summary
 
 
-def format_report_table(reports: Mapping[str, Mapping], metric: str = "accuracy") -> str:
+def format_report_table(
+    reports: Mapping[str, Mapping], metric: str = "accuracy", columns: Mapping[str, str] | None = None
+) -> str:
     """A text table with one row per model and one column per ``dataset/mode`` of :class:`ClusterModeReport` results.
+
+    Args:
+        reports: model name -> report (``metrics.json`` content).
+        metric: the metric shown.
+        columns: ``dataset/mode`` -> column title, in the order shown (default: every ``dataset/mode``, sorted).
 
     Example::
 
         print(format_report_table({"conventional": conv_metrics, "armed": armed_metrics}))
+        print(format_report_table(reports, "auroc", {"seen/observed": "seen sites", "unseen/fixed": "unseen"}))
     """
-    columns = sorted({f"{d}/{m}" for r in reports.values() for d, modes in r.items() for m in modes})
-    width = max([len(c) for c in columns] + [8])
+    if columns is None:
+        columns = {c: c for c in sorted({f"{d}/{m}" for r in reports.values() for d, modes in r.items() for m in modes})}
+    width = max([len(c) for c in columns.values()] + [8])
     name_width = max([len(n) for n in reports] + [5])
-    lines = [f"{'model':<{name_width}}  " + "  ".join(f"{c:>{width}}" for c in columns)]
+    lines = [f"{'model':<{name_width}}  " + "  ".join(f"{c:>{width}}" for c in columns.values())]
     for name, report in reports.items():
         cells = []
         for column in columns:
