@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import data, engines, handlers, losses, metrics, networks, transforms, utils, visualize
 from .data import TensorBatchLoader
