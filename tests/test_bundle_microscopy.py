@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
+from monai.bundle import ConfigWorkflow, ckpt_export
 from monai.data import load_net_with_metadata
 from monai.transforms import LoadImage
 
@@ -334,13 +334,3 @@ def test_network_exports_with_ckpt_export_from_inference_json_alone(trained, tmp
     x = torch.rand(3, 1, NETWORK["image_size"], NETWORK["image_size"])
     torch.testing.assert_close(exported(x), network.eval()(x))  # the fixed-effects phenotype logit
     assert sorted(p.name for p in export_root.iterdir()) == ["models"]
-
-
-def test_verify_net_in_out_from_inference_json_without_a_trained_model(tmp_path):
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=str(CONFIGS / "inference.json"),
-        bundle_root=str(tmp_path),
-    )
-    assert not list(tmp_path.iterdir()), "nothing was generated or written"

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
+from monai.bundle import ConfigWorkflow, ckpt_export
 from monai.data import load_net_with_metadata
 
 from monai_armed.networks import ARMED, ARMEDCNN, load_network_checkpoint
@@ -164,15 +164,6 @@ def test_network_exports_with_ckpt_export_from_inference_json_alone(trained, tmp
     assert meta["version"] == json.loads((CONFIGS / "metadata.json").read_text())["version"]
     assert sorted(p.name for p in root.iterdir()) == ["models"]
 
-
-def test_verify_net_in_out_from_inference_json_without_a_trained_model(tmp_path):
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=str(CONFIGS / "inference.json"),
-        bundle_root=str(tmp_path),
-    )
-    assert not list(tmp_path.iterdir()), "nothing was generated or written"
 
 
 def test_configs_pass_monai_property_checks(trained):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
+from monai.bundle import ConfigWorkflow, ckpt_export
 from monai.data import load_net_with_metadata
 
 from monai_armed.data import save_csv_datalist
@@ -290,13 +290,3 @@ def test_network_scripts_with_ckpt_export_from_inference_json_alone(trained, tmp
     cluster = torch.tensor([0, 1, -1, 2] * 4)
     torch.testing.assert_close(exported(x, cluster), network(x, cluster))  # scripted: mixed effects too
     assert sorted(p.name for p in export_root.iterdir()) == ["models"]
-
-
-def test_verify_net_in_out_from_inference_json_without_a_trained_model(tmp_path):
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=str(CONFIGS / "inference.json"),
-        bundle_root=str(tmp_path),
-    )
-    assert not list(tmp_path.iterdir()), "nothing was generated or written"

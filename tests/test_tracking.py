@@ -401,3 +401,20 @@ def test_bundle_without_tensorboard_events_when_turned_off(tmp_path):
     workflow = _spirals(tmp_path, tensorboard=False)
     workflow.run()
     assert (tmp_path / "eval" / "metrics.json").is_file() and not (tmp_path / "eval" / "tensorboard").exists()
+
+
+def test_scalar_sums_keep_sums_and_counts_per_key():
+    from monai_armed.engines import ScalarSums
+
+    sums = ScalarSums()
+    assert sums.means() == {} and sums.device() is None
+    sums.add("loss", torch.tensor(0.5))
+    sums.add("loss", 0.7)
+    sums.add("loss_kl", torch.tensor([2.0]))
+    assert sums.means() == pytest.approx({"loss": 0.6, "loss_kl": 2.0})
+    totals, counts = sums.totals(["loss", "loss_gen"], torch.device("cpu"))
+    assert totals.tolist() == pytest.approx([1.2, 0.0]) and counts.tolist() == [2.0, 0.0]
+    with pytest.raises(RuntimeError):
+        sums.add("loss", torch.ones(2))  # one value per key and iteration
+    sums.reset()
+    assert sums.means() == {}

@@ -16,6 +16,6 @@ from .autoencoder_trainer import AEC_LOSS_KEYS, AECIterationEvents, AECKeys, ARM
 from .distributed import ARMEDForward, armed_ddp, unwrap_armed
 from .evaluator import CLUSTER_MODES, ARMEDEvaluator, resolve_cluster
 from .mldg import MLDG_DEFAULTS, train_mldg
-from .output import EPOCH_METRIC_PREFIX, EpochMeans, IterationOutput, iteration_scalars
+from .output import EPOCH_METRIC_PREFIX, EpochMeans, IterationOutput, ScalarSums, iteration_scalars
 from .prepare_batch import PrepareBatchCluster, PrepareBatchClusterTarget, prepare_cluster_batch
 from .trainer import ARMEDIterationEvents, ARMEDKeys, ARMEDTrainer

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["EPOCH_METRIC_PREFIX", "EpochMeans", "IterationOutput", "iteration_scalars"]
+__all__ = ["EPOCH_METRIC_PREFIX", "EpochMeans", "IterationOutput", "ScalarSums", "iteration_scalars"]
 
 #: prefix of the per-epoch means that ARMED trainers write to ``engine.state.metrics`` (``epoch_loss``, ...)
 EPOCH_METRIC_PREFIX = "epoch_"
@@ -140,6 +140,50 @@ def iteration_scalars(output: Any) -> dict[str, Any]:
     return {key: value for key, value in output.items() if _is_scalar(value)}
 
 
+class ScalarSums:
+    """Running sums and counts of scalars per key, kept on their device (no host sync per iteration).
+
+    Example::
+
+        sums = ScalarSums()
+        sums.add("loss", torch.tensor(0.5)); sums.add("loss", 0.7)
+        sums.means()                                   # {"loss": 0.6}
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.sums, self.counts = {}, {}
+
+    def add(self, key: str, value: Any) -> None:
+        """Adds one scalar (a number or a one-element tensor) under ``key``."""
+        value = torch.as_tensor(value).detach().reshape(()).float()
+        self.sums[key] = self.sums[key] + value.to(self.sums[key].device) if key in self.sums else value
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def device(self) -> torch.device | None:
+        """The device of the sums (``None`` when nothing was added)."""
+        return next(iter(self.sums.values())).device if self.sums else None
+
+    def totals(self, keys: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sums and counts of ``keys`` as two tensors on ``device``, zero for a key never added (one shape for
+        every process of an all-reduce)."""
+        zero = torch.zeros((), device=device)
+        sums = torch.stack([self.sums.get(k, zero).to(device) for k in keys])
+        counts = torch.tensor([float(self.counts.get(k, 0)) for k in keys], device=device)
+        return sums, counts
+
+    def means(self) -> dict[str, float]:
+        """The mean of every key added (one host sync)."""
+        keys = list(self.sums)
+        if not keys:
+            return {}
+        sums, counts = self.totals(keys, self.device())
+        return {k: s / n for k, s, n in zip(keys, sums.tolist(), counts.tolist())}
+
+
 class EpochMeans:
     """Writes, at every epoch end, the epoch's mean of each iteration scalar to ``engine.state.metrics`` as
     ``epoch_<name>``, and the learning rate of ``engine.optimizer`` as ``lr`` (``lr_group_<i>`` for further parameter
@@ -156,8 +200,7 @@ class EpochMeans:
     """
 
     def __init__(self) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
+        self.sums = ScalarSums()
 
     def attach(self, engine: Engine) -> None:
         if not engine.has_event_handler(self.collect, Events.ITERATION_COMPLETED):
@@ -166,22 +209,17 @@ class EpochMeans:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.publish)
 
     def reset(self, engine: Engine) -> None:
-        self._sums, self._counts = {}, {}
+        self.sums.reset()
 
     def collect(self, engine: Engine) -> None:
         # an ARMED trainer keeps the scalars apart from the decollated per-sample items, where they are indistinguishable
         scalars = getattr(engine, "output_scalars", None)
         for key, value in (scalars if scalars is not None else iteration_scalars(engine.state.output)).items():
-            value = torch.as_tensor(value).detach().float()
-            self._sums[key] = self._sums[key] + value.to(self._sums[key].device) if key in self._sums else value
-            self._counts[key] = self._counts.get(key, 0) + 1
+            self.sums.add(key, value)
 
     def publish(self, engine: Engine) -> dict[str, float]:
         """Writes (and returns) this epoch's means and the current learning rates."""
-        keys = list(self._sums)
-        device = self._sums[keys[0]].device if keys else None
-        sums = torch.stack([self._sums[k].to(device) for k in keys]).tolist() if keys else []  # one host sync
-        values = {f"{EPOCH_METRIC_PREFIX}{k}": s / self._counts[k] for k, s in zip(keys, sums)}
+        values = {f"{EPOCH_METRIC_PREFIX}{k}": v for k, v in self.sums.means().items()}
         optimizer = getattr(engine, "optimizer", None)
         for i, group in enumerate(getattr(optimizer, "param_groups", [])):
             values["lr" if i == 0 else f"lr_group_{i}"] = float(group["lr"])

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_armed.engines.autoencoder_trainer import AEC_LOSS_KEYS
+from monai_armed.engines.output import ScalarSums
 from monai_armed.engines.trainer import ARMEDKeys
 from monai_armed.utils import write_json
 
@@ -92,8 +93,7 @@ class LossHistory:
         self.keys = tuple(keys) if keys is not None else None
         self.average_processes = average_processes
         self.history: dict[str, list[float | None]] = {"epoch": []}
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
+        self._sums = ScalarSums()
         self._first_epoch = True
 
     def attach(self, engine: Engine) -> None:
@@ -104,7 +104,7 @@ class LossHistory:
 
     def reset(self, engine: Engine) -> None:
         """Starts an epoch; at the first epoch of a resumed run, reloads the earlier epochs from ``output_file``."""
-        self._sums, self._counts = {}, {}
+        self._sums.reset()
         if self._first_epoch:
             self._first_epoch = False
             if engine.state.epoch > 1 and not self.history["epoch"]:
@@ -133,22 +133,17 @@ class LossHistory:
                 raise ValueError(
                     f"LossHistory records scalars; engine.state.output[{key!r}] has shape {tuple(value.shape)}."
                 )
-            value = value.reshape(()).float()
-            self._sums[key] = self._sums[key] + value.to(self._sums[key].device) if key in self._sums else value
-            self._counts[key] = self._counts.get(key, 0) + 1
+            self._sums.add(key, value)
 
     def finalize(self, engine: Engine) -> dict[str, float] | None:
         """Appends this epoch's means to :attr:`history`, writes ``output_file`` (rank 0); returns the means."""
         keys = list(self.keys) if self.keys is not None else list(LOSS_KEYS)
         distributed = self.average_processes and dist.is_available() and dist.is_initialized()
         reduce = distributed and dist.get_world_size() > 1
-        if not self._sums and not reduce:
+        if not self._sums.sums and not reduce:
             return None
         # every process reduces one value per possible key (zero when absent), so the collective has one shape
-        device = next(iter(self._sums.values())).device if self._sums else _reduce_device()
-        zero = torch.zeros((), device=device)
-        sums = torch.stack([self._sums.get(k, zero).to(device) for k in keys])
-        counts = torch.tensor([float(self._counts.get(k, 0)) for k in keys], device=device)
+        sums, counts = self._sums.totals(keys, self._sums.device() or _reduce_device())
         if reduce:
             totals = torch.cat([sums, counts])
             dist.all_reduce(totals)
