@@ -14,7 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
-from . import data, engines, handlers, losses, metrics, networks, transforms, utils, visualize
+from . import data, engines, handlers, losses, metrics, networks, optimizers, transforms, utils, visualize
 from .data import TensorBatchLoader
 from .engines import ARMEDEvaluator, ARMEDTrainer, PrepareBatchCluster
 from .networks import ARMED, ARMEDCNN, ClusterAdversary, MixedEffectsMLP, RandomEffects, ZPredictor

@@ -296,5 +296,102 @@ class TestGradientReversal(unittest.TestCase):
         self.assertIn("0.25", repr(layer))
 
 
+class TestCorrelatedRandomEffects(unittest.TestCase):
+    def _full(self, n_clusters: int = 5, units: int = 3, **kwargs) -> RandomEffects:
+        re = _re(n_clusters, units, covariance="full", learn_prior_scale=True, prior_scale=[1.0, 0.5, 2.0], **kwargs)
+        with torch.no_grad():  # a correlated prior and posterior, away from the initial diagonal ones
+            re.prior_tril.copy_(torch.tensor([0.3, -0.4, 0.2]))
+            re.tril.normal_(0, 0.2)
+            re.loc.normal_(0, 1.0)
+        return re
+
+    def test_kl_matches_torch_multivariate_normal(self):
+        re = self._full()
+        post = torch.distributions.MultivariateNormal(re.loc, scale_tril=re.posterior_cholesky())
+        prior = torch.distributions.MultivariateNormal(torch.zeros(3), scale_tril=re.prior_cholesky())
+        expected = torch.distributions.kl_divergence(post, prior)
+        torch.testing.assert_close(re.kl_divergence(), expected.sum(), rtol=1e-5, atol=1e-5)
+
+    def test_diagonal_kl_unchanged_and_equal_to_full_with_zero_off_diagonals(self):
+        diagonal = _re(4, 3, prior_scale=[1.0, 0.5, 2.0])
+        full = _re(4, 3, prior_scale=[1.0, 0.5, 2.0], covariance="full")
+        self.assertNotIn("tril", diagonal.state_dict())  # old checkpoints keep loading
+        full.load_state_dict(diagonal.state_dict(), strict=False)
+        torch.testing.assert_close(full.kl_divergence(), diagonal.kl_divergence(), rtol=1e-5, atol=1e-5)
+
+    def test_batch_kl_estimate_is_exact_over_all_rows_and_unbiased(self):
+        counts = torch.tensor([1.0, 4.0, 2.0, 3.0, 2.0])
+        re = self._full(level_counts=counts)
+        rows = torch.repeat_interleave(torch.arange(5), counts.long())  # every training row once
+        torch.testing.assert_close(re.kl_divergence(rows), re.kl_divergence(), rtol=1e-5, atol=1e-5)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            draws = [re.kl_divergence(rows[torch.randint(0, len(rows), (4,))]) for _ in range(2000)]
+            torch.testing.assert_close(torch.stack(draws).mean(), re.kl_divergence(), rtol=0.05, atol=0.0)
+            unseen = re.kl_divergence(torch.tensor([-1, -1]))
+        self.assertEqual(float(unseen), 0.0)
+
+    def test_batch_kl_needs_counts(self):
+        with self.assertRaisesRegex(ValueError, "level_counts"):
+            self._full().kl_divergence(torch.tensor([0, 1]))
+        with self.assertRaisesRegex(ValueError, "level_counts must give"):
+            _re(3, 2, level_counts=[1, 0, 2])
+
+    def test_draws_have_the_posterior_covariance(self):
+        re = self._full().train()
+        torch.manual_seed(2)
+        draws = re(torch.full((40000,), 2)).detach()
+        chol = re.posterior_cholesky()[2].detach()
+        torch.testing.assert_close(torch.cov(draws.T), chol @ chol.T, rtol=0.0, atol=0.01)
+        torch.testing.assert_close(draws.mean(0), re.loc.detach()[2], rtol=0.0, atol=0.01)
+
+    def test_linear_predictor_mean_and_variance(self):
+        re = self._full()
+        cluster, design = torch.tensor([0, 4, -1]), torch.tensor([[1.0, 2.0, 0.5], [1.0, -1.0, 0.0], [1.0, 3.0, 1.0]])
+        mean, var = re.linear_predictor(cluster, design)
+        chol = re.posterior_cholesky().detach()
+        for row, c in enumerate([0, 4]):
+            z = design[row]
+            self.assertAlmostEqual(float(mean[row]), float(z @ re.loc.detach()[c]), places=5)
+            self.assertAlmostEqual(float(var[row]), float(z @ chol[c] @ chol[c].T @ z), places=5)
+        self.assertEqual((float(mean[2]), float(var[2])), (0.0, 0.0))
+
+    def test_variance_components_rows_like_lme4(self):
+        re = _re(4, 2, covariance="full", prior_scale=[3.0, 2.0], unit_names=["(Intercept)", "Days"])
+        with torch.no_grad():
+            re.prior_tril.copy_(torch.tensor([1.0]))  # P = [[3, 0], [1, 2]]: Sigma = [[9, 3], [3, 5]]
+        rows = re.variance_components("Subject")
+        self.assertEqual([(r["grp"], r["var1"], r["var2"]) for r in rows],
+                         [("Subject", "(Intercept)", None), ("Subject", "Days", None), ("Subject", "(Intercept)", "Days")])
+        self.assertAlmostEqual(rows[0]["vcov"], 9.0, places=5)
+        self.assertAlmostEqual(rows[1]["sdcor"], math.sqrt(5.0), places=5)
+        self.assertAlmostEqual(rows[2]["vcov"], 3.0, places=5)
+        self.assertAlmostEqual(rows[2]["sdcor"], 3.0 / math.sqrt(45.0), places=5)
+
+    def test_empirical_bayes_prior_reaches_its_closed_form_optimum(self):
+        # for fixed posteriors, the KL is minimised by Sigma = mean_c (mu mu^T + S S^T): gradient descent must get there
+        re = self._full(n_clusters=50)
+        for p in (re.loc, re.rho, re.tril):
+            p.requires_grad_(False)
+        optimizer = torch.optim.LBFGS([re.log_prior_scale, re.prior_tril], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            kl = re.kl_divergence()
+            kl.backward()
+            return kl
+
+        optimizer.step(closure)
+        chol = re.posterior_cholesky()
+        optimum = (re.loc.unsqueeze(2) * re.loc.unsqueeze(1) + chol @ chol.transpose(1, 2)).mean(0)
+        torch.testing.assert_close(re.prior_covariance().detach(), optimum, rtol=0.0, atol=2e-3)
+
+    def test_torchscript_full_covariance(self):
+        re = self._full().eval()
+        scripted = torch.jit.script(re)
+        index = torch.tensor([1, -1, 3])
+        torch.testing.assert_close(scripted(index), re(index))
+
+
 if __name__ == "__main__":
     unittest.main()

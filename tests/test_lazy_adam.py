@@ -1,0 +1,85 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monai_armed.networks.layers import RandomEffects
+from monai_armed.optimizers import LazyAdam
+
+
+def _quadratic_grads(param: torch.Tensor, step: int) -> torch.Tensor:
+    return torch.sin(param * (step + 1)) + 0.1 * step
+
+
+def test_dense_parameters_follow_adam():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    scalar_a = torch.nn.Parameter(torch.tensor(0.7))
+    scalar_b = torch.nn.Parameter(torch.tensor(0.7))
+    lazy = LazyAdam([a, scalar_a], lr=0.05)
+    adam = torch.optim.Adam([b, scalar_b], lr=0.05)
+    for step in range(6):
+        a.grad, b.grad = _quadratic_grads(a.detach(), step), _quadratic_grads(b.detach(), step)
+        scalar_a.grad = scalar_b.grad = torch.tensor(0.3 - step)
+        lazy.step()
+        adam.step()
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scalar_a, scalar_b)
+
+
+def test_sparse_rows_update_like_adam_on_their_own_gradients():
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(6, 2))
+    start = table.detach().clone()
+    lazy = LazyAdam([table], lr=0.1)
+    # row 4 only from step 3 on; rows 0 and 1 every step; the others never
+    reference = torch.nn.Parameter(start[4].clone())
+    adam = torch.optim.Adam([reference], lr=0.1)
+    for step in range(6):
+        index = torch.tensor([0, 1, 1] + ([4] if step >= 3 else []))
+        loss = (F.embedding(index, table, sparse=True) ** 2).sum() * (step + 1)
+        lazy.zero_grad()
+        loss.backward()
+        assert table.grad.is_sparse
+        lazy.step()
+        if step >= 3:
+            adam.zero_grad()
+            ((reference**2).sum() * (step + 1)).backward()
+            adam.step()
+    torch.testing.assert_close(table.detach()[[2, 3, 5]], start[[2, 3, 5]], rtol=0, atol=0)
+    torch.testing.assert_close(table.detach()[4], reference.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(table.detach()[0], start[0])
+
+
+def test_sparse_random_effects_train_with_lazy_adam():
+    torch.manual_seed(0)
+    re = RandomEffects(1000, 3, covariance="full", learn_prior_scale=True, level_counts=torch.full((1000,), 5.0),
+                       sparse=True)
+    optimizer = LazyAdam(re.parameters(), lr=0.01)
+    before = re.loc.detach().clone()
+    index = torch.tensor([3, 3, 17])
+    loss = re(index).sum() + re.kl_divergence(index)
+    loss.backward()
+    assert re.loc.grad.is_sparse and re.rho.grad.is_sparse and re.tril.grad.is_sparse
+    assert not re.log_prior_scale.grad.is_sparse
+    optimizer.step()
+    changed = (re.loc.detach() != before).any(1).nonzero().flatten().tolist()
+    assert changed == [3, 17]
+
+
+def test_rejects_bad_settings():
+    with pytest.raises(ValueError, match="lr > 0"):
+        LazyAdam([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
