@@ -12,3 +12,14 @@
 from __future__ import annotations
 
 from .classification import LogitClassificationLoss, balanced_class_weights, cluster_confusion_loss
+from .families import (
+    FAMILIES,
+    BernoulliLikelihood,
+    BinomialLikelihood,
+    CategoricalLikelihood,
+    GaussianLikelihood,
+    LikelihoodFamily,
+    PoissonLikelihood,
+    likelihood,
+    validate_weights,
+)
