@@ -21,6 +21,7 @@ from .datasets import (
     spiral_true_boundaries,
     split_by_cluster,
 )
+from .formula import FactorDesign, MixedDesign, MixedFormula, RandomTerm, build_design, parse_mixed_formula
 from .generated import ForeignFilesError
 from .loader import TensorBatchLoader
 from .microscopy import (
