@@ -1,0 +1,166 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from monai_armed.apps import fit_formula, format_varcorr
+from monai_armed.networks import FactorSpec, MixedModelNet
+
+
+def _one_way(groups: int = 12, per_group: int = 8, sd_group: float = 2.0, sd_resid: float = 1.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    group = np.repeat(np.arange(groups), per_group)
+    y = 5.0 + rng.normal(0, sd_group, groups)[group] + rng.normal(0, sd_resid, group.size)
+    return pd.DataFrame({"y": y, "g": [f"g{k:02d}" for k in group]})
+
+
+def _anova_ml(frame: pd.DataFrame) -> tuple[float, float]:
+    """Closed-form ML estimates of a balanced one-way random-intercept model: (group variance, residual variance)."""
+    groups = frame.groupby("g")["y"]
+    a, n = groups.ngroups, int(groups.size().iloc[0])
+    within = float(((frame["y"] - groups.transform("mean")) ** 2).sum()) / (a * (n - 1))
+    between = n * float(((groups.mean() - frame["y"].mean()) ** 2).sum()) / a
+    return (between - within) / n, within
+
+
+def test_gaussian_random_intercept_matches_closed_form_ml():
+    frame = _one_way()
+    fit = fit_formula("y ~ 1 + (1 | g)", frame)
+    group_var, resid_var = _anova_ml(frame)
+    rows = {(r["grp"], r["var1"]): r for r in fit.variance_components()}
+    assert rows[("g", "(Intercept)")]["vcov"] == pytest.approx(group_var, rel=1e-3)
+    assert rows[("Residual", None)]["vcov"] == pytest.approx(resid_var, rel=1e-3)
+    assert fit.fixed_effects()["(Intercept)"] == pytest.approx(frame["y"].mean(), rel=1e-4)
+    assert "Residual" in format_varcorr(fit.variance_components())
+
+
+def test_correlated_slopes_and_crossed_factors_recover_the_simulation():
+    rng = np.random.default_rng(1)
+    subjects, sites, visits = 60, 8, 6
+    subject = np.repeat(np.arange(subjects), visits)
+    site = rng.integers(0, sites, subject.size)  # crossed with subject
+    days = np.tile(np.arange(visits, dtype=float), subjects)
+    cov = np.array([[4.0, 1.2], [1.2, 1.0]])  # correlation 0.6
+    effects = rng.multivariate_normal([0, 0], cov, subjects)
+    site_effect = rng.normal(0, 1.5, sites)
+    y = 10 + 2 * days + effects[subject, 0] + effects[subject, 1] * days + site_effect[site]
+    y = y + rng.normal(0, 0.5, subject.size)
+    frame = pd.DataFrame({"y": y, "days": days, "subject": subject.astype(str), "site": site.astype(str)})
+    fit = fit_formula("y ~ days + (1 + days | subject) + (1 | site)", frame)
+    rows = {(r["grp"], r["var1"], r["var2"]): r for r in fit.variance_components()}
+    assert rows[("subject", "(Intercept)", None)]["vcov"] == pytest.approx(4.0, rel=0.4)
+    assert rows[("subject", "days", None)]["vcov"] == pytest.approx(1.0, rel=0.4)
+    assert rows[("subject", "(Intercept)", "days")]["sdcor"] == pytest.approx(0.6, abs=0.25)
+    assert rows[("site", "(Intercept)", None)]["sdcor"] == pytest.approx(1.5, rel=0.5)
+    assert rows[("Residual", None, None)]["vcov"] == pytest.approx(0.25, rel=0.2)
+    assert fit.fixed_effects()["days"] == pytest.approx(2.0, abs=0.4)
+
+
+def test_unseen_level_of_one_factor_falls_back_to_zero_for_that_factor(caplog):
+    frame = _one_way()
+    frame["h"] = np.where(np.arange(len(frame)) % 2 == 0, "a", "b")
+    fit = fit_formula("y ~ 1 + (1 | g) + (1 | h)", frame)
+    new = pd.DataFrame({"g": ["g03", "unknown"], "h": ["a", "a"]})
+    with caplog.at_level(logging.INFO):
+        eta = fit.linear_predictor(new)
+    effects = {k: layer.loc.detach().double()[:, 0] * fit.response_scale for k, layer in fit.network.random_effects.items()}
+    fixed = fit.fixed_effects()["(Intercept)"]
+    g_index = fit.design.factors["g"].levels.index("g03")
+    assert eta[0] == pytest.approx(fixed + float(effects["g"][g_index]) + float(effects["h"][0]), rel=1e-6)
+    assert eta[1] == pytest.approx(fixed + float(effects["h"][0]), rel=1e-6)  # g unseen: h still applies
+    assert "unseen" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["binomial", "poisson", "bernoulli"])
+def test_glmm_families_recover_the_fixed_slope(family):
+    rng = np.random.default_rng(2)
+    groups, per_group = 30, 20
+    g = np.repeat(np.arange(groups), per_group)
+    x = rng.normal(0, 1, g.size)
+    eta = -0.3 + 0.8 * x + rng.normal(0, 0.7, groups)[g]
+    trials = np.full(g.size, 10)
+    if family == "poisson":
+        y = rng.poisson(np.exp(eta))
+    elif family == "binomial":
+        y = rng.binomial(trials, 1 / (1 + np.exp(-eta)))
+    else:
+        y = rng.binomial(1, 1 / (1 + np.exp(-eta)))
+    frame = pd.DataFrame({"y": y, "x": x, "g": g.astype(str), "n": trials})
+    fit = fit_formula("y ~ x + (1 | g)", frame, family, trials="n" if family == "binomial" else None)
+    assert fit.fixed_effects()["x"] == pytest.approx(0.8, abs=0.15)
+    sd = {r["grp"]: r["sdcor"] for r in fit.variance_components()}["g"]
+    assert sd == pytest.approx(0.7, abs=0.3)
+    assert fit.family.residual_variance() is None
+    p = fit.predict(frame.head(3))
+    assert p.shape == (3,) and np.all(p > 0)
+
+
+def test_mini_batch_fit_with_many_levels_touches_only_the_batch():
+    rng = np.random.default_rng(3)
+    levels = 2000
+    g = rng.integers(0, levels, 8000)
+    y = 1.0 + rng.normal(0, 1.0, levels)[g] + rng.normal(0, 1.0, g.size)
+    frame = pd.DataFrame({"y": y, "g": g.astype(str)})
+    fit = fit_formula("y ~ 1 + (1 | g)", frame, optimizer="adam", epochs=40, batch_size=512, lr=0.05)
+    layer = fit.network.random_effects["g"]
+    assert layer.sparse and layer.level_counts is not None
+    full_batch = {r["grp"]: r["sdcor"] for r in fit_formula("y ~ 1 + (1 | g)", frame).variance_components()}
+    sd = {r["grp"]: r["sdcor"] for r in fit.variance_components()}
+    assert sd["g"] == pytest.approx(full_batch["g"], rel=0.1)
+    assert sd["Residual"] == pytest.approx(full_batch["Residual"], rel=0.05)
+
+
+def test_constant_slope_falls_back_to_a_diagonal_prior(caplog):
+    frame = _one_way()
+    frame["c"] = 2.0
+    with caplog.at_level(logging.WARNING):
+        fit = fit_formula("y ~ 1 + (1 + c | g)", frame)
+    assert fit.network.random_effects["g"].covariance == "diagonal"
+    assert "diagonal prior" in caplog.text and fit.notes
+
+
+def test_bad_inputs_name_the_column_and_row():
+    frame = _one_way()
+    with pytest.raises(ValueError, match="bernoulli"):
+        fit_formula("y ~ 1 + (1 | g)", frame, "bernoulli")
+    counts = pd.DataFrame({"y": [3, 2, 9, 1], "n": [5, 5, 5, 5], "g": ["a", "b", "a", "b"]})
+    with pytest.raises(ValueError, match=r"'y' row 2.*'n'"):
+        fit_formula("y ~ 1 + (1 | g)", counts, "binomial", trials="n")
+    with pytest.raises(ValueError, match="row 1"):
+        fit_formula("y ~ 1 + (1 | g)", counts.assign(y=[1, -2, 0, 1]), "poisson")
+    with pytest.raises(ValueError, match="unknown"):
+        fit_formula("y ~ 1 + (1 | g)", frame, "gamma")
+    with pytest.raises(ValueError, match="'trials_col' is not in data"):
+        fit_formula("y ~ 1 + (1 | g)", counts, "binomial", trials="trials_col")
+
+
+def test_network_contract():
+    net = MixedModelNet(2, {"s": FactorSpec(5, ["(Intercept)", "x"], counts=[2] * 5), "t": FactorSpec(3)})
+    x = torch.randn(4, 2 + 2 + 1)
+    cluster = {"s": torch.tensor([0, 1, -1, 4]), "t": torch.tensor([2, -1, 0, 1])}
+    assert net(x).shape == (4, 1)
+    out = net.forward_armed(x, cluster)
+    assert out.pred.shape == (4, 1) and out.kl.dim() == 0
+    with pytest.raises(ValueError, match="mapping"):
+        net(x, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(KeyError, match="'t'"):
+        net(x, {"s": cluster["s"]})
+    with pytest.raises(ValueError, match=r"\(batch, 5\)"):
+        net(torch.randn(4, 3), cluster)
+    with pytest.raises(ValueError, match=">= 2 levels"):
+        MixedModelNet(2, {"s": FactorSpec(1)})
