@@ -39,7 +39,7 @@ from sklearn.metrics import roc_auc_score
 from monai_armed.metrics import mean_ci95
 from monai_armed.utils import write_json
 
-SETTINGS = {"subjects_per_site": 48, "epochs": 40, "image_size": 96, "gen_weight": 0.1, "kl_weight": 1e-3}
+SETTINGS = {"subjects_per_site": 48, "epochs": 40, "image_size": 96, "gen_weight": 0.1, "kl_weight": 0.23}
 WEIGHTS = np.linspace(0.0, 3.0, 31)
 
 

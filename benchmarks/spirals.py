@@ -63,6 +63,8 @@ BATCH_SIZE = 32
 EVAL_BATCH_SIZE = 1024
 LR = 1e-3
 GEN_WEIGHT = 0.5
+#: the paper's weight of the summed KL; ``ARMEDTrainer`` divides the KL by the training rows (ELBO), so each fold
+#: passes ``KL_WEIGHT * n_train`` to keep the paper's objective
 KL_WEIGHT = 1e-5
 ADVERSARY_HIDDEN = (4, 4)
 #: ``--act`` choices: the paper's ReLU, and LeakyReLU(0.1), which keeps the 4-unit layers from dying.
@@ -199,7 +201,7 @@ def train_one(
         optimizer=adam(network.parameters()),
         adversary=adversary,
         adv_optimizer=adam(adversary.parameters()) if adversary is not None else None,
-        kl_weight=KL_WEIGHT,
+        kl_weight=KL_WEIGHT * len(train["label"]),
         adversary_update=spec.adversary_update,
         prepare_batch=PrepareBatchCluster("features", check_finite=True),
         decollate=False,

@@ -106,7 +106,8 @@ class TestARMEDTrainer(unittest.TestCase):
         self.assertEqual(tuple(out[ARMEDKeys.PRED_FE].shape), (32, 1))
         self.assertGreater(float(out["loss_kl"]), 0.0)
         self.assertTrue(0.0 <= float(out["adv_accuracy"]) <= 1.0)
-        expected = out["loss_me"] + 0.5 * out["loss_fe"] - 0.3 * out["loss_gen"] + 0.01 * out["loss_kl"]
+        expected = out["loss_me"] + 0.5 * out["loss_fe"] - 0.3 * out["loss_gen"] + 0.01 * out["loss_kl"] / trainer.n_train
+        self.assertEqual(trainer.n_train, 256)  # the ELBO scales the KL by the rows of the loader
         torch.testing.assert_close(out["loss"], expected)
         # training reduces the mixed-effects loss
         self.assertEqual(len(epoch_me), 3)

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +77,12 @@ class ARMEDTrainer(SupervisedTrainer):
     2. main step on the scalar loss (the adversary is frozen but its updated weights are used)::
 
         loss = me_weight * task(pred_me) + fe_weight * task(pred_fe) - adv_weight * CE(adversary(features), cluster)
-               + kl_weight * sum(KL of the random effects)
+               + kl_weight * sum(KL of the random effects) / n_train
+
+    With a per-sample negative log-likelihood as the task loss (a :class:`~monai_armed.losses.LikelihoodFamily`, or
+    the default cross-entropy, which is the Bernoulli / categorical one) this is the per-sample ELBO, so the random
+    effects are calibrated to the data and ``kl_weight`` is a plain multiplier (default 1). Before version 0.3 the KL
+    was not divided by ``n_train``: an old ``kl_weight`` ``w`` is the new ``w * n_train``.
 
     ``adversary_update="simultaneous"`` instead trains both in one backward pass through a gradient-reversal layer
     (``adversary(grad_reverse(features, adv_weight))``), which is faster and differs only by the one-step lag.
@@ -114,7 +119,10 @@ class ARMEDTrainer(SupervisedTrainer):
         network: a network with ``forward_armed(x, cluster) -> ARMEDOutput`` (e.g. ``MixedEffectsMLP``), or
             ``armed_ddp(network, ...)`` for DDP.
         optimizer: optimizer of the network's parameters (fixed and random effects).
-        loss_function: task loss on logits; default :class:`LogitClassificationLoss`.
+        loss_function: task loss on the network's output (the per-sample negative log-likelihood); default
+            :class:`LogitClassificationLoss`. A :class:`~monai_armed.losses.LikelihoodFamily` (e.g. Gaussian for
+            regression) gets ``weight`` and ``trials`` from the batch keys ``weight_key`` / ``trials_key``; its own
+            parameters (the Gaussian residual scale) are added to ``optimizer`` when it does not hold them.
         adversary: cluster classifier over the network's features, or ``None`` (no adversarial term);
             ``armed_ddp(adversary, ...)`` when the network is distributed.
         adv_optimizer: optimizer of the adversary; default ``Adam(lr=1e-3)``.
@@ -122,7 +130,12 @@ class ARMEDTrainer(SupervisedTrainer):
         me_weight: weight of the mixed-effects task loss.
         fe_weight: weight of the fixed-effects task loss.
         adv_weight: weight of the adversarial (generalisation) term, subtracted from the loss.
-        kl_weight: weight of the summed KL divergence.
+        kl_weight: multiplier of the ELBO's KL term ``sum(KL) / n_train`` (1: the ELBO).
+        n_train: number of training rows ``N``; default ``len(train_data_loader.dataset)``.
+        adversary_factor: with several grouping factors (``cluster`` a mapping), the one the adversary predicts;
+            default the first.
+        weight_key: batch key of per-row weights for a likelihood-family loss.
+        trials_key: batch key of the number of trials (binomial family).
         adversary_update: ``"sequential"`` (default, as in the paper) or ``"simultaneous"``.
         adversary_steps: updates of the adversary per iteration (sequential mode), each on the same detached
             features; more than one keeps a fast-moving network from outrunning it. Needs ``accumulation_steps=1``.
@@ -163,15 +176,22 @@ class ARMEDTrainer(SupervisedTrainer):
         me_weight: float = 1.0,
         fe_weight: float = 1.0,
         adv_weight: float = 1.0,
-        kl_weight: float = 1e-3,
+        kl_weight: float = 1.0,
         adversary_update: str = "sequential",
         prepare_batch: Callable | None = None,
         adversarial_objective: str = "negative_ce",
         adversary_steps: int = 1,
         epoch_metrics: bool = True,
+        n_train: int | None = None,
+        adversary_factor: str | None = None,
+        weight_key: str | None = None,
+        trials_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         adversary_module = _check_wrappers(network, adversary)
+        n_train = _training_rows(train_data_loader) if n_train is None else int(n_train)
+        if n_train is not None and n_train < 1:
+            raise ValueError(f"n_train must be the number of training rows (>= 1), got {n_train}.")
         if adversary_update not in ("sequential", "simultaneous"):
             raise ValueError(f"adversary_update must be 'sequential' or 'simultaneous', got {adversary_update!r}.")
         if adversarial_objective not in ("negative_ce", "confusion"):
@@ -210,12 +230,16 @@ class ARMEDTrainer(SupervisedTrainer):
         self.adv_optimizer = adv_optimizer
         self.adv_loss_function = adv_loss_function or nn.CrossEntropyLoss(ignore_index=-1)
         self.me_weight, self.fe_weight, self.adv_weight, self.kl_weight = me_weight, fe_weight, adv_weight, kl_weight
+        self.n_train, self.adversary_factor = n_train, adversary_factor
+        self.loss_keys = {k: v for k, v in (("weight", weight_key), ("trials", trials_key)) if v is not None}
+        _optimize_loss_parameters(self.loss_function, optimizer)
         self.adversary_update, self.adversarial_objective = adversary_update, adversarial_objective
         self.adversary_steps = adversary_steps
         self._adversary_params = list(adversary.parameters()) if adversary is not None else []
         self.adv_scaler: torch.amp.GradScaler | None = None
         #: the scalar entries of the last iteration's output (loss parts), whatever ``decollate`` is
         self.output_scalars: dict[str, torch.Tensor] = {}
+        self._loss_kwargs: dict[str, torch.Tensor] = {}
 
     def _register_handlers(self, handlers: Sequence) -> None:
         if self._epoch_means is not None:
@@ -223,6 +247,11 @@ class ARMEDTrainer(SupervisedTrainer):
         super()._register_handlers(handlers)
 
     def run(self) -> None:  # type: ignore[override]
+        if self.n_train is None:
+            raise ValueError(
+                "ARMEDTrainer needs the number of training rows to scale the KL (ELBO): the data loader has no sized "
+                "dataset, so pass n_train=N."
+            )
         if self.amp and self.adversary is not None:
             self.adv_scaler = torch.amp.GradScaler("cuda")
         super().run()
@@ -234,6 +263,7 @@ class ARMEDTrainer(SupervisedTrainer):
         if targets is None:
             raise KeyError("ARMEDTrainer needs labels; the batch has none.")
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: cluster}
+        engine._loss_kwargs = engine._batch_loss_kwargs(batchdata)
         zero_grad, step = _accumulation_state(engine)
         if step or not engine._ddp_modules:
             engine._train_step(inputs, targets, cluster, zero_grad, step)
@@ -266,7 +296,7 @@ class ARMEDTrainer(SupervisedTrainer):
         self.state.output[Keys.PRED], self.state.output[ARMEDKeys.PRED_FE] = out.pred, out.pred_fe
         self.fire_event(IterationEvents.FORWARD_COMPLETED)
 
-        adv_target = cluster.argmax(1) if cluster.is_floating_point() else cluster
+        adv_target = self._adversary_target(cluster)
         sequential = self.adversary is not None and self.adversary_update == "sequential"
         if self.adversary is not None:
             if not self.adversary.training:
@@ -287,6 +317,24 @@ class ARMEDTrainer(SupervisedTrainer):
             self._step(self.optimizer, self.scaler)
             if self.adversary is not None and not sequential:
                 self._step(self.adv_optimizer, self.adv_scaler)
+
+    def _adversary_target(self, cluster: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The cluster index the adversary predicts: of ``adversary_factor`` with several factors."""
+        if isinstance(cluster, Mapping):
+            factor = self.adversary_factor or next(iter(cluster))
+            if factor not in cluster:
+                raise KeyError(f"adversary_factor {factor!r} is not a grouping factor of the batch: {sorted(cluster)}.")
+            cluster = cluster[factor]
+        return cluster.argmax(1) if cluster.is_floating_point() else cluster
+
+    def _batch_loss_kwargs(self, batchdata: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """``weight`` / ``trials`` of a likelihood-family loss from their batch keys."""
+        kwargs = {}
+        for name, key in self.loss_keys.items():
+            if key not in batchdata:
+                raise KeyError(f"batch has no {name} key {key!r}; keys present: {sorted(batchdata)}.")
+            kwargs[name] = torch.as_tensor(batchdata[key]).to(self.state.device, non_blocking=self.non_blocking)
+        return kwargs
 
     def _adversary_step(
         self, features: Sequence[torch.Tensor], target: torch.Tensor, autocast: Any, scale: float, step: bool
@@ -318,7 +366,7 @@ class ARMEDTrainer(SupervisedTrainer):
             (ARMEDKeys.LOSS_FE, self.fe_weight, out.pred_fe),
         ):
             if weight:
-                part = self.loss_function(pred, targets).mean()
+                part = self.loss_function(pred, targets, **self._loss_kwargs).mean()
                 output[key] = part.detach()
                 loss = loss + weight * part
         return loss
@@ -341,7 +389,7 @@ class ARMEDTrainer(SupervisedTrainer):
         """The tensor to back-propagate; logs the objective ``task - adv_weight * loss_gen + kl_weight * kl``
         (``+ adv_weight * loss_gen`` with the confusion objective)."""
         output = self.state.output
-        objective = task + self.kl_weight * kl if self.kl_weight else task
+        objective = task + (self.kl_weight / self.n_train) * kl if self.kl_weight else task
         backward = objective
         if loss_gen is not None and self.adversarial_objective == "confusion":
             output[ARMEDKeys.LOSS_GEN] = loss_gen.detach()
@@ -412,6 +460,27 @@ def _check_wrappers(network: nn.Module, adversary: nn.Module | None) -> nn.Modul
             "processes train different adversaries."
         )
     return adversary.module if isinstance(adversary, DistributedDataParallel) else adversary
+
+
+def _training_rows(loader: Any) -> int | None:
+    """``N`` of the ELBO: the size of the loader's dataset (a ``DistributedSampler`` splits it, ``N`` stays whole);
+    ``None`` when the loader does not tell."""
+    if isinstance(getattr(loader, "n_samples", None), int):  # TensorBatchLoader
+        return loader.n_samples
+    try:
+        return len(getattr(loader, "dataset", None))
+    except TypeError:
+        return None
+
+
+def _optimize_loss_parameters(loss_function: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Add the loss's own parameters (e.g. a Gaussian residual scale) to ``optimizer`` when it does not hold them."""
+    if not isinstance(loss_function, nn.Module):
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [p for p in loss_function.parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        optimizer.add_param_group({"params": missing})
 
 
 def _accumulation_state(engine: SupervisedTrainer) -> tuple[bool, bool]:

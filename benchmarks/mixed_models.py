@@ -1,0 +1,179 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Fit an lme4-style mixed model to a CSV with monai_armed, optionally cross-validated and compared with lme4.
+
+    python benchmarks/mixed_models.py --csv sleepstudy.csv --formula "Reaction ~ Days + (Days | Subject)" \\
+        --json benchmarks/out/sleepstudy.json --compare-lme4
+
+Without ``--folds`` the model is fitted to every row; with ``--folds K`` also K-fold cross-validated
+(``sklearn.model_selection.KFold(K, shuffle=True, random_state=seed)``), each test fold predicted with the training
+levels' random effects (fixed effects for levels a fold did not train on). The JSON holds ``formula``, ``family``,
+``n_rows``, ``fit_seconds``, ``fixed_effects`` (linear fixed part; the intercept as ``(Intercept)``), ``varcorr`` (lme4
+``as.data.frame(VarCorr)`` rows, residual included) and with folds ``folds`` (``test_mse``, ``test_deviance``,
+``train_seconds``) and ``test_mse_mean``. ``--compare-lme4`` adds lme4's ML and REML fits through ``Rscript`` when R
+and lme4 are installed (``apt-get install r-cran-lme4``). Grouping columns are read as text, so ids like ``01`` and
+``1`` stay distinct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import KFold
+
+from monai_armed.apps import MixedModelFit, fit_formula, format_varcorr
+from monai_armed.data import build_design, parse_mixed_formula
+from monai_armed.losses import FAMILIES
+from monai_armed.utils import atomic_open
+
+
+def read_table(path: str, formula: str) -> pd.DataFrame:
+    """The CSV with every grouping column read as text."""
+    groups = {c for term in parse_mixed_formula(formula).random for c in term.group_columns}
+    return pd.read_csv(path, dtype={c: str for c in groups})
+
+
+def fold_scores(fit: MixedModelFit, test: pd.DataFrame, trials: str | None) -> dict:
+    """Test MSE (response scale) and mean unit deviance of a fitted model on held-out rows."""
+    design = build_design(None, test, like=fit.design)
+    n = test[trials].to_numpy(float) if trials else None
+    mean = fit.predict(design) * (n if n is not None else 1.0)
+    eta = torch.as_tensor(fit.linear_predictor(design) / fit._link_scale())
+    y = torch.as_tensor(np.array(design.y))
+    deviance = fit.family.unit_deviance(eta, y, None if n is None else torch.as_tensor(n)) * fit._link_scale() ** 2
+    return {"test_mse": float(np.mean((design.y - mean) ** 2)), "test_deviance": float(deviance.mean())}
+
+
+R_SCRIPT = """
+suppressMessages(library(lme4))
+args <- commandArgs(trailingOnly = TRUE)
+d <- read.csv(args[1], colClasses = "character")
+for (col in strsplit(args[5], ",")[[1]]) if (nchar(col)) d[[col]] <- as.numeric(d[[col]])
+family <- args[3]
+for (reml in c(FALSE, TRUE)) {
+  if (family == "gaussian") {
+    if (!reml) t0 <- Sys.time()
+    fit <- lmer(as.formula(args[2]), data = d, REML = reml)
+  } else {
+    if (reml) next
+    fam <- switch(family, bernoulli = binomial(), binomial = binomial(), poisson = poisson())
+    if (family == "binomial") {
+      f <- as.formula(args[2]); resp <- all.vars(f)[1]
+      d$.p <- d[[resp]] / d[[args[4]]]
+      f <- update(f, .p ~ .)
+      fit <- glmer(f, data = d, family = fam, weights = d[[args[4]]])
+    } else fit <- glmer(as.formula(args[2]), data = d, family = fam)
+  }
+  tag <- if (reml) "reml" else "ml"
+  write.csv(data.frame(name = names(fixef(fit)), estimate = unname(fixef(fit))), paste0(args[6], "_", tag, "_fixef.csv"),
+            row.names = FALSE)
+  write.csv(as.data.frame(VarCorr(fit)), paste0(args[6], "_", tag, "_varcorr.csv"), row.names = FALSE)
+}
+"""
+
+
+def lme4_reference(csv: str, formula: str, family: str, trials: str | None, numeric: Sequence[str]) -> dict | None:
+    """lme4's ML (and, Gaussian, REML) fixed effects and VarCorr rows, or ``None`` without ``Rscript``."""
+    if shutil.which("Rscript") is None:
+        print("Rscript not found: no lme4 comparison (apt-get install r-cran-lme4)", file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        script, prefix = Path(tmp) / "fit.R", str(Path(tmp) / "out")
+        script.write_text(R_SCRIPT)
+        start = time.perf_counter()
+        subprocess.run(
+            ["Rscript", str(script), csv, formula, family, trials or "", ",".join(numeric), prefix], check=True
+        )
+        seconds = time.perf_counter() - start
+        result: dict = {"seconds_including_r_start": seconds}
+        for tag in ("ml", "reml"):
+            fixef_path = Path(f"{prefix}_{tag}_fixef.csv")
+            if not fixef_path.exists():
+                continue
+            fixef = pd.read_csv(fixef_path)
+            varcorr = pd.read_csv(f"{prefix}_{tag}_varcorr.csv").replace({np.nan: None})
+            result[tag] = {
+                "fixed_effects": dict(zip(fixef["name"], fixef["estimate"].astype(float))),
+                "varcorr": [
+                    {"grp": r["grp"], "var1": r["var1"], "var2": r["var2"], "vcov": float(r["vcov"]),
+                     "sdcor": float(r["sdcor"])}
+                    for r in varcorr.to_dict("records")
+                ],
+            }
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--csv", required=True)
+    parser.add_argument("--formula", required=True)
+    parser.add_argument("--family", default="gaussian", choices=sorted(FAMILIES))
+    parser.add_argument("--trials", default=None, help="column with the number of trials (binomial)")
+    parser.add_argument("--weights", default=None, help="column of row weights")
+    parser.add_argument("--folds", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", default="", type=lambda t: [int(v) for v in t.split(",") if v],
+                        help="hidden widths of an MLP fixed part, e.g. 16,8 (default: linear)")
+    parser.add_argument("--optimizer", default="auto", choices=["auto", "lbfgs", "adam"])
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compare-lme4", action="store_true")
+    parser.add_argument("--json", required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    frame = read_table(args.csv, args.formula)
+    options = {"trials": args.trials, "weights": args.weights, "source": args.csv, "hidden_channels": args.hidden,
+               "optimizer": args.optimizer, "epochs": args.epochs, "seed": args.seed}
+
+    fit = fit_formula(args.formula, frame, args.family, **options)
+    result = {
+        "formula": args.formula,
+        "family": args.family,
+        "n_rows": int(len(frame)),
+        "fit_seconds": fit.fit_seconds,
+        "estimation": "maximum likelihood (ELBO with an exact posterior for linear Gaussian models)",
+        "fixed_effects": fit.fixed_effects(),
+        "varcorr": fit.variance_components(),
+        "threads": torch.get_num_threads(),
+        "command": " ".join(["python", "benchmarks/mixed_models.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
+    print(f"fixed effects: {json.dumps(result['fixed_effects'])}\n{format_varcorr(result['varcorr'])}")
+    print(f"fit in {fit.fit_seconds:.2f} s on {len(frame)} rows")
+    if args.folds:
+        result["folds"] = []
+        for train_rows, test_rows in KFold(args.folds, shuffle=True, random_state=args.seed).split(frame):
+            fold_fit = fit_formula(args.formula, frame.iloc[train_rows], args.family, **options)
+            scores = fold_scores(fold_fit, frame.iloc[test_rows], args.trials)
+            result["folds"].append({**scores, "train_seconds": fold_fit.fit_seconds})
+        result["test_mse_mean"] = float(np.mean([f["test_mse"] for f in result["folds"]]))
+        print(f"{args.folds}-fold test MSE {result['test_mse_mean']:.4f}")
+    if args.compare_lme4:
+        numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+        result["lme4"] = lme4_reference(args.csv, args.formula, args.family, args.trials, numeric)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(args.json) as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
