@@ -26,7 +26,10 @@ and lme4 are installed (``apt-get install r-cran-lme4``). Grouping columns are r
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,10 +43,15 @@ import pandas as pd
 import torch
 from sklearn.model_selection import KFold
 
+from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 from monai_armed.apps import MixedModelFit, fit_formula, format_varcorr
 from monai_armed.data import build_design, parse_mixed_formula
 from monai_armed.losses import FAMILIES
 from monai_armed.utils import atomic_open
+
+
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def read_table(path: str, formula: str) -> pd.DataFrame:
@@ -100,8 +108,9 @@ def lme4_reference(csv: str, formula: str, family: str, trials: str | None, nume
         script, prefix = Path(tmp) / "fit.R", str(Path(tmp) / "out")
         script.write_text(R_SCRIPT)
         start = time.perf_counter()
+        r_formula = re.sub(r"\bC\(", "factor(", formula)  # formulaic's categorical marker is R's factor()
         subprocess.run(
-            ["Rscript", str(script), csv, formula, family, trials or "", ",".join(numeric), prefix], check=True
+            ["Rscript", str(script), csv, r_formula, family, trials or "", ",".join(numeric), prefix], check=True
         )
         seconds = time.perf_counter() - start
         result: dict = {"seconds_including_r_start": seconds}
@@ -122,6 +131,51 @@ def lme4_reference(csv: str, formula: str, family: str, trials: str | None, nume
     return result
 
 
+def _key(row: dict) -> tuple:
+    return row["grp"], row["var1"], row["var2"]
+
+
+def _lme4_name(name: str) -> str:
+    """lme4's name of a formulaic column: ``C(period)[T.2]`` -> ``factor(period)2``."""
+    return re.sub(r"^C\((\w+)\)\[T\.(.+)\]$", r"factor(\1)\2", name)
+
+
+def render_section(result: dict) -> str:
+    """A RESULTS.md section: the estimates beside lme4's ML and REML ones when they were computed."""
+    lme4 = result.get("lme4") or {}
+    ml, reml = lme4.get("ml", {}), lme4.get("reml", {})
+    lines = [
+        f"## Mixed model: `{result['formula']}` ({result['family']}, {result['n_rows']} rows)",
+        "",
+        f"`{result['command']}` — {result['date']}, {result['threads']} threads. monai_armed maximises the ELBO "
+        "(maximum likelihood); lme4 ML is `REML = FALSE` (Laplace for GLMMs), REML lme4's default.",
+        "",
+        "| estimate | monai_armed | lme4 ML | lme4 REML |",
+        "|---|---|---|---|",
+    ]
+
+    def cell(table: dict, key) -> str:
+        return f"{table[key]:.4g}" if key in table else ""
+
+    ml_fixed, reml_fixed = ml.get("fixed_effects", {}), reml.get("fixed_effects", {})
+    for name, value in result["fixed_effects"].items():
+        key = _lme4_name(name)
+        lines.append(f"| {name} | {value:.4g} | {cell(ml_fixed, key)} | {cell(reml_fixed, key)} |")
+    ml_vc = {_key(r): r for r in ml.get("varcorr", [])}
+    reml_vc = {_key(r): r for r in reml.get("varcorr", [])}
+    for row in result["varcorr"]:
+        what = "Cor" if row["var2"] else "Var"
+        field = "sdcor" if row["var2"] else "vcov"
+        names = ", ".join(n for n in (row["var1"], row["var2"]) if n)
+        label = f"{what}({row['grp']}{': ' + names if names else ''})"
+        others = [f"{t[_key(row)][field]:.4g}" if _key(row) in t else "" for t in (ml_vc, reml_vc)]
+        lines.append(f"| {label} | {row[field]:.4g} | {others[0]} | {others[1]} |")
+    lines.append(f"\nFit time {result['fit_seconds']:.2f} s.")
+    if "test_mse_mean" in result:
+        lines.append(f" {len(result['folds'])}-fold test MSE {result['test_mse_mean']:.4g}.")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--csv", required=True)
@@ -138,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compare-lme4", action="store_true")
     parser.add_argument("--json", required=True)
+    parser.add_argument("--section", default=None, help="also write this section of benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     frame = read_table(args.csv, args.formula)
@@ -154,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "fixed_effects": fit.fixed_effects(),
         "varcorr": fit.variance_components(),
         "threads": torch.get_num_threads(),
-        "command": " ".join(["python", "benchmarks/mixed_models.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(["python", "benchmarks/mixed_models.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     print(f"fixed effects: {json.dumps(result['fixed_effects'])}\n{format_varcorr(result['varcorr'])}")
     print(f"fit in {fit.fit_seconds:.2f} s on {len(frame)} rows")
@@ -169,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.compare_lme4:
         numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
         result["lme4"] = lme4_reference(args.csv, args.formula, args.family, args.trials, numeric)
+    result["date"] = datetime.datetime.now().isoformat(timespec="seconds")
+    if args.section:
+        replace_section(RESULTS_MD, args.section, render_section(result))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(args.json) as f:
         json.dump(result, f, indent=2)

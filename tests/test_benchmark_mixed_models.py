@@ -1,0 +1,48 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mixed_models.py"
+
+
+def test_mixed_models_benchmark_writes_estimates_and_folds(tmp_path):
+    rng = np.random.default_rng(0)
+    subject = np.repeat(np.arange(12), 8)
+    days = np.tile(np.arange(8.0), 12)
+    y = 100 + 5 * days + rng.normal(0, 10, 12)[subject] + rng.normal(0, 2, 12)[subject] * days + rng.normal(0, 3, 96)
+    csv = tmp_path / "visits.csv"
+    pd.DataFrame({"y": y, "days": days, "subject": [f"0{s}" for s in subject]}).to_csv(csv, index=False)
+    out = tmp_path / "out.json"
+    command = [sys.executable, str(SCRIPT), "--csv", str(csv), "--formula", "y ~ days + (days | subject)",
+               "--folds", "2", "--seed", "1", "--threads", "1", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}  # this checkout's package, whatever is installed
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=300, env=env)
+    result = json.loads(out.read_text())
+    assert result["n_rows"] == 96 and result["family"] == "gaussian"
+    assert set(result["fixed_effects"]) == {"(Intercept)", "days"}
+    assert abs(result["fixed_effects"]["days"] - 5) < 1.5
+    groups = [(r["grp"], r["var1"], r["var2"]) for r in result["varcorr"]]
+    assert groups == [("subject", "(Intercept)", None), ("subject", "days", None), ("subject", "(Intercept)", "days"),
+                      ("Residual", None, None)]
+    assert len(result["folds"]) == 2
+    assert all(f["test_mse"] > 0 and f["test_deviance"] > 0 and f["train_seconds"] > 0 for f in result["folds"])
+    assert result["test_mse_mean"] == np.mean([f["test_mse"] for f in result["folds"]])
+    assert result["test_mse_mean"] < np.var(y)  # the random effects predict held-out visits of known subjects
