@@ -18,4 +18,4 @@ from . import data, engines, handlers, losses, metrics, networks, optimizers, tr
 from .data import TensorBatchLoader
 from .engines import ARMEDEvaluator, ARMEDTrainer, PrepareBatchCluster
 from .networks import ARMED, ARMEDCNN, ClusterAdversary, MixedEffectsMLP, RandomEffects, ZPredictor
-from .transforms import ClusterIndexd, ClusterVocabulary
+from .transforms import ClusterIndexd, ClusterVocabularies, ClusterVocabulary

@@ -22,7 +22,7 @@ import pytest
 import torch
 from parameterized import parameterized
 
-from monai_armed.transforms import ClusterIndexd, ClusterVocabulary
+from monai_armed.transforms import ClusterIndexd, ClusterVocabularies, ClusterVocabulary
 from monai_armed.transforms.cluster_index import ClusterIndexD, ClusterIndexDict
 
 LOGGER = "monai_armed.transforms.cluster_index"
@@ -314,3 +314,101 @@ def test_unseen_warning_names_an_id_written_differently(caplog):
     first, second = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert "cluster '3' is not in the vocabulary" in first and "['03']" in first and "compared as text" in first
     assert "compared as text" not in second
+
+
+def _two_factor_vocabularies() -> ClusterVocabularies:
+    datalist = [{"site": s, "subject": f"s{k}"} for k, s in enumerate(["A", "B", "A", "C"])]
+    return ClusterVocabularies.from_datalist(datalist, keys=["site", "subject"])
+
+
+def test_vocabularies_from_datalist_keep_factor_order():
+    vocabs = _two_factor_vocabularies()
+    assert list(vocabs) == ["site", "subject"]
+    assert vocabs.n_levels == {"site": 3, "subject": 4}
+    assert vocabs["site"].clusters == ["A", "B", "C"]
+    with pytest.raises(KeyError, match="no cluster vocabulary for 'scanner'"):
+        vocabs["scanner"]
+    with pytest.raises(KeyError, match="item 1 has no cluster key 'subject'"):
+        ClusterVocabularies.from_datalist([{"site": 1, "subject": 1}, {"site": 2}], keys=["site", "subject"])
+    with pytest.raises(ValueError, match="distinct"):
+        ClusterVocabularies.from_datalist([{"site": 1}], keys=["site", "site"])
+
+
+def test_vocabularies_save_load_round_trip(tmp_path):
+    vocabs = _two_factor_vocabularies()
+    path = tmp_path / "models" / "clusters.json"
+    vocabs.save(path)
+    content = json.loads(path.read_text())
+    assert list(content["factors"]) == ["site", "subject"]
+    assert content["factors"]["site"] == {"clusters": ["A", "B", "C"], "n_clusters": 3}
+    loaded = ClusterVocabularies.load(path)
+    assert loaded == vocabs and list(loaded) == ["site", "subject"]
+    assert loaded != ClusterVocabularies({"subject": vocabs["subject"], "site": vocabs["site"]})  # order matters
+    assert [p.name for p in path.parent.iterdir()] == ["clusters.json"]
+    # a single-factor file still reads both ways; a several-factor file is refused by the single reader
+    ClusterVocabulary(["x", "y"]).save(tmp_path / "one.json")
+    assert ClusterVocabularies.load(tmp_path / "one.json", key="site") == ClusterVocabularies({"site": ["x", "y"]})
+    with pytest.raises(ValueError, match=r"several grouping factors \['site', 'subject'\].*ClusterVocabularies.load"):
+        ClusterVocabulary.load(path)
+    path.write_text(json.dumps({"factors": {"site": ["A"]}}))
+    with pytest.raises(ValueError, match="factor 'site' must be a JSON object with a 'clusters' list"):
+        ClusterVocabularies.load(path)
+
+
+def test_vocabularies_check_n_levels():
+    vocabs = _two_factor_vocabularies()
+    vocabs.check_n_levels({"site": 3, "subject": 4})
+    with pytest.raises(ValueError, match=r"factor 'subject'\) has 5 clusters"):
+        vocabs.check_n_levels({"site": 3, "subject": 5})
+    with pytest.raises(ValueError, match="grouping factors"):
+        vocabs.check_n_levels({"subject": 4, "site": 3})
+
+
+def test_two_keys_each_with_its_own_vocabulary(caplog, tmp_path):
+    vocabs = _two_factor_vocabularies()
+    t = ClusterIndexd(keys=["site", "subject"], vocabulary=vocabs, raw_key_suffix="_id")
+    items = [{"site": "B", "subject": "s3"}, {"site": "C", "subject": "s9"}, {"site": "A", "subject": "s9"}]
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        outs = [t(item) for item in items]
+    assert [(int(o["site"]), int(o["subject"])) for o in outs] == [(1, 3), (2, -1), (0, -1)]
+    assert all(o["site"].dtype == o["subject"].dtype == torch.int64 for o in outs)
+    assert outs[1]["subject_id"] == "s9" and outs[1]["site_id"] == "C"
+    assert t.n_unseen_by_key == {"site": 0, "subject": 2}
+    assert t.n_unseen == 2
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(messages) == 1 and "'s9' is not in the vocabulary of 'subject' (4 clusters)" in messages[0]
+    # a site id that happens to be a subject id is unseen for the site only
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        out = t({"site": "s0", "subject": "s0"})
+    assert (int(out["site"]), int(out["subject"])) == (-1, 0)
+    assert t.n_unseen_by_key == {"site": 1, "subject": 2}
+    assert "of 'site'" in caplog.records[-1].getMessage()
+    # the same mapping read from its file, and a plain dict of a vocabulary and a path
+    vocabs.save(tmp_path / "clusters.json")
+    vocabs["subject"].save(tmp_path / "subject.json")
+    for vocabulary in (str(tmp_path / "clusters.json"), {"site": vocabs["site"], "subject": tmp_path / "subject.json"}):
+        again = ClusterIndexd(keys=["site", "subject"], vocabulary=vocabulary)
+        assert {k: int(v) for k, v in again(items[0]).items()} == {"site": 1, "subject": 3}
+
+
+def test_two_keys_missing_as_unseen_counts_per_key(caplog):
+    t = ClusterIndexd(keys=["site", "subject"], vocabulary=_two_factor_vocabularies(), missing_as_unseen=True)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        outs = [t({"site": "A"}), t({"site": "A"}), t({"subject": "s1"})]
+    assert [(int(o["site"]), int(o["subject"])) for o in outs] == [(0, -1), (0, -1), (-1, 1)]
+    assert t.n_missing_by_key == {"site": 1, "subject": 2} and t.n_missing == 3
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(messages) == 2 and "under 'subject'" in messages[0] and "under 'site'" in messages[1]
+
+
+def test_vocabulary_mapping_needs_every_key():
+    with pytest.raises(ValueError, match=r"no entry for the key\(s\) \['scanner'\]"):
+        ClusterIndexd(keys=["site", "scanner"], vocabulary=_two_factor_vocabularies())
+
+
+def test_one_vocabulary_for_several_keys_keeps_todays_behaviour():
+    vocab = ClusterVocabulary(["a", "b"])
+    t = ClusterIndexd(keys=["left", "right"], vocabulary=vocab)
+    out = t({"left": "b", "right": "z"})
+    assert (int(out["left"]), int(out["right"])) == (1, -1)
+    assert t.vocabulary is vocab and t.n_unseen == 1 and t.n_unseen_by_key == {"left": 0, "right": 1}

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -31,28 +31,49 @@ __all__ = ["ARMEDEvaluator", "CLUSTER_MODES", "resolve_cluster"]
 #: Z-predictor; ``randomized``: a random seen cluster per sample (ablation: do the random effects carry information?).
 CLUSTER_MODES = ("observed", "fixed", "inferred", "randomized")
 
+#: one factor's index / membership tensor, or one per grouping factor by name
+ClusterArg = torch.Tensor | Mapping[str, torch.Tensor]
+
 
 def resolve_cluster(
     mode: str,
     inputs: torch.Tensor,
-    cluster: torch.Tensor | None,
-    n_clusters: int,
+    cluster: ClusterArg | None,
+    n_clusters: int | Mapping[str, int],
     z_predictor: nn.Module | None = None,
     generator: torch.Generator | None = None,
-) -> torch.Tensor | None:
+    inferred_factor: str | None = None,
+) -> ClusterArg | None:
     """The ``cluster`` argument to give an ARMED network for one batch in one of ``CLUSTER_MODES``.
 
     In ``observed`` mode, samples of unseen clusters (index ``-1``) fall back to the Z-predictor's soft membership when
     one is given, else to fixed effects (the ``-1`` is passed on, which gives a zero random effect). A batch without
     any cluster falls back the same way.
 
+    Several grouping factors (``cluster`` a mapping ``factor -> index``, or ``n_clusters`` a mapping ``factor ->
+    number of levels``): the Z-predictor infers one factor, ``inferred_factor`` (default the first). ``inferred`` gives
+    that factor the Z-predictor's membership (zero effect without a Z-predictor) and keeps the others observed;
+    ``observed`` gives its unseen rows the membership, while an unseen level of another factor gets a zero effect for
+    that factor only; ``randomized`` draws every factor's level among its seen levels (needs ``n_clusters`` as a
+    mapping); ``fixed`` is ``None``.
+
     Example::
 
         cluster = resolve_cluster("observed", x, torch.tensor([0, -1]), n_clusters=10, z_predictor=zp)
         logits = net(x, cluster)        # row 1 uses the Z-predictor's membership
+        cluster = resolve_cluster("inferred", x, {"site": site, "subject": subject}, {"site": 4, "subject": 20},
+                                  z_predictor=site_zp, inferred_factor="site")   # subject stays observed
     """
     if mode == "fixed":
         return None
+    if isinstance(cluster, Mapping) or (cluster is None and isinstance(n_clusters, Mapping)):
+        return _resolve_factors(mode, inputs, cluster, n_clusters, z_predictor, generator, inferred_factor)
+    if isinstance(n_clusters, Mapping):  # one index tensor for a one-factor model
+        if len(n_clusters) != 1:
+            raise ValueError(
+                f"cluster is one tensor but the model has the grouping factors {list(n_clusters)}: pass a mapping."
+            )
+        n_clusters = next(iter(n_clusters.values()))
     if mode == "randomized":
         index = torch.randint(0, n_clusters, (inputs.shape[0],), generator=generator, device="cpu")
         return index.to(inputs.device)
@@ -67,6 +88,62 @@ def resolve_cluster(
     return torch.where(unseen.unsqueeze(1), z_predictor.membership(inputs).to(soft.dtype), soft)
 
 
+def _resolve_factors(
+    mode: str,
+    inputs: torch.Tensor,
+    cluster: Mapping[str, torch.Tensor] | None,
+    n_clusters: int | Mapping[str, int],
+    z_predictor: nn.Module | None,
+    generator: torch.Generator | None,
+    inferred_factor: str | None,
+) -> dict[str, torch.Tensor] | None:
+    """:func:`resolve_cluster` for several grouping factors (a mapping ``factor -> index``)."""
+    levels = dict(n_clusters) if isinstance(n_clusters, Mapping) else None
+    batch = inputs.shape[0]
+    if mode == "randomized":
+        if levels is None:
+            raise ValueError(
+                "cluster_mode 'randomized' with several grouping factors needs n_clusters as a mapping factor -> "
+                f"number of levels, got {n_clusters!r}."
+            )
+        return {
+            f: torch.randint(0, n, (batch,), generator=generator, device="cpu").to(inputs.device)
+            for f, n in levels.items()
+        }
+    factors = list(cluster) if cluster is not None else list(levels)
+    factor = inferred_factor if inferred_factor is not None else factors[0]
+    if factor not in factors:
+        raise KeyError(f"inferred_factor {factor!r} is not a grouping factor of the batch: {factors}.")
+    if cluster is None and z_predictor is None:
+        return None
+    unseen_index = torch.full((batch,), -1, dtype=torch.int64, device=inputs.device)
+    resolved = dict(cluster) if cluster is not None else dict.fromkeys(factors, unseen_index)
+    index = resolved[factor]
+    if mode == "inferred":
+        resolved[factor] = z_predictor.membership(inputs) if z_predictor is not None else unseen_index
+        return resolved
+    if z_predictor is None or index.is_floating_point():
+        return resolved
+    unseen = index < 0
+    if not bool(unseen.any()):
+        return resolved
+    n = levels[factor] if levels is not None and factor in levels else z_predictor.n_clusters
+    soft = cluster_one_hot(index, n, inputs.dtype if inputs.is_floating_point() else torch.float32)
+    resolved[factor] = torch.where(unseen.unsqueeze(1), z_predictor.membership(inputs).to(soft.dtype), soft)
+    return resolved
+
+
+def _network_levels(network: nn.Module) -> int | dict[str, int] | None:
+    """The number of seen clusters of a network: ``n_clusters``, or per factor for a several-factor model (a
+    ``MixedModelNet``: one ``RandomEffects`` per factor in ``random_effects``)."""
+    if getattr(network, "n_clusters", None) is not None:
+        return network.n_clusters
+    layers = getattr(network, "random_effects", None)
+    if isinstance(layers, nn.ModuleDict) and all(hasattr(layer, "n_clusters") for layer in layers.values()):
+        return {factor: layer.n_clusters for factor, layer in layers.items()}
+    return None
+
+
 class ARMEDEvaluator(SupervisedEvaluator):
     """Evaluates an ARMED network on one dataset in one of four cluster modes (``CLUSTER_MODES``).
 
@@ -75,15 +152,24 @@ class ARMEDEvaluator(SupervisedEvaluator):
     back from ``observed`` to inferred / fixed effects because their cluster was unseen is logged at the end of each
     run and kept in ``engine.state.n_unseen``.
 
+    Several grouping factors (a ``prepare_batch`` such as ``PrepareBatchCluster(cluster_key=["site", "subject"])``
+    that gives the mapping ``factor -> index``, and a network such as ``MixedModelNet``): the Z-predictor infers one
+    factor, ``inferred_factor``, and the others stay observed (see :func:`resolve_cluster`); ``randomized`` draws every
+    factor. ``engine.state.n_unseen`` then counts the samples with an unseen level of any factor, and
+    ``engine.state.n_unseen_by_factor`` each factor's.
+
     Args:
         device: device of the engine.
         val_data_loader: iterable of dictionary batches (input, optional ``label``, optional ``cluster``).
         network: network called as ``network(inputs, cluster=...)``.
         cluster_mode: one of ``CLUSTER_MODES``.
         z_predictor: optional :class:`ZPredictor`, needed by ``inferred`` and used for unseen clusters in ``observed``.
-        n_clusters: number of seen clusters (default: ``network.n_clusters``), needed by ``randomized``.
+        n_clusters: number of seen clusters, or ``{factor: number of levels}`` with several factors (default:
+            ``network.n_clusters``, or the levels of each of the network's ``random_effects``), needed by
+            ``randomized``.
         seed: seed of the random clusters of ``randomized`` (reset at every run, so runs are reproducible).
         prepare_batch: default ``PrepareBatchCluster(require_cluster=False)``.
+        inferred_factor: with several grouping factors, the one the Z-predictor infers (default the first).
         kwargs: further ``SupervisedEvaluator`` arguments (``key_val_metric``, ``val_handlers``, ``decollate``, ...).
 
     Example::
@@ -93,6 +179,11 @@ class ARMEDEvaluator(SupervisedEvaluator):
         evaluator.run()
         evaluator.cluster_mode = "fixed"
         evaluator.run()
+
+        evaluator = ARMEDEvaluator(device="cpu", val_data_loader=loader, network=mixed_model_net, z_predictor=site_zp,
+                                   prepare_batch=PrepareBatchCluster("features", cluster_key=["site", "subject"],
+                                                                     require_cluster=False),
+                                   inferred_factor="site", cluster_mode="inferred")
     """
 
     def __init__(
@@ -102,9 +193,10 @@ class ARMEDEvaluator(SupervisedEvaluator):
         network: nn.Module,
         cluster_mode: str = "observed",
         z_predictor: nn.Module | None = None,
-        n_clusters: int | None = None,
+        n_clusters: int | Mapping[str, int] | None = None,
         seed: int = 0,
         prepare_batch: Callable | None = None,
+        inferred_factor: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -115,11 +207,26 @@ class ARMEDEvaluator(SupervisedEvaluator):
             **kwargs,
         )
         self.z_predictor = z_predictor
-        self.n_clusters = n_clusters if n_clusters is not None else getattr(network, "n_clusters", None)
+        self.n_clusters = n_clusters if n_clusters is not None else _network_levels(network)
+        if isinstance(self.n_clusters, Mapping):
+            self.n_clusters = dict(self.n_clusters)
+            if inferred_factor is not None and inferred_factor not in self.n_clusters:
+                raise ValueError(
+                    f"inferred_factor {inferred_factor!r} is not one of the grouping factors {list(self.n_clusters)}."
+                )
+            factor = inferred_factor if inferred_factor is not None else next(iter(self.n_clusters))
+            n_z = getattr(z_predictor, "n_clusters", None)
+            if n_z is not None and n_z != self.n_clusters[factor]:
+                raise ValueError(
+                    f"the Z-predictor has {n_z} clusters but the factor {factor!r} it infers has "
+                    f"{self.n_clusters[factor]} levels; name the factor with inferred_factor."
+                )
+        self.inferred_factor = inferred_factor
         self.seed = seed
         self.cluster_mode = cluster_mode
         self._generator = torch.Generator()
         self.state.n_unseen = 0
+        self.state.n_unseen_by_factor = {}
 
     @property
     def cluster_mode(self) -> str:
@@ -138,12 +245,19 @@ class ARMEDEvaluator(SupervisedEvaluator):
     def run(self, global_epoch: int = 1) -> None:  # type: ignore[override]
         self._generator.manual_seed(self.seed)
         self.state.n_unseen = 0
+        self.state.n_unseen_by_factor = {}
         super().run(global_epoch)
         if self.state.n_unseen and self.cluster_mode == "observed":
             fallback = "inferred" if self.z_predictor is not None else "fixed"
-            self.logger.info(
-                f"{self.state.n_unseen} samples of unseen clusters were evaluated with {fallback} effects."
-            )
+            by_factor = self.state.n_unseen_by_factor
+            if by_factor:
+                z_factor = self.inferred_factor if self.inferred_factor is not None else next(iter(by_factor))
+                parts = [f"{f} {n} ({fallback if f == z_factor else 'zero'})" for f, n in by_factor.items() if n]
+                self.logger.info("samples with an unseen level, per grouping factor (its effect): " + ", ".join(parts))
+            else:
+                self.logger.info(
+                    f"{self.state.n_unseen} samples of unseen clusters were evaluated with {fallback} effects."
+                )
 
     def _iteration(self, engine: ARMEDEvaluator, batchdata: dict[str, torch.Tensor]) -> dict:
         inputs, targets, observed = prepare_cluster_batch(engine, batchdata)
@@ -153,11 +267,33 @@ class ARMEDEvaluator(SupervisedEvaluator):
             if engine.z_predictor is not None:
                 engine.z_predictor.eval()
             if engine.cluster_mode == "observed":
-                engine.state.n_unseen += inputs.shape[0] if observed is None else int((observed < 0).sum())
+                engine._count_unseen(inputs.shape[0], observed)
             cluster = resolve_cluster(
-                engine.cluster_mode, inputs, observed, engine.n_clusters or 0, engine.z_predictor, engine._generator
+                engine.cluster_mode,
+                inputs,
+                observed,
+                engine.n_clusters or 0,
+                engine.z_predictor,
+                engine._generator,
+                engine.inferred_factor,
             )
             engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, cluster=cluster)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def _count_unseen(self, batch: int, observed: ClusterArg | None) -> None:
+        several = isinstance(observed, Mapping) or (observed is None and isinstance(self.n_clusters, Mapping))
+        if not several:
+            self.state.n_unseen += batch if observed is None else int((observed < 0).sum())
+            return
+        if observed is None:
+            self.state.n_unseen += batch
+            unseen = dict.fromkeys(self.n_clusters, batch)
+        else:
+            rows = {f: c < 0 if not c.is_floating_point() else torch.zeros_like(c[:, 0], dtype=torch.bool)
+                    for f, c in observed.items()}
+            self.state.n_unseen += int(torch.stack(list(rows.values())).any(0).sum())
+            unseen = {f: int(r.sum()) for f, r in rows.items()}
+        for f, n in unseen.items():
+            self.state.n_unseen_by_factor[f] = self.state.n_unseen_by_factor.get(f, 0) + n

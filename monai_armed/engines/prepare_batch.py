@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,10 @@ __all__ = ["PrepareBatchCluster", "PrepareBatchClusterTarget", "prepare_cluster_
 class PrepareBatchCluster(PrepareBatch):
     """Moves a dictionary batch to the device and returns ``(inputs, targets, (), {"cluster": cluster})``.
 
+    With several grouping factors (``cluster_key=["site", "subject"]``) ``cluster`` is the mapping
+    ``{key: tensor}`` that networks such as :class:`~monai_armed.networks.MixedModelNet` take; a single key gives the
+    tensor itself.
+
     ARMED engines and MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator`` pass the keyword arguments on to the
     network, so ``network(inputs, cluster=cluster)`` sees the cluster. Missing keys raise a ``KeyError`` that names the
     key and the keys present; non-finite inputs raise a ``ValueError``; raw cluster ids (strings, not mapped by
@@ -32,26 +36,40 @@ class PrepareBatchCluster(PrepareBatch):
     Args:
         image_key: key of the network input (``"image"``; tabular datalists use ``"features"``).
         label_key: key of the target; a batch without it gives ``targets=None`` (inference).
-        cluster_key: key of the cluster index (int64, ``-1`` = unseen) or soft membership.
-        require_cluster: raise when the cluster is missing (training); otherwise pass ``cluster=None`` (fixed effects).
+        cluster_key: key of the cluster index (int64, ``-1`` = unseen) or soft membership, or a sequence of keys, one
+            per grouping factor.
+        require_cluster: raise when a cluster key is missing (training); otherwise pass ``cluster=None`` (fixed
+            effects). With several keys, a batch that has some of them gets ``-1`` (unseen: a zero random effect) for
+            each missing factor, and ``None`` only when it has none.
         check_finite: reject inputs containing NaN or infinity.
 
     Example::
 
         prepare = PrepareBatchCluster(image_key="features")
         x, y, _, kwargs = prepare({"features": x, "label": y, "cluster": z}, torch.device("cpu"))
+        prepare = PrepareBatchCluster(image_key="features", cluster_key=["site", "subject"])
+        _, _, _, kwargs = prepare(batch)          # kwargs["cluster"] == {"site": (B,), "subject": (B,)}
     """
 
     def __init__(
         self,
         image_key: str = CommonKeys.IMAGE,
         label_key: str = CommonKeys.LABEL,
-        cluster_key: str = "cluster",
+        cluster_key: str | Sequence[str] = "cluster",
         require_cluster: bool = True,
         check_finite: bool = True,
     ) -> None:
+        if not isinstance(cluster_key, str):
+            cluster_key = tuple(cluster_key)
+            if not cluster_key or len(set(cluster_key)) != len(cluster_key):
+                raise ValueError(f"cluster_key must be one key or distinct keys, got {list(cluster_key)}.")
         self.image_key, self.label_key, self.cluster_key = image_key, label_key, cluster_key
         self.require_cluster, self.check_finite = require_cluster, check_finite
+
+    @property
+    def cluster_keys(self) -> tuple[str, ...]:
+        """The cluster key(s) as a tuple (one per grouping factor)."""
+        return (self.cluster_key,) if isinstance(self.cluster_key, str) else self.cluster_key
 
     def __call__(
         self,
@@ -70,16 +88,25 @@ class PrepareBatchCluster(PrepareBatch):
         targets = batchdata.get(self.label_key)
         if targets is not None:
             targets = torch.as_tensor(targets).to(device=device, non_blocking=non_blocking, **kwargs)
-        cluster = batchdata.get(self.cluster_key)
-        if cluster is None:
-            if self.require_cluster:
-                raise KeyError(
-                    f"batch has no cluster key {self.cluster_key!r}; keys present: {sorted(batchdata)}. "
-                    "Map raw cluster ids with ClusterIndexd first."
-                )
-        else:
-            cluster = _cluster_tensor(cluster, self.cluster_key).to(device=device, non_blocking=non_blocking)
-        return inputs, targets, (), {"cluster": cluster}
+        clusters = {}
+        for key in self.cluster_keys:
+            cluster = batchdata.get(key)
+            if cluster is None:
+                if self.require_cluster:
+                    raise KeyError(
+                        f"batch has no cluster key {key!r}; keys present: {sorted(batchdata)}. "
+                        "Map raw cluster ids with ClusterIndexd first."
+                    )
+            else:
+                clusters[key] = _cluster_tensor(cluster, key).to(device=device, non_blocking=non_blocking)
+        if isinstance(self.cluster_key, str):
+            return inputs, targets, (), {"cluster": clusters.get(self.cluster_key)}
+        if clusters:  # an absent factor of a batch that has others: unseen for that factor only
+            for key in self.cluster_keys:
+                if key not in clusters:
+                    clusters[key] = torch.full((inputs.shape[0],), -1, dtype=torch.int64, device=inputs.device)
+            clusters = {key: clusters[key] for key in self.cluster_keys}
+        return inputs, targets, (), {"cluster": clusters or None}
 
 
 def _cluster_tensor(cluster: Any, key: str) -> torch.Tensor:
@@ -99,11 +126,25 @@ def _cluster_tensor(cluster: Any, key: str) -> torch.Tensor:
 class PrepareBatchClusterTarget(PrepareBatchCluster):
     """Returns ``(inputs, cluster)``: the cluster index as the target, to train a :class:`ZPredictor`.
 
+    With several cluster keys the target is the index of ``target_key`` (default the first key): a Z-predictor infers
+    one grouping factor.
+
+    Args:
+        target_key: with several ``cluster_key``, the one whose index is the target.
+        kwargs: :class:`PrepareBatchCluster` arguments.
+
     Example::
 
         trainer = SupervisedTrainer(..., network=ZPredictor(2, 10), loss_function=torch.nn.CrossEntropyLoss(),
                                     prepare_batch=PrepareBatchClusterTarget(image_key="features"))
+        prepare = PrepareBatchClusterTarget(image_key="features", cluster_key=["site", "subject"], target_key="site")
     """
+
+    def __init__(self, *args: Any, target_key: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if target_key is not None and target_key not in self.cluster_keys:
+            raise ValueError(f"target_key {target_key!r} is not one of the cluster keys {list(self.cluster_keys)}.")
+        self.target_key = target_key if target_key is not None else self.cluster_keys[0]
 
     def __call__(
         self,
@@ -112,10 +153,12 @@ class PrepareBatchClusterTarget(PrepareBatchCluster):
         non_blocking: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(batchdata, Mapping) and batchdata.get(self.target_key) is None:
+            raise KeyError(f"batch has no cluster key {self.target_key!r} to train a Z-predictor on.")
         inputs, _, _, extra = super().__call__(batchdata, device, non_blocking, **kwargs)
         cluster = extra["cluster"]
-        if cluster is None:
-            raise KeyError(f"batch has no cluster key {self.cluster_key!r} to train a Z-predictor on.")
+        if isinstance(cluster, Mapping):
+            cluster = cluster[self.target_key]
         if bool((cluster < 0).any()):
             raise ValueError("a Z-predictor is trained on seen clusters only; the batch has unseen (-1) clusters.")
         return inputs, cluster

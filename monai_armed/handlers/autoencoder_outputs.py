@@ -279,6 +279,11 @@ class AutoencoderOutputWriter:
             )
         paths = [str(p) for p in engine.state.batch[self.path_key]]
         observed = engine.state.output.get(ARMEDKeys.CLUSTER)
+        if isinstance(observed, Mapping):
+            raise TypeError(
+                "AutoencoderOutputWriter handles one grouping factor; the evaluator's cluster is a mapping of the "
+                f"factors {list(observed)}."
+            )
         fallback = self._fallback(engine)
         effects = (
             [fallback] * len(paths) if observed is None else ["observed" if int(c) >= 0 else fallback for c in observed]

@@ -57,6 +57,8 @@ class ClusterModeReport:
         metrics: ``"classification"`` or ``"binary"``.
         threshold_dataset: name of the dataset whose predictions fix the decision threshold of each mode
             (``metrics="binary"`` only); it is evaluated in every mode that another dataset uses.
+        cluster_factor: with several grouping factors, the one of the per-cluster tables (default the evaluator's
+            ``inferred_factor``, else the first); ``cluster_names`` are then that factor's.
 
     Example::
 
@@ -80,6 +82,7 @@ class ClusterModeReport:
         cluster_names: Sequence[str] | None = None,
         metrics: str = "classification",
         threshold_dataset: str | None = None,
+        cluster_factor: str | None = None,
     ) -> None:
         if metrics not in ("classification", "binary"):
             raise ValueError(f"metrics must be 'classification' or 'binary', got {metrics!r}.")
@@ -98,7 +101,12 @@ class ClusterModeReport:
             datasets = {threshold_dataset: datasets[threshold_dataset], **datasets}
         self.datasets = dict(datasets)
         self.cluster_names = cluster_names
-        self.collector = PredictionCollector()
+        if cluster_factor is None:
+            cluster_factor = getattr(evaluator, "inferred_factor", None)
+        if cluster_factor is None and isinstance(evaluator.n_clusters, Mapping):
+            cluster_factor = next(iter(evaluator.n_clusters))
+        self.cluster_factor = cluster_factor
+        self.collector = PredictionCollector(cluster_factor=cluster_factor)
         self.collector.attach(evaluator)
 
     def attach(self, engine: Engine) -> None:
@@ -134,6 +142,8 @@ class ClusterModeReport:
 
     def _summary(self, threshold: float | None) -> dict:
         c, n_clusters = self.collector, self.evaluator.n_clusters
+        if isinstance(n_clusters, Mapping):
+            n_clusters = n_clusters[self.cluster_factor]
         if self.metrics == "classification":
             return classification_summary(c.pred, c.label, c.cluster, n_clusters, self.cluster_names)
         label, prob = c.label.reshape(-1).cpu().numpy(), positive_probability(c.pred).cpu().numpy()

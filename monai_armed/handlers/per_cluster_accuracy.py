@@ -38,11 +38,15 @@ class PerClusterAccuracy:
     worst seen cluster's accuracy into ``engine.state.metrics["min_cluster_accuracy"]``, logs the table, and writes it
     to ``output_file`` if given.
 
+    With several grouping factors (the evaluator's ``cluster`` a mapping ``factor -> index``) the table is of one
+    factor, ``cluster_factor`` (default the first), and ``n_clusters`` / ``cluster_names`` are that factor's.
+
     Args:
         n_clusters: number of seen clusters.
         cluster_names: names of the clusters (e.g. ``ClusterVocabulary.clusters``); default: the indices.
         output_file: optional JSON path.
         name: logger name (``None``: the engine's logger).
+        cluster_factor: with several grouping factors, the one the table is of (default the first).
 
     Example::
 
@@ -55,9 +59,10 @@ class PerClusterAccuracy:
         cluster_names: Sequence[str] | None = None,
         output_file: str | os.PathLike | None = None,
         name: str | None = None,
+        cluster_factor: str | None = None,
     ) -> None:
         self.n_clusters, self.cluster_names, self.output_file = n_clusters, cluster_names, output_file
-        self.collector = PredictionCollector()
+        self.collector = PredictionCollector(cluster_factor=cluster_factor)
         self.logger = logging.getLogger(name) if name else None
 
     def attach(self, engine: Engine) -> None:

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,30 +29,49 @@ else:
 __all__ = ["PredictionCollector", "output_field"]
 
 
-def output_field(output: dict | IterationOutput | Sequence[dict], key: str) -> torch.Tensor | None:
+def output_field(
+    output: dict | IterationOutput | Sequence[dict], key: str, factor: str | None = None
+) -> torch.Tensor | None:
     """One field of ``engine.state.output`` as a batch tensor, whether or not the engine decollated it.
+
+    A field that holds one tensor per grouping factor (the ``cluster`` of a several-factor model, a mapping
+    ``factor -> index``) gives the tensor of ``factor``, by default the first factor.
 
     Example::
 
         pred = output_field(engine.state.output, "pred")     # (B, ...) tensor
+        site = output_field(engine.state.output, "cluster", factor="site")
     """
     if isinstance(output, (dict, IterationOutput)):
         value = output.get(key)
-        return None if value is None else torch.as_tensor(value)
+        return None if value is None else torch.as_tensor(_factor_value(value, key, factor))
     values = [item.get(key) for item in output]
     if not values or any(v is None for v in values):
         return None
-    return torch.stack([torch.as_tensor(v) for v in values])
+    return torch.stack([torch.as_tensor(_factor_value(v, key, factor)) for v in values])
+
+
+def _factor_value(value: object, key: str, factor: str | None) -> object:
+    if not isinstance(value, Mapping):
+        return value
+    if not value:
+        raise ValueError(f"output field {key!r} is an empty mapping.")
+    name = factor if factor is not None else next(iter(value))
+    if name not in value:
+        raise KeyError(f"output field {key!r} has no grouping factor {name!r}; it has {list(value)}.")
+    return value[name]
 
 
 class PredictionCollector:
     """Gathers ``pred``, ``label`` and ``cluster`` of every iteration of an evaluator run (on the CPU).
 
     After a run, :attr:`pred`, :attr:`label` and :attr:`cluster` hold the concatenated tensors (``None`` for a field
-    the engine did not output). Works with decollated and plain outputs.
+    the engine did not output). Works with decollated and plain outputs. With several grouping factors (a mapping
+    ``cluster``) it collects the index of ``cluster_factor``, by default the first factor.
 
     Args:
         keys: output keys to collect.
+        cluster_factor: the grouping factor collected from a mapping field (default the first).
 
     Example::
 
@@ -62,8 +81,11 @@ class PredictionCollector:
         summary = classification_summary(collector.pred, collector.label, collector.cluster)
     """
 
-    def __init__(self, keys: Sequence[str] = (Keys.PRED, Keys.LABEL, "cluster")) -> None:
+    def __init__(
+        self, keys: Sequence[str] = (Keys.PRED, Keys.LABEL, "cluster"), cluster_factor: str | None = None
+    ) -> None:
         self.keys = tuple(keys)
+        self.cluster_factor = cluster_factor
         self._parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.keys}
         self.values: dict[str, torch.Tensor | None] = {k: None for k in self.keys}
 
@@ -78,7 +100,7 @@ class PredictionCollector:
 
     def collect(self, engine: Engine) -> None:
         for key in self.keys:
-            value = output_field(engine.state.output, key)
+            value = output_field(engine.state.output, key, self.cluster_factor)
             if value is not None:
                 self._parts[key].append(value.detach().cpu())
 

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from .cluster_index import ClusterIndexd, ClusterIndexD, ClusterIndexDict, ClusterVocabulary
+from .cluster_index import ClusterIndexd, ClusterIndexD, ClusterIndexDict, ClusterVocabularies, ClusterVocabulary
 from .mri import (
     CheckedLoadImage,
     CheckedLoadImaged,

@@ -1,0 +1,273 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Several grouping factors through the engine path: prepare_batch, ARMEDTrainer, ARMEDEvaluator and its handlers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+
+from monai_armed.data import TensorBatchLoader
+from monai_armed.engines import (
+    ARMEDEvaluator,
+    ARMEDTrainer,
+    PrepareBatchCluster,
+    PrepareBatchClusterTarget,
+    resolve_cluster,
+)
+from monai_armed.handlers import ClusterModeReport, PredictionCollector, output_field
+from monai_armed.losses import GaussianLikelihood
+from monai_armed.networks import ClusterAdversary, FactorSpec, MixedModelNet, ZPredictor
+
+N_SITES, N_SUBJECTS, N_ROWS = 4, 20, 320
+FACTORS = ["site", "subject"]
+
+
+def _data(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Crossed site x subject: y = 1 + 2 x + site effect + subject effect + noise; input columns [1, x | 1 | 1]."""
+    g = torch.Generator().manual_seed(seed)
+    site = torch.arange(N_ROWS) % N_SITES
+    subject = torch.randperm(N_ROWS, generator=g) % N_SUBJECTS  # crossed with site
+    x = torch.randn(N_ROWS, generator=g)
+    site_effect = torch.tensor([-2.0, -0.7, 0.7, 2.0])
+    subject_effect = 1.5 * torch.randn(N_SUBJECTS, generator=g)
+    y = 1.0 + 2.0 * x + site_effect[site] + subject_effect[subject] + 0.3 * torch.randn(N_ROWS, generator=g)
+    one = torch.ones(N_ROWS)
+    features = torch.stack([one, x, one, one], dim=1)
+    return {"features": features, "label": y.unsqueeze(1), "site": site, "subject": subject}
+
+
+def _net(seed: int = 0) -> MixedModelNet:
+    torch.manual_seed(seed)
+    per_site, per_subject = [N_ROWS / N_SITES] * N_SITES, [N_ROWS / N_SUBJECTS] * N_SUBJECTS
+    return MixedModelNet(
+        2, {"site": FactorSpec(N_SITES, counts=per_site), "subject": FactorSpec(N_SUBJECTS, counts=per_subject)}
+    )
+
+
+def _prepare(**kwargs) -> PrepareBatchCluster:
+    return PrepareBatchCluster(image_key="features", cluster_key=FACTORS, **kwargs)
+
+
+def _train(net: MixedModelNet, epochs: int = 6, decollate: bool = False, adversary_factor: str = "site"):
+    data = _data()
+    adversary = ClusterAdversary(net.feature_channels, n_clusters=N_SITES, hidden_channels=(8,))
+    logit_classes: list[int] = []
+    adversary.register_forward_hook(lambda module, args, out: logit_classes.append(out.shape[1]))
+    trainer = ARMEDTrainer(
+        device="cpu",
+        max_epochs=epochs,
+        train_data_loader=TensorBatchLoader(data, batch_size=64, shuffle=True),
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=0.05),
+        loss_function=GaussianLikelihood(),
+        adversary=adversary,
+        adv_weight=0.1,
+        adversary_factor=adversary_factor,
+        prepare_batch=_prepare(),
+        decollate=decollate,
+    )
+    epoch_loss: list[list[float]] = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epoch_loss.append([]))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: epoch_loss[-1].append(float(e.output_scalars["loss_me"]))
+    )
+    trainer.run()
+    return trainer, logit_classes, epoch_loss
+
+
+@pytest.fixture(scope="module")
+def trained() -> MixedModelNet:
+    net = _net()
+    _train(net)
+    return net.eval()
+
+
+def _eval_batch() -> dict[str, torch.Tensor]:
+    """One evaluation batch: rows 0-7 of an unseen site, rows 8-15 of an unseen subject, the rest seen."""
+    data = {k: v[:48].clone() for k, v in _data(seed=1).items()}
+    data["site"][:8] = -1
+    data["subject"][8:16] = -1
+    return data
+
+
+def _evaluate(net: MixedModelNet, mode: str, z_predictor: ZPredictor | None = None, **kwargs) -> torch.Tensor:
+    evaluator = ARMEDEvaluator(
+        device="cpu",
+        val_data_loader=TensorBatchLoader(_eval_batch(), batch_size=48),
+        network=net,
+        cluster_mode=mode,
+        z_predictor=z_predictor,
+        prepare_batch=_prepare(require_cluster=False),
+        decollate=False,
+        **kwargs,
+    )
+    preds: list[torch.Tensor] = []
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output["pred"]))
+    evaluator.run()
+    return torch.cat(preds), evaluator
+
+
+def _zp() -> ZPredictor:
+    torch.manual_seed(3)
+    return ZPredictor(in_features=4, n_clusters=N_SITES).eval()
+
+
+# prepare_batch
+
+
+def test_prepare_batch_two_keys_gives_a_mapping_on_the_device():
+    batch = {k: v[:8] for k, v in _data().items()}
+    inputs, targets, args, kwargs = _prepare()(batch, torch.device("cpu"))
+    cluster = kwargs["cluster"]
+    assert list(cluster) == FACTORS and args == ()
+    assert all(c.dtype == torch.int64 and c.device.type == "cpu" for c in cluster.values())
+    assert torch.equal(cluster["subject"], batch["subject"]) and torch.equal(cluster["site"], batch["site"])
+    # a single key is still the tensor itself
+    single = PrepareBatchCluster(image_key="features", cluster_key="site")(batch)[3]["cluster"]
+    assert isinstance(single, torch.Tensor) and torch.equal(single, batch["site"])
+
+
+def test_prepare_batch_two_keys_errors_name_the_key():
+    batch = {k: v[:4] for k, v in _data().items()}
+    with pytest.raises(TypeError, match=r"batch key 'subject' holds raw cluster ids.*ClusterIndexd"):
+        _prepare()({**batch, "subject": ["s1", "s2", "s3", "s4"]})
+    without_subject = {k: v for k, v in batch.items() if k != "subject"}
+    with pytest.raises(KeyError, match="no cluster key 'subject'"):
+        _prepare()(without_subject)
+    # not required: an absent factor is unseen (-1) for that factor only; no factor at all is no cluster
+    cluster = _prepare(require_cluster=False)(without_subject)[3]["cluster"]
+    assert list(cluster) == FACTORS and cluster["subject"].tolist() == [-1] * 4
+    assert torch.equal(cluster["site"], batch["site"])
+    assert _prepare(require_cluster=False)({"features": batch["features"]})[3]["cluster"] is None
+    with pytest.raises(ValueError, match="distinct"):
+        PrepareBatchCluster(cluster_key=["site", "site"])
+
+
+def test_prepare_batch_cluster_target_picks_the_target_key():
+    batch = {k: v[:8] for k, v in _data().items()}
+    inputs, target = PrepareBatchClusterTarget("features", cluster_key=FACTORS, target_key="subject")(batch)
+    assert torch.equal(target, batch["subject"])
+    _, first = PrepareBatchClusterTarget("features", cluster_key=FACTORS)(batch)
+    assert torch.equal(first, batch["site"])
+    with pytest.raises(ValueError, match="target_key 'scanner' is not one of the cluster keys"):
+        PrepareBatchClusterTarget("features", cluster_key=FACTORS, target_key="scanner")
+    with pytest.raises(KeyError, match="no cluster key 'site' to train a Z-predictor on"):
+        PrepareBatchClusterTarget("features", cluster_key=FACTORS)({k: v for k, v in batch.items() if k != "site"})
+
+
+# ARMEDTrainer
+
+
+def test_trainer_two_factors_adversary_reads_site_and_loss_decreases():
+    net = _net()
+    before = {f: layer.loc.detach().clone() for f, layer in net.random_effects.items()}
+    trainer, logit_classes, epoch_loss = _train(net)
+    assert logit_classes and set(logit_classes) == {N_SITES}
+    out = trainer.state.output
+    assert list(out["cluster"]) == FACTORS
+    assert 0.0 <= float(out["adv_accuracy"]) <= 1.0 and "loss_gen" in out
+    assert np.mean(epoch_loss[-1]) < 0.5 * np.mean(epoch_loss[0])
+    for factor, layer in net.random_effects.items():  # both factors learned effects
+        assert not torch.allclose(layer.loc, before[factor]), factor
+    # the adversary on the 20-level subject factor with a 4-class adversary fails: the trainer read the site
+    with pytest.raises(IndexError, match="out of bounds"):
+        _train(_net(), epochs=1, adversary_factor="subject")
+
+
+def test_trainer_two_factors_decollates():
+    trainer, _, _ = _train(_net(), epochs=1, decollate=True)
+    out = trainer.state.output
+    assert isinstance(out, list) and len(out) == 64
+    assert set(out[0]["cluster"]) == set(FACTORS)
+    cluster = output_field(out, "cluster", factor="subject")
+    assert cluster.shape == (len(out),) and int(cluster.max()) < N_SUBJECTS
+    assert float(trainer.output_scalars["loss"]) == pytest.approx(float(out[0]["loss"]))
+
+
+# ARMEDEvaluator
+
+
+def test_evaluator_observed_and_fixed(trained):
+    batch = _eval_batch()
+    cluster = {"site": batch["site"], "subject": batch["subject"]}
+    with torch.no_grad():
+        observed_expected, fixed_expected = trained(batch["features"], cluster), trained(batch["features"])
+    observed, evaluator = _evaluate(trained, "observed")
+    assert observed.shape == (48, 1)
+    torch.testing.assert_close(observed, observed_expected)
+    assert evaluator.n_clusters == {"site": N_SITES, "subject": N_SUBJECTS}
+    assert evaluator.state.n_unseen == 16 and evaluator.state.n_unseen_by_factor == {"site": 8, "subject": 8}
+    fixed, _ = _evaluate(trained, "fixed")
+    torch.testing.assert_close(fixed, fixed_expected)
+    assert (observed - fixed).abs()[16:].min() > 1e-3  # the seen rows carry both random effects
+
+
+def test_evaluator_inferred_one_factor_others_observed(trained):
+    batch, zp = _eval_batch(), _zp()
+    x, site, subject = batch["features"], batch["site"], batch["subject"]
+    with torch.no_grad():
+        membership = zp.membership(x)
+        observed = trained(x, {"site": site, "subject": subject})
+        expected = trained(x, {"site": membership, "subject": subject})
+        without_subject = trained(x, {"site": membership, "subject": torch.full_like(subject, -1)})
+    inferred, evaluator = _evaluate(trained, "inferred", zp, inferred_factor="site")
+    assert inferred.shape == (48, 1)
+    torch.testing.assert_close(inferred, expected)
+    # the unseen-site rows now get the inferred site effect, and they keep their observed subject effect
+    assert (inferred[:8] - observed[:8]).abs().min() > 1e-4
+    assert (inferred[:8] - without_subject[:8]).abs().min() > 1e-3
+    # observed mode with a Z-predictor: only the unseen sites are inferred; an unseen subject stays a zero effect
+    fallback, evaluator = _evaluate(trained, "observed", zp, inferred_factor="site")
+    torch.testing.assert_close(fallback[:8], expected[:8])
+    torch.testing.assert_close(fallback[8:], observed[8:])
+    with pytest.raises(ValueError, match="Z-predictor has 4 clusters but the factor 'subject'"):
+        _evaluate(trained, "inferred", zp, inferred_factor="subject")
+
+
+def test_evaluator_randomized_draws_each_factor_among_its_levels(trained):
+    batch = _eval_batch()
+    randomized, evaluator = _evaluate(trained, "randomized", seed=5)
+    again, _ = _evaluate(trained, "randomized", seed=5)
+    torch.testing.assert_close(randomized, again)  # reproducible
+    drawn = resolve_cluster(
+        "randomized", batch["features"], None, evaluator.n_clusters, generator=torch.Generator().manual_seed(5)
+    )
+    assert list(drawn) == FACTORS
+    assert 0 <= int(drawn["site"].min()) and int(drawn["site"].max()) < N_SITES
+    assert 0 <= int(drawn["subject"].min()) and int(drawn["subject"].max()) < N_SUBJECTS
+    assert len(drawn["subject"].unique()) > N_SITES  # drawn from the subject's own 20 levels
+    with torch.no_grad():
+        torch.testing.assert_close(randomized, trained(batch["features"], drawn))
+    with pytest.raises(ValueError, match="needs n_clusters as a mapping"):
+        resolve_cluster("randomized", batch["features"], {"site": batch["site"]}, 4)
+
+
+def test_evaluator_handlers_read_one_factor(trained):
+    evaluator = ARMEDEvaluator(
+        device="cpu",
+        val_data_loader=TensorBatchLoader(_eval_batch(), batch_size=16),
+        network=trained,
+        prepare_batch=_prepare(require_cluster=False),
+    )
+    subjects = PredictionCollector(cluster_factor="subject")
+    subjects.attach(evaluator)
+    data = _eval_batch()
+    data["label"] = (data["label"] > data["label"].median()).float()
+    report = ClusterModeReport(evaluator, {"eval": TensorBatchLoader(data, batch_size=16)}, {"eval": ["observed"]})
+    results = report.run()
+    assert report.cluster_factor == "site"
+    assert torch.equal(report.collector.cluster, data["site"]) and torch.equal(subjects.cluster, data["subject"])
+    assert set(results["eval"]["observed"]["per_cluster"]) == {"0", "1", "2", "3", "unseen"}
+    with pytest.raises(KeyError, match="no grouping factor 'scanner'"):
+        output_field({"cluster": {"site": data["site"]}}, "cluster", factor="scanner")
