@@ -29,19 +29,20 @@ def _one_way(groups: int = 12, per_group: int = 8, sd_group: float = 2.0, sd_res
     return pd.DataFrame({"y": y, "g": [f"g{k:02d}" for k in group]})
 
 
-def _anova_ml(frame: pd.DataFrame) -> tuple[float, float]:
-    """Closed-form ML estimates of a balanced one-way random-intercept model: (group variance, residual variance)."""
+def _anova(frame: pd.DataFrame, reml: bool = False) -> tuple[float, float]:
+    """Closed-form ML (or REML) estimates of a balanced one-way random-intercept model: (group, residual variance)."""
     groups = frame.groupby("g")["y"]
     a, n = groups.ngroups, int(groups.size().iloc[0])
     within = float(((frame["y"] - groups.transform("mean")) ** 2).sum()) / (a * (n - 1))
-    between = n * float(((groups.mean() - frame["y"].mean()) ** 2).sum()) / a
+    between = n * float(((groups.mean() - frame["y"].mean()) ** 2).sum()) / (a - 1 if reml else a)
     return (between - within) / n, within
 
 
-def test_gaussian_random_intercept_matches_closed_form_ml():
+@pytest.mark.parametrize("reml", [False, True])
+def test_gaussian_random_intercept_matches_closed_form_estimates(reml):
     frame = _one_way()
-    fit = fit_formula("y ~ 1 + (1 | g)", frame)
-    group_var, resid_var = _anova_ml(frame)
+    fit = fit_formula("y ~ 1 + (1 | g)", frame, reml=reml)
+    group_var, resid_var = _anova(frame, reml)
     rows = {(r["grp"], r["var1"]): r for r in fit.variance_components()}
     assert rows[("g", "(Intercept)")]["vcov"] == pytest.approx(group_var, rel=1e-3)
     assert rows[("Residual", None)]["vcov"] == pytest.approx(resid_var, rel=1e-3)
@@ -145,6 +146,8 @@ def test_bad_inputs_name_the_column_and_row():
         fit_formula("y ~ 1 + (1 | g)", counts.assign(y=[1, -2, 0, 1]), "poisson")
     with pytest.raises(ValueError, match="unknown"):
         fit_formula("y ~ 1 + (1 | g)", frame, "gamma")
+    with pytest.raises(ValueError, match="reml=True needs the gaussian family"):
+        fit_formula("y ~ 1 + (1 | g)", counts, "poisson", reml=True)
     with pytest.raises(ValueError, match="'trials_col' is not in data"):
         fit_formula("y ~ 1 + (1 | g)", counts, "binomial", trials="trials_col")
 

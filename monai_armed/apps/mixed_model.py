@@ -180,6 +180,7 @@ def fit_mixed_model(
     seed: int = 0,
     trials_name: str = "trials",
     weights_name: str = "weights",
+    reml: bool = False,
 ) -> MixedModelFit:
     """Fit a (generalized) mixed model by maximising its ELBO: ``mean_i w_i E_q[-log p(y_i | eta_i)] + KL / N``.
 
@@ -193,6 +194,10 @@ def fit_mixed_model(
     :class:`~monai_armed.optimizers.LazyAdam`, a sparse look-up and the batch estimate of the KL, so a step costs the
     same whatever the number of levels. A Gaussian response is divided by its standard deviation while fitting; the
     estimates are reported in the data's units.
+
+    ``reml=True`` (Gaussian, linear fixed part, one grouping factor, no weights) adds the restricted-likelihood term
+    ``0.5 * log|X^T V^-1 X| / N`` (``V`` the marginal covariance, per level through the Woodbury identity), so the
+    variance components are lme4's REML estimates (``lmer``'s default); without it they are ML (``REML = FALSE``).
 
     Args:
         design: the training design (:func:`~monai_armed.data.build_design`).
@@ -208,6 +213,7 @@ def fit_mixed_model(
         seed: seed of the initialisation and the mini-batch order.
         trials_name: the trials column's name in messages.
         weights_name: the weights column's name in messages.
+        reml: restricted maximum likelihood instead of maximum likelihood (see above).
 
     Example::
 
@@ -225,6 +231,13 @@ def fit_mixed_model(
         raise ValueError(f"optimizer must be 'auto', 'lbfgs' or 'adam', got {optimizer!r}.")
     if optimizer == "auto":
         optimizer = "lbfgs" if not hidden_channels and design.n_rows <= 200_000 else "adam"
+    if reml and (family.name != "gaussian" or hidden_channels or len(design.factors) != 1 or weights is not None
+                 or optimizer != "lbfgs"):
+        raise ValueError(
+            "reml=True needs the gaussian family, a linear fixed part, one grouping factor, no weights and the L-BFGS "
+            f"fit; got family {family.name!r}, hidden_channels {tuple(hidden_channels)}, factors "
+            f"{list(design.factors)}, weights {'given' if weights is not None else 'none'}, optimizer {optimizer!r}."
+        )
     torch.manual_seed(seed)
     dtype = torch.float64 if optimizer == "lbfgs" else torch.float32
     notes: list[str] = []
@@ -241,7 +254,9 @@ def fit_mixed_model(
     _initialise(network, family, x, y, design)
     params = list(network.parameters()) + list(family.parameters())
     if optimizer == "lbfgs":
-        objective, iterations = _fit_lbfgs(network, family, params, x, y, cluster, extras, design.n_rows, max_iter)
+        penalty = _RemlTerm(design, network, family, dtype) if reml else None
+        objective, iterations = _fit_lbfgs(network, family, params, x, y, cluster, extras, design.n_rows, max_iter,
+                                           penalty)
     else:
         objective, iterations = _fit_adam(network, family, params, x, y, cluster, extras, epochs, batch_size, lr, seed)
     network.eval()
@@ -292,23 +307,53 @@ def _elbo(network, family, x, y, cluster, extras, n_rows: int, batch_kl: bool = 
     return nll + network.kl_divergence(cluster if batch_kl else None) / n_rows
 
 
-def _fit_lbfgs(network, family, params, x, y, cluster, extras, n_rows: int, max_iter: int) -> tuple[float, int]:
+class _RemlTerm:
+    """``0.5 * log|X^T V^-1 X| / N`` for one grouping factor, from per-level sums that do not change while fitting."""
+
+    def __init__(self, design: MixedDesign, network: MixedModelNet, family: LikelihoodFamily, dtype: torch.dtype):
+        (key, factor), = design.factors.items()
+        X, Z = torch.tensor(design.X, dtype=dtype), torch.tensor(factor.Z, dtype=dtype)
+        codes = torch.as_tensor(factor.codes, dtype=torch.long)
+        levels = factor.n_levels
+
+        def per_level(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            outer = a.unsqueeze(2) * b.unsqueeze(1)
+            return outer.new_zeros(levels, a.shape[1], b.shape[1]).index_add_(0, codes, outer)
+
+        self.xtx, self.ztx, self.ztz = per_level(X, X).sum(0), per_level(Z, X), per_level(Z, Z)
+        self.layer, self.family, self.n_rows = network.random_effects[key], family, design.n_rows
+
+    def __call__(self) -> torch.Tensor:
+        variance = self.family.variance
+        # V_c^-1 = (I - Z_c M_c^-1 Z_c^T) / sigma^2 with M_c = sigma^2 Sigma^-1 + Z_c^T Z_c
+        precision = torch.cholesky_inverse(self.layer.prior_cholesky())
+        m = variance * precision + self.ztz
+        correction = (self.ztx.transpose(1, 2) @ torch.linalg.solve(m, self.ztx)).sum(0)
+        return 0.5 * torch.logdet((self.xtx - correction) / variance) / self.n_rows
+
+
+def _fit_lbfgs(network, family, params, x, y, cluster, extras, n_rows: int, max_iter: int,
+               penalty: _RemlTerm | None = None) -> tuple[float, int]:
     optimizer = torch.optim.LBFGS(
         params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12, history_size=50,
         line_search_fn="strong_wolfe",
     )
     network.train()
 
+    def objective() -> torch.Tensor:
+        loss = _elbo(network, family, x, y, cluster, extras, n_rows)
+        return loss + penalty() if penalty is not None else loss
+
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = _elbo(network, family, x, y, cluster, extras, n_rows)
+        loss = objective()
         loss.backward()
         return loss
 
     optimizer.step(closure)
     state = optimizer.state[optimizer._params[0]]
     with torch.no_grad():
-        return float(_elbo(network, family, x, y, cluster, extras, n_rows)), int(state.get("n_iter", 0))
+        return float(objective()), int(state.get("n_iter", 0))
 
 
 def _fit_adam(network, family, params, x, y, cluster, extras, epochs, batch_size, lr, seed) -> tuple[float, int]:
