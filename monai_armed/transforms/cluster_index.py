@@ -347,8 +347,9 @@ class ClusterIndexd(MapTransform):
             vocabulary = self._vocabularies[key]
             twins = vocabulary.lookalikes(name)
             hint = f" The vocabulary has {twins}: ids are compared as text." if twins else ""
+            which = f" of {key!r}" if len(self._vocabularies) > 1 else ""
             logger.warning(
-                f"cluster {name!r} is not in the vocabulary of {key!r} ({len(vocabulary)} clusters): treated as "
+                f"cluster {name!r} is not in the vocabulary{which} ({len(vocabulary)} clusters): treated as "
                 "unseen (-1)." + hint
             )
 
