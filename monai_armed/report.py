@@ -8,7 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Print a seen/unseen accuracy table from ``metrics.json`` files written by the bundles' cluster-mode report.
+"""Print a seen/unseen accuracy table (MSE and R² tables for regression reports) from ``metrics.json`` files written
+by the bundles' cluster-mode report.
 
 Usage: ``python -m monai_armed.report conventional=runs/conventional/eval/metrics.json armed=runs/armed/eval/metrics.json``
 """
@@ -24,7 +25,8 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Read ``NAME=PATH`` pairs and print one row per model (accuracy per dataset/cluster mode).
+    """Read ``NAME=PATH`` pairs and print one row per model (accuracy per dataset/cluster mode; MSE and R² when the
+    reports hold regression metrics and no accuracy).
 
     Example::
 
@@ -43,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, json.JSONDecodeError) as e:
             print(f"cannot read metrics of {name!r} from {path}: {e}", file=sys.stderr)
             return 1
-    print("accuracy (seen = test split of the training clusters; unseen = held-out clusters)")
-    print(format_report_table(reports))
+    cells = [cell for report in reports.values() for modes in report.values() for cell in modes.values()]
+    regression = not any("accuracy" in c for c in cells) and any("mse" in c for c in cells)
+    for i, metric in enumerate(("mse", "r2") if regression else ("accuracy",)):
+        print(("\n" if i else "") + f"{metric} (seen = test split of the training clusters; unseen = held-out clusters)")
+        print(format_report_table(reports, metric))
     return 0
 
 

@@ -24,6 +24,7 @@ from monai.networks.nets import (
     UNETR,
     ViT,
     Classifier,
+    DenseNet,
     DenseNet121,
     EfficientNetBN,
     Regressor,
@@ -35,6 +36,7 @@ from parameterized import parameterized
 
 from monai_armed.data import TensorBatchLoader
 from monai_armed.engines import ARMEDTrainer, PrepareBatchCluster
+from monai_armed.losses import GaussianLikelihood
 from monai_armed.networks import (
     ARMED,
     ARMED_VARIANTS,
@@ -562,6 +564,53 @@ class TestTrainerIntegration(unittest.TestCase):
         self.assertTrue(all(changed))
         self.assertIsNone(net.network.class_layers.out._forward_pre_hooks.get(0))
         self.assertEqual(len(net.network.class_layers.out._forward_pre_hooks), 0)
+
+    def test_regression_densenet_with_gaussian_likelihood(self):
+        """A MONAI DenseNet with one output, wrapped, regresses a continuous label with a learned residual scale."""
+        torch.manual_seed(0)
+        network = DenseNet(spatial_dims=2, in_channels=1, out_channels=1, init_features=8, growth_rate=4, block_config=(2, 2))
+        net = ARMED(network, n_clusters=C, in_shape=(1, 16, 16))
+        self.assertEqual((net.head_name, net.out_channels), ("class_layers.out", 1))
+        g = torch.Generator().manual_seed(0)
+        level = torch.randn(24, generator=g)
+        cluster = torch.arange(24) % C
+        data = {
+            "image": level.reshape(24, 1, 1, 1) + 0.1 * torch.randn(24, 1, 16, 16, generator=g),
+            "label": level + torch.tensor([-1.0, 0.0, 1.0])[cluster],  # float: a continuous outcome
+            "cluster": cluster,
+        }
+        family = GaussianLikelihood(scale_init=4.0)  # far above the response's s.d. (about 1.2)
+        optimizer = torch.optim.Adam(net.parameters(), lr=2e-2)
+        adversary = ClusterAdversary(net.feature_channels, C, hidden_channels=(8,))
+        trainer = ARMEDTrainer(
+            device="cpu",
+            max_epochs=10,
+            train_data_loader=TensorBatchLoader(data, batch_size=8, shuffle=True),
+            network=net,
+            optimizer=optimizer,
+            loss_function=family,
+            adversary=adversary,
+            adv_weight=0.1,
+            prepare_batch=PrepareBatchCluster(),
+            decollate=False,
+        )
+        self.assertIn(id(family.log_scale), {id(p) for group in optimizer.param_groups for p in group["params"]})
+        trainer.run()
+        output = trainer.state.output
+        self.assertEqual(tuple(output["pred"].shape), (8, 1))
+        self.assertTrue(output["label"].is_floating_point())
+        for key in ("loss", "loss_me", "loss_fe", "loss_adv", "loss_kl"):
+            self.assertTrue(math.isfinite(float(output[key])), key)
+        self.assertIsNotNone(family.log_scale.grad)
+        scale = float(family.scale.detach())
+        self.assertLess(scale, 3.0, "the residual scale is learned: it moves down towards the residual s.d.")
+        self.assertGreater(scale, 0.5)
+        for p in net.random_intercept.parameters():
+            self.assertGreater(float(p.grad.abs().sum()), 0.0)
+        net.eval()
+        with torch.no_grad():
+            mse = float((net(data["image"], cluster)[:, 0] - data["label"]).pow(2).mean())
+        self.assertLess(mse, float(data["label"].var()), "it regresses better than the mean")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 from monai_armed.data import TensorBatchLoader
 from monai_armed.engines import ARMEDEvaluator, PrepareBatchCluster
 from monai_armed.handlers import ClusterModeReport
-from monai_armed.metrics import binary_metrics, youden_threshold
+from monai_armed.metrics import binary_metrics, regression_summary, youden_threshold
 from monai_armed.networks import MixedEffectsMLP
 
 
@@ -89,9 +89,49 @@ def test_binary_report_without_threshold_dataset_fits_each_dataset(evaluator):
 
 
 def test_bad_arguments_are_named(evaluator):
-    with pytest.raises(ValueError, match="metrics must be 'classification' or 'binary'"):
+    with pytest.raises(ValueError, match="metrics must be one of 'classification', 'regression', 'binary'"):
         ClusterModeReport(evaluator, {"seen": _loader(8, 0)}, metrics="auc")
     with pytest.raises(ValueError, match="threshold_dataset 'train' needs metrics='binary'"):
         ClusterModeReport(evaluator, {"seen": _loader(8, 0), "train": _loader(8, 1)}, threshold_dataset="train")
     with pytest.raises(ValueError, match=r"must be one of the datasets \['seen'\]"):
         ClusterModeReport(evaluator, {"seen": _loader(8, 0)}, metrics="binary", threshold_dataset="train")
+
+
+def test_regression_report_from_the_evaluator_task(tmp_path, caplog):
+    """An evaluator with task="regression" gives MSE, MAE and R² overall and per cluster; classification unchanged."""
+    torch.manual_seed(0)
+    net = MixedEffectsMLP(2, 1, n_clusters=3, hidden_channels=(), random_slopes="input").eval()
+    with torch.no_grad():
+        net.random_effects.loc.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g)
+    cluster = torch.arange(40) % 3
+    cluster[-1] = -1  # one sample of an unseen cluster
+    y = x[:, 0] + torch.tensor([-1.0, 0.0, 1.0, 0.0])[cluster]
+    loader = TensorBatchLoader({"features": x, "label": y, "cluster": cluster}, batch_size=16)
+    evaluator = ARMEDEvaluator(
+        device="cpu", val_data_loader=loader, network=net, prepare_batch=PrepareBatchCluster("features"),
+        decollate=False, task="regression",
+    )
+    out = tmp_path / "metrics.json"
+    report = ClusterModeReport(evaluator, {"seen": loader}, {"seen": ["observed", "fixed"]}, output_file=out,
+                               cluster_names=["a", "b", "c"])
+    assert report.metrics == "regression"
+    with caplog.at_level("INFO"):
+        results = report.run()
+    assert "cluster-mode report (mse)" in caplog.text and "cluster-mode report (r2)" in caplog.text
+    for mode, clusters in (("observed", cluster), ("fixed", None)):
+        with torch.no_grad():
+            pred = net(x, clusters)
+        expected = regression_summary(pred, y, cluster, 3, ["a", "b", "c"])
+        seen = results["seen"][mode]
+        assert set(seen) == {"n", "mse", "mae", "r2", "per_cluster"}
+        for key in ("mse", "mae", "r2"):
+            assert seen[key] == pytest.approx(expected[key], rel=1e-5), (mode, key)
+        assert list(seen["per_cluster"]) == ["a", "b", "c", "unseen"]
+        for name, row in seen["per_cluster"].items():
+            wanted = expected["per_cluster"][name]
+            assert row == {k: pytest.approx(v, rel=1e-5) if v is not None else None for k, v in wanted.items()}
+        assert seen["per_cluster"]["unseen"]["r2"] is None, "one row: R² undefined, written as null"
+    assert results["seen"]["observed"]["mse"] != pytest.approx(results["seen"]["fixed"]["mse"])
+    assert json.loads(out.read_text()) == results

@@ -137,6 +137,12 @@ def test_report_cli(tmp_path, capsys):
     assert "seen/observed" in out and "0.800" in out and "0.700" in out
     assert report_main([f"armed={tmp_path / 'nope.json'}"]) == 1
     assert report_main(["no-equals-sign"]) == 2
+    regression = {"seen": {"observed": {"mse": 0.25, "mae": 0.4, "r2": 0.9}}, "unseen": {"fixed": {"mse": 1.5, "r2": None}}}
+    (tmp_path / "r.json").write_text(json.dumps(regression))
+    assert report_main([f"lmm={tmp_path / 'r.json'}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("mse (seen") and "\nr2 (seen" in out and "accuracy" not in out
+    assert "0.250" in out and "1.500" in out and "0.900" in out
 
 
 def test_atomic_open_keeps_the_old_file_on_error(tmp_path):

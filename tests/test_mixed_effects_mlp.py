@@ -205,8 +205,9 @@ class TestMixedEffectsForward(unittest.TestCase):
     def test_bad_arguments(self):
         with self.assertRaisesRegex(ValueError, "random_slopes"):
             _net(random_slopes="everything")
-        with self.assertRaisesRegex(ValueError, "hidden_channels"):
-            _net(hidden_channels=())
+        for slopes in ("hidden", "both"):
+            with self.assertRaisesRegex(ValueError, rf"random_slopes='{slopes}'.*hidden_channels=\(\).*'input'"):
+                _net(hidden_channels=(), random_slopes=slopes)
 
     def test_priors_per_group(self):
         net = _net(out_channels=1, slope_prior_scale=0.3, intercept_prior_scale=0.7)
@@ -369,4 +370,120 @@ def test_torchscript_matches_eager(variant):
     index = torch.tensor([0, 3, -1, 2, 1])
     soft = torch.softmax(torch.randn(5, 4), dim=1)
     for cluster in (index, soft, None):
+        torch.testing.assert_close(scripted(x, cluster), net(x, cluster))
+
+
+# ----------------------------------------------------------------------------------- linear fixed part (regression)
+
+
+def _regression(n_per_cluster: int = 50, n_clusters: int = 4, noise: float = 0.3, seed: int = 0):
+    """y = X beta + 0.5 + offset(cluster) + noise, with offsets -1.5, -0.5, 0.5, 1.5 and X shifted per cluster."""
+    g = torch.Generator().manual_seed(seed)
+    cluster = torch.arange(n_clusters).repeat_interleave(n_per_cluster)
+    x = torch.randn(len(cluster), 3, generator=g) + 0.3 * cluster.unsqueeze(1)
+    offsets = torch.linspace(-1.5, 1.5, n_clusters)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.5 + offsets[cluster] + noise * torch.randn(len(cluster), generator=g)
+    return x, y, cluster
+
+
+def _fit_gaussian(net: MixedEffectsMLP, x, y, cluster, epochs: int, lr: float = 0.05, **kwargs):
+    from monai_armed.data import TensorBatchLoader
+    from monai_armed.engines import ARMEDTrainer, PrepareBatchCluster
+    from monai_armed.losses import GaussianLikelihood
+
+    family = GaussianLikelihood()
+    trainer = ARMEDTrainer(
+        device="cpu",
+        max_epochs=epochs,
+        train_data_loader=TensorBatchLoader({"features": x, "label": y, "cluster": cluster}, batch_size=len(y)),
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), lr=lr),
+        loss_function=family,
+        prepare_batch=PrepareBatchCluster("features"),
+        decollate=False,
+        epoch_metrics=False,
+        **kwargs,
+    )
+    trainer.run()
+    return family
+
+
+def test_linear_fixed_part_shapes_and_adversary_inputs():
+    net = _net(out_channels=2, hidden_channels=(), random_slopes="input").eval()
+    assert len(net.hidden) == 0 and (net.out.in_features, net.out.out_features) == (3, 2)
+    assert net.feature_channels == 3 and list(net.re_groups) == ["slope_input", "intercept"]
+    x, idx = _inputs(), torch.tensor([0, 1, 2, 3, -1, 1])
+    fe = net(x)
+    torch.testing.assert_close(fe, x @ net.out.weight.T + net.out.bias)  # x -> out, nothing in between
+    out = net.forward_armed(x, idx)
+    assert len(out.features) == 1 and out.features[0] is x, "the adversary reads the inputs"
+    assert tuple(ClusterAdversary(net.feature_channels, 4, hidden_channels=(4,))(out.features).shape) == (6, 4)
+    means = net.posterior_means()
+    with torch.no_grad():
+        slopes = means["slope_input"][idx.clamp(min=0)].reshape(6, 3, 2)
+        expected = means["intercept"][idx.clamp(min=0)] + torch.einsum("bi,bio->bo", x, slopes)
+        expected[idx < 0] = 0.0
+        torch.testing.assert_close(net(x, idx) - fe, expected)
+    # the one-hot cluster of the cluster-input baseline feeds the linear layer, not the adversary
+    baseline = MixedEffectsMLP.from_variant("cluster_input", in_features=3, out_channels=1, n_clusters=4, hidden_channels=())
+    assert baseline.out.in_features == 3 + 4 and baseline.feature_channels == 3
+    assert baseline.forward_armed(x, idx).features[0] is x
+
+
+def test_linear_fixed_part_reaches_the_least_squares_fit():
+    """Without random effects, ARMEDTrainer + GaussianLikelihood maximises the Gaussian likelihood: ordinary least
+    squares for the weights and the root mean squared residual for the learned scale."""
+    x, y, cluster = _regression()
+    torch.manual_seed(0)
+    net = MixedEffectsMLP(3, 1, 4, hidden_channels=(), random_slopes="none", random_intercept=False)
+    family = _fit_gaussian(net, x, y, cluster, epochs=400)
+    design = torch.cat([x, torch.ones(len(y), 1)], dim=1).double()
+    solution = torch.linalg.lstsq(design, y.double().unsqueeze(1)).solution.squeeze(1)
+    fitted = torch.cat([net.out.weight.detach()[0], net.out.bias.detach()]).double()
+    torch.testing.assert_close(fitted, solution, atol=2e-3, rtol=0)
+    rms = float((design @ solution - y.double()).pow(2).mean().sqrt())
+    assert float(family.scale.detach()) == pytest.approx(rms, rel=1e-2)
+    assert rms > 0.6, "the cluster offsets are left in the residual"
+
+
+def test_linear_mixed_model_recovers_the_cluster_intercepts():
+    """A linear mixed model (random intercept, weak prior, 50 rows per cluster; ``fe_weight=0``: the ELBO alone) comes
+    close to OLS with one intercept per cluster: the same slopes, fixed bias + random intercept = each cluster's
+    intercept, and sigma near the residual s.d."""
+    x, y, cluster = _regression()
+    torch.manual_seed(0)
+    net = MixedEffectsMLP(
+        3, 1, 4, hidden_channels=(), random_slopes="none", intercept_prior_scale=2.0, intercept_posterior_init_scale=0.0
+    )
+    family = _fit_gaussian(net, x, y, cluster, epochs=400, fe_weight=0.0)
+    design = torch.cat([x, cluster_one_hot(cluster, 4)], dim=1).double()
+    solution = torch.linalg.lstsq(design, y.double().unsqueeze(1)).solution.squeeze(1)
+    torch.testing.assert_close(net.out.weight.detach()[0].double(), solution[:3], atol=0.03, rtol=0)
+    intercepts = net.out.bias.detach() + net.posterior_means()["intercept"][:, 0]
+    torch.testing.assert_close(intercepts.double(), solution[3:], atol=0.05, rtol=0)
+    rms = float((design @ solution - y.double()).pow(2).mean().sqrt())
+    assert float(family.scale.detach()) == pytest.approx(rms, abs=0.05)
+
+
+def test_linear_fixed_part_adversary_gives_the_network_no_gradient():
+    """The adversary of a linear fixed part reads the inputs: it trains, but the network trains as without it."""
+    x, y, cluster = _regression(n_per_cluster=16)
+    nets = []
+    for adv_weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        net = MixedEffectsMLP(3, 1, 4, hidden_channels=(), random_slopes="input")
+        adversary = ClusterAdversary(net.feature_channels, 4, hidden_channels=(4,))
+        before = [p.detach().clone() for p in adversary.parameters()]
+        _fit_gaussian(net, x, y, cluster, epochs=5, adversary=adversary, adv_weight=adv_weight)
+        assert any(not torch.equal(a, p) for a, p in zip(before, adversary.parameters()))
+        nets.append(net)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_linear_fixed_part_torchscript_matches_eager():
+    net = MixedEffectsMLP(2, 1, n_clusters=4, hidden_channels=(), random_slopes="input", cluster_input=True).eval()
+    scripted = torch.jit.script(net)
+    x, index = torch.randn(5, 2), torch.tensor([0, 3, -1, 2, 1])
+    for cluster in (index, None):
         torch.testing.assert_close(scripted(x, cluster), net(x, cluster))

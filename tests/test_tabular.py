@@ -116,6 +116,52 @@ def test_non_integer_label(tmp_path, label):
         load_csv_datalist(path)
 
 
+def test_continuous_label_for_regression(tmp_path):
+    text = "f0,y,site\n1,1.5,a\n2,-2,b\n3, 3e-1 ,a\n4,131.25,b\n"
+    path = _write(tmp_path, text, name="bp.csv")
+    datalist = load_csv_datalist(path, label_column="y", cluster_column="site", task="regression")
+    assert [item["label"] for item in datalist] == [1.5, -2.0, 0.3, 131.25]
+    assert all(type(item["label"]) is float for item in datalist)
+    assert [item["cluster"] for item in datalist] == ["a", "b", "a", "b"]
+    with pytest.raises(ValueError, match="bp.csv, line 2, column 'y'.*not an integer"):
+        load_csv_datalist(path, label_column="y", cluster_column="site")  # classification refuses it, as before
+    X, y, clusters = datalist_to_arrays(datalist, task="regression")
+    assert y.dtype == np.float32 and y.tolist() == pytest.approx([1.5, -2.0, 0.3, 131.25])
+    with pytest.raises(ValueError, match="item 0 has the label 1.5, not a class index; pass task='regression'"):
+        datalist_to_arrays(datalist)
+    # continuous labels survive a round trip exactly; whole numbers are written as integers
+    out = tmp_path / "out.csv"
+    save_csv_datalist(datalist, out)
+    assert [row[1] for row in csv.reader(out.open())][1:] == ["1.5", "-2", "0.3", "131.25"]
+    assert [item["label"] for item in load_csv_datalist(out, task="regression")] == [1.5, -2.0, 0.3, 131.25]
+
+
+@pytest.mark.parametrize(
+    "cell,expected",
+    [
+        ("abc", "label value 'abc' is not a number"),
+        ("", "empty label value; NaN labels are not allowed"),
+        ("nan", "NaN labels are not allowed"),
+        ("-inf", "infinite labels are not allowed"),
+    ],
+)
+def test_bad_continuous_label_names_file_line_column(tmp_path, cell, expected):
+    path = _write(tmp_path, f"f0,label,cluster\n1,0.5,a\n2,{cell},b\n", name="bad_y.csv")
+    with pytest.raises(ValueError) as err:
+        load_csv_datalist(path, task="regression")
+    message = str(err.value)
+    assert "bad_y.csv, line 3, column 'label'" in message and expected in message
+
+
+def test_regression_task_arguments(tmp_path):
+    path = _write(tmp_path, "f0,label,cluster\n1,0.5,a\n")
+    with pytest.raises(ValueError, match="label_names name classes; a regression"):
+        load_csv_datalist(path, label_names=["CN", "AD"], task="regression")
+    with pytest.raises(ValueError, match=r"task must be one of \('classification', 'regression'\), got 'ordinal'"):
+        load_csv_datalist(path, task="ordinal")
+    assert load_csv_datalist(path, label_column=None, task="regression")[0].keys() == {"features", "cluster"}
+
+
 def test_ragged_row(tmp_path):
     path = _write(tmp_path, "f0,label,cluster\n1,0\n", name="ragged.csv")
     with pytest.raises(ValueError, match="ragged.csv, line 2.*expected 3 cells"):

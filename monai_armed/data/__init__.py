@@ -50,7 +50,7 @@ from .spirals import (
     make_spirals,
     spirals_to_datalist,
 )
-from .tabular import datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
+from .tabular import TABULAR_TASKS, datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
 from .tiff import TIFF_SUFFIXES, TiffFileReader, TiffImage, save_tiff
 from .validation import validate_datalist
 

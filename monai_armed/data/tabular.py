@@ -12,9 +12,9 @@
 CSV datalists for users' own tabular data.
 
 A tabular CSV has one row per sample, numeric feature columns, a label column (class indices, or class names with
-``label_names``) and a cluster column (any identifier of the group the sample belongs to, e.g. a site or a subject,
-kept as text). Loading it gives a MONAI-style datalist of ``{"features": float32 array, "label": int, "cluster": str}``
-dicts.
+``label_names``; a continuous outcome with ``task="regression"``) and a cluster column (any identifier of the group the
+sample belongs to, e.g. a site or a subject, kept as text). Loading it gives a MONAI-style datalist of
+``{"features": float32 array, "label": int (float for regression), "cluster": str}`` dicts.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,10 @@ import torch
 from monai_armed.data.validation import check_label_names, parse_label
 from monai_armed.utils import atomic_open, cluster_id, csv_cell, is_missing_value
 
-__all__ = ["load_csv_datalist", "save_csv_datalist", "save_predictions_csv", "datalist_to_arrays"]
+__all__ = ["TABULAR_TASKS", "load_csv_datalist", "save_csv_datalist", "save_predictions_csv", "datalist_to_arrays"]
+
+#: what a label column holds: class labels, or a continuous outcome (a regression's)
+TABULAR_TASKS = ("classification", "regression")
 
 logger = logging.getLogger(__name__)
 
@@ -69,19 +73,25 @@ def _resolve_feature_columns(
     return list(feature_columns)
 
 
-def _parse_feature(value: str, where: str) -> float:
-    """Parse one feature cell; ``where`` names the file, line and column for the error message."""
+def _parse_feature(value: str, where: str, kind: str = "feature") -> float:
+    """Parse one numeric cell, a feature or a continuous label (``kind``); ``where`` names the file, line and column
+    for the error message."""
     if not value.strip():
-        raise ValueError(f"{where}: empty feature value; NaN features are not allowed.")
+        raise ValueError(f"{where}: empty {kind} value; NaN {kind}s are not allowed.")
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"{where}: feature value {value!r} is not a number.") from None
+        raise ValueError(f"{where}: {kind} value {value!r} is not a number.") from None
     if math.isnan(number):
-        raise ValueError(f"{where}: feature value {value!r}; NaN features are not allowed.")
+        raise ValueError(f"{where}: {kind} value {value!r}; NaN {kind}s are not allowed.")
     if math.isinf(number):
-        raise ValueError(f"{where}: feature value {value!r}; infinite features are not allowed.")
+        raise ValueError(f"{where}: {kind} value {value!r}; infinite {kind}s are not allowed.")
     return number
+
+
+def _check_task(task: str) -> None:
+    if task not in TABULAR_TASKS:
+        raise ValueError(f"task must be one of {TABULAR_TASKS}, got {task!r}.")
 
 
 def _decode_error(path: str, encoding: str, err: UnicodeDecodeError) -> ValueError:
@@ -109,6 +119,7 @@ def load_csv_datalist(
     label_names: Sequence[str] | None = None,
     require_cluster: bool = True,
     encoding: str = "utf-8-sig",
+    task: str = "classification",
 ) -> list[dict]:
     """
     Load a tabular CSV file into a datalist.
@@ -121,7 +132,8 @@ def load_csv_datalist(
         path: CSV file with a header row.
         feature_columns: names of the feature columns, in the order they should appear in the feature
             vector. ``None`` uses every column except ``label_column`` and ``cluster_column``, in file order.
-        label_column: name of the class label column; ``None`` for unlabelled data (inference).
+        label_column: name of the label column (class labels, or the continuous outcome of a regression); ``None``
+            for unlabelled data (inference).
         cluster_column: name of the cluster (random-effect group) column; ``None`` when clusters are unknown
             (the model then uses fixed effects, or a Z-predictor's inferred membership).
         label_names: class names in class-index order (e.g. ``["CN", "AD"]``): a label cell holding a name becomes
@@ -131,16 +143,19 @@ def load_csv_datalist(
             and the model then uses the Z-predictor's inferred membership or fixed effects for them
             (``ClusterIndexd(..., missing_as_unseen=True)`` gives them the index ``-1``).
         encoding: text encoding of the file; the default reads UTF-8 with or without a byte-order mark.
+        task: ``"classification"`` (default: class labels) or ``"regression"``: every label cell is a finite number
+            (a continuous outcome, e.g. for :class:`~monai_armed.losses.GaussianLikelihood`), kept as a ``float``.
 
     Returns:
-        one dict per data row: ``{"features": float32 array (F,), "label": int, "cluster": str}``.
+        one dict per data row: ``{"features": float32 array (F,), "label": int, "cluster": str}`` (``"label"`` a
+        ``float`` for regression).
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
         ValueError: when the file is not valid ``encoding``, is empty or has no data rows, a column is missing, a row
             has the wrong number of cells, a feature is empty, NaN, infinite or not a number, a label is not an
-            integer or one of ``label_names``, or a cluster id is missing (empty, NaN, NA). The message names the file,
-            and the line and column where relevant.
+            integer or one of ``label_names`` (regression: is empty, NaN, infinite or not a number), or a cluster id is
+            missing (empty, NaN, NA). The message names the file, and the line and column where relevant.
 
     Example::
 
@@ -148,8 +163,12 @@ def load_csv_datalist(
         datalist[0]  # {"features": array([63., 27.1], dtype=float32), "label": 1, "cluster": "site_a"}
         load_csv_datalist("patients.csv", label_column="diagnosis", label_names=["CN", "AD"])  # "AD" -> 1
         load_csv_datalist("new_patients.csv", label_column=None, require_cluster=False)        # no cluster column
+        load_csv_datalist("patients.csv", label_column="systolic_bp", task="regression")[0]["label"]   # 131.5
     """
     path = os.fspath(path)
+    _check_task(task)
+    if task == "regression" and label_names is not None:
+        raise ValueError(f"{path}: label_names name classes; a regression (task='regression') has a continuous label.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CSV datalist file not found: {path}")
     names = check_label_names(label_names, path)
@@ -161,7 +180,7 @@ def load_csv_datalist(
     with open(path, newline="", encoding=encoding) as f:
         try:
             datalist, n_without_cluster = _read_rows(
-                csv.reader(f), path, feature_columns, label_column, cluster_column, names, require_cluster
+                csv.reader(f), path, feature_columns, label_column, cluster_column, names, require_cluster, task
             )
         except UnicodeDecodeError as err:
             raise _decode_error(path, encoding, err) from None
@@ -183,6 +202,7 @@ def _read_rows(
     cluster_column: str | None,
     label_names: list[str] | None,
     require_cluster: bool,
+    task: str = "classification",
 ) -> tuple[list[dict], int]:
     """The datalist of a CSV reader's rows, and how many have an empty cluster cell (``require_cluster=False``)."""
     header = _read_header(reader, path)
@@ -204,8 +224,11 @@ def _read_rows(
         values = [_parse_feature(row[i], f"{line}, column {name!r}") for i, name in zip(feature_idx, features)]
         item: dict = {"features": np.asarray(values, dtype=np.float32)}
         if label_column is not None:
-            cell = row[header.index(label_column)]
-            item["label"] = parse_label(cell, f"{line}, column {label_column!r}", label_names)
+            cell, where = row[header.index(label_column)], f"{line}, column {label_column!r}"
+            if task == "regression":
+                item["label"] = _parse_feature(cell, where, kind="label")
+            else:
+                item["label"] = parse_label(cell, where, label_names)
         if cluster_column is not None:
             cell = row[header.index(cluster_column)]
             if require_cluster or not is_missing_value(cell):
@@ -237,7 +260,8 @@ def save_csv_datalist(
     an error never leaves a half-written file behind.
 
     Args:
-        datalist: dicts with ``"features"`` (1-D, same length for all items), ``"label"`` and ``"cluster"``.
+        datalist: dicts with ``"features"`` (1-D, same length for all items), ``"label"`` and ``"cluster"``; a
+            whole-number label is written as an integer, another (a regression's continuous label) exactly as a float.
         path: destination CSV file; its directory must exist.
         feature_names: names of the feature columns; defaults to ``f0``, ..., ``f{F-1}``.
 
@@ -257,27 +281,51 @@ def save_csv_datalist(
         writer = csv.writer(f)
         writer.writerow([*names, "label", "cluster"])
         for item, row in zip(datalist, rows):
-            writer.writerow([*row.tolist(), int(item["label"]), item["cluster"]])
+            writer.writerow([*row.tolist(), _label_cell(item["label"]), item["cluster"]])
 
 
-def datalist_to_arrays(datalist: Sequence[dict], features_key: str = "features") -> tuple[np.ndarray, np.ndarray, list]:
+def _label_cell(label: Any) -> int | float:
+    """A label as written to a CSV cell: whole numbers as integers (class indices), others as floats."""
+    value = float(label)
+    return int(value) if value.is_integer() else value
+
+
+def datalist_to_arrays(
+    datalist: Sequence[dict], features_key: str = "features", task: str = "classification"
+) -> tuple[np.ndarray, np.ndarray, list]:
     """
     Stack a datalist into arrays.
 
     Args:
         datalist: dicts with ``features_key`` (1-D, same length for all items), ``"label"`` and ``"cluster"``.
         features_key: key of the feature vector in each item.
+        task: ``"classification"`` (class indices) or ``"regression"`` (continuous labels).
 
     Returns:
-        ``(X, y, clusters)``: features ``float32 (N, F)``, labels ``int64 (N,)`` and the list of cluster ids.
+        ``(X, y, clusters)``: features ``float32 (N, F)``, labels ``int64 (N,)`` (``float32`` for regression) and the
+        list of cluster ids.
+
+    Raises:
+        ValueError: for a classification label that is not a whole number (it names the item).
 
     Example::
 
         X, y, clusters = datalist_to_arrays(load_csv_datalist("data.csv"))
+        X, y, clusters = datalist_to_arrays(load_csv_datalist("bp.csv", task="regression"), task="regression")
     """
+    _check_task(task)
     X = np.stack(_feature_rows(datalist, features_key)).astype(np.float32)
-    y = np.asarray([int(item["label"]) for item in datalist], dtype=np.int64)
-    return X, y, [item["cluster"] for item in datalist]
+    labels = np.asarray([item["label"] for item in datalist], dtype=np.float64)
+    if task == "regression":
+        return X, labels.astype(np.float32), [item["cluster"] for item in datalist]
+    fractional = np.flatnonzero(labels != np.round(labels))
+    if fractional.size:
+        first = int(fractional[0])
+        raise ValueError(
+            f"item {first} has the label {datalist[first]['label']!r}, not a class index; pass task='regression' for "
+            "a continuous label."
+        )
+    return X, labels.astype(np.int64), [item["cluster"] for item in datalist]
 
 
 def save_predictions_csv(

@@ -11,7 +11,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -20,12 +21,16 @@ import torch.nn as nn
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
+from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
 from monai_armed.engines.trainer import ARMEDKeys
+from monai_armed.metrics.regression import REGRESSION_METRICS, regression_metrics
 from monai_armed.networks.utils import cluster_one_hot
 
-__all__ = ["ARMEDEvaluator", "CLUSTER_MODES", "resolve_cluster"]
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+
+__all__ = ["ARMEDEvaluator", "CLUSTER_MODES", "TASKS", "resolve_cluster"]
 
 #: ``observed``: the sample's own cluster; ``fixed``: no random effects; ``inferred``: soft membership from a
 #: Z-predictor; ``randomized``: a random seen cluster per sample (ablation: do the random effects carry information?).
@@ -33,6 +38,9 @@ CLUSTER_MODES = ("observed", "fixed", "inferred", "randomized")
 
 #: one factor's index / membership tensor, or one per grouping factor by name
 ClusterArg = torch.Tensor | Mapping[str, torch.Tensor]
+
+#: what an evaluator's predictions are: class logits, or the predicted mean of a continuous outcome
+TASKS = ("classification", "regression")
 
 
 def resolve_cluster(
@@ -158,6 +166,15 @@ class ARMEDEvaluator(SupervisedEvaluator):
     factor. ``engine.state.n_unseen`` then counts the samples with an unseen level of any factor, and
     ``engine.state.n_unseen_by_factor`` each factor's.
 
+    ``task="regression"`` declares that ``pred`` is the predicted mean of a continuous label (the output of a network
+    trained with :class:`~monai_armed.losses.GaussianLikelihood`): at the end of every run the evaluator then writes
+    ``mse``, ``mae`` and ``r2`` (:func:`~monai_armed.metrics.regression_metrics`, ``nan`` when undefined) of the
+    labelled samples to ``engine.state.metrics``, before the ``val_handlers`` run, so ``StatsHandler`` and the
+    tracking handlers log them; :class:`~monai_armed.handlers.ClusterModeReport` and
+    :class:`~monai_armed.handlers.PerClusterRegression` read ``task`` for their per-cluster tables. The task is given,
+    not inferred from the loss: the network's output alone does not tell a one-logit classifier from a regressor.
+    Classification (the default) is unchanged: its metrics come from ``key_val_metric``.
+
     Args:
         device: device of the engine.
         val_data_loader: iterable of dictionary batches (input, optional ``label``, optional ``cluster``).
@@ -170,6 +187,7 @@ class ARMEDEvaluator(SupervisedEvaluator):
         seed: seed of the random clusters of ``randomized`` (reset at every run, so runs are reproducible).
         prepare_batch: default ``PrepareBatchCluster(require_cluster=False)``.
         inferred_factor: with several grouping factors, the one the Z-predictor infers (default the first).
+        task: ``"classification"`` (default) or ``"regression"`` (``TASKS``).
         kwargs: further ``SupervisedEvaluator`` arguments (``key_val_metric``, ``val_handlers``, ``decollate``, ...).
 
     Example::
@@ -184,6 +202,10 @@ class ARMEDEvaluator(SupervisedEvaluator):
                                    prepare_batch=PrepareBatchCluster("features", cluster_key=["site", "subject"],
                                                                      require_cluster=False),
                                    inferred_factor="site", cluster_mode="inferred")
+
+        regression = ARMEDEvaluator(device="cpu", val_data_loader=loader, network=net, task="regression")
+        regression.run()
+        regression.state.metrics["mse"], regression.state.metrics["r2"]
     """
 
     def __init__(
@@ -197,8 +219,15 @@ class ARMEDEvaluator(SupervisedEvaluator):
         seed: int = 0,
         prepare_batch: Callable | None = None,
         inferred_factor: str | None = None,
+        task: str = "classification",
         **kwargs: Any,
     ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+        self.task = task
+        # set before the parent attaches the val handlers (_register_handlers), which the task metrics must precede
+        self._task_metrics_attached = False
+        self._regression_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,
@@ -227,6 +256,27 @@ class ARMEDEvaluator(SupervisedEvaluator):
         self._generator = torch.Generator()
         self.state.n_unseen = 0
         self.state.n_unseen_by_factor = {}
+        self._attach_task_metrics()  # when there were no val handlers
+
+    def _register_handlers(self, handlers: Sequence) -> None:
+        self._attach_task_metrics()
+        super()._register_handlers(handlers)
+
+    def _attach_task_metrics(self) -> None:
+        if self._task_metrics_attached:
+            return
+        self._task_metrics_attached = True
+        self.add_event_handler(Events.EPOCH_STARTED, lambda engine: engine._regression_rows.clear())
+        self.add_event_handler(Events.EPOCH_COMPLETED, ARMEDEvaluator._write_regression_metrics)
+
+    def _write_regression_metrics(self) -> None:
+        """``mse``, ``mae`` and ``r2`` of this run's labelled predictions into ``state.metrics`` (regression)."""
+        if self.task != "regression" or not self._regression_rows:
+            return
+        pred = torch.cat([p for p, _ in self._regression_rows])
+        label = torch.cat([y for _, y in self._regression_rows])
+        metrics = regression_metrics(pred, label)
+        self.state.metrics.update({k: math.nan if metrics[k] is None else metrics[k] for k in REGRESSION_METRICS})
 
     @property
     def cluster_mode(self) -> str:
@@ -278,6 +328,9 @@ class ARMEDEvaluator(SupervisedEvaluator):
                 engine.inferred_factor,
             )
             engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, cluster=cluster)
+        if engine.task == "regression" and targets is not None:
+            pred = engine.state.output[Keys.PRED].detach().float().cpu()
+            engine._regression_rows.append((pred.reshape(pred.shape[0], -1), targets.detach().float().cpu()))
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

@@ -24,6 +24,7 @@ from .cluster_mode_report import ClusterModeReport, format_report_table
 from .loss_history import LOSS_KEYS, LossHistory
 from .loss_weight_schedule import LOSS_WEIGHT_SCHEDULES, LossWeightSchedule
 from .per_cluster_accuracy import PerClusterAccuracy
+from .per_cluster_regression import PerClusterRegression
 from .prediction_collector import PredictionCollector, output_field
 from .random_effects_summary import RandomEffectsSummary
 from .random_states import RandomStates

@@ -23,6 +23,7 @@ from monai_armed.metrics import (
     classification_summary,
     per_cluster_binary_metrics,
     positive_probability,
+    regression_summary,
 )
 from monai_armed.utils import nan_to_none, write_json
 
@@ -34,13 +35,19 @@ else:
 
 __all__ = ["ClusterModeReport", "format_report_table"]
 
+_METRICS = ("classification", "regression", "binary")
+#: the metrics of the tables that a report logs, per kind of report
+_LOGGED = {"classification": ("accuracy",), "regression": ("mse", "r2"), "binary": ("auroc",)}
+
 
 class ClusterModeReport:
     """Evaluates a network on several datasets, each in several cluster modes, and writes one metrics JSON.
 
     For every ``(dataset, mode)`` pair it reruns an ``ARMEDEvaluator`` with that loader and ``cluster_mode`` and stores
-    the metrics of its predictions. ``metrics="classification"`` (default) stores :func:`classification_summary`
-    (accuracy, balanced accuracy, AUROC, per-cluster accuracy); ``metrics="binary"`` stores :func:`binary_metrics`
+    the metrics of its predictions. ``metrics="classification"`` stores :func:`classification_summary`
+    (accuracy, balanced accuracy, AUROC, per-cluster accuracy); ``metrics="regression"`` stores
+    :func:`~monai_armed.metrics.regression_summary` (MSE, MAE and R² of the predicted means, overall and per cluster,
+    ``r2`` ``null`` where undefined); ``metrics="binary"`` stores :func:`binary_metrics`
     (AUROC, balanced accuracy, sensitivity, specificity at a threshold) overall and per cluster, where the threshold
     of each mode is the Youden point fitted on ``threshold_dataset`` in that mode (e.g. the training predictions, as
     in the paper), or fitted on each dataset itself when ``threshold_dataset`` is ``None``. Metrics that the data
@@ -54,7 +61,8 @@ class ClusterModeReport:
             the evaluator has a Z-predictor.
         output_file: JSON path (optional).
         cluster_names: names of the seen clusters for the per-cluster tables.
-        metrics: ``"classification"`` or ``"binary"``.
+        metrics: ``"classification"``, ``"regression"`` or ``"binary"``; default ``"regression"`` for an evaluator
+            with ``task="regression"``, else ``"classification"``.
         threshold_dataset: name of the dataset whose predictions fix the decision threshold of each mode
             (``metrics="binary"`` only); it is evaluated in every mode that another dataset uses.
         cluster_factor: with several grouping factors, the one of the per-cluster tables (default the evaluator's
@@ -71,6 +79,9 @@ class ClusterModeReport:
         binary = ClusterModeReport(evaluator, {"train": train_loader, "seen": test_loader}, metrics="binary",
                                    threshold_dataset="train")
         binary.run()["seen"]["observed"]["auroc"]
+
+        regression = ClusterModeReport(ARMEDEvaluator(..., task="regression"), {"seen": test_loader})
+        regression.run()["seen"]["observed"]["per_cluster"]["site_a"]["r2"]
     """
 
     def __init__(
@@ -80,12 +91,14 @@ class ClusterModeReport:
         modes: Mapping[str, Sequence[str]] | None = None,
         output_file: str | os.PathLike | None = None,
         cluster_names: Sequence[str] | None = None,
-        metrics: str = "classification",
+        metrics: str | None = None,
         threshold_dataset: str | None = None,
         cluster_factor: str | None = None,
     ) -> None:
-        if metrics not in ("classification", "binary"):
-            raise ValueError(f"metrics must be 'classification' or 'binary', got {metrics!r}.")
+        if metrics is None:
+            metrics = "regression" if getattr(evaluator, "task", None) == "regression" else "classification"
+        if metrics not in _METRICS:
+            raise ValueError(f"metrics must be one of {', '.join(map(repr, _METRICS))}, got {metrics!r}.")
         if threshold_dataset is not None and (metrics != "binary" or threshold_dataset not in datasets):
             raise ValueError(
                 f"threshold_dataset {threshold_dataset!r} needs metrics='binary' and must be one of the datasets "
@@ -136,8 +149,9 @@ class ClusterModeReport:
         results = nan_to_none(results)
         if self.output_file is not None:
             write_json(results, self.output_file)
-        metric = "accuracy" if self.metrics == "classification" else "auroc"
-        evaluator.logger.info(f"cluster-mode report ({metric}):\n" + format_report_table({"model": results}, metric))
+        for metric in _LOGGED[self.metrics]:
+            table = format_report_table({"model": results}, metric)
+            evaluator.logger.info(f"cluster-mode report ({metric}):\n" + table)
         return results
 
     def _summary(self, threshold: float | None) -> dict:
@@ -146,6 +160,8 @@ class ClusterModeReport:
             n_clusters = n_clusters[self.cluster_factor]
         if self.metrics == "classification":
             return classification_summary(c.pred, c.label, c.cluster, n_clusters, self.cluster_names)
+        if self.metrics == "regression":
+            return regression_summary(c.pred, c.label, c.cluster, n_clusters, self.cluster_names)
         label, prob = c.label.reshape(-1).cpu().numpy(), positive_probability(c.pred).cpu().numpy()
         if prob.ndim != 1:
             raise ValueError(

@@ -20,3 +20,4 @@ from .classification import (
     positive_probability,
     predicted_class,
 )
+from .regression import REGRESSION_METRICS, per_cluster_regression_metrics, regression_metrics, regression_summary

@@ -182,7 +182,7 @@ def _broadcast(effects: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class ARMED(nn.Module):
-    """Turns any classification network into an ARMED mixed-effects network, without editing its code.
+    """Turns a classification or regression network into an ARMED mixed-effects network, without editing its code.
 
     ARMED (Nguyen & Montillo, https://arxiv.org/abs/2202.11783, TPAMI 2023) adds per-cluster Bayesian random effects
     to a fixed-effects network and a cluster adversary on its features. This wrapper does it with forward hooks:
@@ -222,8 +222,16 @@ class ARMED(nn.Module):
     return one tensor ``(B, C, *spatial)`` or ``(B, C)``; if one is called more than once per pass the last call
     counts.
 
+    Regression: a network whose head is an ``nn.Linear`` with one output (e.g. ``DenseNet121(..., out_channels=1)``,
+    ``resnet18(..., num_classes=1)``) predicts a continuous outcome; train it with
+    :class:`~monai_armed.losses.GaussianLikelihood` as ``ARMEDTrainer``'s ``loss_function`` (its residual scale is
+    learned with the network). "Logits" above are then the predicted mean: ``u_int`` is a per-cluster offset of the
+    prediction and ``u_s`` a per-cluster scale of the features. MONAI's ``Regressor`` is refused: it reshapes the
+    head's output to ``out_shape`` after the head, where ARMED could not add the intercept.
+
     Args:
-        network: the fixed-effects classifier (any ``nn.Module`` whose ``forward(x)`` returns logits).
+        network: the fixed-effects classifier or regressor (any ``nn.Module`` whose ``forward(x)`` returns its head's
+            output: logits, or the predicted mean of a regression).
         n_clusters: number of seen clusters.
         head: name of the final linear layer, whose output the network returns (default: the last ``nn.Linear``).
         tap_layers: module names whose outputs feed the adversary (``"<name>:input"`` for an input); default
@@ -251,6 +259,8 @@ class ARMED(nn.Module):
         print(net.report())
         ARMED(UNETR(1, 2, img_size=32), n_clusters=8)   # ValueError: its last nn.Linear (in a transformer block)
                                                          # is not the output layer; names it and how to pass head=
+        regressor = ARMED(DenseNet121(spatial_dims=2, in_channels=1, out_channels=1), n_clusters=8)   # predicts y
+        trainer = ARMEDTrainer(..., network=regressor, loss_function=GaussianLikelihood().init_from_data(train_y))
     """
 
     def __init__(

@@ -77,6 +77,18 @@ class MixedEffectsMLP(nn.Module):
     (``U_hid``, the "nonlinear slopes" of the spiral experiments) and a random intercept ``b``. Each is a
     :class:`RandomEffects` layer with its own prior. The cluster adversary reads ``[h_1, ..., h_L]``.
 
+    ``hidden_channels=()`` gives a purely linear fixed part ``x -> logits_FE``; with ``random_slopes="input"`` and a
+    random intercept this is a linear mixed model (with :class:`~monai_armed.losses.GaussianLikelihood` as the
+    trainer's loss and ``fe_weight=0``, the ELBO alone; with ``fe_weight > 0`` the fixed part must also predict the
+    response by itself, with the same residual scale) or a GLMM (another family). Without hidden layers the adversary
+    reads the inputs ``[x]`` (``feature_channels == in_features``, as in :class:`~monai_armed.networks.MixedModelNet`):
+    a linear model has no learned representation to make cluster-invariant, so the adversary then only measures how
+    much the inputs tell about the cluster and gives the network no gradient. Random slopes on a hidden layer
+    (``"hidden"``, ``"both"``) are refused there.
+
+    The outputs are on the link scale of the task loss: logits for classification, the predicted mean for a Gaussian
+    regression (``out_channels=1``).
+
     ``forward(x, cluster=None)`` returns the mixed-effects logits for the given clusters, or the fixed-effects logits
     when ``cluster`` is ``None``; an index of ``-1`` (unseen) also gives fixed effects for that row. ``cluster`` may be
     an int64 index ``(B,)`` or a soft membership ``(B, n_clusters)``. :meth:`forward_armed` returns everything the
@@ -88,11 +100,13 @@ class MixedEffectsMLP(nn.Module):
 
     Args:
         in_features: number of input features.
-        out_channels: number of logits: 1 for a binary classifier with a sigmoid/BCE loss, or the number of classes.
+        out_channels: number of outputs: 1 for a binary classifier with a sigmoid/BCE loss or for a regression, or
+            the number of classes.
         n_clusters: number of seen clusters.
-        hidden_channels: FE hidden widths (the paper's 4-4-4 by default).
+        hidden_channels: FE hidden widths (the paper's 4-4-4 by default); ``()`` for a linear fixed part.
         act: activation of the hidden layers.
-        random_slopes: ``"hidden"`` (default), ``"input"``, ``"both"`` or ``"none"``.
+        random_slopes: ``"hidden"`` (default), ``"input"``, ``"both"`` or ``"none"``; ``"input"`` or ``"none"``
+            with ``hidden_channels=()``.
         random_intercept: add a random intercept per cluster and output.
         cluster_input: feed the one-hot cluster to the FE network as extra inputs (baseline).
         slope_prior_scale: prior s.d. of the random slopes.
@@ -107,6 +121,7 @@ class MixedEffectsMLP(nn.Module):
         logits_me = net(x, cluster)             # (B, 1)
         logits_fe = net(x)                      # fixed effects only
         out = net.forward_armed(x, cluster)     # pred, pred_fe, features, kl
+        lmm = MixedEffectsMLP(3, 1, n_clusters=10, hidden_channels=(), random_slopes="input")   # x -> y, linear
     """
 
     def __init__(
@@ -128,14 +143,20 @@ class MixedEffectsMLP(nn.Module):
         super().__init__()
         if random_slopes not in _SLOPE_MODES:
             raise ValueError(f"random_slopes must be one of {_SLOPE_MODES}, got {random_slopes!r}.")
-        if not hidden_channels:
-            raise ValueError("hidden_channels must name at least one hidden layer.")
+        hidden_channels = tuple(hidden_channels)
+        if not hidden_channels and random_slopes in ("hidden", "both"):
+            raise ValueError(
+                f"random_slopes={random_slopes!r} puts random slopes on the last hidden layer, but "
+                "hidden_channels=() has none (a linear fixed part); use random_slopes='input' for the random slopes "
+                "of a linear mixed model, or 'none'."
+            )
         self.in_features, self.out_channels, self.n_clusters = in_features, out_channels, n_clusters
         self.cluster_input = cluster_input
         fe_inputs = in_features + (n_clusters if cluster_input else 0)
         self.hidden = mlp_layers(fe_inputs, hidden_channels, act)
-        self.out = nn.Linear(hidden_channels[-1], out_channels)
-        self.feature_channels = int(sum(hidden_channels))
+        self.out = nn.Linear(hidden_channels[-1] if hidden_channels else fe_inputs, out_channels)
+        # a linear fixed part has no hidden layer: the adversary reads the inputs (as in MixedModelNet)
+        self.feature_channels = int(sum(hidden_channels)) if hidden_channels else in_features
         # initialise the fixed effects before drawing the random effects: one seed gives every variant the same
         # fixed-effects weights, so variants can be compared on equal terms
         glorot_init(self)
@@ -211,6 +232,8 @@ class MixedEffectsMLP(nn.Module):
         for layer in self.hidden:
             h = layer(h)
             features.append(h)
+        if len(features) == 0:  # linear fixed part: the inputs, without the one-hot cluster of cluster_input
+            features.append(x)
         return self.out(h), features
 
     def _random_effects(self, x: torch.Tensor, last_hidden: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
@@ -225,16 +248,6 @@ class MixedEffectsMLP(nn.Module):
         for inputs, (start, end) in ((x, self._input_slope_span), (last_hidden, self._hidden_slope_span)):
             if end > start:
                 total = total + torch.bmm(inputs.unsqueeze(1), effects[:, start:end].reshape(b, -1, o)).squeeze(1)
-        return total
-        effects = self.random_effects(cluster)
-        b, o = x.shape[0], self.out_channels
-        for name, (start, end) in self.re_groups.items():
-            part = effects[:, start:end]
-            if name == "intercept":
-                total = total + part
-            else:
-                inputs = x if name == "slope_input" else last_hidden
-                total = total + torch.bmm(inputs.unsqueeze(1), part.reshape(b, -1, o)).squeeze(1)
         return total
 
     def forward(self, x: torch.Tensor, cluster: torch.Tensor | None = None) -> torch.Tensor:
