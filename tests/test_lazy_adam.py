@@ -83,3 +83,22 @@ def test_sparse_random_effects_train_with_lazy_adam():
 def test_rejects_bad_settings():
     with pytest.raises(ValueError, match="lr > 0"):
         LazyAdam([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+
+
+def test_rowwise_second_moment_is_one_value_per_row():
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(50, 8))
+    bias = torch.nn.Parameter(torch.zeros(8))
+    optimizer = LazyAdam([table, bias], lr=0.1, rowwise=True)
+    index = torch.tensor([1, 7, 7])
+    loss = (F.embedding(index, table, sparse=True) - 1).pow(2).sum() + bias.pow(2).sum()
+    loss.backward()
+    before = table.detach().clone()
+    optimizer.step()
+    assert optimizer.state[table]["exp_avg_sq"].shape == (50, 1)
+    assert optimizer.state[bias]["exp_avg_sq"].shape == (8,)
+    # the first step of a row moves each entry by lr * g / rms(g of the row): a smaller step for its smaller entries
+    grad = 2 * (before[[1]] - 1)
+    expected = before[1] - 0.1 * grad[0] / grad[0].pow(2).mean().sqrt()
+    torch.testing.assert_close(table.detach()[1], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(table.detach()[[0, 2]], before[[0, 2]], rtol=0, atol=0)

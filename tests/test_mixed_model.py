@@ -167,3 +167,11 @@ def test_network_contract():
         net(torch.randn(4, 3), cluster)
     with pytest.raises(ValueError, match=">= 2 levels"):
         MixedModelNet(2, {"s": FactorSpec(1)})
+
+
+def test_formula_without_random_terms_fits_and_predicts():
+    frame = _one_way()
+    fit = fit_formula("y ~ 1", frame)
+    assert fit.fixed_effects()["(Intercept)"] == pytest.approx(frame["y"].mean(), rel=1e-4)
+    assert fit.predict(frame.head(2)).tolist() == pytest.approx([frame["y"].mean()] * 2, rel=1e-4)
+    assert [r["grp"] for r in fit.variance_components()] == ["Residual"]

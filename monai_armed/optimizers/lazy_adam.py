@@ -29,11 +29,16 @@ class LazyAdam(Optimizer):
     size ``lr`` however late a level first appears). A dense gradient counts as a step of every row, so dense
     parameters follow plain Adam. The cost of a step is proportional to the rows touched, not to the table.
 
+    ``rowwise=True`` keeps one second-moment value per row of a table (the mean of the row's squared gradients, as
+    row-wise Adagrad does for embedding tables) instead of one per entry, which saves a third of the optimizer's
+    memory on a large random-effects table; vectors and scalars keep Adam's per-entry moments.
+
     Args:
         params: parameters or parameter groups.
         lr: learning rate.
         betas: Adam's moment decay rates.
         eps: term added to the denominator.
+        rowwise: one second moment per row of a matrix parameter (see above).
 
     Example::
 
@@ -47,10 +52,11 @@ class LazyAdam(Optimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        rowwise: bool = False,
     ) -> None:
         if lr <= 0 or eps <= 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"LazyAdam needs lr > 0, eps > 0 and betas in [0, 1), got lr={lr}, betas={betas}, eps={eps}.")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "rowwise": rowwise})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -71,9 +77,10 @@ class LazyAdam(Optimizer):
         if not state:
             state["step"] = torch.zeros(table.shape[0], dtype=torch.float32, device=param.device)
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            rowwise = group["rowwise"] and param.dim() >= 2
+            state["exp_avg_sq"] = param.new_zeros(table.shape[0], 1) if rowwise else torch.zeros_like(param)
         exp_avg = state["exp_avg"].view(table.shape)
-        exp_avg_sq = state["exp_avg_sq"].view(table.shape)
+        exp_avg_sq = state["exp_avg_sq"].view(table.shape[0], -1)
         grad = param.grad
         if grad.is_sparse:
             grad = grad.coalesce()
@@ -85,7 +92,10 @@ class LazyAdam(Optimizer):
         steps = state["step"] if rows is None else state["step"][rows]
         steps = steps + 1
         avg = (exp_avg if rows is None else exp_avg[rows]).mul(beta1).add_(values, alpha=1 - beta1)
-        avg_sq = (exp_avg_sq if rows is None else exp_avg_sq[rows]).mul(beta2).addcmul_(values, values, value=1 - beta2)
+        squares = values * values
+        if exp_avg_sq.shape[1] != squares.shape[1]:  # row-wise second moment
+            squares = squares.mean(1, keepdim=True)
+        avg_sq = (exp_avg_sq if rows is None else exp_avg_sq[rows]).mul(beta2).add_(squares, alpha=1 - beta2)
         correction1 = (1 - beta1**steps).unsqueeze(1)
         correction2 = (1 - beta2**steps).unsqueeze(1)
         update = (avg / correction1) / ((avg_sq / correction2).sqrt_().add_(group["eps"]))

@@ -57,6 +57,11 @@ def check_cluster_index(index: torch.Tensor, n_clusters: int) -> int:
     return low_value
 
 
+def _refresh_level_total(module: nn.Module, incompatible_keys: object) -> None:
+    if module.level_counts is not None:
+        module._level_total = module.level_counts.sum()
+
+
 def _per_unit(value: float | Sequence[float], units: int, name: str) -> torch.Tensor:
     tensor = torch.as_tensor(value, dtype=torch.float32)
     if tensor.dim() == 0:
@@ -197,6 +202,9 @@ class RandomEffects(nn.Module):
                 f"got {counts.numel()} values with minimum {float(counts.min()) if counts.numel() else None}."
             )
         self.register_buffer("level_counts", counts)
+        # N of the batch estimate, kept so that a step does not sum over every level
+        self.register_buffer("_level_total", counts.sum() if counts is not None else None, persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_level_total)
 
     def _register(self, learned: bool, name: str, value: torch.Tensor) -> None:
         if learned:
@@ -336,7 +344,8 @@ class RandomEffects(nn.Module):
         per_row = self._analytic_kl(self._gather(self.loc, safe), safe) / self.level_counts[safe]
         if unseen:
             per_row = per_row * (cluster >= 0).to(per_row.dtype)
-        return per_row.sum() * (self.level_counts.sum() / cluster.shape[0])
+        total = self._level_total if self._level_total is not None else self.level_counts.sum()
+        return per_row.sum() * (total / cluster.shape[0])
 
     def _analytic_kl(self, loc: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         """Per-level KL ``(L,)`` for the posterior rows ``loc`` (all levels when ``index`` is None)."""

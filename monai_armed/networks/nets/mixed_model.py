@@ -160,9 +160,9 @@ class MixedModelNet(nn.Module):
             features.append(h)
         return self.out(h), features or [h]
 
-    def _random_part(self, designs: list[torch.Tensor], clusters: list[torch.Tensor]) -> torch.Tensor:
-        total = designs[0].new_zeros(designs[0].shape[0], self.out_channels)
-        for layer, z, c in zip(self.random_effects.values(), designs, clusters):
+    def _random_part(self, x: torch.Tensor, clusters: list[torch.Tensor]) -> torch.Tensor:
+        total = x.new_zeros(x.shape[0], self.out_channels)
+        for layer, z, c in zip(self.random_effects.values(), self._split(x)[1], clusters):
             u = layer(c).reshape(z.shape[0], z.shape[1], self.out_channels)
             total = total + torch.einsum("bq,bqo->bo", z, u)
         return total
@@ -171,7 +171,7 @@ class MixedModelNet(nn.Module):
         pred_fe, _ = self.fixed_effects(x)
         if cluster is None:
             return pred_fe
-        return pred_fe + self._random_part(self._split(x)[1], self._clusters(cluster))
+        return pred_fe + self._random_part(x, self._clusters(cluster))
 
     def forward_armed(self, x: torch.Tensor, cluster: ClusterInput) -> ARMEDOutput:
         """Mixed- and fixed-effects predictions, the adversary's features and the KL, from one forward pass.
@@ -181,7 +181,7 @@ class MixedModelNet(nn.Module):
         """
         pred_fe, features = self.fixed_effects(x)
         clusters = self._clusters(cluster)
-        pred = pred_fe + self._random_part(self._split(x)[1], clusters)
+        pred = pred_fe + self._random_part(x, clusters)
         return ARMEDOutput(pred, pred_fe, features, self.kl_divergence(cluster))
 
     def linear_predictor(self, x: torch.Tensor, cluster: ClusterInput) -> tuple[torch.Tensor, torch.Tensor]:
