@@ -359,6 +359,45 @@ class TestARMEDTrainer(unittest.TestCase):
         self.assertIs(trainer.adv_optimizer.param_groups[0]["params"][0], next(adv.parameters()))
 
 
+class TestELBO(unittest.TestCase):
+    def test_training_rows_come_from_the_loader_or_must_be_given(self):
+        net, adv = _models()
+        x, y, c = torch.randn(24, 2), torch.randint(0, 2, (24,)), torch.randint(0, 4, (24,))
+        items = [{"features": x[i], "label": y[i], "cluster": c[i]} for i in range(24)]
+        monai_loader = DataLoader(Dataset(items), batch_size=8)
+        self.assertEqual(_trainer(monai_loader, net, adv).n_train, 24)
+        batches = [{"features": x[:8], "label": y[:8], "cluster": c[:8]}]
+        trainer = _trainer(batches, net, adv, epochs=1)
+        with self.assertRaisesRegex(ValueError, "pass n_train=N"):
+            trainer.run()
+        self.assertEqual(_trainer(batches, net, adv, n_train=100).n_train, 100)
+        with self.assertRaisesRegex(ValueError, "n_train must be"):
+            _trainer(batches, net, adv, n_train=0)
+
+    def test_a_gaussian_family_trains_its_residual_scale_and_reads_weights(self):
+        from monai_armed.losses import GaussianLikelihood
+
+        torch.manual_seed(0)
+        x, c = torch.randn(64, 2), torch.randint(0, 4, (64,))
+        y = 3 * x[:, :1] + 0.5 * torch.randn(64, 1)
+        weight = torch.ones(64)
+        net = MixedEffectsMLP(2, 1, n_clusters=4, hidden_channels=(), random_slopes="none")
+        family = GaussianLikelihood(scale_init=3.0)
+        optimizer = torch.optim.Adam(net.parameters(), 0.05)
+        loader = TensorBatchLoader({"features": x, "label": y, "cluster": c, "w": weight}, batch_size=16)
+        trainer = ARMEDTrainer("cpu", 30, loader, net, optimizer, loss_function=family, fe_weight=0.0,
+                               prepare_batch=PrepareBatchCluster("features"), weight_key="w", decollate=False)
+        self.assertIn(family.log_scale, optimizer.param_groups[-1]["params"])  # added to the optimizer
+        trainer.run()
+        self.assertLess(float(family.scale), 1.0)  # from 3 towards the residual s.d. 0.5
+        zero = ARMEDTrainer("cpu", 1, TensorBatchLoader({"features": x, "label": y, "cluster": c, "w": weight * 0},
+                                                        batch_size=16),
+                            net, optimizer, loss_function=family, fe_weight=0.0, kl_weight=0.0,
+                            prepare_batch=PrepareBatchCluster("features"), weight_key="w", decollate=False)
+        zero.run()
+        self.assertEqual(float(zero.state.output[0]["loss"]), 0.0)  # weights multiply every row's likelihood
+
+
 class TestBatchErrors(unittest.TestCase):
     def _run(self, data: dict):
         net, adv = _models()

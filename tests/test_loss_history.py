@@ -127,6 +127,7 @@ class TestLossHistory(unittest.TestCase):
             optimizer=torch.optim.Adam(net.parameters(), lr=0.01),
             adversary=ClusterAdversary(net.feature_channels, n_clusters=N_CLUSTERS, hidden_channels=(4,)),
             prepare_batch=PrepareBatchCluster("features"),
+            n_train=16,  # a list of batches does not say how many rows it holds
         )  # decollates by default
         history = LossHistory(None)
         history.attach(trainer)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import unittest
 
@@ -385,6 +386,15 @@ class TestCorrelatedRandomEffects(unittest.TestCase):
         chol = re.posterior_cholesky()
         optimum = (re.loc.unsqueeze(2) * re.loc.unsqueeze(1) + chol @ chol.transpose(1, 2)).mean(0)
         torch.testing.assert_close(re.prior_covariance().detach(), optimum, rtol=0.0, atol=2e-3)
+
+    def test_one_unit_layers_save_as_torchscript(self):
+        for covariance in ("diagonal", "full"):
+            re = _re(3, 1, covariance=covariance).eval()
+            buffer = io.BytesIO()
+            torch.jit.save(torch.jit.script(re), buffer)  # serialization rejects views into empty storage
+            buffer.seek(0)
+            loaded = torch.jit.load(buffer)
+            torch.testing.assert_close(loaded(torch.tensor([2, -1])), re(torch.tensor([2, -1])))
 
     def test_torchscript_full_covariance(self):
         re = self._full().eval()

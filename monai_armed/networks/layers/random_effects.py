@@ -186,8 +186,9 @@ class RandomEffects(nn.Module):
         log_prior = prior.expand(units).clone().log() if covariance == "full" else prior.log()
         self._register(learn_prior_scale, "log_prior_scale", log_prior)
         rows, cols = torch.tril_indices(units, units, offset=-1)
-        self.register_buffer("_tril_rows", rows, persistent=False)
-        self.register_buffer("_tril_cols", cols, persistent=False)
+        # clones: a view of the empty index pair (one unit) has a storage offset that serialization rejects
+        self.register_buffer("_tril_rows", rows.clone(), persistent=False)
+        self.register_buffer("_tril_cols", cols.clone(), persistent=False)
         if covariance == "full":
             n_off = units * (units - 1) // 2
             self.tril = nn.Parameter(torch.zeros(n_clusters, n_off))  # posterior Cholesky off-diagonals
