@@ -224,6 +224,10 @@ def render_section(results: dict) -> str:
         cells = [e["seen"]["auroc"], e["seen"]["balanced_accuracy"], e["unseen"]["auroc"]]
         cells += [e["unseen"]["balanced_accuracy"], e["unseen_fixed"]["auroc"]]
         lines.append(f"| {name} | " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += ["", "AUROC of every seed (seen / unseen):", ""]
+    for name, e in results["models"].items():
+        pairs = zip(e["seen"]["auroc"]["values"], e["unseen"]["auroc"]["values"])
+        lines.append(f"- {name}: " + ", ".join(f"{a:.3f} / {b:.3f}" for a, b in pairs))
     lines += [
         "",
         f"Training step ({st['device']}, batch {st['batch_size']}, {st['image_size']}^2): conventional "
