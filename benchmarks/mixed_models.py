@@ -170,9 +170,8 @@ def render_section(result: dict) -> str:
         label = f"{what}({row['grp']}{': ' + names if names else ''})"
         others = [f"{t[_key(row)][field]:.4g}" if _key(row) in t else "" for t in (ml_vc, reml_vc)]
         lines.append(f"| {label} | {row[field]:.4g} | {others[0]} | {others[1]} |")
-    lines.append(f"\nFit time {result['fit_seconds']:.2f} s.")
-    if "test_mse_mean" in result:
-        lines.append(f" {len(result['folds'])}-fold test MSE {result['test_mse_mean']:.4g}.")
+    folds = f"; {len(result['folds'])}-fold test MSE {result['test_mse_mean']:.4g}" if "test_mse_mean" in result else ""
+    lines.append(f"\nFit time {result['fit_seconds']:.2f} s{folds}.")
     return "\n".join(lines)
 
 
