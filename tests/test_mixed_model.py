@@ -175,3 +175,19 @@ def test_formula_without_random_terms_fits_and_predicts():
     assert fit.fixed_effects()["(Intercept)"] == pytest.approx(frame["y"].mean(), rel=1e-4)
     assert fit.predict(frame.head(2)).tolist() == pytest.approx([frame["y"].mean()] * 2, rel=1e-4)
     assert [r["grp"] for r in fit.variance_components()] == ["Residual"]
+
+
+def test_formula_scores_of_a_binary_outcome_rank_and_classify():
+    from monai_armed.apps import formula_scores, split_rows
+
+    rng = np.random.default_rng(4)
+    g = rng.integers(0, 20, 1500)
+    x = rng.normal(0, 1, g.size)
+    eta = 1.5 * x + rng.normal(0, 1.5, 20)[g]
+    frame = pd.DataFrame({"y": rng.binomial(1, 1 / (1 + np.exp(-eta))), "x": x, "g": g.astype(str)})
+    train, test = split_rows(frame, 0.3, seed=0)
+    fit = fit_formula("y ~ x + (1 | g)", train, "bernoulli")
+    mixed, fixed = formula_scores(fit, test), formula_scores(fit, test, random_effects=False)
+    assert mixed["rows"] == len(test) == 450
+    assert mixed["auroc"] > fixed["auroc"] > 0.6  # the groups' intercepts add to the slope
+    assert mixed["accuracy"] > 0.7 and mixed["deviance"] < fixed["deviance"]
