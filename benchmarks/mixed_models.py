@@ -45,30 +45,12 @@ from sklearn.model_selection import KFold
 
 from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-from monai_armed.apps import MixedModelFit, fit_formula, format_varcorr
-from monai_armed.data import build_design, parse_mixed_formula
+from monai_armed.apps import fit_formula, format_varcorr, formula_scores, read_formula_csv
 from monai_armed.losses import FAMILIES
 from monai_armed.utils import atomic_open
 
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
-
-
-def read_table(path: str, formula: str) -> pd.DataFrame:
-    """The CSV with every grouping column read as text."""
-    groups = {c for term in parse_mixed_formula(formula).random for c in term.group_columns}
-    return pd.read_csv(path, dtype={c: str for c in groups})
-
-
-def fold_scores(fit: MixedModelFit, test: pd.DataFrame, trials: str | None) -> dict:
-    """Test MSE (response scale) and mean unit deviance of a fitted model on held-out rows."""
-    design = build_design(None, test, like=fit.design)
-    n = test[trials].to_numpy(float) if trials else None
-    mean = fit.predict(design) * (n if n is not None else 1.0)
-    eta = torch.as_tensor(fit.linear_predictor(design) / fit._link_scale())
-    y = torch.as_tensor(np.array(design.y))
-    deviance = fit.family.unit_deviance(eta, y, None if n is None else torch.as_tensor(n)) * fit._link_scale() ** 2
-    return {"test_mse": float(np.mean((design.y - mean) ** 2)), "test_deviance": float(deviance.mean())}
 
 
 R_SCRIPT = """
@@ -195,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--section", default=None, help="also write this section of benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    frame = read_table(args.csv, args.formula)
+    frame = read_formula_csv(args.csv, args.formula)
     options = {"trials": args.trials, "weights": args.weights, "source": args.csv, "hidden_channels": args.hidden,
                "optimizer": args.optimizer, "epochs": args.epochs, "seed": args.seed, "reml": args.reml}
 
@@ -217,8 +199,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         result["folds"] = []
         for train_rows, test_rows in KFold(args.folds, shuffle=True, random_state=args.seed).split(frame):
             fold_fit = fit_formula(args.formula, frame.iloc[train_rows], args.family, **options)
-            scores = fold_scores(fold_fit, frame.iloc[test_rows], args.trials)
-            result["folds"].append({**scores, "train_seconds": fold_fit.fit_seconds})
+            scores = formula_scores(fold_fit, frame.iloc[test_rows], trials=args.trials)
+            result["folds"].append(
+                {"test_mse": scores["mse"], "test_deviance": scores["deviance"], "train_seconds": fold_fit.fit_seconds}
+            )
         result["test_mse_mean"] = float(np.mean([f["test_mse"] for f in result["folds"]]))
         print(f"{args.folds}-fold test MSE {result['test_mse_mean']:.4f}")
     if args.compare_lme4:
