@@ -170,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="hidden widths of an MLP fixed part, e.g. 16,8 (default: linear)")
     parser.add_argument("--optimizer", default="auto", choices=["auto", "lbfgs", "adam"])
     parser.add_argument("--reml", action="store_true", help="REML (Gaussian, one grouping factor) instead of ML")
+    parser.add_argument("--adversary", default=None, help="grouping factor for ARMED's adversary (needs --hidden)")
+    parser.add_argument("--adv-weight", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compare-lme4", action="store_true")
@@ -179,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     frame = read_formula_csv(args.csv, args.formula)
     options = {"trials": args.trials, "weights": args.weights, "source": args.csv, "hidden_channels": args.hidden,
-               "optimizer": args.optimizer, "epochs": args.epochs, "seed": args.seed, "reml": args.reml}
+               "optimizer": args.optimizer, "epochs": args.epochs, "seed": args.seed, "reml": args.reml,
+               "adversary": args.adversary, "adv_weight": args.adv_weight}
 
     fit = fit_formula(args.formula, frame, args.family, **options)
     result = {

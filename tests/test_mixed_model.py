@@ -191,3 +191,47 @@ def test_formula_scores_of_a_binary_outcome_rank_and_classify():
     assert mixed["rows"] == len(test) == 450
     assert mixed["auroc"] > fixed["auroc"] > 0.6  # the groups' intercepts add to the slope
     assert mixed["accuracy"] > 0.7 and mixed["deviance"] < fixed["deviance"]
+
+
+@pytest.mark.parametrize("hidden", [(), (4,)])
+def test_recentering_moves_the_levels_mean_into_the_fixed_part_without_changing_predictions(hidden):
+    from monai_armed.apps.mixed_model import _recenter
+
+    torch.manual_seed(0)
+    net = MixedModelNet(2, {"g": FactorSpec(6, ["(Intercept)", "x"])}, hidden_channels=hidden).eval()
+    with torch.no_grad():
+        net.random_effects["g"].loc.normal_(3.0, 1.0)  # levels far from mean zero
+        net.out.weight.normal_()
+    x = torch.cat([torch.ones(10, 1), torch.randn(10, 1)], 1)
+    inputs, cluster = torch.cat([x, x], 1), {"g": torch.arange(10) % 6}
+    before, kl_before = net(inputs, cluster), net.kl_divergence()
+    _recenter(net, ["(Intercept)", "x"])
+    torch.testing.assert_close(net(inputs, cluster), before, rtol=1e-5, atol=1e-5)
+    loc = net.random_effects["g"].loc
+    assert abs(float(loc[:, 0].mean())) < 1e-6  # the intercepts' mean went into the fixed part
+    assert (abs(float(loc[:, 1].mean())) < 1e-6) == (hidden == ())  # slopes only into a linear fixed part
+    assert float(net.kl_divergence()) < float(kl_before)
+
+
+def test_adversary_of_a_factor_trains_against_the_fixed_part():
+    from monai_armed.apps.mixed_model import _adversary_step
+    from monai_armed.networks import ClusterAdversary
+
+    torch.manual_seed(0)
+    net = MixedModelNet(2, {"site": FactorSpec(3)}, hidden_channels=(8,))
+    judge = ClusterAdversary(net.feature_channels, 3, (4,))
+    optimizer = torch.optim.Adam(judge.parameters(), lr=0.1)
+    x, site = torch.randn(12, 3), torch.arange(12) % 3
+    before = [p.detach().clone() for p in judge.parameters()]
+    gen = _adversary_step(net, judge, optimizer, x, site)
+    assert any(not torch.equal(a, p) for a, p in zip(before, judge.parameters()))  # the adversary stepped
+    (-gen).backward()  # the fit subtracts it: the fixed part's features get the adversary's gradient
+    assert net.hidden[0][0].weight.grad is not None and float(net.hidden[0][0].weight.grad.abs().sum()) > 0
+    frame = _one_way()
+    frame["x"] = np.arange(len(frame), dtype=float)
+    with pytest.raises(ValueError, match="needs one of the grouping factors"):
+        fit_formula("y ~ x + (1 | g)", frame, adversary="g")  # linear fixed part: nothing to make invariant
+    with pytest.raises(ValueError, match="needs one of the grouping factors"):
+        fit_formula("y ~ x + (1 | g)", frame, hidden_channels=(4,), adversary="site")
+    fit = fit_formula("y ~ x + (1 | g)", frame, hidden_channels=(4,), adversary="g", epochs=2)
+    assert np.isfinite(fit.predict(frame.head(3))).all()

@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from monai_armed.data.formula import MixedDesign, build_design
 from monai_armed.losses.families import LikelihoodFamily, likelihood, validate_weights
+from monai_armed.networks.blocks.adversary import ClusterAdversary
 from monai_armed.networks.nets.mixed_model import FactorSpec, MixedModelNet
 from monai_armed.optimizers import LazyAdam
 
@@ -181,6 +184,8 @@ def fit_mixed_model(
     trials_name: str = "trials",
     weights_name: str = "weights",
     reml: bool = False,
+    adversary: str | None = None,
+    adv_weight: float = 1.0,
 ) -> MixedModelFit:
     """Fit a (generalized) mixed model by maximising its ELBO: ``mean_i w_i E_q[-log p(y_i | eta_i)] + KL / N``.
 
@@ -214,6 +219,10 @@ def fit_mixed_model(
         trials_name: the trials column's name in messages.
         weights_name: the weights column's name in messages.
         reml: restricted maximum likelihood instead of maximum likelihood (see above).
+        adversary: a grouping factor for ARMED's adversary (mini-batch fits with an MLP fixed part): a classifier of
+            its levels from the fixed part's hidden features, which the fit fights (``- adv_weight * CE``), so the
+            fixed effects become invariant to that factor. ``None`` (default): no adversary.
+        adv_weight: weight of the adversarial term.
 
     Example::
 
@@ -238,6 +247,12 @@ def fit_mixed_model(
             f"fit; got family {family.name!r}, hidden_channels {tuple(hidden_channels)}, factors "
             f"{list(design.factors)}, weights {'given' if weights is not None else 'none'}, optimizer {optimizer!r}."
         )
+    if adversary is not None and (adversary not in design.factors or not hidden_channels or optimizer != "adam"):
+        raise ValueError(
+            f"adversary={adversary!r} needs one of the grouping factors {list(design.factors)}, an MLP fixed part "
+            f"(hidden_channels) and optimizer='adam'; got hidden_channels {tuple(hidden_channels)}, optimizer "
+            f"{optimizer!r}."
+        )
     torch.manual_seed(seed)
     dtype = torch.float64 if optimizer == "lbfgs" else torch.float32
     notes: list[str] = []
@@ -258,7 +273,10 @@ def fit_mixed_model(
         objective, iterations = _fit_lbfgs(network, family, params, x, y, cluster, extras, design.n_rows, max_iter,
                                            penalty)
     else:
-        objective, iterations = _fit_adam(network, family, params, x, y, cluster, extras, epochs, batch_size, lr, seed)
+        objective, iterations = _fit_adam(
+            network, family, params, x, y, cluster, extras, epochs, batch_size, lr, seed, design.fixed_names,
+            adversary, adv_weight,
+        )
     network.eval()
     return MixedModelFit(network, family, design, scale, time.perf_counter() - start, objective, iterations, notes)
 
@@ -356,8 +374,51 @@ def _fit_lbfgs(network, family, params, x, y, cluster, extras, n_rows: int, max_
         return float(objective()), int(state.get("n_iter", 0))
 
 
-def _fit_adam(network, family, params, x, y, cluster, extras, epochs, batch_size, lr, seed) -> tuple[float, int]:
+def _adversary_step(network: MixedModelNet, judge: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                    level: torch.Tensor) -> torch.Tensor:
+    """One step of the adversary on detached features; returns its cross-entropy on the live features (whose
+    gradient reaches only the network: the adversary's own gradients are cleared before its next step)."""
+    _, features = network.fixed_effects(x)
+    optimizer.zero_grad()
+    F.cross_entropy(judge([f.detach() for f in features]), level, ignore_index=-1).backward()
+    optimizer.step()
+    return F.cross_entropy(judge(features), level, ignore_index=-1)
+
+
+@torch.no_grad()
+def _recenter(network: MixedModelNet, fixed_names: Sequence[str]) -> None:
+    """Move the mean of each factor's random intercepts (and, for a linear fixed part, of its random slopes) into the
+    matching fixed effect.
+
+    The likelihood cannot tell a shift of every level's effect from the same shift of the fixed effect; only the KL
+    pulls the levels' mean to zero, through a gradient of order ``levels / N``, far too weak for mini-batch steps to
+    follow. The move leaves every prediction unchanged and lowers the KL, so it only improves the ELBO.
+    """
+    if network.out_channels != 1:
+        return
+    linear = len(network.hidden) == 0
+    for layer in network.random_effects.values():
+        for unit, name in enumerate(layer.unit_names):
+            if linear and name in fixed_names:
+                target = (network.out.weight, (0, list(fixed_names).index(name)))
+            elif name == "(Intercept)" and network.out.bias is not None:
+                target = (network.out.bias, (0,))
+            else:
+                continue
+            shift = layer.loc[:, unit].mean()
+            layer.loc[:, unit] -= shift
+            target[0][target[1]] += shift
+
+
+def _fit_adam(network, family, params, x, y, cluster, extras, epochs, batch_size, lr, seed,
+              fixed_names: Sequence[str] = (), adversary: str | None = None, adv_weight: float = 1.0
+              ) -> tuple[float, int]:
     optimizer = LazyAdam(params, lr=lr)
+    judge = None
+    if adversary is not None:  # ARMED: a classifier of the factor's levels from the fixed part's features
+        judge = ClusterAdversary(network.feature_channels, network.random_effects[adversary].n_clusters, (16, 8))
+        judge = judge.to(x.dtype)
+        judge_optimizer = torch.optim.Adam(judge.parameters(), lr=lr)
     n_rows = x.shape[0]
     generator = torch.Generator().manual_seed(seed)
     network.train()
@@ -369,7 +430,10 @@ def _fit_adam(network, family, params, x, y, cluster, extras, epochs, batch_size
             sub_extras = {k: None if v is None else v[batch] for k, v in extras.items()}
             optimizer.zero_grad()
             loss = _elbo(network, family, x[batch], y[batch], sub, sub_extras, n_rows, batch_kl=True)
+            if judge is not None:
+                loss = loss - adv_weight * _adversary_step(network, judge, judge_optimizer, x[batch], sub[adversary])
             loss.backward()
             optimizer.step()
             steps += 1
+        _recenter(network, fixed_names)
     return float(loss.detach()), steps
