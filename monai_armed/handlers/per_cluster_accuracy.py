@@ -69,18 +69,26 @@ class PerClusterAccuracy:
         self.collector.attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
+    #: ``metric_details`` key, ``metrics`` key of the worst seen cluster, its per-cluster field, and whether lower wins
+    details_key, worst_key, field, lower_is_worse = "per_cluster_accuracy", "min_cluster_accuracy", "accuracy", True
+
+    def table(self, pred, label, cluster) -> dict:
+        """The per-cluster table of one run's predictions."""
+        return classification_summary(pred, label, cluster, self.n_clusters, self.cluster_names)["per_cluster"]
+
+    def describe(self, table: dict) -> str:
+        """The log line of a table."""
+        return "per-cluster accuracy: " + ", ".join(f"{k}={v['accuracy']:.3f} (n={v['n']})" for k, v in table.items())
+
     def __call__(self, engine: Engine) -> None:
         c = self.collector
         if c.pred is None or c.label is None or c.cluster is None:
-            raise KeyError("PerClusterAccuracy needs 'pred', 'label' and 'cluster' in the evaluator's output.")
-        table = classification_summary(c.pred, c.label, c.cluster, self.n_clusters, self.cluster_names)["per_cluster"]
-        engine.state.metric_details["per_cluster_accuracy"] = table
-        seen = [v["accuracy"] for k, v in table.items() if k != "unseen"]
+            raise KeyError(f"{type(self).__name__} needs 'pred', 'label' and 'cluster' in the evaluator's output.")
+        table = self.table(c.pred, c.label, c.cluster)
+        engine.state.metric_details[self.details_key] = table
+        seen = [v[self.field] for k, v in table.items() if k != "unseen" and v[self.field] is not None]
         if seen:
-            engine.state.metrics["min_cluster_accuracy"] = min(seen)
-        logger = self.logger or engine.logger
-        logger.info(
-            "per-cluster accuracy: " + ", ".join(f"{k}={v['accuracy']:.3f} (n={v['n']})" for k, v in table.items())
-        )
+            engine.state.metrics[self.worst_key] = min(seen) if self.lower_is_worse else max(seen)
+        (self.logger or engine.logger).info(self.describe(table))
         if self.output_file is not None:
             write_json(table, self.output_file)
