@@ -204,6 +204,27 @@ class TestRandomEffectsSummary(unittest.TestCase):
             self.assertAlmostEqual(values[(f"re/slope_hidden/spread_{i}", 1)], spread[i], places=6)
         self.assertAlmostEqual(values[("re/intercept/spread_0", 2)], means["intercept"].std(0).item(), places=6)
 
+    def test_variance_components_of_every_factor_and_the_residual(self):
+        from monai_armed.losses import GaussianLikelihood
+        from monai_armed.networks import FactorSpec, MixedModelNet
+
+        net = MixedModelNet(2, {"subject": FactorSpec(5, ["(Intercept)", "days"]), "site": FactorSpec(3)})
+        with torch.no_grad():
+            net.random_effects["subject"].prior_tril.fill_(0.5)  # a correlated prior
+        family = GaussianLikelihood(scale_init=2.0)
+        with tempfile.TemporaryDirectory() as d:
+            handler = RandomEffectsSummary(net, Path(d) / "re.json", family=family)
+            engine = Engine(lambda e, b: None)
+            handler.attach(engine)
+            engine.run([0], max_epochs=1)
+            rows = json.loads((Path(d) / "re.json").read_text())["variance_components"]
+        keys = [(r["grp"], r["var1"], r["var2"]) for r in rows]
+        self.assertEqual(keys, [("subject", "(Intercept)", None), ("subject", "days", None),
+                                ("subject", "(Intercept)", "days"), ("site", "(Intercept)", None),
+                                ("Residual", None, None)])
+        self.assertAlmostEqual(rows[2]["vcov"], 0.5, places=5)  # P = [[1, 0], [0.5, 1]]: covariance 0.5
+        self.assertAlmostEqual(rows[-1]["vcov"], 4.0, places=5)
+
     def test_interval(self):
         net = MixedEffectsMLP(2, 1, n_clusters=3)
         steps = []

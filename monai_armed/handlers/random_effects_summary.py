@@ -31,8 +31,10 @@ __all__ = ["RandomEffectsSummary"]
 
 
 class RandomEffectsSummary:
-    """Writes what the random effects learned: per-cluster posterior means (intercepts, slopes) and scales, and the
-    across-cluster spread of each unit (a large spread = a feature whose effect differs between clusters).
+    """Writes what the random effects learned: per-cluster posterior means (intercepts, slopes) and scales, the
+    across-cluster spread of each unit (a large spread = a feature whose effect differs between clusters) and the
+    variance components (lme4's ``VarCorr`` rows, with the residual of a Gaussian ``family``; ``format_varcorr``
+    prints them as lme4 does).
 
     Writes ``output_file`` (JSON, see ``random_effects_summary``) every ``interval`` epochs and at the end of training,
     and, with a ``summary_writer`` (e.g. ``torch.utils.tensorboard.SummaryWriter``), the spreads as scalars
@@ -45,6 +47,7 @@ class RandomEffectsSummary:
         summary_writer: optional TensorBoard-style writer with ``add_scalar``.
         interval: epochs between two writes.
         tag_prefix: prefix of the scalar tags.
+        family: the likelihood family of the loss, for the residual variance row (Gaussian).
 
     Example::
 
@@ -59,10 +62,12 @@ class RandomEffectsSummary:
         summary_writer: Any = None,
         interval: int = 1,
         tag_prefix: str = "random_effects",
+        family: nn.Module | None = None,
     ) -> None:
         self.network, self.output_file = network, output_file
         self.cluster_names = list(cluster_names) if cluster_names is not None else None
         self.summary_writer, self.interval, self.tag_prefix = summary_writer, interval, tag_prefix
+        self.family = family
         self._written_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -73,7 +78,7 @@ class RandomEffectsSummary:
         if self._written_epoch == engine.state.epoch:  # the last epoch fires both EPOCH_COMPLETED and COMPLETED
             return None
         self._written_epoch = engine.state.epoch
-        summary = random_effects_summary(getattr(self.network, "module", self.network), self.cluster_names)
+        summary = random_effects_summary(getattr(self.network, "module", self.network), self.cluster_names, self.family)
         summary["epoch"] = engine.state.epoch
         write_json(summary, self.output_file)
         if self.summary_writer is not None:

@@ -107,15 +107,21 @@ def glorot_init(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def random_effects_summary(network: nn.Module, cluster_names: list[str] | None = None) -> dict:
+def random_effects_summary(
+    network: nn.Module, cluster_names: list[str] | None = None, family: nn.Module | None = None
+) -> dict:
     """Posterior means, scales, prior scales and across-cluster spread of every random-effect group of a network.
 
     Groups are a network's ``re_groups`` (column ranges of its ``random_effects`` layer, as in ``MixedEffectsMLP``)
     when it has them, else one group per ``RandomEffects`` submodule. Plain Python types only (JSON-ready).
 
+    ``variance_components`` holds the prior (co)variances as lme4's ``VarCorr`` rows (the network's own
+    ``variance_components()`` when it has one, e.g. ``MixedModelNet`` by factor, else one group per layer), with the
+    residual row of a Gaussian ``family`` last.
+
     Returns:
         ``{"clusters": [names], "groups": {group: {"posterior_mean": C x K, "posterior_scale": C x K,
-        "prior_scale": K, "spread": K}}}``.
+        "prior_scale": K, "spread": K}}, "variance_components": [{"grp", "var1", "var2", "vcov", "sdcor"}, ...]}``.
 
     Example::
 
@@ -132,7 +138,7 @@ def random_effects_summary(network: nn.Module, cluster_names: list[str] | None =
         groups = {name: (m, slice(None)) for name, m in layers.items()}
     n_clusters = next(iter(layers.values())).n_clusters if layers else int(getattr(network, "n_clusters", 0))
     names = list(cluster_names) if cluster_names is not None else [str(i) for i in range(n_clusters)]
-    summary: dict = {"clusters": names, "groups": {}}
+    summary: dict = {"clusters": names, "groups": {}, "variance_components": _variance_components(network, family)}
     for name, (m, cols) in groups.items():
         with torch.no_grad():
             loc, scale = m.loc[:, cols], m.scale[:, cols]
@@ -145,6 +151,17 @@ def random_effects_summary(network: nn.Module, cluster_names: list[str] | None =
             "spread": spread.cpu().tolist(),
         }
     return summary
+
+
+def _variance_components(network: nn.Module, family: nn.Module | None) -> list[dict]:
+    if callable(getattr(network, "variance_components", None)):
+        rows = list(network.variance_components())
+    else:
+        rows = [row for name, m in random_effects_modules(network).items() for row in m.variance_components(name)]
+    residual = family.residual_variance() if callable(getattr(family, "residual_variance", None)) else None
+    if residual is not None:
+        rows.append({"grp": "Residual", "var1": None, "var2": None, "vcov": residual, "sdcor": residual**0.5})
+    return rows
 
 
 def load_network_checkpoint(
