@@ -104,12 +104,17 @@ class ModelSpec:
         adversary_update: ``ARMEDTrainer``'s ``adversary_update``.
         eval_mode: ``ARMEDEvaluator``'s ``cluster_mode`` on the test fold.
         reuses: evaluate the network trained for this other entry instead of training one (its time is reported).
+        kl_weight: ``ARMEDTrainer``'s multiplier of the ELBO's ``KL / n_train``; ``None``: the paper's objective
+            (``KL_WEIGHT`` on the summed KL, i.e. ``KL_WEIGHT * n_train``).
+        learn_prior: learn the random effects' prior scales (empirical Bayes) instead of fixing them.
     """
 
     variant: str
     trainer: str = "armed"
     adversary_update: str = "sequential"
     eval_mode: str = "observed"
+    kl_weight: float | None = None
+    learn_prior: bool = False
     reuses: str | None = None
 
 
@@ -122,6 +127,8 @@ MODELS: dict[str, ModelSpec] = {
     "armed_no_adversary": ModelSpec("armed_no_adversary"),
     "armed_randomized_z": ModelSpec("armed", eval_mode="randomized", reuses="armed"),
     "armed_simultaneous": ModelSpec("armed", adversary_update="simultaneous"),
+    "armed_elbo": ModelSpec("armed", kl_weight=1.0),
+    "armed_elbo_eb": ModelSpec("armed", kl_weight=1.0, learn_prior=True),
 }
 
 Data = dict[str, np.ndarray]
@@ -163,9 +170,10 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def build_network(variant: str, n_clusters: int, act: str = "relu") -> MixedEffectsMLP:
+def build_network(variant: str, n_clusters: int, act: str = "relu", learn_prior: bool = False) -> MixedEffectsMLP:
     return MixedEffectsMLP.from_variant(
-        variant, in_features=2, out_channels=1, n_clusters=n_clusters, act=ACTIVATIONS[act], **RE_SETTINGS
+        variant, in_features=2, out_channels=1, n_clusters=n_clusters, act=ACTIVATIONS[act], **RE_SETTINGS,
+        re_kwargs={"learn_prior_scale": learn_prior},
     )
 
 
@@ -175,7 +183,7 @@ def build_model(
     """Network, adversary (``None`` without an adversarial term) and ``ARMEDTrainer`` loss weights, seeded like the
     notebook's ``tf.random.set_seed`` before building each model."""
     torch.manual_seed(seed)
-    network = build_network(spec.variant, n_clusters, act)
+    network = build_network(spec.variant, n_clusters, act, spec.learn_prior)
     weights = variant_loss_weights(spec.variant, gen_weight=GEN_WEIGHT)
     adversary = None
     if weights["adv_weight"] > 0:
@@ -201,7 +209,7 @@ def train_one(
         optimizer=adam(network.parameters()),
         adversary=adversary,
         adv_optimizer=adam(adversary.parameters()) if adversary is not None else None,
-        kl_weight=KL_WEIGHT * len(train["label"]),
+        kl_weight=KL_WEIGHT * len(train["label"]) if spec.kl_weight is None else spec.kl_weight,
         adversary_update=spec.adversary_update,
         prepare_batch=PrepareBatchCluster("features", check_finite=True),
         decollate=False,
