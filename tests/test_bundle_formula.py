@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "armed_spirals" / "configs"
@@ -68,6 +69,8 @@ def test_formula_config_fits_a_users_csv(tmp_path):
     # the subjects' random effects predict their held-out visits far better than the fixed effects alone
     assert metrics["test"]["mse"] < 0.3 * metrics["test_fixed_effects_only"]["mse"]
     assert metrics["test"]["mse"] < 0.2 * frame["score"].var()
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert set(state) == {"network", "family", "response_scale"} and "log_scale" in state["family"]
     predictions = pd.read_csv(out / "predictions.csv")
     assert len(predictions) == 48 and list(predictions.columns) == ["row", "score", "predicted"]
 

@@ -371,6 +371,7 @@ class TestELBO(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "pass n_train=N"):
             trainer.run()
         self.assertEqual(_trainer(batches, net, adv, n_train=100).n_train, 100)
+        _trainer(batches, net, adv, epochs=1, kl_weight=0.0).run()  # no KL term: no need to know N
         with self.assertRaisesRegex(ValueError, "n_train must be"):
             _trainer(batches, net, adv, n_train=0)
 

@@ -80,6 +80,17 @@ def test_sparse_random_effects_train_with_lazy_adam():
     assert changed == [3, 17]
 
 
+def test_a_zeroed_sparse_gradient_is_a_no_op():
+    table = torch.nn.Parameter(torch.randn(4, 3))
+    optimizer = LazyAdam([table], lr=0.1)
+    F.embedding(torch.tensor([1]), table, sparse=True).sum().backward()
+    optimizer.step()
+    after_first = table.detach().clone()
+    optimizer.zero_grad(set_to_none=False)  # MONAI's default leaves a sparse gradient with no entries
+    optimizer.step()
+    assert torch.equal(table.detach(), after_first)
+
+
 def test_rejects_bad_settings():
     with pytest.raises(ValueError, match="lr > 0"):
         LazyAdam([torch.nn.Parameter(torch.zeros(1))], lr=0.0)

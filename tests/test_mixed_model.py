@@ -146,6 +146,8 @@ def test_bad_inputs_name_the_column_and_row():
         fit_formula("y ~ 1 + (1 | g)", counts.assign(y=[1, -2, 0, 1]), "poisson")
     with pytest.raises(ValueError, match="unknown"):
         fit_formula("y ~ 1 + (1 | g)", frame, "gamma")
+    with pytest.raises(ValueError, match="categorical outcome cannot be fitted from a formula"):
+        fit_formula("y ~ 1 + (1 | g)", counts, "categorical")
     with pytest.raises(ValueError, match="reml=True needs the gaussian family"):
         fit_formula("y ~ 1 + (1 | g)", counts, "poisson", reml=True)
     with pytest.raises(ValueError, match="'trials_col' is not in data"):
@@ -193,6 +195,16 @@ def test_formula_scores_of_a_binary_outcome_rank_and_classify():
     assert mixed["accuracy"] > 0.7 and mixed["deviance"] < fixed["deviance"]
 
 
+def test_gaussian_scores_are_in_the_datas_units():
+    from monai_armed.apps import formula_scores
+
+    frame = _one_way()
+    frame["y"] = frame["y"] * 10 + 100  # the fit divides the response by its s.d.: the scores must not
+    scores = formula_scores(fit_formula("y ~ 1 + (1 | g)", frame), frame)
+    assert scores["deviance"] == pytest.approx(scores["mse"], rel=1e-6)  # a Gaussian's unit deviance is (y - mu)^2
+    assert scores["mse"] < frame["y"].var()
+
+
 @pytest.mark.parametrize("hidden", [(), (4,)])
 def test_recentering_moves_the_levels_mean_into_the_fixed_part_without_changing_predictions(hidden):
     from monai_armed.apps.mixed_model import _recenter
@@ -211,6 +223,23 @@ def test_recentering_moves_the_levels_mean_into_the_fixed_part_without_changing_
     assert abs(float(loc[:, 0].mean())) < 1e-6  # the intercepts' mean went into the fixed part
     assert (abs(float(loc[:, 1].mean())) < 1e-6) == (hidden == ())  # slopes only into a linear fixed part
     assert float(net.kl_divergence()) < float(kl_before)
+
+
+def test_recentering_a_subset_under_a_correlated_prior_never_raises_the_kl():
+    from monai_armed.apps.mixed_model import _recenter
+
+    net = MixedModelNet(1, {"g": FactorSpec(5, ["(Intercept)", "x"])}, hidden_channels=(3,)).eval()
+    layer = net.random_effects["g"]
+    with torch.no_grad():
+        layer.prior_tril.fill_(2.0)  # strongly correlated intercept and slope
+        layer.loc.copy_(torch.tensor([[1.0, 2.0]]).expand(5, 2))
+    x = torch.randn(5, 1)
+    inputs, cluster = torch.cat([x, torch.ones(5, 1), x], 1), {"g": torch.arange(5)}  # [fixed x | 1, x]
+    before, kl_before = net(inputs, cluster), float(net.kl_divergence())
+    _recenter(net, ["(Intercept)", "x"])  # an MLP fixed part: only the intercepts can move
+    torch.testing.assert_close(net(inputs, cluster), before, rtol=1e-5, atol=1e-5)
+    assert float(net.kl_divergence()) < kl_before
+    assert torch.equal(layer.loc[:, 1], torch.full((5,), 2.0))  # the slopes stayed
 
 
 def test_adversary_of_a_factor_trains_against_the_fixed_part():

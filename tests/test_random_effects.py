@@ -332,6 +332,12 @@ class TestCorrelatedRandomEffects(unittest.TestCase):
             unseen = re.kl_divergence(torch.tensor([-1, -1]))
         self.assertEqual(float(unseen), 0.0)
 
+    def test_diagonal_prior_has_no_covariance_rows(self):
+        rows = _re(4, 2, unit_names=["(Intercept)", "x"]).variance_components("g")
+        self.assertEqual([r["var2"] for r in rows], [None, None])
+        with self.assertRaisesRegex(ValueError, "post_scale_init_min > 1e-05"):
+            _re(4, 2, post_scale_init_min=1e-6)
+
     def test_batch_kl_needs_counts(self):
         with self.assertRaisesRegex(ValueError, "level_counts"):
             self._full().kl_divergence(torch.tensor([0, 1]))

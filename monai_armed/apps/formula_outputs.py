@@ -83,9 +83,9 @@ def formula_scores(
     design = build_design(None, frame, like=fit.design)
     n = frame[trials].to_numpy(float) if trials else None
     mean = fit.predict(design, random_effects=random_effects) * (n if n is not None else 1.0)
-    eta = torch.as_tensor(fit.linear_predictor(design, random_effects=random_effects) / fit._link_scale())
+    eta = torch.as_tensor(fit.linear_predictor(design, random_effects=random_effects))  # the data's units
     deviance = fit.family.unit_deviance(eta, torch.as_tensor(np.array(design.y)),
-                                        None if n is None else torch.as_tensor(n)) * fit._link_scale() ** 2
+                                        None if n is None else torch.as_tensor(n))
     scores = regression_metrics(torch.as_tensor(mean), torch.as_tensor(design.y))
     if fit.family.name == "bernoulli":  # a binary outcome: also how well the probabilities rank and classify
         labels = np.array(design.y)
@@ -104,7 +104,8 @@ def write_formula_outputs(
     """Write a fitted formula model's estimates, checkpoint, test scores and predictions; returns the metrics.
 
     Files (each written atomically): ``fixed_effects.json``, ``varcorr.json`` and ``varcorr.txt`` (lme4's
-    ``VarCorr`` rows and table), ``model.pt`` (the network's state dict), ``vocabularies.json`` (the levels of every
+    ``VarCorr`` rows and table), ``model.pt`` (:meth:`MixedModelFit.state_dict`: the network, the family and the
+    response scale), ``vocabularies.json`` (the levels of every
     grouping factor, to map new data), ``metrics.json`` (training and test MSE, MAE, R^2 and mean deviance, with and
     without the random effects) and ``predictions.csv`` (the test rows' predicted means).
 
@@ -132,7 +133,7 @@ def write_formula_outputs(
     with atomic_open(out / "varcorr.txt") as f:
         f.write(format_varcorr(rows) + "\n")
     with atomic_open(out / "model.pt", mode="wb") as f:
-        torch.save(fit.network.state_dict(), f)
+        torch.save(fit.state_dict(), f)
     _write_json(out / "vocabularies.json", fit.design.vocabularies)
     _write_json(out / "metrics.json", metrics)
     if test is not None:

@@ -56,6 +56,15 @@ class MixedModelFit:
     iterations: int = 0
     notes: list[str] = field(default_factory=list)
 
+    def state_dict(self) -> dict:
+        """Plain tensors that rebuild the fit's predictions: the network's and the family's state dicts and the
+        response scale the network's units are divided by (loadable with ``weights_only=True``)."""
+        return {
+            "network": self.network.state_dict(),
+            "family": self.family.state_dict(),
+            "response_scale": torch.tensor(self.response_scale, dtype=torch.float64),
+        }
+
     def fixed_effects(self) -> dict[str, float]:
         """Estimates of the linear fixed part by column name (``{}`` for an MLP fixed part)."""
         if len(self.network.hidden) or self.network.out_channels != 1:
@@ -236,6 +245,11 @@ def fit_mixed_model(
     family.validate_target(design.y, trials=trials, name=design.response, trials_name=trials_name)
     if weights is not None:
         validate_weights(weights, name=weights_name)
+    if family.name == "categorical":
+        raise ValueError(
+            "a categorical outcome cannot be fitted from a formula yet; train MixedModelNet(out_channels=n_classes) "
+            "with ARMEDTrainer and CategoricalLikelihood instead."
+        )
     if optimizer not in ("auto", "lbfgs", "adam"):
         raise ValueError(f"optimizer must be 'auto', 'lbfgs' or 'adam', got {optimizer!r}.")
     if optimizer == "auto":
@@ -387,27 +401,36 @@ def _adversary_step(network: MixedModelNet, judge: nn.Module, optimizer: torch.o
 
 @torch.no_grad()
 def _recenter(network: MixedModelNet, fixed_names: Sequence[str]) -> None:
-    """Move the mean of each factor's random intercepts (and, for a linear fixed part, of its random slopes) into the
-    matching fixed effect.
+    """Shift each factor's random intercepts (and, for a linear fixed part, its random slopes) by a common amount and
+    the matching fixed effects by the opposite, choosing the shift that minimises the KL.
 
     The likelihood cannot tell a shift of every level's effect from the same shift of the fixed effect; only the KL
-    pulls the levels' mean to zero, through a gradient of order ``levels / N``, far too weak for mini-batch steps to
-    follow. The move leaves every prediction unchanged and lowers the KL, so it only improves the ELBO.
+    pulls the levels towards zero along that direction, through a gradient of order ``levels / N``, far too weak for
+    mini-batch steps to follow. Predictions stay the same and the KL cannot grow, so the ELBO only improves. With a
+    prior precision ``A`` and the levels' mean ``m``, the shift of the shiftable units ``S`` is
+    ``A_SS^-1 (A m)_S`` (``m_S`` when every unit can shift or the prior is diagonal).
     """
     if network.out_channels != 1:
         return
     linear = len(network.hidden) == 0
     for layer in network.random_effects.values():
+        units, targets = [], []
         for unit, name in enumerate(layer.unit_names):
             if linear and name in fixed_names:
-                target = (network.out.weight, (0, list(fixed_names).index(name)))
+                targets.append((network.out.weight, (0, list(fixed_names).index(name))))
             elif name == "(Intercept)" and network.out.bias is not None:
-                target = (network.out.bias, (0,))
+                targets.append((network.out.bias, (0,)))
             else:
                 continue
-            shift = layer.loc[:, unit].mean()
-            layer.loc[:, unit] -= shift
-            target[0][target[1]] += shift
+            units.append(unit)
+        if not units:
+            continue
+        precision = torch.cholesky_inverse(layer.prior_cholesky().double())
+        pulled = precision @ layer.loc.double().mean(0)
+        shift = torch.linalg.solve(precision[units][:, units], pulled[units]).to(layer.loc.dtype)
+        layer.loc[:, units] -= shift
+        for (param, index), value in zip(targets, shift):
+            param[index] += value
 
 
 def _fit_adam(network, family, params, x, y, cluster, extras, epochs, batch_size, lr, seed,
@@ -436,4 +459,6 @@ def _fit_adam(network, family, params, x, y, cluster, extras, epochs, batch_size
             optimizer.step()
             steps += 1
         _recenter(network, fixed_names)
-    return float(loss.detach()), steps
+    with torch.no_grad():  # the full-data ELBO (no adversary), comparable with the L-BFGS fits
+        objective = _elbo(network, family, x, y, cluster, extras, n_rows)
+    return float(objective), steps

@@ -247,7 +247,7 @@ class ARMEDTrainer(SupervisedTrainer):
         super()._register_handlers(handlers)
 
     def run(self) -> None:  # type: ignore[override]
-        if self.n_train is None:
+        if self.n_train is None and self.kl_weight:
             raise ValueError(
                 "ARMEDTrainer needs the number of training rows to scale the KL (ELBO): the data loader has no sized "
                 "dataset, so pass n_train=N."

@@ -181,7 +181,7 @@ class LikelihoodFamily(nn.Module):
         else:
             var = _per_row(pred_var, "pred_var")
             _same_rows(rows, pred, pred_var, "pred_var")
-            nll = self._expected_nll(eta, var.to(eta.dtype), y, n)
+            nll = self._expected_nll(eta, var.to(eta), y, n)
         if weight is not None:
             w = _per_row(weight, "weight")
             _same_rows(rows, pred, weight, "weight")
@@ -393,10 +393,10 @@ class _LogitFamily(LikelihoodFamily):
 
     def _expected_softplus(self, eta: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         # clamp: sqrt has an infinite derivative at 0 (a zero variance gets a zero gradient instead)
-        spread = var.clamp_min(1e-30).sqrt().unsqueeze(1) * self.gh_nodes.to(eta.dtype)
+        spread = var.clamp_min(1e-30).sqrt().unsqueeze(1) * self.gh_nodes.to(eta)
         center = eta.unsqueeze(1)
         pairs = F.softplus(center + spread) + F.softplus(center - spread)
-        return self.gh_center.to(eta.dtype) * F.softplus(eta) + pairs @ self.gh_weights.to(eta.dtype)
+        return self.gh_center.to(eta) * F.softplus(eta) + pairs @ self.gh_weights.to(eta)
 
 
 class BernoulliLikelihood(_LogitFamily):
@@ -419,12 +419,12 @@ class BernoulliLikelihood(_LogitFamily):
     name = "bernoulli"
 
     def _nll(self, eta: torch.Tensor, y: torch.Tensor, trials: torch.Tensor | None) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(eta, y.to(eta.dtype), reduction="none")
+        return F.binary_cross_entropy_with_logits(eta, y.to(eta), reduction="none")
 
     def _expected_nll(
         self, eta: torch.Tensor, var: torch.Tensor, y: torch.Tensor, trials: torch.Tensor | None
     ) -> torch.Tensor:
-        return self._expected_softplus(eta, var) - y.to(eta.dtype) * eta
+        return self._expected_softplus(eta, var) - y.to(eta) * eta
 
     def _unit_deviance(self, eta: torch.Tensor, y: torch.Tensor, trials: torch.Tensor | None) -> torch.Tensor:
         # y is 0 or 1, so the saturated model's likelihood is 1 and the deviance is -2 log p_y
@@ -471,18 +471,18 @@ class BinomialLikelihood(_LogitFamily):
         return torch.lgamma(n + 1) - torch.lgamma(y + 1) - torch.lgamma(n - y + 1)
 
     def _nll(self, eta: torch.Tensor, y: torch.Tensor, trials: torch.Tensor | None) -> torch.Tensor:
-        y = y.to(eta.dtype)
+        y = y.to(eta)
         # log p = -softplus(-eta), log(1 - p) = -softplus(eta): stable for large |eta|
         return y * F.softplus(-eta) + (trials - y) * F.softplus(eta) - self._log_choose(trials, y)
 
     def _expected_nll(
         self, eta: torch.Tensor, var: torch.Tensor, y: torch.Tensor, trials: torch.Tensor | None
     ) -> torch.Tensor:
-        y = y.to(eta.dtype)
+        y = y.to(eta)
         return trials * self._expected_softplus(eta, var) - y * eta - self._log_choose(trials, y)
 
     def _unit_deviance(self, eta: torch.Tensor, y: torch.Tensor, trials: torch.Tensor | None) -> torch.Tensor:
-        y = y.to(eta.dtype)
+        y = y.to(eta)
         failures = trials - y
         # 2 [y log(y / (n p)) + (n - y) log((n - y) / (n (1 - p)))], with xlogy's 0 log 0 = 0
         saturated = torch.special.xlogy(y, y / trials) + torch.special.xlogy(failures, failures / trials)
@@ -532,17 +532,17 @@ class PoissonLikelihood(LikelihoodFamily):
         return pred.exp()
 
     def _nll(self, eta: torch.Tensor, y: torch.Tensor, trials: torch.Tensor | None) -> torch.Tensor:
-        y = y.to(eta.dtype)
+        y = y.to(eta)
         return eta.exp() - y * eta + torch.lgamma(y + 1)
 
     def _expected_nll(
         self, eta: torch.Tensor, var: torch.Tensor, y: torch.Tensor, trials: torch.Tensor | None
     ) -> torch.Tensor:
-        y = y.to(eta.dtype)
+        y = y.to(eta)
         return (eta + 0.5 * var).exp() - y * eta + torch.lgamma(y + 1)
 
     def _unit_deviance(self, eta: torch.Tensor, y: torch.Tensor, trials: torch.Tensor | None) -> torch.Tensor:
-        y = y.to(eta.dtype)
+        y = y.to(eta)
         # 2 [y log(y / mu) - (y - mu)] with log mu = eta and 0 log 0 = 0
         return 2 * (torch.special.xlogy(y, y) - y * eta - y + eta.exp())
 

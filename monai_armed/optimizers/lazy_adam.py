@@ -79,13 +79,17 @@ class LazyAdam(Optimizer):
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             rowwise = group["rowwise"] and param.dim() >= 2
             state["exp_avg_sq"] = param.new_zeros(table.shape[0], 1) if rowwise else torch.zeros_like(param)
+        if state["step"].device != param.device:  # load_state_dict leaves a per-row tensor where it was saved
+            state["step"] = state["step"].to(param.device)
         exp_avg = state["exp_avg"].view(table.shape)
         exp_avg_sq = state["exp_avg_sq"].view(table.shape[0], -1)
         grad = param.grad
         if grad.is_sparse:
             grad = grad.coalesce()
             rows = grad.indices()[0]
-            values = grad.values().reshape(rows.shape[0], -1)
+            if rows.numel() == 0:  # a zeroed sparse gradient: nothing touched this step
+                return
+            values = grad.values().reshape(rows.shape[0], table.shape[1])
         else:
             rows = None
             values = grad.reshape(table.shape)

@@ -162,8 +162,11 @@ class RandomEffects(nn.Module):
             raise ValueError(f"n_clusters and units must be >= 1, got n_clusters={n_clusters}, units={units}.")
         prior = _per_unit(prior_scale, units, "prior_scale")
         loc_init = _per_unit(post_loc_init_scale, units, "post_loc_init_scale")
-        if bool((prior <= 0).any()) or post_scale_init_min <= 0 or post_scale_init_range < 0:
-            raise ValueError("prior_scale and post_scale_init_min must be > 0 and post_scale_init_range >= 0.")
+        if bool((prior <= 0).any()) or post_scale_init_min <= _MIN_SCALE or post_scale_init_range < 0:
+            raise ValueError(
+                f"prior_scale must be > 0, post_scale_init_min > {_MIN_SCALE} (the posterior's smallest scale) and "
+                "post_scale_init_range >= 0."
+            )
         if kl_estimator not in ("analytic", "mc"):
             raise ValueError(f"kl_estimator must be 'analytic' or 'mc', got {kl_estimator!r}.")
         if covariance not in COVARIANCES:
@@ -345,6 +348,7 @@ class RandomEffects(nn.Module):
         per_row = self._analytic_kl(self._gather(self.loc, safe), safe) / self.level_counts[safe]
         if unseen:
             per_row = per_row * (cluster >= 0).to(per_row.dtype)
+        # N counts the rows of seen levels: batches with unseen (-1) training rows scale the estimate by N / N_all
         total = self._level_total if self._level_total is not None else self.level_counts.sum()
         return per_row.sum() * (total / cluster.shape[0])
 
@@ -391,7 +395,7 @@ class RandomEffects(nn.Module):
             {"grp": group, "var1": names[k], "var2": None, "vcov": float(cov[k, k]), "sdcor": float(sd[k])}
             for k in range(self.units)
         ]
-        for j in range(self.units):
+        for j in range(self.units if self.covariance == "full" else 0):  # a diagonal prior has no covariances
             for k in range(j + 1, self.units):
                 corr = float(cov[j, k] / (sd[j] * sd[k])) if float(sd[j] * sd[k]) > 0 else 0.0
                 rows.append({"grp": group, "var1": names[j], "var2": names[k], "vcov": float(cov[j, k]), "sdcor": corr})
