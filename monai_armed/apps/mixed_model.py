@@ -459,6 +459,28 @@ def _fit_adam(network, family, params, x, y, cluster, extras, epochs, batch_size
             optimizer.step()
             steps += 1
         _recenter(network, fixed_names)
+    if network.out_channels == 1:
+        _polish_random_effects(network, family, x, y, cluster, extras, n_rows)
     with torch.no_grad():  # the full-data ELBO (no adversary), comparable with the L-BFGS fits
         objective = _elbo(network, family, x, y, cluster, extras, n_rows)
     return float(objective), steps
+
+
+def _polish_random_effects(network, family, x, y, cluster, extras, n_rows: int, max_iter: int = 200) -> None:
+    """With the fixed part frozen, maximise the full-data ELBO over the random effects, their prior and the family's
+    parameters by L-BFGS: a deterministic, convex-in-the-posterior problem (exact for a Gaussian family), which
+    finishes what mini-batch steps leave unconverged at levels with few rows."""
+    fixed = list(network.hidden.parameters()) + list(network.out.parameters())
+    params = [p for p in list(network.random_effects.parameters()) + list(family.parameters()) if p.requires_grad]
+    sparse = {layer: layer.sparse for layer in network.random_effects.values()}
+    for p in fixed:
+        p.requires_grad_(False)
+    for layer in sparse:
+        layer.sparse = False  # L-BFGS needs dense gradients
+    try:
+        _fit_lbfgs(network, family, params, x, y, cluster, extras, n_rows, max_iter)
+    finally:
+        for p in fixed:
+            p.requires_grad_(True)
+        for layer, was_sparse in sparse.items():
+            layer.sparse = was_sparse
