@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nfigures (per-site intercepts, random-effect spread, Grad-CAM of fixed vs mixed effects):")
     for variant in args.variants:
         print(f"  {root / variant / 'eval' / 'figures'}")
-    print("One seed says little: compare with the 3-seed benchmark in README.md (python benchmarks/mri_sites.py).")
+    print("One seed says little: compare with the 5-seed benchmark in README.md (python benchmarks/mri_sites.py).")
     return 0
 
 
