@@ -47,7 +47,7 @@ from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.pat
 
 from monai_armed.apps import fit_formula, format_varcorr, formula_scores, read_formula_csv
 from monai_armed.losses import FAMILIES
-from monai_armed.utils import atomic_open
+from monai_armed.utils import write_json
 
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
@@ -214,9 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result["date"] = datetime.datetime.now().isoformat(timespec="seconds")
     if args.section:
         replace_section(RESULTS_MD, args.section, render_section(result))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(args.json) as f:
-        json.dump(result, f, indent=2)
+    write_json(result, args.json)
     return result
 
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from pathlib import Path
@@ -26,7 +25,7 @@ from sklearn.model_selection import train_test_split
 from monai_armed.apps.mixed_model import MixedModelFit, format_varcorr
 from monai_armed.data.formula import build_design, parse_mixed_formula
 from monai_armed.metrics.regression import regression_metrics
-from monai_armed.utils import atomic_open, csv_cell
+from monai_armed.utils import atomic_open, csv_cell, write_json
 
 __all__ = ["formula_scores", "read_formula_csv", "split_rows", "write_formula_outputs"]
 
@@ -128,14 +127,14 @@ def write_formula_outputs(
     if test is not None:
         metrics["test"] = formula_scores(fit, test, True, trials)
         metrics["test_fixed_effects_only"] = formula_scores(fit, test, False, trials)
-    _write_json(out / "fixed_effects.json", fit.fixed_effects())
-    _write_json(out / "varcorr.json", rows)
+    write_json(fit.fixed_effects(), out / "fixed_effects.json")
+    write_json(rows, out / "varcorr.json")
     with atomic_open(out / "varcorr.txt") as f:
         f.write(format_varcorr(rows) + "\n")
     with atomic_open(out / "model.pt", mode="wb") as f:
         torch.save(fit.state_dict(), f)
-    _write_json(out / "vocabularies.json", fit.design.vocabularies)
-    _write_json(out / "metrics.json", metrics)
+    write_json(fit.design.vocabularies, out / "vocabularies.json")
+    write_json(metrics, out / "metrics.json")
     if test is not None:
         predicted = fit.predict(build_design(None, test, like=fit.design))
         with atomic_open(out / "predictions.csv", newline="") as f:
@@ -145,8 +144,3 @@ def write_formula_outputs(
                 writer.writerow([csv_cell(index), float(y), float(p)])
     logger.info("formula model written to %s (test MSE %s)", out, metrics.get("test", {}).get("mse"))
     return metrics
-
-
-def _write_json(path: Path, value: object) -> None:
-    with atomic_open(path) as f:
-        json.dump(value, f, indent=2)

@@ -88,29 +88,23 @@ class MixedModelFit:
             rows.append({"grp": "Residual", "var1": None, "var2": None, "vcov": variance, "sdcor": variance**0.5})
         return rows
 
-    def _inputs(self, design: MixedDesign) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return _tensors(design, dtype=self.network.out.weight.dtype)
-
     def linear_predictor(self, data: pd.DataFrame | MixedDesign, random_effects: bool = True) -> np.ndarray:
         """The linear predictor (link scale, data units) of new rows; unseen levels contribute nothing."""
         design = data if isinstance(data, MixedDesign) else build_design(None, data, like=self.design,
                                                                          require_response=False)
-        x, cluster = self._inputs(design)
+        x, cluster = _tensors(design, dtype=self.network.out.weight.dtype)
         self.network.eval()
         with torch.no_grad():
             eta = self.network(x, cluster if random_effects else None)
         unseen = {k: int((c < 0).sum()) for k, c in cluster.items() if int((c < 0).sum())}
         if unseen and random_effects:
             logger.info("levels unseen in training (fixed effects only for that factor): %s rows", unseen)
-        return (eta.double().numpy()[:, 0] * self._link_scale()) if eta.shape[1] == 1 else eta.double().numpy()
+        return (eta.double().numpy()[:, 0] * self.response_scale) if eta.shape[1] == 1 else eta.double().numpy()
 
     def predict(self, data: pd.DataFrame | MixedDesign, random_effects: bool = True) -> np.ndarray:
         """The expected response of new rows (probability for the logit families, rate for Poisson)."""
-        eta = torch.as_tensor(self.linear_predictor(data, random_effects) / self._link_scale())
-        return (self.family.mean(eta).numpy() * self._link_scale()).astype(float)
-
-    def _link_scale(self) -> float:
-        return self.response_scale if self.family.name == "gaussian" else 1.0
+        eta = torch.as_tensor(self.linear_predictor(data, random_effects) / self.response_scale)
+        return (self.family.mean(eta).numpy() * self.response_scale).astype(float)
 
 
 def format_varcorr(rows: Sequence[dict]) -> str:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,7 @@ class FactorSpec:
         terms: names of the random-effects design columns (``"(Intercept)"``, ``"Days"``, ...), one unit each.
         counts: training rows per level (enables the batch estimate of the KL and calibrates it).
         correlated: full covariance (``(1 + x | g)``) or independent effects (``(1 + x || g)``).
+        prior_scale: initial prior standard deviation (learned): a float, or one value per unit (term x output).
 
     Example::
 
@@ -48,7 +49,6 @@ class FactorSpec:
     counts: Sequence[float] | None = None
     correlated: bool = True
     prior_scale: float | Sequence[float] = 1.0
-    extra: dict = field(default_factory=dict)
 
 
 class MixedModelNet(nn.Module):
@@ -123,7 +123,6 @@ class MixedModelNet(nn.Module):
                 level_counts=spec.counts,
                 sparse=sparse,
                 unit_names=names,
-                **spec.extra,
             )
             self._spans.append((start, start + units))
             start += units
