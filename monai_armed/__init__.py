@@ -14,7 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.3.0"
 
-from . import apps, data, engines, handlers, losses, metrics, networks, optimizers, transforms, utils, visualize
+from . import apps, data, engines, handlers, inferers, losses, metrics, networks, optimizers, transforms, utils, visualize
 from .data import TensorBatchLoader
 from .engines import ARMEDEvaluator, ARMEDTrainer, PrepareBatchCluster
 from .networks import ARMED, ARMEDCNN, ClusterAdversary, MixedEffectsMLP, RandomEffects, ZPredictor

@@ -125,7 +125,7 @@ def test_classification_evaluator_is_unchanged_and_task_is_checked():
     assert evaluator.task == "classification"
     evaluator.run()
     assert "mse" not in evaluator.state.metrics
-    with pytest.raises(ValueError, match=r"task must be one of \('classification', 'regression'\), got 'survival'"):
+    with pytest.raises(ValueError, match=r"task must be one of \('classification', 'regression', 'segmentation'\), got 'survival'"):
         _regression_evaluator(task="survival")
 
 

@@ -25,6 +25,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
 from monai_armed.engines.trainer import ARMEDKeys
+from monai_armed.inferers import cluster_inference
 from monai_armed.metrics.regression import REGRESSION_METRICS, regression_metrics
 from monai_armed.networks.utils import cluster_one_hot
 
@@ -39,8 +40,8 @@ CLUSTER_MODES = ("observed", "fixed", "inferred", "randomized")
 #: one factor's index / membership tensor, or one per grouping factor by name
 ClusterArg = torch.Tensor | Mapping[str, torch.Tensor]
 
-#: what an evaluator's predictions are: class logits, or the predicted mean of a continuous outcome
-TASKS = ("classification", "regression")
+#: what an evaluator's predictions are: class logits, the predicted mean of a continuous outcome, or logit maps
+TASKS = ("classification", "regression", "segmentation")
 
 
 def resolve_cluster(
@@ -141,6 +142,11 @@ def _resolve_factors(
     return resolved
 
 
+def _has_prediction(network: nn.Module) -> bool:
+    """Whether the network picks its prediction from a structured output (:meth:`ARMED.prediction`)."""
+    return callable(getattr(network, "prediction", None))
+
+
 def _network_levels(network: nn.Module) -> int | dict[str, int] | None:
     """The number of seen clusters of a network: ``n_clusters``, or per factor for a several-factor model (a
     ``MixedModelNet``: one ``RandomEffects`` per factor in ``random_effects``)."""
@@ -187,8 +193,13 @@ class ARMEDEvaluator(SupervisedEvaluator):
         seed: seed of the random clusters of ``randomized`` (reset at every run, so runs are reproducible).
         prepare_batch: default ``PrepareBatchCluster(require_cluster=False)``.
         inferred_factor: with several grouping factors, the one the Z-predictor infers (default the first).
-        task: ``"classification"`` (default) or ``"regression"`` (``TASKS``).
-        kwargs: further ``SupervisedEvaluator`` arguments (``key_val_metric``, ``val_handlers``, ``decollate``, ...).
+        task: ``"classification"`` (default), ``"regression"`` or ``"segmentation"`` (``TASKS``; segmentation
+            declares logit maps, which :class:`~monai_armed.handlers.ClusterModeReport` scores by Dice and HD95).
+        kwargs: further ``SupervisedEvaluator`` arguments (``key_val_metric``, ``val_handlers``, ``decollate``,
+            ``inferer``, ...). An ``inferer`` other than ``SimpleInferer`` (a ``SlidingWindowInferer``) calls the
+            network on each sample's windows with that sample's cluster
+            (:func:`~monai_armed.inferers.cluster_inference`). A network with a ``prediction`` method (``ARMED``)
+            gives ``pred`` from its output (ViT's logits, not its hidden states).
 
     Example::
 
@@ -327,7 +338,8 @@ class ARMEDEvaluator(SupervisedEvaluator):
                 engine._generator,
                 engine.inferred_factor,
             )
-            engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, cluster=cluster)
+            out = cluster_inference(engine.inferer, inputs, engine.network, cluster)
+            engine.state.output[Keys.PRED] = engine.network.prediction(out) if _has_prediction(engine.network) else out
         if engine.task == "regression" and targets is not None:
             pred = engine.state.output[Keys.PRED].detach().float().cpu()
             engine._regression_rows.append((pred.reshape(pred.shape[0], -1), targets.detach().float().cpu()))

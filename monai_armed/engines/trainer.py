@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from monai_armed.engines.distributed import ARMEDForward
 from monai_armed.engines.output import EpochMeans, IterationOutput, iteration_scalars
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
+from monai_armed.inferers import armed_inference, is_windowed
 from monai_armed.losses import LogitClassificationLoss, cluster_confusion_loss
 from monai_armed.networks.layers.gradient_reversal import grad_reverse
 
@@ -149,7 +150,9 @@ class ARMEDTrainer(SupervisedTrainer):
         epoch_metrics: write the epoch means of the loss parts and the learning rate to ``engine.state.metrics``
             (:class:`~monai_armed.engines.output.EpochMeans`).
         kwargs: further ``SupervisedTrainer`` arguments (``train_handlers``, ``key_train_metric``, ``amp``,
-            ``decollate``, ``accumulation_steps``, ...).
+            ``decollate``, ``accumulation_steps``, ``inferer``, ...). A windowed ``inferer`` (a
+            ``SlidingWindowInferer`` over large images, say) runs ``forward_armed`` on each sample's windows with
+            that sample's cluster (:func:`~monai_armed.inferers.armed_inference`; not with DDP).
 
     Example::
 
@@ -222,6 +225,12 @@ class ARMEDTrainer(SupervisedTrainer):
             self._epoch_means.attach(self)
         # DDP runs forward_armed through the wrapper's forward; a plain network is called directly
         self._forward_armed = self.network if isinstance(network, DistributedDataParallel) else network.forward_armed
+        if isinstance(network, DistributedDataParallel) and is_windowed(self.inferer):
+            raise ValueError(
+                f"ARMEDTrainer with DistributedDataParallel cannot train through {type(self.inferer).__name__}: a "
+                "windowed inferer calls the network several times per step, which would run several synchronised "
+                "forward passes before one backward pass; train on patches with a SimpleInferer."
+            )
         self._ddp_modules = tuple(m for m in (network, adversary) if isinstance(m, DistributedDataParallel))
         self.adversary = adversary
         self._adversary_module = adversary_module
@@ -291,7 +300,7 @@ class ARMEDTrainer(SupervisedTrainer):
         autocast = torch.autocast("cuda", **self.amp_kwargs) if self.amp else nullcontext()
 
         with autocast:
-            out = self._forward_armed(inputs, cluster)
+            out = armed_inference(self.inferer, inputs, self._forward_armed, cluster)
             task = self._task_loss(out, targets)  # checks the labels before the adversary takes any step
         self.state.output[Keys.PRED], self.state.output[ARMEDKeys.PRED_FE] = out.pred, out.pred_fe
         self.fire_event(IterationEvents.FORWARD_COMPLETED)

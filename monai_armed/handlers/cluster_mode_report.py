@@ -21,9 +21,11 @@ from monai_armed.handlers.prediction_collector import PredictionCollector
 from monai_armed.metrics import (
     binary_metrics,
     classification_summary,
+    label_map,
     per_cluster_binary_metrics,
     positive_probability,
     regression_summary,
+    segmentation_summary,
 )
 from monai_armed.utils import nan_to_none, write_json
 
@@ -35,9 +37,16 @@ else:
 
 __all__ = ["ClusterModeReport", "format_report_table"]
 
-_METRICS = ("classification", "regression", "binary")
+_METRICS = ("classification", "regression", "binary", "segmentation")
 #: the metrics of the tables that a report logs, per kind of report
-_LOGGED = {"classification": ("accuracy",), "regression": ("mse", "r2"), "binary": ("auroc",)}
+_LOGGED = {
+    "classification": ("accuracy",),
+    "regression": ("mse", "r2"),
+    "binary": ("auroc",),
+    "segmentation": ("dice",),
+}
+#: the report's default metrics for an evaluator's task
+_TASK_METRICS = {"regression": "regression", "segmentation": "segmentation"}
 
 
 class ClusterModeReport:
@@ -51,7 +60,9 @@ class ClusterModeReport:
     (AUROC, balanced accuracy, sensitivity, specificity at a threshold) overall and per cluster, where the threshold
     of each mode is the Youden point fitted on ``threshold_dataset`` in that mode (e.g. the training predictions, as
     in the paper), or fitted on each dataset itself when ``threshold_dataset`` is ``None``. Metrics that the data
-    cannot define (AUROC of a one-class site) are written as ``null``. Attach it to a trainer to run once training
+    cannot define (AUROC of a one-class site) are written as ``null``. ``metrics="segmentation"`` stores
+    :func:`~monai_armed.metrics.segmentation_summary`: the mean per-image Dice and HD95 of the argmax class maps,
+    overall and per cluster (the logits are reduced to class maps as they are collected). Attach it to a trainer to run once training
     completes, or call :meth:`run` (e.g. from ``evaluate.json``).
 
     Args:
@@ -61,8 +72,8 @@ class ClusterModeReport:
             the evaluator has a Z-predictor.
         output_file: JSON path (optional).
         cluster_names: names of the seen clusters for the per-cluster tables.
-        metrics: ``"classification"``, ``"regression"`` or ``"binary"``; default ``"regression"`` for an evaluator
-            with ``task="regression"``, else ``"classification"``.
+        metrics: ``"classification"``, ``"regression"``, ``"binary"`` or ``"segmentation"``; default the
+            evaluator's ``task`` when it is ``"regression"`` or ``"segmentation"``, else ``"classification"``.
         threshold_dataset: name of the dataset whose predictions fix the decision threshold of each mode
             (``metrics="binary"`` only); it is evaluated in every mode that another dataset uses.
         cluster_factor: with several grouping factors, the one of the per-cluster tables (default the evaluator's
@@ -82,6 +93,9 @@ class ClusterModeReport:
 
         regression = ClusterModeReport(ARMEDEvaluator(..., task="regression"), {"seen": test_loader})
         regression.run()["seen"]["observed"]["per_cluster"]["site_a"]["r2"]
+        segmentation = ClusterModeReport(ARMEDEvaluator(..., task="segmentation", inferer=sliding_window),
+                                         {"seen": test_loader, "unseen": unseen_loader})
+        segmentation.run()["unseen"]["inferred"]["dice"]
     """
 
     def __init__(
@@ -96,7 +110,7 @@ class ClusterModeReport:
         cluster_factor: str | None = None,
     ) -> None:
         if metrics is None:
-            metrics = "regression" if getattr(evaluator, "task", None) == "regression" else "classification"
+            metrics = _TASK_METRICS.get(getattr(evaluator, "task", None), "classification")
         if metrics not in _METRICS:
             raise ValueError(f"metrics must be one of {', '.join(map(repr, _METRICS))}, got {metrics!r}.")
         if threshold_dataset is not None and (metrics != "binary" or threshold_dataset not in datasets):
@@ -119,7 +133,9 @@ class ClusterModeReport:
         if cluster_factor is None and isinstance(evaluator.n_clusters, Mapping):
             cluster_factor = next(iter(evaluator.n_clusters))
         self.cluster_factor = cluster_factor
-        self.collector = PredictionCollector(cluster_factor=cluster_factor)
+        self.collector = PredictionCollector(
+            cluster_factor=cluster_factor, pred_transform=label_map if metrics == "segmentation" else None
+        )
         self.collector.attach(evaluator)
 
     def attach(self, engine: Engine) -> None:
@@ -162,6 +178,8 @@ class ClusterModeReport:
             return classification_summary(c.pred, c.label, c.cluster, n_clusters, self.cluster_names)
         if self.metrics == "regression":
             return regression_summary(c.pred, c.label, c.cluster, n_clusters, self.cluster_names)
+        if self.metrics == "segmentation":
+            return segmentation_summary(c.pred, c.label, c.cluster, n_clusters, self.cluster_names)
         label, prob = c.label.reshape(-1).cpu().numpy(), positive_probability(c.pred).cpu().numpy()
         if prob.ndim != 1:
             raise ValueError(

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -72,6 +72,8 @@ class PredictionCollector:
     Args:
         keys: output keys to collect.
         cluster_factor: the grouping factor collected from a mapping field (default the first).
+        pred_transform: applied to every batch of ``pred`` before it is kept (e.g.
+            :func:`~monai_armed.metrics.label_map`, so that segmentation logits are kept as small class maps).
 
     Example::
 
@@ -82,10 +84,14 @@ class PredictionCollector:
     """
 
     def __init__(
-        self, keys: Sequence[str] = (Keys.PRED, Keys.LABEL, "cluster"), cluster_factor: str | None = None
+        self,
+        keys: Sequence[str] = (Keys.PRED, Keys.LABEL, "cluster"),
+        cluster_factor: str | None = None,
+        pred_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.keys = tuple(keys)
         self.cluster_factor = cluster_factor
+        self.pred_transform = pred_transform
         self._parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.keys}
         self.values: dict[str, torch.Tensor | None] = {k: None for k in self.keys}
 
@@ -102,7 +108,10 @@ class PredictionCollector:
         for key in self.keys:
             value = output_field(engine.state.output, key, self.cluster_factor)
             if value is not None:
-                self._parts[key].append(value.detach().cpu())
+                value = value.detach()
+                if key == Keys.PRED and self.pred_transform is not None:
+                    value = self.pred_transform(value)
+                self._parts[key].append(value.cpu())
 
     def finalize(self, engine: Engine | None = None) -> None:
         self.values = {k: torch.cat(v) if v else None for k, v in self._parts.items()}

@@ -21,3 +21,4 @@ from .classification import (
     predicted_class,
 )
 from .regression import REGRESSION_METRICS, per_cluster_regression_metrics, regression_metrics, regression_summary
+from .segmentation import label_map, per_image_segmentation_scores, segmentation_summary

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import difflib
-import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,10 +19,23 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from monai.networks.nets import DenseNet, EfficientNet, ResNet, SENet
+from monai.networks.nets import DynUNet
 
 from monai_armed.networks.blocks.cluster_norm import ClusterScaleBias, cluster_norm_modules
 from monai_armed.networks.layers.random_effects import RandomEffects, check_cluster_index
+from monai_armed.networks.nets.armed_probe import (
+    HEAD_TYPES,
+    INPUT_SUFFIX,
+    default_tap_layers,
+    describe_output,
+    evaluation_pass,
+    guess_in_shape,
+    is_token_layer,
+    layer_call_order,
+    layers_after,
+    locate_head,
+    probe_input,
+)
 from monai_armed.networks.utils import ARMEDOutput, cluster_one_hot, total_kl_divergence
 from monai_armed.utils import shape_str
 
@@ -39,9 +51,6 @@ ARMED_VARIANTS: dict[str, dict] = {
     "armed_no_adversary": {},
 }
 
-#: A tap named ``"<module>:input"`` reads the first positional input of ``<module>`` instead of its output.
-INPUT_SUFFIX = ":input"
-
 _SWAPPABLE_NORMS: dict[type, int] = {
     nn.BatchNorm1d: 1,
     nn.BatchNorm2d: 2,
@@ -50,14 +59,11 @@ _SWAPPABLE_NORMS: dict[type, int] = {
     nn.InstanceNorm2d: 2,
     nn.InstanceNorm3d: 3,
 }
-#: spatial size of the construction dry run when ``in_shape`` is not given, per number of spatial dimensions
-_PROBE_SIZE = {1: 256, 2: 64, 3: 32}
 #: the end of every refusal of a network whose output layer ARMED cannot use
 _HEAD_HINT = (
-    "Pass the layer whose output the network returns as head=, e.g. ARMED(net, n_clusters, head=\"fc\") with a name "
-    "from net.named_modules(): an nn.Linear called last in forward, whose output the network returns unchanged. "
-    "Dense prediction (segmentation) and transformer networks are not supported by ARMED yet; they come in a later "
-    "release."
+    "Pass the output layer as head=, e.g. ARMED(net, n_clusters, head=\"fc\"), with a name from net.named_modules(): "
+    "an nn.Linear or a convolution, the last layer with parameters that the forward pass calls; only operations "
+    "without parameters (an activation, a reshape, a tuple of outputs) may follow it, row by row."
 )
 
 
@@ -72,98 +78,6 @@ def _norm_dims(module: nn.Module) -> int:
     return 0
 
 
-def _last_linear(network: nn.Module) -> str:
-    names = [name for name, m in network.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise ValueError(
-            f"{type(network).__name__} has no nn.Linear layer to put the random effects on; pass head=<name of the "
-            "final linear layer> (a module name from network.named_modules())."
-        )
-    return names[-1]
-
-
-def _guess_in_shape(network: nn.Module) -> tuple[tuple[int, ...], str]:
-    """The dry run's input shape without the batch dimension, and where it came from, when ``in_shape`` is not given:
-    the first convolution's input channels at ``_PROBE_SIZE``, else the first linear layer's input features."""
-    layers = [(n, m) for n, m in network.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    layers = layers or [(n, m) for n, m in network.named_modules() if isinstance(m, nn.Linear)]
-    name, layer = layers[0]  # the head is an nn.Linear, so there is one
-    if isinstance(layer, nn.Linear):
-        shape: tuple[int, ...] = (layer.in_features,)
-    else:
-        dims = len(layer.kernel_size)
-        shape = (layer.in_channels,) + (_PROBE_SIZE.get(dims, 64),) * dims
-    if 0 in shape:
-        raise ValueError(
-            f"cannot guess the input shape of {type(network).__name__} for ARMED's dry run: its first layer {name!r} is "
-            f"an uninitialised {type(layer).__name__}; pass in_shape=(channels, *spatial), the shape of one input "
-            "without the batch dimension."
-        )
-    return shape, f"guessed from {name!r} ({type(layer).__name__}); pass in_shape=(channels, *spatial) otherwise"
-
-
-def _describe(value: Any) -> str:
-    """What a forward returned, for error messages: ``"a Tensor (1, 2)"``, ``"a tuple (Tensor (1, 2), list)"``."""
-    if isinstance(value, torch.Tensor):
-        return f"a Tensor {shape_str(value)}"
-    if isinstance(value, (tuple, list)):
-        items = [f"Tensor {shape_str(v)}" if isinstance(v, torch.Tensor) else type(v).__name__ for v in value]
-        return f"a {type(value).__name__} ({', '.join(items)})"
-    if isinstance(value, dict):
-        return f"a {type(value).__name__} with keys {list(value)}"
-    return f"a {type(value).__name__}"
-
-
-def _has_params(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is not None
-
-
-def _generic_taps(network: nn.Module, head: str) -> list[str]:
-    """The parameterised children before the head's branch, descending while there is just one."""
-    module, prefix = network, ""
-    while True:
-        names, chosen = [], module
-        for name, child in module.named_children():
-            full = prefix + name
-            if head == full or head.startswith(full + "."):
-                break
-            if _has_params(child):
-                names.append(full)
-                chosen = child
-        if len(names) == 1 and next(chosen.children(), None) is not None:
-            module, prefix = chosen, names[0] + "."
-            continue
-        return names
-
-
-def default_tap_layers(network: nn.Module, head: str | None = None) -> list[str]:
-    """The intermediate layers whose outputs :class:`ARMED` feeds to the cluster adversary by default.
-
-    ``ARMED`` adds the head's input (the penultimate features) after these. Rules, first match wins:
-
-    - a network with a ``feature_layers`` attribute (e.g. :class:`ARMEDCNN`: ``c0 ... c6``): those names;
-    - MONAI ``DenseNet``: the transition layers ``features.transitionN`` (dense block outputs after compression);
-    - MONAI ``ResNet`` / ``SENet`` (SEResNet...): ``layer1 ... layer3`` (``layer4`` pooled is the penultimate);
-    - MONAI ``EfficientNet``: every stage ``_blocks.N``;
-    - otherwise: the parameterised children that come before the head's branch, descending into a single one
-      (``features`` of a ``features`` / ``classifier`` network, say).
-
-    Example::
-
-        default_tap_layers(resnet18(spatial_dims=2, n_input_channels=1, num_classes=2))   # ["layer1", "layer2", "layer3"]
-    """
-    declared = getattr(network, "feature_layers", None)
-    if declared is not None:
-        return [str(name) for name in declared]
-    if isinstance(network, DenseNet):
-        return [f"features.{n}" for n, _ in network.features.named_children() if n.startswith("transition")]
-    if isinstance(network, (ResNet, SENet)):
-        return [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(network, n)][:-1]
-    if isinstance(network, EfficientNet):
-        return [f"_blocks.{n}" for n, _ in network._blocks.named_children()]
-    return _generic_taps(network, head if head is not None else _last_linear(network))
-
-
 @dataclass
 class _PassState:
     """What the hooks of one forward pass share."""
@@ -171,69 +85,81 @@ class _PassState:
     cluster: torch.Tensor | None
     split_head: bool
     captured: dict[str, torch.Tensor] | None = None
-    head_output: torch.Tensor | None = None
-    pred_fe: torch.Tensor | None = None
     calls: dict[str, int] = field(default_factory=dict)
 
 
-def _broadcast(effects: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(B, K)`` effects shaped to multiply/add ``(B, ..., K)``."""
+def _channels_last(effects: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B, K)`` effects shaped to multiply/add ``(B, ..., K)`` (a linear layer's features)."""
     return effects.to(like.dtype).reshape([effects.shape[0]] + [1] * (like.dim() - 2) + [effects.shape[1]])
 
 
+def _channels_first(effects: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B, K)`` effects shaped to multiply/add ``(B, K, *spatial)`` (a convolution's feature maps)."""
+    return effects.to(like.dtype).reshape(list(effects.shape) + [1] * (like.dim() - 2))
+
+
 class ARMED(nn.Module):
-    """Turns a classification or regression network into an ARMED mixed-effects network, without editing its code.
+    """Turns a MONAI classification, regression or segmentation network into an ARMED mixed-effects network, without
+    editing its code.
 
     ARMED (Nguyen & Montillo, https://arxiv.org/abs/2202.11783, TPAMI 2023) adds per-cluster Bayesian random effects
     to a fixed-effects network and a cluster adversary on its features. This wrapper does it with forward hooks:
 
-    - the **head** (the final ``nn.Linear``: ``head=``, or the last one in ``named_modules`` order) gets a random
-      multiplicative scale on its input features ``h`` and a random intercept on its logits, as in the paper's
-      mixed-effects CNN (armed_method.md section 2.2)::
+    - the **head** (the output layer: an ``nn.Linear`` or a convolution, found by a dry run or given as ``head=``)
+      gets a random multiplicative scale on its input features ``h`` and a random intercept on its output, as in the
+      paper's mixed-effects CNN (armed_method.md section 2.2)::
 
           logits_ME = head(h * (1 + u_s(z))) + u_int(z)        logits_FE = head(h)
 
-      with ``u_s`` a :class:`RandomEffects` of ``head.in_features`` units and ``u_int`` one of ``head.out_features``;
+      with ``u_s`` a :class:`RandomEffects` of one unit per input feature (channel) of the head and ``u_int`` one per
+      output. A linear head's features are the last dimension (``(B, C)``, or transformer tokens ``(B, N, C)``); a
+      convolution's are the channels of its feature maps, so for **dense prediction** ``u_s`` scales each input
+      channel of the segmentation head and ``u_int`` shifts each class's logit map, uniformly over space;
     - the **tapped layers** (``tap_layers``, default :func:`default_tap_layers` plus the head's input) give the
-      fixed-effects activations that the adversary reads; ``"<module>:input"`` taps a module's input;
+      fixed-effects activations that the adversary reads: for segmentation networks the encoder levels (skip features
+      and bottleneck), which :class:`ClusterAdversary` pools globally; transformer tokens ``(B, N, C)`` (ViT blocks)
+      are averaged over the tokens. ``"<module>:input"`` taps a module's input;
     - ``swap_norm`` replaces BatchNorm / InstanceNorm layers (1-3 d, all with ``True`` or those named in a list) by
       :class:`ClusterScaleBias` (instance norm with per-cluster random scale and bias, armed_method.md section 1.2).
       Every ``ClusterScaleBias`` in the network, swapped or built with ``norm="clusterscalebias"``, gets the
-      cluster of the batch during each call and is cleared afterwards, also on error.
+      cluster of the batch during each call and is cleared afterwards, also on error. GroupNorm / LayerNorm layers
+      are not swapped.
 
-    ``forward(x, cluster=None)`` returns mixed-effects logits for the given clusters (int64 index ``(B,)``, ``-1`` =
-    unseen, or soft membership ``(B, n_clusters)``), fixed-effects logits when ``cluster`` is ``None`` (then it is
-    exactly ``network(x)``, which ``torch.jit.trace`` can export: the export path is trace-based, not
-    ``torch.jit.script``, because the random effects live in Python hooks). :meth:`forward_armed` returns
-    ``ARMEDOutput(pred, pred_fe, features, kl)`` for :class:`~monai_armed.engines.ARMEDTrainer` from one pass of the
-    backbone: without cluster norms the head alone runs on ``[h * (1 + u_s); h]``; with cluster norms the batch is
-    doubled (``[x; x]`` with clusters ``[z; unseen]``), which costs a second forward's compute in the same call.
+    ``forward(x, cluster=None)`` returns the network's output with mixed-effects predictions for the given clusters
+    (int64 index ``(B,)``, ``-1`` = unseen, or soft membership ``(B, n_clusters)``), and with ``cluster=None`` it is
+    exactly ``network(x)`` (fixed effects), which ``torch.jit.trace`` can export (the export path is trace-based, not
+    ``torch.jit.script``, because the random effects live in Python hooks). A network that returns a tuple or list
+    (ViT: ``(logits, hidden_states)``) keeps returning one; :meth:`prediction` picks the prediction from it.
+    :meth:`forward_armed` returns ``ARMEDOutput(pred, pred_fe, features, kl)`` for
+    :class:`~monai_armed.engines.ARMEDTrainer` from one pass of the backbone: without cluster norms the head (and any
+    parameter-free operation after it) runs once on ``[h * (1 + u_s); h]``; with cluster norms the batch is doubled
+    (``[x; x]`` with clusters ``[z; unseen]``), which costs a second forward's compute in the same call.
 
-    The head is never picked silently: at construction a **dry run** on one zero input of ``in_shape`` checks that
-    the network returns a single tensor that *is* the head's output (nothing after the head, not even a reshape or an
-    activation: the intercept is added to that output and ``pred_fe`` is read there) and that every tapped layer is
-    called, and measures ``feature_channels`` (the adversary's input width). Otherwise it raises a ``ValueError`` or
-    ``TypeError`` naming the head found (e.g. an attention projection of UNETR, or ViT's head with its tuple output)
-    and how to pass ``head=``; dense prediction (segmentation) and transformer networks are not supported yet. The
-    dry run runs in eval mode without gradients before any norm is swapped, so the network's weights, running
-    statistics and training flags are left as they were (lazy layers are initialised by it). Without ``in_shape`` it
-    uses the first convolution's input channels at 64 x 64 in 2-D, 32^3 in 3-D, 256 in 1-D, or else the first
-    ``nn.Linear``'s ``(in_features,)``; pass ``in_shape`` when the network needs another size. Tapped modules must
-    return one tensor ``(B, C, *spatial)`` or ``(B, C)``; if one is called more than once per pass the last call
-    counts.
+    The head is never picked silently. At construction a **dry run** on a zero batch of ``in_shape`` records the
+    order in which layers with parameters are called; the head is the last ``nn.Linear`` or convolution called (for
+    UNETR and SwinUNETR the output convolution, not an attention projection). Only parameter-free operations may follow
+    it (an activation, a reshape, a tuple of outputs: MONAI's ``Classifier``, ``Regressor``, ViT), and they must work
+    row by row: a second pass runs the head on a doubled batch and checks that the prediction doubles too. A layer
+    with parameters after the head (HighResNet's last BatchNorm), an output without a tensor, a DynUNet with deep
+    supervision, or a tapped layer that is not called gives a ``ValueError`` / ``TypeError`` naming what was found and
+    how to pass ``head=`` or ``tap_layers=``. The dry run measures ``feature_channels`` (the adversary's input width);
+    it runs in eval mode without gradients before any norm is swapped, so the network's weights, running statistics
+    and training flags are left as they were (lazy layers are initialised by it). Without ``in_shape`` it uses the
+    first convolution's input channels at 64 x 64 in 2-D, 32^3 in 3-D, 256 in 1-D, or else the first ``nn.Linear``'s
+    ``(in_features,)``; pass ``in_shape`` when the network needs another size. A convolutional network then takes
+    inputs with that many spatial dimensions only (a 3-D volume given to a 2-D network is an error naming both).
+    Tapped modules must return one tensor; if one is called more than once per pass the last call counts.
 
-    Regression: a network whose head is an ``nn.Linear`` with one output (e.g. ``DenseNet121(..., out_channels=1)``,
-    ``resnet18(..., num_classes=1)``) predicts a continuous outcome; train it with
-    :class:`~monai_armed.losses.GaussianLikelihood` as ``ARMEDTrainer``'s ``loss_function`` (its residual scale is
-    learned with the network). "Logits" above are then the predicted mean: ``u_int`` is a per-cluster offset of the
-    prediction and ``u_s`` a per-cluster scale of the features. MONAI's ``Regressor`` is refused: it reshapes the
-    head's output to ``out_shape`` after the head, where ARMED could not add the intercept.
+    Regression: a network whose head has one output (``DenseNet121(..., out_channels=1)``, MONAI's ``Regressor``)
+    predicts a continuous outcome; train it with :class:`~monai_armed.losses.GaussianLikelihood` as
+    ``ARMEDTrainer``'s ``loss_function`` (its residual scale is learned with the network). "Logits" above are then
+    the predicted mean: ``u_int`` is a per-cluster offset of the prediction and ``u_s`` a per-cluster scale of the
+    features.
 
     Args:
-        network: the fixed-effects classifier or regressor (any ``nn.Module`` whose ``forward(x)`` returns its head's
-            output: logits, or the predicted mean of a regression).
+        network: the fixed-effects classifier, regressor or segmentation network.
         n_clusters: number of seen clusters.
-        head: name of the final linear layer, whose output the network returns (default: the last ``nn.Linear``).
+        head: name of the output layer (``nn.Linear`` or convolution; default: found by the dry run).
         tap_layers: module names whose outputs feed the adversary (``"<name>:input"`` for an input); default
             ``default_tap_layers(network) + [head + ":input"]``.
         swap_norm: ``True`` (every BatchNorm / InstanceNorm), a list of module names, or ``False``.
@@ -242,7 +168,7 @@ class ARMED(nn.Module):
         post_loc_init_scale: initial spread of the posterior means of ``u_s`` and ``u_int`` (0.1 in the paper).
         random_slope: add the random scale on the head's input (``False`` with ``random_intercept=False`` and no
             cluster norms gives a domain-adversarial network).
-        random_intercept: add the random intercept on the logits.
+        random_intercept: add the random intercept on the head's output.
         norm_kwargs: further :class:`ClusterScaleBias` arguments of swapped norms (``eps``, ``prior_scale``,
             ``post_loc_init_scale``, ``re_kwargs``); a swapped norm's affine starts from the replaced layer's.
         re_kwargs: further :class:`RandomEffects` arguments of ``u_s`` and ``u_int`` (``kl_estimator``, ...).
@@ -257,10 +183,10 @@ class ARMED(nn.Module):
         logits = net(x, cluster)                 # mixed effects; net(x) gives fixed effects
         out = net.forward_armed(x, cluster)      # ARMEDOutput(pred, pred_fe, features, kl) for ARMEDTrainer
         print(net.report())
-        ARMED(UNETR(1, 2, img_size=32), n_clusters=8)   # ValueError: its last nn.Linear (in a transformer block)
-                                                         # is not the output layer; names it and how to pass head=
-        regressor = ARMED(DenseNet121(spatial_dims=2, in_channels=1, out_channels=1), n_clusters=8)   # predicts y
-        trainer = ARMEDTrainer(..., network=regressor, loss_function=GaussianLikelihood().init_from_data(train_y))
+        seg = ARMED(UNet(2, 1, 3, channels=(16, 32, 64), strides=(2, 2)), n_clusters=8, swap_norm=True)
+        seg(images, cluster)                     # (B, 3, H, W) logit maps with per-cluster effects
+        vit = ARMED(ViT(1, 64, 16, classification=True, num_classes=2, spatial_dims=2), n_clusters=8)
+        logits = vit.prediction(vit(x, cluster))  # ViT returns (logits, hidden_states)
     """
 
     def __init__(
@@ -285,20 +211,23 @@ class ARMED(nn.Module):
             raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}.")
         if n_clusters < 1:
             raise ValueError(f"n_clusters must be >= 1, got {n_clusters}.")
+        if isinstance(network, DynUNet) and network.deep_supervision:
+            raise ValueError(
+                "DynUNet(deep_supervision=True) returns its deep-supervision maps stacked with the output in training, "
+                "where ARMED could not add the random effects to the output alone; build it with "
+                "deep_supervision=False."
+            )
         self.network, self.n_clusters = network, int(n_clusters)
         self.in_shape = tuple(int(s) for s in in_shape) if in_shape is not None else None
-        modules = dict(network.named_modules())
-        self.head_name = head if head is not None else _last_linear(network)
-        if self.head_name not in modules or self.head_name == "":
-            raise ValueError(
-                f"head {self.head_name!r} is not a module of {type(network).__name__}; its nn.Linear layers are "
-                f"{[n for n, m in modules.items() if isinstance(m, nn.Linear)]}."
-            )
-        head_module = modules[self.head_name]
-        if not isinstance(head_module, nn.Linear):
-            raise TypeError(f"head {self.head_name!r} must be an nn.Linear, got {type(head_module).__name__}.")
-        head_found = "given as head=" if head is not None else f"the last nn.Linear of {type(network).__name__}"
-        self._head_desc = f"{self.head_name!r} ({type(head_module).__name__}, {head_found})"
+        shape, source = (self.in_shape, "in_shape") if self.in_shape is not None else guess_in_shape(network)
+        probe = probe_input(network, shape)
+        self._where = f"a dry run of {type(network).__name__} on a zero input {shape_str(probe)} ({source})"
+        #: spatial dimensions of the inputs a convolutional network takes (``None``: not checked)
+        self.spatial_dims = len(shape) - 1 if len(shape) > 1 else None
+        order = self._call_order(probe)
+        self.head_name = self._check_head(head, order)
+        head_module = self.network.get_submodule(self.head_name)
+        self._head_is_linear = isinstance(head_module, nn.Linear)
 
         swap_names = self._swap_names(swap_norm)
         self._norm_names = list(cluster_norm_modules(network))
@@ -308,11 +237,16 @@ class ARMED(nn.Module):
             else [str(t) for t in tap_layers]
         )
         self.tapped_layers = self._check_taps(taps)
+        modules = dict(network.named_modules())
+        self._token_taps = {t for t in self.tapped_layers if t in modules and is_token_layer(modules[t])}
         # before the norms are swapped, so that a refused network is left as it was
-        self._feature_widths = self._dry_run()
+        self._output_index, self._split_head, self._feature_widths = self._dry_run(probe)
         self.swapped_norms = self._swap_norms(swap_names, norm_kwargs or {})
         self._norm_names = list(cluster_norm_modules(network))
-        self.in_features, self.out_channels = head_module.in_features, head_module.out_features  # lazy: set by now
+        if self._head_is_linear:  # lazy layers are set by now
+            self.in_features, self.out_channels = head_module.in_features, head_module.out_features
+        else:
+            self.in_features, self.out_channels = head_module.in_channels, head_module.out_channels
 
         re_args = dict(re_kwargs or {})
         self.random_slope = (
@@ -361,6 +295,52 @@ class ARMED(nn.Module):
         return cls(network, n_clusters, **{**kwargs, **ARMED_VARIANTS[variant]})
 
     # ----------------------------------------------------------------------------------------------- construction
+    def _call_order(self, probe: torch.Tensor) -> list[str]:
+        """The layers with parameters in the order a dry run calls them (a failing dry run names ``in_shape``)."""
+        try:
+            order, _ = layer_call_order(self.network, probe)
+        except Exception as e:
+            raise ValueError(
+                f"{self._where} failed: {type(e).__name__}: {e}. Pass in_shape=(channels, *spatial), the shape of one "
+                "input without the batch dimension, that the network accepts."
+            ) from e
+        return order
+
+    def _check_head(self, head: str | None, order: list[str]) -> str:
+        """The head's name: ``head`` checked, or the output layer found in the call order; nothing with parameters
+        may run after it."""
+        network, kind = self.network, type(self.network).__name__
+        modules = dict(network.named_modules())
+        if head is None:
+            name, found = locate_head(network, order), "the last linear or convolution layer called"
+        else:
+            name, found = head, "given as head="
+            if name not in modules or name == "":
+                candidates = [n for n, m in modules.items() if isinstance(m, HEAD_TYPES)][-5:]
+                raise ValueError(
+                    f"head {name!r} is not a module of {kind}.{_suggest(name, modules)} Its last linear / convolution "
+                    f"layers are {candidates}."
+                )
+            if not isinstance(modules[name], HEAD_TYPES):
+                raise TypeError(
+                    f"head {name!r} must be an nn.Linear or a convolution, got {type(modules[name]).__name__}."
+                )
+            if name not in order:
+                raise ValueError(
+                    f"the head {name!r} ({type(modules[name]).__name__}, {found}) was not called during "
+                    f"{self._where}. {_HEAD_HINT}"
+                )
+        self._head_desc = f"{name!r} ({type(modules[name]).__name__}, {found})"
+        after = layers_after(network, order, name)
+        if after:
+            layers = ", ".join(f"{n!r} ({type(modules[n]).__name__})" for n in after[:3])
+            raise ValueError(
+                f"{kind} calls layers with parameters after its head {self._head_desc} in {self._where}: {layers}. "
+                f"ARMED puts the random intercept on the output layer's output, so nothing with parameters may come "
+                f"after it. {_HEAD_HINT}"
+            )
+        return name
+
     def _swap_names(self, swap_norm: bool | Sequence[str]) -> list[str]:
         """The norm layers that ``swap_norm`` names, checked (nothing is replaced yet)."""
         network = self.network
@@ -456,61 +436,84 @@ class ARMED(nn.Module):
     def report(self) -> str:
         """A human-readable summary: head, random effects, tapped layers with widths, swapped / cluster norms."""
         widths = self.feature_widths
+        head = type(self.network.get_submodule(self.head_name)).__name__
+        what = "features" if self._head_is_linear else "channels"
         lines = [
             f"ARMED wrapper of {type(self.network).__name__}, {self.n_clusters} clusters",
-            f"head: {self.head_name} (Linear {self.in_features} -> {self.out_channels})",
-            f"  random scale (1 + u_s) on its {self.in_features} input features: "
+            f"head: {self.head_name} ({head} {self.in_features} -> {self.out_channels})",
+            f"  random scale (1 + u_s) on its {self.in_features} input {what}: "
             + ("yes" if self.random_slope is not None else "no"),
-            f"  random intercept on its {self.out_channels} logits: "
+            f"  random intercept on its {self.out_channels} outputs: "
             + ("yes" if self.random_intercept is not None else "no"),
             f"tapped layers for the adversary ({len(self.tapped_layers)}, {sum(widths)} channels):",
         ]
-        lines += [f"  {name}: {width}" for name, width in zip(self.tapped_layers, widths)]
+        lines += [
+            f"  {name}: {width}" + (" (tokens, averaged)" if name in self._token_taps else "")
+            for name, width in zip(self.tapped_layers, widths)
+        ]
         lines.append(f"swapped norms -> ClusterScaleBias ({len(self.swapped_norms)}):")
         lines += [f"  {name}" for name in self.swapped_norms]
         built_in = [n for n in self._norm_names if n not in set(self.swapped_norms)]
         if built_in:
             lines.append(f"built-in ClusterScaleBias layers ({len(built_in)}): {', '.join(built_in)}")
-        lines.append(
-            "forward_armed: doubled batch [x; x] (cluster norms present)"
-            if self._norm_names
-            else "forward_armed: one backbone pass, head run on [h * (1 + u_s); h]"
-        )
+        if self._norm_names or not self._split_head:
+            reason = "cluster norms present" if self._norm_names else "the output does not follow the head row by row"
+            lines.append(f"forward_armed: doubled batch [x; x] ({reason})")
+        else:
+            lines.append("forward_armed: one backbone pass, head run on [h * (1 + u_s); h]")
+        if self._output_index is not None:
+            lines.append(f"prediction: item {self._output_index} of the network's {type(self._output_index).__name__}")
         return "\n".join(lines)
 
     # ---------------------------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, cluster: torch.Tensor | None = None) -> torch.Tensor:
+    def prediction(self, output: Any) -> torch.Tensor:
+        """The prediction in the network's output: the output itself, or the item the dry run found in a tuple / list
+        (ViT: its logits, not its hidden states).
+
+        Example::
+
+            logits = net.prediction(net(x, cluster))
+        """
+        return output if self._output_index is None else output[self._output_index]
+
+    def forward(self, x: torch.Tensor, cluster: torch.Tensor | None = None) -> Any:
         if cluster is None:
             return self.network(x)
+        self._check_input(x)
         self._check_cluster(cluster, x)
         with self._hooked(_PassState(cluster, split_head=False)):
             return self.network(x)
 
     def forward_armed(self, x: torch.Tensor, cluster: torch.Tensor | None) -> ARMEDOutput:
-        """Mixed- and fixed-effects logits, the adversary's fixed-effects features and the KL, from one pass.
+        """Mixed- and fixed-effects predictions, the adversary's fixed-effects features and the KL, from one pass.
 
         ``cluster=None`` treats every sample as unseen (``pred`` equals ``pred_fe``).
         """
         if cluster is None:
             cluster = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        self._check_input(x)
         self._check_cluster(cluster, x)
         batch = x.shape[0]
-        if self._norm_names:
+        if self._norm_names or not self._split_head:
             unseen = torch.zeros_like(cluster) if cluster.is_floating_point() else torch.full_like(cluster, -1)
             state = _PassState(torch.cat([cluster, unseen]), split_head=False, captured={})
             with self._hooked(state):
-                out = self.network(torch.cat([x, x]))
-            self._check_output(out, None)
-            pred, pred_fe = out[:batch], out[batch:]
+                both = self._doubled_prediction(self.network(torch.cat([x, x])), batch)
             features = [f[batch:] for f in self._collect(state)]
-        else:
-            state = _PassState(cluster, split_head=True, captured={})
+            return ARMEDOutput(both[:batch], both[batch:], features, self.kl_divergence())
+        if not self._has_head_effects:
+            state = _PassState(None, split_head=False, captured={})
             with self._hooked(state):
-                out = self.network(x)
-            self._check_output(out, state)
-            pred, pred_fe = out, state.pred_fe
-            features = self._collect(state)
-        return ARMEDOutput(pred, pred_fe, features, self.kl_divergence())
+                pred = self.prediction(self.network(x))
+            return ARMEDOutput(pred, pred, self._collect(state), self.kl_divergence())
+        state = _PassState(cluster, split_head=True, captured={})
+        with self._hooked(state):
+            both = self._doubled_prediction(self.network(x), batch)
+        return ARMEDOutput(both[:batch], both[batch:], self._collect(state), self.kl_divergence())
+
+    @property
+    def _has_head_effects(self) -> bool:
+        return self.random_slope is not None or self.random_intercept is not None or self.cluster_logit is not None
 
     # ------------------------------------------------------------------------------------------------------ hooks
     @contextmanager
@@ -522,7 +525,7 @@ class ARMED(nn.Module):
             if state.captured is not None:
                 for tap in self.tapped_layers:
                     handles.append(self._tap_hook(tap, state))
-            if state.cluster is not None:
+            if state.cluster is not None and self._has_head_effects:
                 head = self.network.get_submodule(self.head_name)
                 handles.append(head.register_forward_pre_hook(lambda m, args: self._head_pre(state, args)))
                 handles.append(head.register_forward_hook(lambda m, args, out: self._head_post(state, out)))
@@ -544,8 +547,8 @@ class ARMED(nn.Module):
             def read_input(m: nn.Module, args: tuple) -> None:
                 if not args or not isinstance(args[0], torch.Tensor):
                     raise _TapOutputError(
-                    f"tap layer {tap!r} was not called with a tensor as its first positional input."
-                )
+                        f"tap layer {tap!r} was not called with a tensor as its first positional input."
+                    )
                 captured[tap] = args[0]
 
             return module.register_forward_pre_hook(read_input)
@@ -559,6 +562,9 @@ class ARMED(nn.Module):
 
         return self.network.get_submodule(tap).register_forward_hook(read_output)
 
+    def _broadcast(self, effects: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return _channels_last(effects, like) if self._head_is_linear else _channels_first(effects, like)
+
     def _head_pre(self, state: _PassState, args: tuple) -> tuple:
         h, cluster = args[0], state.cluster
         assert cluster is not None
@@ -567,30 +573,37 @@ class ARMED(nn.Module):
                 f"the head {self.head_name!r} got input {shape_str(h)} but the cluster has {cluster.shape[0]} rows; "
                 "ARMED needs one head row per sample."
             )
-        if self.random_slope is None:
-            return args
-        h_me = h * (1.0 + _broadcast(self.random_slope(cluster), h))
+        h_me = h * (1.0 + self._broadcast(self.random_slope(cluster), h)) if self.random_slope is not None else h
         return ((torch.cat([h_me, h]) if state.split_head else h_me),) + tuple(args[1:])
 
     def _head_post(self, state: _PassState, out: torch.Tensor) -> torch.Tensor:
+        """Adds the intercepts to the mixed-effects rows (the first half of a split head's doubled batch)."""
         cluster = state.cluster
         assert cluster is not None
-        me = out
-        if state.split_head:
-            if self.random_slope is not None:
-                batch = cluster.shape[0]
-                me, state.pred_fe = out[:batch], out[batch:]
-            else:
-                state.pred_fe = out
+        offset = None
         if self.random_intercept is not None:
-            me = me + _broadcast(self.random_intercept(cluster), me)
+            offset = self.random_intercept(cluster)
         if self.cluster_logit is not None:
-            membership = cluster if cluster.is_floating_point() else cluster_one_hot(cluster, self.n_clusters, me.dtype)
-            me = me + membership @ self.cluster_logit
-        state.head_output = me
-        return me
+            membership = cluster if cluster.is_floating_point() else cluster_one_hot(cluster, self.n_clusters)
+            logit = membership.to(self.cluster_logit.dtype) @ self.cluster_logit
+            offset = logit if offset is None else offset + logit
+        if offset is None:
+            return out
+        if state.split_head:
+            offset = torch.cat([offset, torch.zeros_like(offset)])
+        return out + self._broadcast(offset, out)
 
     # ----------------------------------------------------------------------------------------------------- checks
+    def _check_input(self, x: Any) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"ARMED expects an input tensor, got {type(x).__name__}.")
+        if self.spatial_dims is not None and x.dim() != self.spatial_dims + 2:
+            raise ValueError(
+                f"{type(self.network).__name__} takes (batch, channels, {self.spatial_dims} spatial dims) inputs (as in "
+                f"{self._where}), got {shape_str(x)}: a {max(x.dim() - 2, 0)}-d input for a {self.spatial_dims}-d "
+                "network."
+            )
+
     def _check_cluster(self, cluster: Any, x: torch.Tensor) -> None:
         if not isinstance(cluster, torch.Tensor):
             raise TypeError(
@@ -608,17 +621,16 @@ class ARMED(nn.Module):
         if cluster.shape[0] != x.shape[0]:
             raise ValueError(f"the cluster has {cluster.shape[0]} rows but the input batch has {x.shape[0]} samples.")
 
-    def _check_output(self, out: Any, state: _PassState | None) -> None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"{type(self.network).__name__} returned a {type(out).__name__}; ARMED needs a logits tensor."
-            )
-        if state is not None and out is not state.head_output:
+    def _doubled_prediction(self, out: Any, batch: int) -> torch.Tensor:
+        """The prediction of a pass whose head (or input) batch was doubled: ``2 * batch`` rows, ME then FE."""
+        pred = self.prediction(out)
+        if not isinstance(pred, torch.Tensor) or pred.shape[0] != 2 * batch:
             raise ValueError(
-                f"the output of {type(self.network).__name__} is not the output of the head {self._head_desc}: "
-                "ARMED adds the random intercept there and reads the fixed-effects logits there, so the head must be "
-                f"the network's last operation. {_HEAD_HINT}"
+                f"{type(self.network).__name__} returned {describe_output(out)} from a doubled batch of {batch} samples; "
+                f"ARMED expected a prediction of {2 * batch} rows (the head {self._head_desc} and what follows it must "
+                "work row by row)."
             )
+        return pred
 
     def _collect(self, state: _PassState) -> list[torch.Tensor]:
         captured = state.captured
@@ -628,64 +640,83 @@ class ARMED(nn.Module):
             raise RuntimeError(
                 f"tap layers {missing} were not called during the forward pass of {type(self.network).__name__}."
             )
-        return [captured[tap] for tap in self.tapped_layers]
+        return [
+            captured[tap].mean(1) if tap in self._token_taps and captured[tap].dim() == 3 else captured[tap]
+            for tap in self.tapped_layers
+        ]
 
-    def _dry_run(self) -> list[int]:
-        """Check on one zero input that the network returns its head's output and calls every tapped layer; returns
-        the tapped widths. Eval mode without gradients, so running statistics stay; training flags are restored."""
-        network, name = self.network, type(self.network).__name__
-        shape, source = (self.in_shape, "in_shape") if self.in_shape is not None else _guess_in_shape(network)
-        reference = next(itertools.chain(network.parameters(), network.buffers()), None)
-        x = torch.zeros(
-            (1, *shape),
-            device=reference.device if reference is not None else None,
-            dtype=reference.dtype if reference is not None and reference.is_floating_point() else None,
-        )
-        where = f"a dry run of {name} on a zero input {shape_str(x)} ({source})"
-        head_outputs: list[Any] = []
+    def _dry_run(self, probe: torch.Tensor) -> tuple[int | None, bool, list[int]]:
+        """Find the prediction in the network's output and measure the tapped widths on the zero ``probe``.
+
+        First the head runs on a doubled batch: if the prediction (the output, or an item of a tuple / list) doubles
+        row by row, ``forward_armed`` can split the head. Otherwise (a residual connection around the head, say) the
+        prediction is the output item that a perturbation of the head's output changes, and ``forward_armed`` doubles
+        the whole batch. Returns the prediction's index in the output (``None``: the output itself), whether the head
+        can be split, and the widths. Eval mode without gradients: running statistics and training flags stay."""
+        network = self.network
         head = network.get_submodule(self.head_name)
-        handle = head.register_forward_hook(lambda m, args, out: head_outputs.append(out))
-        modes = [(m, m.training) for m in network.modules()]
         state = _PassState(None, split_head=False, captured={})
-        network.eval()
+        doubled = head.register_forward_pre_hook(lambda m, args: (torch.cat([args[0], args[0]]),) + tuple(args[1:]))
         try:
-            with torch.no_grad(), self._hooked(state):
-                out = network(x)
+            with evaluation_pass(network), self._hooked(state):
+                out = network(probe)
+            index = _item_with_rows(out, 2 * probe.shape[0])
         except _TapOutputError:
             raise
-        except Exception as e:
-            raise ValueError(
-                f"{where} failed: {type(e).__name__}: {e}. Pass in_shape=(channels, *spatial), the shape of one input "
-                "without the batch dimension, that the network accepts."
-            ) from e
+        except Exception:  # the operations after the head mix its rows with others: no split head
+            index = -1
         finally:
-            handle.remove()
-            for m, training in modes:
-                m.training = training
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"{name} returned {_describe(out)} on {where}; ARMED needs a network that returns one tensor, the "
-                f"output of its head {self._head_desc}. {_HEAD_HINT}"
-            )
-        if not head_outputs:
-            raise ValueError(
-                f"the head {self._head_desc} was not called during {where}, which returned {_describe(out)}. "
-                f"{_HEAD_HINT}"
-            )
-        if out is not head_outputs[-1]:
-            raise ValueError(
-                f"the output of {name} is not the output of the head {self._head_desc}: on {where} the head gave "
-                f"{_describe(head_outputs[-1])} but {name} returned {_describe(out)}. ARMED adds the random intercept "
-                f"to the head's output and reads the fixed-effects prediction there, so the head must be the "
-                f"network's last operation. {_HEAD_HINT}"
-            )
+            doubled.remove()
+        split = index != -1
+        if not split:
+            state = _PassState(None, split_head=False, captured={})
+            index = self._perturbed_item(probe, state)
         missing = [tap for tap in self.tapped_layers if tap not in (state.captured or {})]
         if missing:
             raise ValueError(
-                f"tap layers {missing} were not called during {where}; pass tap_layers= with layers that the forward "
-                "pass calls (names from net.named_modules())."
+                f"tap layers {missing} were not called during {self._where}; pass tap_layers= with layers that the "
+                "forward pass calls (names from net.named_modules())."
             )
-        return [_width(f) for f in self._collect(state)]
+        return index, split, [_width(f) for f in self._collect(state)]
+
+    def _perturbed_item(self, probe: torch.Tensor, state: _PassState) -> int | None:
+        """The output item that changes when the head's output is perturbed (``None``: the output tensor itself)."""
+        network, name = self.network, type(self.network).__name__
+        generator = torch.Generator(device=probe.device).manual_seed(0)
+
+        def perturb(m: nn.Module, args: tuple, out: Any) -> Any:
+            noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
+            return out + noise
+
+        with evaluation_pass(network), self._hooked(state):
+            plain = network(probe)
+        handle = network.get_submodule(self.head_name).register_forward_hook(perturb)
+        try:
+            with evaluation_pass(network):
+                shifted = network(probe)
+        finally:
+            handle.remove()
+        pairs = [(None, plain, shifted)] if isinstance(plain, torch.Tensor) else []
+        if isinstance(plain, (tuple, list)):
+            pairs = [(i, p, q) for i, (p, q) in enumerate(zip(plain, shifted)) if isinstance(p, torch.Tensor)]
+        for index, p, q in pairs:
+            if p.shape == q.shape and p.dim() and p.shape[0] == probe.shape[0] and not torch.equal(p, q):
+                return index
+        raise ValueError(
+            f"the output of {name} does not come from its head {self._head_desc}: on {self._where} it returned "
+            f"{describe_output(plain)}, and no tensor in it changed when the head's output did. {_HEAD_HINT}"
+        )
+
+
+def _item_with_rows(out: Any, rows: int) -> int | None:
+    """``None`` if ``out`` is a tensor of ``rows`` rows, the index of the first such item of a tuple / list, else -1."""
+    if isinstance(out, torch.Tensor):
+        return None if out.dim() and out.shape[0] == rows else -1
+    if isinstance(out, (tuple, list)):
+        found = [i for i, v in enumerate(out) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows]
+        return found[0] if found else -1
+    return -1
+
 
 def _width(feature: torch.Tensor) -> int:
     return int(feature.shape[1]) if feature.dim() > 1 else 1
