@@ -34,6 +34,7 @@ from .microscopy import (
     render_cell,
     simulate_cell_image,
 )
+from .nuclei import ensure_nucleus_dataset, make_nucleus_batches, make_nucleus_dataset, render_nucleus_field
 from .mri import (
     DEFAULT_VENDOR_AD_FRACTION,
     MNI_RIGHT_HIPPOCAMPUS,
@@ -52,11 +53,11 @@ from .spirals import (
 )
 from .tabular import TABULAR_TASKS, datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
 from .tiff import TIFF_SUFFIXES, TiffFileReader, TiffImage, save_tiff
-from .validation import validate_datalist
+from .validation import validate_datalist, validate_segmentation_datalist
 
 # `python -m monai_armed.data.mri` (or `.microscopy`) runs a module this package has already imported; that is intended, so runpy's
 # "found in sys.modules ... unpredictable behaviour" warning about exactly that module is silenced.
-for _module in ("mri", "microscopy"):
+for _module in ("mri", "microscopy", "nuclei"):
     warnings.filterwarnings(
         "ignore", message=f"'monai_armed.data.{_module}' found in sys.modules", category=RuntimeWarning
     )

@@ -28,10 +28,13 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from monai_armed.utils import cluster_id, is_missing_value
 
 __all__ = [
     "validate_datalist",
+    "validate_segmentation_datalist",
     "check_section",
     "parse_label",
     "check_label_names",
@@ -134,7 +137,7 @@ def check_section(
     required_keys: Sequence[str],
     label_names: Sequence[str] | None = None,
     n_classes: int | None = None,
-    label_key: str = "label",
+    label_key: str | None = "label",
     cluster_key: str = "cluster",
 ) -> tuple[list[dict | None], list[Exception]]:
     """One datalist section's items with labels as class indices and cluster ids as text, and its problems.
@@ -173,7 +176,7 @@ def check_section(
             continue
         item = dict(item)
         try:
-            if label_key in item:
+            if label_key is not None and label_key in item:
                 item[label_key] = _class_index(item[label_key], f"{where}, key {label_key!r}", label_names, n_classes)
             if cluster_key in item and cluster_key not in required_keys and is_missing_value(item[cluster_key]):
                 del item[cluster_key]  # unknown cluster: the Z-predictor's membership or fixed effects
@@ -313,7 +316,7 @@ def validate_datalist(
     unseen_sections: Sequence[str] = ("unseen",),
     base_dir: str | os.PathLike | None = None,
     image_key: str = "image",
-    label_key: str = "label",
+    label_key: str | None = "label",
     cluster_key: str = "cluster",
     max_problems: int = 50,
 ) -> dict[str, list[dict]]:
@@ -346,7 +349,8 @@ def validate_datalist(
         unseen_sections: sections meant to hold clusters absent from ``train_section``.
         base_dir: folder that relative image paths are relative to (default: the datalist file's folder; the
             working directory for a mapping).
-        image_key, label_key, cluster_key: keys of the image path(s), label and cluster id.
+        image_key, label_key, cluster_key: keys of the image path(s), label and cluster id (``label_key=None``: the
+            labels are not parsed, e.g. mask paths, see :func:`validate_segmentation_datalist`).
         max_problems: at most this many problems are listed (the rest are counted).
 
     Returns:
@@ -397,4 +401,103 @@ def validate_datalist(
         raise ValueError(f"datalist {source}: {len(problems)} problem(s) found before the run:\n{listed}{more}")
     _cluster_coverage(source, checked, train_section, unseen_sections, cluster_key)
     logger.info(f"datalist {source}: sections {list(checked)} checked ({len(read)} image files).")
+    return checked
+
+
+def _mask_problem(
+    where: str, image_path: str, mask_path: str, loader: Callable[[Any], Any], n_classes: int
+) -> tuple[str | None, bool]:
+    """The problem of one image / mask pair (``None`` if fine) and whether the mask is empty."""
+    if not os.path.isfile(mask_path):
+        return f"{where}: mask file {mask_path} not found; expected an existing mask file.", False
+    try:
+        image, mask = np.asarray(loader(image_path)), np.asarray(loader(mask_path))
+    except Exception as err:
+        return f"{where}: could not read {mask_path} or {image_path} ({_summary(err)}).", False
+    if np.squeeze(image).shape != np.squeeze(mask).shape:
+        return (
+            f"{where}: the mask {mask_path} has shape {np.squeeze(mask).shape} (as loaded) but the image {image_path} "
+            f"has {np.squeeze(image).shape}; a mask must label every pixel of its image."
+        ), False
+    values = np.unique(mask)
+    bad = [int(v) if float(v).is_integer() else v for v in values.tolist() if not float(v).is_integer() or not 0 <= v < n_classes]
+    if bad:
+        return (
+            f"{where}: the mask {mask_path} holds the values {bad[:5]}; expected class indices 0..{n_classes - 1}."
+        ), False
+    return None, values.size == 1 and values[0] == 0
+
+
+def validate_segmentation_datalist(
+    datalist: str | os.PathLike | Mapping[str, Sequence[Mapping]],
+    sections: Mapping[str, Sequence[str]],
+    n_classes: int,
+    loader: Callable[[Any], Any],
+    train_section: str | None = "training",
+    unseen_sections: Sequence[str] = ("unseen",),
+    base_dir: str | os.PathLike | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+    cluster_key: str = "cluster",
+    max_problems: int = 50,
+) -> dict[str, list[dict]]:
+    """:func:`validate_datalist` for segmentation, where an item's ``label`` is the path of its mask.
+
+    Besides the images and clusters (:func:`validate_datalist`), every mask must exist, be readable with ``loader``,
+    have its image's shape and hold class indices ``0..n_classes-1`` only; all problems are reported in one error,
+    each naming the datalist, section, item and both files. Empty masks are allowed (an image without any object,
+    where an empty prediction scores Dice 1); a cluster whose masks are all empty is logged as a warning, since it
+    teaches the random effects only the background.
+
+    Args:
+        datalist: a datalist JSON file, or a mapping ``section -> items``.
+        sections: the sections to check with the keys each item needs (``{"unseen": ["image", "label"]}``).
+        n_classes: number of classes including the background.
+        loader: reads an image or mask path (e.g. ``LoadImage(reader=TiffFileReader(...), image_only=True)``).
+        train_section, unseen_sections, base_dir, image_key, label_key, cluster_key, max_problems: as for
+            :func:`validate_datalist`.
+
+    Returns:
+        the checked sections, image and mask paths joined to the datalist's folder.
+
+    Example::
+
+        validate_segmentation_datalist("data/nuclei/datalist.json", {"training": ["image", "label", "cluster"]},
+                                       n_classes=2, loader=LoadImage(reader=TiffFileReader(channels=1), image_only=True))
+    """
+    checked = validate_datalist(
+        datalist,
+        sections,
+        loader=loader,
+        train_section=train_section,
+        unseen_sections=unseen_sections,
+        base_dir=base_dir,
+        image_key=image_key,
+        label_key=None,  # a mask path, not a class: checked below
+        cluster_key=cluster_key,
+        max_problems=max_problems,
+    )
+    source = "<in-memory datalist>" if isinstance(datalist, Mapping) else os.fspath(datalist)
+    if base_dir is None:
+        base_dir = os.getcwd() if isinstance(datalist, Mapping) else os.path.dirname(os.path.abspath(source))
+    problems: list[str] = []
+    empty_by_cluster: dict[str, list[bool]] = {}
+    for section, items in checked.items():
+        for i, item in enumerate(items):
+            if label_key not in item:
+                continue
+            item[label_key] = os.path.normpath(os.path.join(base_dir, os.fspath(item[label_key])))
+            where = f"datalist {source}, section {section!r}, item {i}, key {label_key!r}"
+            problem, empty = _mask_problem(where, item[image_key], item[label_key], loader, n_classes)
+            if problem is not None:
+                problems.append(problem)
+            elif cluster_key in item:
+                empty_by_cluster.setdefault(item[cluster_key], []).append(empty)
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems[:max_problems])
+        more = f"\n  ... and {len(problems) - max_problems} more." if len(problems) > max_problems else ""
+        raise ValueError(f"datalist {source}: {len(problems)} mask problem(s) found before the run:\n{listed}{more}")
+    for cluster, empties in empty_by_cluster.items():
+        if all(empties):
+            logger.warning(f"datalist {source}: every mask of cluster {cluster!r} ({len(empties)}) is empty.")
     return checked

@@ -21,6 +21,7 @@ from .autoencoder_outputs import (
 from .autoencoder_report import AutoencoderReport
 from .checkpoints import AtomicCheckpointSaver, AtomicDiskSaver, latest_checkpoint
 from .cluster_mode_report import ClusterModeReport, format_report_table
+from .image_outputs import ImageOutputWriter, file_stem
 from .loss_history import LOSS_KEYS, LossHistory
 from .loss_weight_schedule import LOSS_WEIGHT_SCHEDULES, LossWeightSchedule
 from .per_cluster_accuracy import PerClusterAccuracy
@@ -29,3 +30,4 @@ from .prediction_collector import PredictionCollector, output_field
 from .random_effects_summary import RandomEffectsSummary
 from .random_states import RandomStates
 from .report_logger import ReportLogger, flatten_report
+from .segmentation_outputs import SegmentationWriter

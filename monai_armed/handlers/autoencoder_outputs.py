@@ -19,7 +19,6 @@ look confident.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -38,10 +37,10 @@ from torch import nn
 from monai_armed.data.tiff import save_tiff
 from monai_armed.engines.autoencoder_inferer import AutoencoderInferer
 from monai_armed.engines.evaluator import ARMEDEvaluator
-from monai_armed.engines.trainer import ARMEDKeys
+from monai_armed.handlers.image_outputs import ImageOutputWriter
 from monai_armed.metrics import positive_probability, reconstruction_mse
 from monai_armed.networks.nets.autoencoder import AECOutput
-from monai_armed.utils import atomic_open, csv_cell, write_json
+from monai_armed.utils import write_json
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -175,15 +174,7 @@ def read_ood_threshold(path: str | os.PathLike) -> dict[str, Any] | None:
     return content
 
 
-def _stem(path: str) -> str:
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".nii.gz", ".nii", ".png", ".npy"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
-class AutoencoderOutputWriter:
+class AutoencoderOutputWriter(ImageOutputWriter):
     """Writes, for every image an evaluator runs through an autoencoder-classifier, three float32 TIFFs and a CSV row.
 
     ``<name>_recon_fe.tif`` is the fixed-effects reconstruction (what the image looks like without the batch),
@@ -226,13 +217,15 @@ class AutoencoderOutputWriter:
         evaluator.run()
     """
 
+    cluster_word = "batch"
+
     def __init__(
         self,
         output_dir: str | os.PathLike,
         path_key: str = "image_path",
         ood_threshold: float | str | os.PathLike | None = None,
     ) -> None:
-        self.output_dir, self.path_key = Path(output_dir), path_key
+        super().__init__(output_dir, path_key, "predictions.csv")
         if isinstance(ood_threshold, numbers.Real) and not isinstance(ood_threshold, bool):
             if not math.isfinite(ood_threshold) or ood_threshold < 0:
                 raise ValueError(f"AutoencoderOutputWriter: ood_threshold must be a finite number >= 0, got {ood_threshold}.")
@@ -243,32 +236,14 @@ class AutoencoderOutputWriter:
             )
         self.ood_threshold = ood_threshold
         self.threshold: float | None = None  # the threshold in use for the current run
-        self.rows: list[dict[str, Any]] = []
-        self._source_of: dict[str, str] = {}  # output stem -> the image it was written for
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_STARTED, self._check_batch)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        engine.add_event_handler(Events.COMPLETED, self._write_csv)
 
     def _reset(self, engine: Engine) -> None:
-        self.rows, self._source_of = [], {}
+        super()._reset(engine)
         if isinstance(self.ood_threshold, (str, os.PathLike)):  # read at every run: training may rewrite it
             content = read_ood_threshold(self.ood_threshold)
             self.threshold = None if content is None else float(content["threshold"])
         else:
             self.threshold = None if self.ood_threshold is None else float(self.ood_threshold)
-
-    def _check_batch(self, engine: Engine) -> None:
-        batch = engine.state.batch
-        if "image" not in batch or self.path_key not in batch:
-            raise KeyError(
-                f"AutoencoderOutputWriter needs 'image' and {self.path_key!r} in each batch, got {sorted(batch)}."
-            )
-
-    def _fallback(self, engine: Engine) -> str:
-        return "inferred" if getattr(engine, "z_predictor", None) is not None else "fixed"
 
     def __call__(self, engine: Engine) -> None:
         result = engine.state.output[Keys.PRED]
@@ -278,28 +253,12 @@ class AutoencoderOutputWriter:
                 "give the evaluator inferer=AutoencoderInferer() and decollate=False."
             )
         paths = [str(p) for p in engine.state.batch[self.path_key]]
-        observed = engine.state.output.get(ARMEDKeys.CLUSTER)
-        if isinstance(observed, Mapping):
-            raise TypeError(
-                "AutoencoderOutputWriter handles one grouping factor; the evaluator's cluster is a mapping of the "
-                f"factors {list(observed)}."
-            )
-        fallback = self._fallback(engine)
-        effects = (
-            [fallback] * len(paths) if observed is None else ["observed" if int(c) >= 0 else fallback for c in observed]
-        )
+        effects = self.effects(engine, len(paths))
         prob = positive_probability(result.pred.float()).reshape(-1).cpu().numpy()
         latent = result.latent_fe.float().cpu().numpy()
         mse = _recon_mse_fe(engine.state.output[Keys.IMAGE], result)
         for i, path in enumerate(paths):
-            stem = _stem(path)
-            if stem in self._source_of:  # its maps would silently overwrite the other image's
-                raise ValueError(
-                    f"AutoencoderOutputWriter: '{path}' and '{self._source_of[stem]}' have the same file name stem "
-                    f"{stem!r}, so their outputs in '{self.output_dir}' would overwrite each other; give the images "
-                    "unique names."
-                )
-            self._source_of[stem] = path
+            stem = self.claim_stem(path)
             maps = {"recon_fe": result.recon_fe[i]}
             if result.recon_re is not None:
                 maps.update(recon_me=result.recon_re[i], batch_effect=result.recon_re[i] - result.recon_fe[i])
@@ -319,15 +278,8 @@ class AutoencoderOutputWriter:
             row.update({f"latent_fe_{k}": float(v) for k, v in enumerate(latent[i])})
             self.rows.append(row)
 
-    def _write_csv(self, engine: Engine) -> None:
-        if not self.rows:
-            raise ValueError("AutoencoderOutputWriter: the evaluator gave no images.")
-        fallbacks = sum(r["effects"] != "observed" for r in self.rows)
-        if fallbacks:
-            logger.warning(
-                f"{fallbacks} of {len(self.rows)} images had no seen batch: {self._fallback(engine)} effects were "
-                "used for them."
-            )
+    def _summarize(self, engine: Engine) -> None:
+        super()._summarize(engine)
         if self.threshold is not None:
             flagged = sum(r["ood"] for r in self.rows)
             log = logger.warning if flagged else logger.info
@@ -335,15 +287,6 @@ class AutoencoderOutputWriter:
                 f"{flagged} of {len(self.rows)} images are out of distribution (ood = 1): their fixed-effects "
                 f"reconstruction MSE is above {self.threshold:.6g}; their predictions are unreliable."
             )
-        with atomic_open(self.output_dir / "predictions.csv", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows({key: csv_cell(value) for key, value in row.items()} for row in self.rows)
-
-    @property
-    def csv_path(self) -> str:
-        """Path of ``predictions.csv``."""
-        return str(self.output_dir / "predictions.csv")
 
 
 def write_autoencoder_outputs(

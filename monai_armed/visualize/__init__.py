@@ -23,4 +23,5 @@ from .figures import (
 from .reconstructions import save_latent_embedding, save_reconstruction_grid
 from .reports import write_image_figures, write_tabular_figures
 from .saliency import fe_me_gradcam, save_gradcam_figure
+from .segmentation import plot_dice_per_cluster, write_segmentation_figures
 from .sites import cluster_intercepts, plot_intercept_vs_patient_fraction, plot_random_scale_spread, positive_fraction

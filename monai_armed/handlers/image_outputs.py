@@ -1,0 +1,148 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""What the handlers that write one set of files and one CSV row per evaluated image share."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from monai.utils import IgniteInfo, min_version, optional_import
+
+from monai_armed.engines.trainer import ARMEDKeys
+from monai_armed.utils import atomic_open, csv_cell
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine, Events
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+    Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+
+__all__ = ["ImageOutputWriter", "file_stem"]
+
+logger = logging.getLogger(__name__)
+
+
+def file_stem(path: str) -> str:
+    """A file name without its (possibly double) image suffix: ``"a/b.ome.tif"`` -> ``"b"``.
+
+    Example::
+
+        file_stem("data/images/b03_v001.tif")      # "b03_v001"
+    """
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".nii.gz", ".nii", ".png", ".npy"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+class ImageOutputWriter:
+    """Base of the evaluator handlers that write files per image (named after its source file) and a CSV.
+
+    Subclasses implement ``__call__(engine)`` (one iteration's files, appending one dict per image to :attr:`rows`,
+    with :meth:`claim_stem` for each name and :meth:`effects` for the random effects used) and may extend
+    :meth:`_summarize` (logging before the CSV is written). Every batch must hold ``image`` and ``path_key``
+    (checked before anything of it is written); the CSV is written atomically when the run completes.
+
+    Args:
+        output_dir: folder of the files and of the CSV.
+        path_key: batch key of the source paths (``CopyItemsd(keys="image", names="image_path")`` before loading).
+        csv_name: file name of the CSV in ``output_dir``.
+
+    Example::
+
+        class Writer(ImageOutputWriter):
+            def __call__(self, engine):
+                for path in engine.state.batch[self.path_key]:
+                    self.rows.append({"image": path, "stem": self.claim_stem(str(path))})
+    """
+
+    #: what a cluster is called in the log messages (an imaging ``batch``, a ``site``)
+    cluster_word = "cluster"
+
+    def __init__(self, output_dir: str | os.PathLike, path_key: str = "image_path", csv_name: str = "outputs.csv") -> None:
+        self.output_dir, self.path_key, self.csv_name = Path(output_dir), path_key, csv_name
+        self.rows: list[dict[str, Any]] = []
+        self._source_of: dict[str, str] = {}  # output stem -> the image it was written for
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._check_batch)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._write_csv)
+
+    def __call__(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows, self._source_of = [], {}
+
+    def _check_batch(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        if "image" not in batch or self.path_key not in batch:
+            raise KeyError(
+                f"{type(self).__name__} needs 'image' and {self.path_key!r} in each batch, got {sorted(batch)}."
+            )
+
+    @staticmethod
+    def fallback(engine: Engine) -> str:
+        """The effects an image without a seen cluster gets: ``inferred`` with a Z-predictor, else ``fixed``."""
+        return "inferred" if getattr(engine, "z_predictor", None) is not None else "fixed"
+
+    def effects(self, engine: Engine, n: int) -> list[str]:
+        """Per image of the iteration: ``observed`` (its seen cluster) or the evaluator's :meth:`fallback`."""
+        observed = engine.state.output.get(ARMEDKeys.CLUSTER)
+        if isinstance(observed, Mapping):
+            raise TypeError(
+                f"{type(self).__name__} handles one grouping factor; the evaluator's cluster is a mapping of the "
+                f"factors {list(observed)}."
+            )
+        fallback = self.fallback(engine)
+        return [fallback] * n if observed is None else ["observed" if int(c) >= 0 else fallback for c in observed]
+
+    def claim_stem(self, path: str) -> str:
+        """The output name of an image; two images with one name would overwrite each other's files: an error."""
+        stem = file_stem(path)
+        if stem in self._source_of:
+            raise ValueError(
+                f"{type(self).__name__}: '{path}' and '{self._source_of[stem]}' have the same file name stem "
+                f"{stem!r}, so their outputs in '{self.output_dir}' would overwrite each other; give the images "
+                "unique names."
+            )
+        self._source_of[stem] = path
+        return stem
+
+    def _summarize(self, engine: Engine) -> None:
+        fallbacks = sum(r["effects"] != "observed" for r in self.rows)
+        if fallbacks:
+            logger.warning(
+                f"{fallbacks} of {len(self.rows)} images had no seen {self.cluster_word}: {self.fallback(engine)} effects were "
+                "used for them."
+            )
+
+    def _write_csv(self, engine: Engine) -> None:
+        if not self.rows:
+            raise ValueError(f"{type(self).__name__}: the evaluator gave no images.")
+        self._summarize(engine)
+        with atomic_open(self.output_dir / self.csv_name, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows({key: csv_cell(value) for key, value in row.items()} for row in self.rows)
+
+    @property
+    def csv_path(self) -> str:
+        """Path of the CSV."""
+        return str(self.output_dir / self.csv_name)

@@ -1,0 +1,89 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from monai.utils import CommonKeys as Keys
+from monai.utils import IgniteInfo, min_version, optional_import
+from scipy import ndimage
+
+from monai_armed.data.tiff import save_tiff
+from monai_armed.handlers.image_outputs import ImageOutputWriter
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["SegmentationWriter"]
+
+
+class SegmentationWriter(ImageOutputWriter):
+    """Writes, for every image an evaluator segments, its class map as a uint8 TIFF and a row of statistics.
+
+    ``<name>_seg.tif`` holds the argmax class of every pixel (0 = background), the size and orientation of the input
+    TIFF (the loader's ``(C, W, H)`` map is transposed back to ``(H, W)`` as
+    :class:`~monai_armed.data.TiffFileReader` reads it); give the evaluator a sliding-window inferer so that any
+    input size works. ``segmentation.csv`` (written when the run completes) holds per image: the source path,
+    ``effects`` (``observed`` with the image's seen cluster, else ``inferred`` with a Z-predictor or ``fixed``),
+    ``height`` and ``width``, and per foreground class ``c``: ``fraction_c`` (of the pixels), ``objects_c``
+    (connected components, 8-connected in 2-D) and ``mean_area_c`` (pixels per object, empty without objects).
+    Every file is written atomically; two images with the same file name stem are an error before their files
+    collide.
+
+    Args:
+        output_dir: folder of the TIFFs and of ``segmentation.csv``.
+        path_key: batch key of the source paths (``CopyItemsd(keys="image", names="image_path")`` before loading).
+        suffix: appended to each image's stem.
+
+    Example::
+
+        evaluator = ARMEDEvaluator(device, loader, net, z_predictor=zp, inferer=SlidingWindowInferer((96, 96)),
+                                   task="segmentation", decollate=False)
+        SegmentationWriter("eval/inference").attach(evaluator)
+        evaluator.run()
+    """
+
+    cluster_word = "batch"
+
+    def __init__(self, output_dir: str | os.PathLike, path_key: str = "image_path", suffix: str = "_seg") -> None:
+        super().__init__(output_dir, path_key, "segmentation.csv")
+        self.suffix = suffix
+
+    def __call__(self, engine: Engine) -> None:
+        pred = engine.state.output[Keys.PRED]
+        if not isinstance(pred, torch.Tensor) or pred.dim() < 4:
+            raise TypeError(
+                f"SegmentationWriter needs logit maps (B, classes, *spatial) as the evaluator's pred, got "
+                f"{type(pred).__name__} {tuple(getattr(pred, 'shape', ()))}."
+            )
+        paths = [str(p) for p in engine.state.batch[self.path_key]]
+        effects = self.effects(engine, len(paths))
+        classes = pred.argmax(1).to(torch.uint8).cpu().numpy()
+        n_classes = pred.shape[1]
+        for i, path in enumerate(paths):
+            stem = self.claim_stem(path)
+            label_map = classes[i]
+            stored = label_map.T if label_map.ndim == 2 else label_map.transpose(2, 1, 0)
+            save_tiff(self.output_dir / f"{stem}{self.suffix}.tif", np.ascontiguousarray(stored))
+            row = {"image": path, "effects": effects[i], "height": stored.shape[0], "width": stored.shape[1]}
+            for c in range(1, n_classes):
+                objects, count = ndimage.label(label_map == c, structure=np.ones((3,) * label_map.ndim))
+                area = float((objects > 0).sum())
+                row[f"fraction_{c}"] = area / label_map.size
+                row[f"objects_{c}"] = int(count)
+                row[f"mean_area_{c}"] = area / count if count else None
+            self.rows.append(row)
