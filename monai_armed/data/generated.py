@@ -20,6 +20,7 @@ user's data set is never deleted or overwritten.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import hashlib
@@ -29,6 +30,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,6 +52,8 @@ __all__ = [
     "parameter_hash",
     "read_manifest",
     "remove_stale_files",
+    "generator_parser",
+    "run_generator_cli",
     "run_jobs",
     "verify_manifest",
     "write_manifest",
@@ -361,3 +365,45 @@ def run_jobs(
         with ProcessPoolExecutor(workers, initializer=_exit_with_parent, initargs=(os.getpid(), initializer)) as pool:
             for n, _ in zip(counts, pool.map(render, jobs, chunksize=4)):
                 bar.update(n)
+
+
+def generator_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The command line of a data generator module: ``--out`` and ``--seed``; the module adds its own options and
+    :func:`run_generator_cli` those every generator has (``--num-workers``, ``--progress``, ``--force``).
+
+    Example::
+
+        parser = generator_parser("monai_armed.data.nuclei", __doc__)
+        parser.add_argument("--size", type=int, default=128)
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.strip().split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run_generator_cli(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    params: Callable[[argparse.Namespace], dict[str, Any]],
+    make: Callable[..., Path],
+    ensure: Callable[..., Path],
+) -> Path:
+    """Parse ``argv``, generate (``make`` with ``--force``, else ``ensure``, which reuses a complete data set) into
+    ``--out`` with ``params(args)``, print the datalist's path on stdout and the section sizes on stderr.
+
+    Example::
+
+        return run_generator_cli(parser, argv, lambda a: {"seed": a.seed}, make_nucleus_dataset, ensure_nucleus_dataset)
+    """
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument("--force", action="store_true", help="regenerate even if a matching data set exists")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    kwargs = {**params(args), "num_workers": args.num_workers, "progress": args.progress}
+    datalist = (make if args.force else ensure)(args.out, **kwargs)
+    counts = {k: len(v) for k, v in json.loads(Path(datalist).read_text()).items()}
+    print(datalist)
+    print(f"{counts} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    return datalist

@@ -42,11 +42,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import re
-import sys
-import time
 from collections.abc import Mapping, Sequence
 from datetime import date, timedelta
 from pathlib import Path
@@ -60,7 +57,9 @@ from monai_armed.data.generated import (
     MANIFEST,
     claim_output_dir,
     ensure_generated,
+    generator_parser,
     remove_stale_files,
+    run_generator_cli,
     run_jobs,
     write_manifest,
 )
@@ -746,11 +745,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
         main(["--out", "data/microscopy", "--seed", "0"])
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m monai_armed.data.microscopy", description=__doc__.strip().split("\n\n")[0]
-    )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = generator_parser("monai_armed.data.microscopy", __doc__)
     parser.add_argument("--seen-batches", type=int, default=8)
     parser.add_argument("--unseen-batches", type=int, default=3)
     parser.add_argument("--cells-per-batch", type=int, default=24)
@@ -761,31 +756,23 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--batch-effect", type=float, default=1.0)
     parser.add_argument("--phenotype-effect", type=float, default=1.0)
     parser.add_argument("--confounded", type=int, default=None, help="seen batches imaging one phenotype")
-    parser.add_argument("--num-workers", type=int, default=None)
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
-    parser.add_argument("--force", action="store_true", help="regenerate even if a matching data set exists")
-    args = parser.parse_args(argv)
-    params = {
-        "seed": args.seed,
-        "n_seen": args.seen_batches,
-        "n_unseen": args.unseen_batches,
-        "cells_per_batch": args.cells_per_batch,
-        "frames_per_cell": args.frames_per_cell,
-        "size": args.size,
-        "dtype": args.dtype,
-        "split": tuple(args.split),
-        "batch_effect": args.batch_effect,
-        "phenotype_effect": args.phenotype_effect,
-        "n_confounded": args.confounded,
-        "num_workers": args.num_workers,
-        "progress": args.progress,
-    }
-    start = time.perf_counter()
-    datalist = (make_microscopy_dataset if args.force else ensure_microscopy_dataset)(args.out, **params)
-    counts = {k: len(v) for k, v in json.loads(datalist.read_text()).items()}
-    print(datalist)
-    print(f"{counts} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-    return datalist
+
+    def params(args: argparse.Namespace) -> dict[str, Any]:
+        return {
+            "seed": args.seed,
+            "n_seen": args.seen_batches,
+            "n_unseen": args.unseen_batches,
+            "cells_per_batch": args.cells_per_batch,
+            "frames_per_cell": args.frames_per_cell,
+            "size": args.size,
+            "dtype": args.dtype,
+            "split": tuple(args.split),
+            "batch_effect": args.batch_effect,
+            "phenotype_effect": args.phenotype_effect,
+            "n_confounded": args.confounded,
+        }
+
+    return run_generator_cli(parser, argv, params, make_microscopy_dataset, ensure_microscopy_dataset)
 
 
 if __name__ == "__main__":

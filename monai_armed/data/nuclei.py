@@ -30,11 +30,8 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +43,9 @@ from monai_armed.data.generated import (
     MANIFEST,
     claim_output_dir,
     ensure_generated,
+    generator_parser,
     remove_stale_files,
+    run_generator_cli,
     run_jobs,
     write_manifest,
 )
@@ -374,11 +373,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
         main(["--out", "data/nuclei", "--seed", "0"])
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m monai_armed.data.nuclei", description=__doc__.strip().split("\n\n")[0]
-    )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = generator_parser("monai_armed.data.nuclei", __doc__)
     parser.add_argument("--seen-batches", type=int, default=6)
     parser.add_argument("--unseen-batches", type=int, default=3)
     parser.add_argument("--fields-per-batch", type=int, default=12)
@@ -386,28 +381,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--dtype", choices=_DTYPES, default="uint8")
     parser.add_argument("--split", type=float, nargs=3, default=(0.6, 0.15, 0.25), metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--batch-effect", type=float, default=1.0)
-    parser.add_argument("--num-workers", type=int, default=None)
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
-    parser.add_argument("--force", action="store_true", help="regenerate even if a matching data set exists")
-    args = parser.parse_args(argv)
-    params = {
-        "seed": args.seed,
-        "n_seen": args.seen_batches,
-        "n_unseen": args.unseen_batches,
-        "fields_per_batch": args.fields_per_batch,
-        "size": args.size,
-        "dtype": args.dtype,
-        "split": tuple(args.split),
-        "batch_effect": args.batch_effect,
-        "num_workers": args.num_workers,
-        "progress": args.progress,
-    }
-    start = time.perf_counter()
-    datalist = (make_nucleus_dataset if args.force else ensure_nucleus_dataset)(args.out, **params)
-    counts = {k: len(v) for k, v in json.loads(datalist.read_text()).items()}
-    print(datalist)
-    print(f"{counts} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-    return datalist
+
+    def params(args: argparse.Namespace) -> dict[str, Any]:
+        return {
+            "seed": args.seed,
+            "n_seen": args.seen_batches,
+            "n_unseen": args.unseen_batches,
+            "fields_per_batch": args.fields_per_batch,
+            "size": args.size,
+            "dtype": args.dtype,
+            "split": tuple(args.split),
+            "batch_effect": args.batch_effect,
+        }
+
+    return run_generator_cli(parser, argv, params, make_nucleus_dataset, ensure_nucleus_dataset)
 
 
 if __name__ == "__main__":

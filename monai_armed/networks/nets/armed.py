@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -85,7 +85,7 @@ class _PassState:
     cluster: torch.Tensor | None
     split_head: bool
     captured: dict[str, torch.Tensor] | None = None
-    calls: dict[str, int] = field(default_factory=dict)
+    head_input: torch.Tensor | None = None
 
 
 def _channels_last(effects: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -528,7 +528,7 @@ class ARMED(nn.Module):
             if state.cluster is not None and self._has_head_effects:
                 head = self.network.get_submodule(self.head_name)
                 handles.append(head.register_forward_pre_hook(lambda m, args: self._head_pre(state, args)))
-                handles.append(head.register_forward_hook(lambda m, args, out: self._head_post(state, out)))
+                handles.append(head.register_forward_hook(lambda m, args, out: self._head_post(state, m, out)))
             for norm in norms:
                 norm.set_cluster(state.cluster)
             yield state
@@ -565,7 +565,7 @@ class ARMED(nn.Module):
     def _broadcast(self, effects: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return _channels_last(effects, like) if self._head_is_linear else _channels_first(effects, like)
 
-    def _head_pre(self, state: _PassState, args: tuple) -> tuple:
+    def _head_pre(self, state: _PassState, args: tuple) -> tuple | None:
         h, cluster = args[0], state.cluster
         assert cluster is not None
         if h.shape[0] != cluster.shape[0]:
@@ -573,11 +573,16 @@ class ARMED(nn.Module):
                 f"the head {self.head_name!r} got input {shape_str(h)} but the cluster has {cluster.shape[0]} rows; "
                 "ARMED needs one head row per sample."
             )
-        h_me = h * (1.0 + self._broadcast(self.random_slope(cluster), h)) if self.random_slope is not None else h
-        return ((torch.cat([h_me, h]) if state.split_head else h_me),) + tuple(args[1:])
+        if state.split_head:  # the head runs on h as usual; _head_post adds the mixed-effects rows
+            state.head_input = h
+            return None
+        if self.random_slope is None:
+            return None
+        return (h * (1.0 + self._broadcast(self.random_slope(cluster), h)),) + tuple(args[1:])
 
-    def _head_post(self, state: _PassState, out: torch.Tensor) -> torch.Tensor:
-        """Adds the intercepts to the mixed-effects rows (the first half of a split head's doubled batch)."""
+    def _head_post(self, state: _PassState, head: nn.Module, out: torch.Tensor) -> torch.Tensor:
+        """Adds the intercepts; a split head returns ``[mixed; fixed]``, the mixed rows from a second call of the head
+        on ``h * (1 + u_s)`` (cheaper than running it on a doubled input: the head's output is the narrow side)."""
         cluster = state.cluster
         assert cluster is not None
         offset = None
@@ -587,11 +592,14 @@ class ARMED(nn.Module):
             membership = cluster if cluster.is_floating_point() else cluster_one_hot(cluster, self.n_clusters)
             logit = membership.to(self.cluster_logit.dtype) @ self.cluster_logit
             offset = logit if offset is None else offset + logit
-        if offset is None:
-            return out
-        if state.split_head:
-            offset = torch.cat([offset, torch.zeros_like(offset)])
-        return out + self._broadcast(offset, out)
+        me = out
+        if state.split_head and self.random_slope is not None:
+            h = state.head_input
+            assert h is not None
+            me = head.forward(h * (1.0 + self._broadcast(self.random_slope(cluster), h)))
+        if offset is not None:
+            me = me + self._broadcast(offset, me)
+        return torch.cat([me, out]) if state.split_head else me
 
     # ----------------------------------------------------------------------------------------------------- checks
     def _check_input(self, x: Any) -> None:
