@@ -13,6 +13,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Collection
 from pathlib import Path
 
@@ -20,7 +24,7 @@ import pytest
 from monai.bundle import ConfigWorkflow
 from monai.utils import path_to_sqlite_uri
 
-__all__ = ["bundle_workflow", "check_tracking", "mlflow_run", "tensorboard_scalars"]
+__all__ = ["bundle_workflow", "check_tracking", "mlflow_run", "tensorboard_scalars", "torchrun_bundle"]
 
 
 def bundle_workflow(
@@ -176,3 +180,44 @@ def check_tracking(root: Path, parts: Collection[str], epochs: int, validation: 
     if validation is not None:
         assert [step for step, _ in scalars[validation]] == steps(validation)
     assert scalars[f"report/{report_key}"] == [(epochs, pytest.approx(expected))]
+
+
+def torchrun_bundle(configs: Path, tmp: Path, world_size: int = 2, **override) -> tuple[Path, Path, str, float]:
+    """Runs ``train.json`` + ``multi_gpu_train.json`` with torchrun (gloo processes on the CPU) in ``tmp / "ddp"``.
+
+    Each rank dumps its trained parameters to ``tmp / "probe" / "rank<r>.pt"``; a rank other than 0 writing a bundle
+    file would write it under ``models_rank<r>`` / ``eval_rank<r>``. Returns the bundle root, the probe folder, the
+    processes' output and the wall seconds; a failed run fails the test with the end of the output.
+
+    Example::
+
+        root, probe, output, seconds = torchrun_bundle(CONFIGS, tmp_path, epochs=1, dataset_dir=str(tmp_path / "data"))
+    """
+    root, probe = tmp / "ddp", tmp / "probe"
+    probe.mkdir()
+    multi_gpu = json.loads((configs / "multi_gpu_train.json").read_text())
+    rank_suffix = "('' if dist.get_rank() == 0 else '_rank' + str(dist.get_rank()))"
+    dump = (
+        "$torch.save({n: p.detach().cpu() for n, p in @network.named_parameters()}, "
+        f"{str(probe)!r} + '/rank' + str(dist.get_rank()) + '.pt')"
+    )
+    args = {
+        "config_file": [str(configs / "train.json"), str(configs / "multi_gpu_train.json")],
+        "bundle_root": str(root),
+        "ckpt_dir": f"$@bundle_root + '/models' + {rank_suffix}",
+        "output_dir": f"$@bundle_root + '/eval' + {rank_suffix}",
+        "finalize": [dump, *multi_gpu["finalize"]],
+        **override,
+    }
+    args_file = tmp / "args.json"
+    args_file.write_text(json.dumps(args))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
+    command += ["-m", "monai.bundle", "run", "--args_file", str(args_file)]
+    start = time.perf_counter()
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        command, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return root, probe, output, time.perf_counter() - start

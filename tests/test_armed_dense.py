@@ -195,6 +195,7 @@ class TestDenseAndTransformerWrapping(unittest.TestCase):
         self.assertEqual(net.tapped_layers, ["blocks.0", "blocks.1", "classification_head.0:input"])
         self.assertEqual(net.feature_widths, [24, 24, 24])
         self.assertIn("blocks.0: 24 (tokens, averaged)", net.report())
+        self.assertIn("prediction: item 0 of the network's output (a tuple / list)", net.report())
         out = net.forward_armed(torch.randn(2, 1, *shape), torch.tensor([0, 1]))
         self.assertEqual([tuple(f.shape) for f in out.features], [(2, 24)] * 3)
 

@@ -48,7 +48,8 @@ def armed_contract_errors(metadata: dict) -> list[str]:
 
     The cluster is the network's second input (``forward(x, cluster)``, order matters in ``network_data_format``); every
     output's ``type`` is ``logits`` or ``probabilities`` and its ``channel_def`` says the same (a logit is not a
-    probability: a logit's channel_def does not call it one); probabilities lie in [0, 1]; the zoo's description
+    probability: a logit's channel_def does not call it one), except a post-processed class map (``image`` /
+    ``labels``, a segmentation) whose channel_def names its classes; probabilities lie in [0, 1]; the zoo's description
     fields and evaluation scores are filled.
     """
     errors = []
@@ -62,6 +63,10 @@ def armed_contract_errors(metadata: dict) -> list[str]:
         for name, spec in fmt.get(section, {}).items():
             where = f"network_data_format.{section}.{name}"
             said = " ".join(spec["channel_def"].values()).lower()
+            if section == "post_processed_outputs" and (spec["type"], spec["format"]) == ("image", "labels"):
+                if "class" not in said:  # a segmentation's class map
+                    errors.append(f"{where}: a class map's channel_def must name its classes, got {spec['channel_def']}")
+                continue
             if spec["type"] not in OUTPUT_WORD:
                 errors.append(f"{where}.type must be one of {sorted(OUTPUT_WORD)}, got {spec['type']!r}")
                 continue
@@ -83,6 +88,7 @@ def test_every_bundle_is_checked():
         "armed_spirals",
         "armed_mri_classification",
         "armed_microscopy_autoencoder",
+        "armed_microscopy_segmentation",
     }
 
 

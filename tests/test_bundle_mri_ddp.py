@@ -37,21 +37,17 @@ so each rank also dumps its parameters after training and they must be bitwise i
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from tests.bundle_workflow import torchrun_bundle
 from tests.test_bundle_mri import CONFIGS, SMALL
 
 REPO = Path(__file__).resolve().parents[1]
-MULTI_GPU = json.loads((CONFIGS / "multi_gpu_train.json").read_text())
 EPOCHS, LOCAL_BATCH, WORLD_SIZE = 3, 4, 2
 TOLERANCE = {"loss_kl": 0.25, "loss": 0.25, "loss_me": 0.15, "loss_fe": 0.15, "loss_adv": 0.2, "loss_gen": 0.2}
 # what rank 0 writes; rank 1 writes to "<dir>_rank1" folders (see _ddp), which must not appear
@@ -67,36 +63,13 @@ RANK0_FILES = {
 
 def _ddp(tmp: Path) -> tuple[Path, str, float]:
     """Runs multi_gpu_train.json with torchrun (2 CPU processes); returns the bundle root, the output, the seconds."""
-    root, probe = tmp / "ddp", tmp / "probe"
-    probe.mkdir()
-    rank_suffix = "('' if dist.get_rank() == 0 else '_rank' + str(dist.get_rank()))"
-    dump = (
-        "$torch.save({n: p.detach().cpu() for n, p in @network.named_parameters()}, "
-        f"{str(probe)!r} + '/rank' + str(dist.get_rank()) + '.pt')"
+    root, _, output, seconds = torchrun_bundle(
+        CONFIGS,
+        tmp,
+        WORLD_SIZE,
+        dataset_dir=str(tmp / "data"),  # generated here by rank 0 while rank 1 waits (see "initialize")
+        **{**SMALL, "epochs": EPOCHS, "batch_size": LOCAL_BATCH},
     )
-    args = {
-        "config_file": [str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")],
-        "bundle_root": str(root),
-        "dataset_dir": str(tmp / "data"),  # generated here by rank 0 while rank 1 waits (see "initialize")
-        **SMALL,
-        "epochs": EPOCHS,
-        "batch_size": LOCAL_BATCH,
-        # a rank other than 0 writing a file of the bundle would write it under models_rank1 / eval_rank1
-        "ckpt_dir": f"$@bundle_root + '/models' + {rank_suffix}",
-        "output_dir": f"$@bundle_root + '/eval' + {rank_suffix}",
-        "finalize": [dump, *MULTI_GPU["finalize"]],
-    }
-    args_file = tmp / "args.json"
-    args_file.write_text(json.dumps(args))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
-    command += ["-m", "monai.bundle", "run", "--args_file", str(args_file)]
-    start = time.perf_counter()
-    done = subprocess.run(
-        command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
-    )
-    seconds = time.perf_counter() - start
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
     return root, output, seconds
 
 

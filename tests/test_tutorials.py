@@ -51,8 +51,24 @@ MICROSCOPY_QUICK = {
     "EPOCHS": 2,
     "BATCH_SIZE": 16,
 }
+SEGMENTATION_NOTEBOOK = TUTORIALS / "armed_segmentation.ipynb"
+# 3 seen batches and 1 unseen, 48 x 48 fields, a 3-level UNet on 32 x 32 patches
+SEGMENTATION_QUICK = {
+    "N_SEEN_BATCHES": 3,
+    "N_UNSEEN_BATCHES": 1,
+    "FIELDS_PER_BATCH": 4,
+    "IMAGE_SIZE": 48,
+    "PATCH_SIZE": (32, 32),
+    "CHANNELS": (4, 8, 16),
+    "EPOCHS": 1,
+    "BATCH_SIZE": 4,
+}
 # the settings every tutorial is executed with here; a notebook without an entry fails test_every_tutorial_is_run
-QUICK_SETTINGS = {MRI_NOTEBOOK.name: MRI_QUICK, MICROSCOPY_NOTEBOOK.name: MICROSCOPY_QUICK}
+QUICK_SETTINGS = {
+    MRI_NOTEBOOK.name: MRI_QUICK,
+    MICROSCOPY_NOTEBOOK.name: MICROSCOPY_QUICK,
+    SEGMENTATION_NOTEBOOK.name: SEGMENTATION_QUICK,
+}
 _REPORT_MARKER = "TEST-REPORT:"
 
 
@@ -281,3 +297,41 @@ def test_microscopy_batches_tutorial_runs(tmp_path, monkeypatch):
     assert "confounded" in text  # the batch table
     # two data figures, the loss curves, reconstructions and embeddings of both models, the inference figure
     assert _png_outputs(nb) >= 8
+
+
+def test_segmentation_tutorial_runs(tmp_path, monkeypatch):
+    """The segmentation tutorial trains a plain UNet and its ARMED version and compares seen and unseen batches."""
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    work = tmp_path / "work"
+    report = (
+        "import json as _json, sys as _sys\n"
+        f"print({_REPORT_MARKER!r} + _json.dumps({{'executable': _sys.executable, 'work_dir': str(WORK_DIR), "
+        "'modes': {m: {d: sorted(r[d]) for d in r} for m, r in reports.items()}, "
+        "'dice': {m: r['unseen']['fixed']['dice'] for m, r in reports.items()}, "
+        "'figures': figures, 'n_clusters': n_clusters, 'head': armed.head_name}))"
+    )
+    tmp_path.joinpath("notebook").mkdir()
+    nb = _execute_notebook(
+        SEGMENTATION_NOTEBOOK,
+        tmp_path / "notebook",
+        {**QUICK_SETTINGS[SEGMENTATION_NOTEBOOK.name], "WORK_DIR": work},
+        report,
+    )
+    result = _read_report(nb)
+
+    assert result["executable"] == sys.executable
+    assert Path(result["work_dir"]) == work
+    assert result["n_clusters"] == SEGMENTATION_QUICK["N_SEEN_BATCHES"]
+    assert result["head"] == "model.2.conv"  # the UNet's output convolution, found by the dry run
+    assert result["modes"] == {
+        "conventional": {"seen": ["fixed", "observed"], "unseen": ["fixed"]},
+        "armed": {"seen": ["fixed", "observed"], "unseen": ["fixed", "inferred"]},
+    }
+    for model, dice in result["dice"].items():
+        assert dice is not None and 0.0 <= dice <= 1.0, model
+    names = sorted(Path(p).name for p in result["figures"])
+    assert names == ["dice_per_batch.png", "fixed_vs_mixed.png", "overlays_seen.png", "overlays_unseen.png"]
+    text = _stream_text(nb)
+    assert "seen/observed" in text and "unseen/fixed" in text and "tapped layers for the adversary" in text
+    assert _png_outputs(nb) >= 1 + len(names)  # the batches figure and every bundle figure

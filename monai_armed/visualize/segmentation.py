@@ -29,15 +29,20 @@ from monai_armed.visualize.figures import save_figure
 __all__ = ["plot_dice_per_cluster", "write_segmentation_figures"]
 
 
-def _first_per_cluster(loader: Any, max_clusters: int) -> list[dict[str, torch.Tensor]]:
-    """One sample (image, label, cluster) of each cluster of a loader, in the order they come."""
-    found: dict[int, dict[str, torch.Tensor]] = {}
+def _first_per_cluster(loader: Any, max_clusters: int) -> list[dict[str, Any]]:
+    """One sample (image, label, cluster) of each cluster of a loader, in the order they come. Samples of unseen
+    clusters (index -1) are told apart by the prefix of their ``field`` id (``"b06_v003"`` -> ``"b06"``, as the
+    generated data name them) when the batch has one, else each is its own group."""
+    found: dict[Any, dict[str, Any]] = {}
     for batch in loader:
-        clusters = batch.get("cluster", torch.full((batch["image"].shape[0],), -1))
-        for i, c in enumerate(torch.as_tensor(clusters).tolist()):
-            key = int(c) if c >= 0 else -1 - len(found)  # unseen samples: one each, up to max_clusters
+        clusters = torch.as_tensor(batch.get("cluster", torch.full((batch["image"].shape[0],), -1))).tolist()
+        fields = batch.get("field")
+        for i, c in enumerate(clusters):
+            group = fields[i].rsplit("_", 1)[0] if fields is not None and c < 0 else None
+            key = int(c) if c >= 0 else (group if group is not None else -1 - len(found))
             if key not in found:
                 found[key] = {k: torch.as_tensor(batch[k][i : i + 1]) for k in ("image", "label", "cluster") if k in batch}
+                found[key]["group"] = group
         if len(found) >= max_clusters:
             break
     return list(found.values())[:max_clusters]
@@ -56,15 +61,18 @@ def _show(ax: Axes, image: np.ndarray, title: str, masks: Sequence[tuple[np.ndar
     ax.imshow(image.T, cmap="gray")
     for mask, colour in masks:
         if mask.any():
-            ax.contour(mask.T.astype(float), levels=[0.5], colors=colour, linewidths=0.8)
+            ax.contour(mask.T.astype(float), levels=[0.5], colors=colour, linewidths=1.2)
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def _cluster_name(cluster: torch.Tensor | None, names: Sequence[str]) -> str:
+def _cluster_name(sample: dict[str, Any], names: Sequence[str]) -> str:
+    cluster = sample.get("cluster")
     index = -1 if cluster is None else int(cluster.reshape(-1)[0])
-    return names[index] if 0 <= index < len(names) else "unseen"
+    if 0 <= index < len(names):
+        return names[index]
+    return f"unseen {sample['group']}" if sample.get("group") else "unseen"
 
 
 def plot_dice_per_cluster(metrics: Mapping[str, Any], path: str | os.PathLike) -> str:
@@ -136,7 +144,7 @@ def write_segmentation_figures(
             seen_samples = samples
         if not samples:
             continue
-        fig = Figure(figsize=(2.2 * len(samples), 2.6))
+        fig = Figure(figsize=(3.0 * len(samples), 3.3))
         axes = np.atleast_1d(fig.subplots(1, len(samples)))
         for ax, sample in zip(axes, samples):
             cluster = sample.get("cluster")
@@ -144,18 +152,18 @@ def write_segmentation_figures(
             pred = _predict(network, sample["image"], observed, inferer)
             truth = sample["label"][0, 0].numpy() > 0 if "label" in sample else np.zeros_like(pred, dtype=bool)
             effects = "mixed" if observed is not None else "fixed"
-            _show(ax, sample["image"][0, 0].numpy(), f"{_cluster_name(cluster, cluster_names)} ({effects})",
+            _show(ax, sample["image"][0, 0].numpy(), f"{_cluster_name(sample, cluster_names)} ({effects})",
                   [(truth, "lime"), (pred > 0, "magenta")])  # fmt: skip
         fig.tight_layout()
         written.append(save_figure(fig, out / f"overlays_{dataset}.png"))
     seen_samples = [s for s in seen_samples if "cluster" in s and int(s["cluster"].reshape(-1)[0]) >= 0]
     if seen_samples:
-        fig = Figure(figsize=(2.2 * len(seen_samples), 6.6))
+        fig = Figure(figsize=(3.0 * len(seen_samples), 9.0))
         axes = fig.subplots(3, len(seen_samples), squeeze=False)
         for column, sample in enumerate(seen_samples):
             fixed = _predict(network, sample["image"], None, inferer)
             mixed = _predict(network, sample["image"], sample["cluster"], inferer)
-            image, name = sample["image"][0, 0].numpy(), _cluster_name(sample["cluster"], cluster_names)
+            image, name = sample["image"][0, 0].numpy(), _cluster_name(sample, cluster_names)
             _show(axes[0, column], image, f"{name}: fixed", [(fixed > 0, "cyan")])
             _show(axes[1, column], image, "mixed", [(mixed > 0, "magenta")])
             _show(axes[2, column], (fixed != mixed).astype(float), f"differ: {int((fixed != mixed).sum())} px")

@@ -462,7 +462,7 @@ class ARMED(nn.Module):
         else:
             lines.append("forward_armed: one backbone pass, head run on [h * (1 + u_s); h]")
         if self._output_index is not None:
-            lines.append(f"prediction: item {self._output_index} of the network's {type(self._output_index).__name__}")
+            lines.append(f"prediction: item {self._output_index} of the network's output (a tuple / list)")
         return "\n".join(lines)
 
     # ---------------------------------------------------------------------------------------------------- forward
