@@ -129,6 +129,8 @@ MODELS: dict[str, ModelSpec] = {
     "armed_simultaneous": ModelSpec("armed", adversary_update="simultaneous"),
     "armed_elbo": ModelSpec("armed", kl_weight=1.0),
     "armed_elbo_eb": ModelSpec("armed", kl_weight=1.0, learn_prior=True),
+    "armed_elbo_eb_no_adversary": ModelSpec("armed_no_adversary", kl_weight=1.0, learn_prior=True),
+    "armed_elbo_eb_randomized_z": ModelSpec("armed", eval_mode="randomized", reuses="armed_elbo_eb"),
 }
 
 Data = dict[str, np.ndarray]
