@@ -119,14 +119,20 @@ TIMED = {
     "armed": ("armed", {}, True),
     "armed_without_random_scale": ("armed", {"random_slope": False}, True),
     "armed_without_adversary": ("armed", {}, False),
+    "conventional_wide": ("conventional", {}, False),
+    "armed_wide": ("armed", {}, True),
 }
+#: the bundle's UNet, and a twice as wide one (``*_wide``): ARMED's overhead per step is nearly fixed, so its ratio
+#: depends on the backbone's size
+CHANNELS = {"": (16, 32, 64, 128), "_wide": (32, 64, 128, 256)}
 
 
 def _trainer(name: str, n_clusters: int, batch: dict, gen_weight: float) -> ARMEDTrainer:
     """The bundle's network and trainer for a ``TIMED`` candidate on one fixed batch (what a training step costs)."""
     variant, kwargs, with_adversary = TIMED[name]
     torch.manual_seed(0)
-    backbone = UNet(2, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=0, norm="instance")
+    channels = CHANNELS["_wide" if name.endswith("_wide") else ""]
+    backbone = UNet(2, 1, 2, channels=channels, strides=(2, 2, 2), num_res_units=0, norm="instance")
     network = ARMED.from_variant(
         variant, backbone, n_clusters, in_shape=(1, 96, 96), re_kwargs={"learn_prior_scale": True}, **kwargs
     )
@@ -160,7 +166,7 @@ def step_time_ratio(repeats: int, iterations: int, gen_weight: float) -> dict:
             if repeat:
                 seconds[name].append((time.perf_counter() - start) / iterations)
     medians = {name: float(np.median(v)) for name, v in seconds.items()}
-    ratios = {name: medians[name] / medians["conventional"] for name in medians}
+    ratios = {name: medians[name] / medians["conventional_wide" if name.endswith("_wide") else "conventional"] for name in medians}
     return {"median_seconds": medians, "ratio": ratios["armed"], "ratios": ratios, "per_repeat": seconds}
 
 
@@ -243,11 +249,15 @@ def render_section(results: dict) -> str:
             lines.append(f"Per seed ({part}): {values}.")
     t = results["step_time"]
     parts = ", ".join(f"{name} {t['ratios'][name]:.2f}x" for name in ("armed_without_random_scale", "armed_without_adversary"))
+    wide = (
+        f"; the same with a UNet twice as wide (32-256 channels): ARMED {1000 * t['median_seconds']['armed_wide']:.0f} ms, "
+        f"conventional {1000 * t['median_seconds']['conventional_wide']:.0f} ms, ratio {t['ratios']['armed_wide']:.2f}"
+    )
     lines += [
         "",
         f"Training step ({p['timing']}): ARMED {1000 * t['median_seconds']['armed']:.0f} ms, "
         f"conventional {1000 * t['median_seconds']['conventional']:.0f} ms, ratio {results['step_time_ratio']:.2f} "
-        f"({parts}).",
+        f"({parts}){wide}.",
         "Wall time of one bundle run (train + report): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in p["wall_seconds_per_bundle_run"].items()) + ".",
     ]
