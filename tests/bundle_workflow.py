@@ -24,7 +24,7 @@ import pytest
 from monai.bundle import ConfigWorkflow
 from monai.utils import path_to_sqlite_uri
 
-__all__ = ["bundle_workflow", "check_tracking", "mlflow_run", "tensorboard_scalars", "torchrun_bundle"]
+__all__ = ["bundle_workflow", "check_tracking", "error_messages", "mlflow_run", "tensorboard_scalars", "torchrun_bundle"]
 
 
 def bundle_workflow(
@@ -47,6 +47,22 @@ def bundle_workflow(
     )
     workflow.initialize()
     return workflow
+
+
+def error_messages(error: BaseException) -> str:
+    """The messages of an exception and of everything it was raised from (a bundle workflow wraps the real error).
+
+    Example::
+
+        with pytest.raises(RuntimeError) as error:
+            workflow.run()
+        assert "expected" in error_messages(error.value)
+    """
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)
 
 
 class Interrupted(RuntimeError):

@@ -29,7 +29,7 @@ from monai.transforms import LoadImage
 
 from monai_armed.data import TiffFileReader, ensure_microscopy_dataset, save_tiff
 from monai_armed.engines import AEC_LOSS_KEYS
-from tests.bundle_workflow import bundle_workflow, check_tracking
+from tests.bundle_workflow import bundle_workflow, check_tracking, error_messages
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "armed_microscopy_autoencoder" / "configs"
 #: the network's size, shared by train / evaluate / inference
@@ -52,15 +52,6 @@ def _inference(root: Path, datalist: Path, key: str, **override) -> list[dict]:
     _workflow(["inference.json"], root, "inference", **over).run()
     with open(root / "eval" / "inference" / "predictions.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _messages(error: BaseException) -> str:
-    """The messages of an exception and of everything it was raised from (the workflow wraps the real error)."""
-    messages = []
-    while error is not None:
-        messages.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(messages)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -240,7 +231,7 @@ def _train_error(root: Path, **override) -> str:
     workflow = _workflow(["train.json"], root, **_train_overrides(root, epochs=1, **override))
     with pytest.raises(RuntimeError) as error:
         workflow.run()
-    return _messages(error.value)
+    return error_messages(error.value)
 
 
 def test_datalist_item_without_cluster_names_the_file_and_item(data_dir, tmp_path):

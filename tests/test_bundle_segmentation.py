@@ -24,7 +24,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from monai_armed.data import ensure_nucleus_dataset, save_tiff
-from tests.bundle_workflow import bundle_workflow, check_tracking
+from tests.bundle_workflow import bundle_workflow, check_tracking, error_messages
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "armed_microscopy_segmentation" / "configs"
 #: the network's size, shared by train / evaluate / inference
@@ -46,14 +46,6 @@ def _inference(root: Path, datalist: Path, key: str, **override) -> list[dict]:
     _workflow(["inference.json"], root, "inference", **over).run()
     with open(root / "eval" / "inference" / "segmentation.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _messages(error: BaseException) -> str:
-    messages = []
-    while error is not None:
-        messages.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(messages)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -189,6 +181,6 @@ def test_bad_mask_names_the_files_before_training(data_dir, tmp_path, mask, expe
     workflow = _workflow(["train.json"], tmp_path, **_train_overrides(tmp_path, epochs=1))
     with pytest.raises(RuntimeError) as error:
         workflow.run()
-    message = _messages(error.value)
+    message = error_messages(error.value)
     assert f"section 'training', item 0, key 'label': the mask {bad}" in message and expected in message
     assert not (tmp_path / "models" / "model.pt").exists(), "refused before training"
