@@ -42,7 +42,7 @@ from monai_armed.handlers import ClusterModeReport
 from monai_armed.inferers import cluster_inference
 from monai_armed.metrics import per_image_segmentation_scores, segmentation_summary
 from monai_armed.losses import GaussianLikelihood
-from monai_armed.networks import ARMED, ClusterAdversary
+from monai_armed.networks import ARMED, ClusterAdversary, ClusterScaleBias
 
 C = 3  # clusters
 CLASSES = 3
@@ -222,6 +222,25 @@ class TestDenseAndTransformerWrapping(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, r"takes \(batch, channels, 3 spatial dims\) .* a 2-d input"):
             net3d.forward_armed(torch.zeros(1, 1, 16, 16), torch.tensor([0]))
 
+    def test_swap_norm_skips_built_in_cluster_norms_and_refusals_leave_the_network(self):
+        network, shape = _network("unet")
+        with self.assertRaises(TypeError):
+            ARMED(network, C, in_shape=(1, *shape), swap_norm=True, re_kwargs={"no_such_argument": 1})
+        self.assertFalse(any(isinstance(m, ClusterScaleBias) for m in network.modules()), "nothing was swapped")
+        net = ARMED(network, C, in_shape=(1, *shape), swap_norm=True)
+        with self.assertRaisesRegex(ValueError, "has no BatchNorm/InstanceNorm layer outside its ClusterScaleBias layers"):
+            ARMED(net.network, C, in_shape=(1, *shape), swap_norm=True)  # the norms inside them are not swapped again
+        with self.assertRaisesRegex(ValueError, "is the norm inside a ClusterScaleBias"):
+            ARMED(net.network, C, in_shape=(1, *shape), swap_norm=[net.swapped_norms[0] + ".norm"])
+
+    def test_taps_after_a_split_head_give_fixed_effects_rows(self):
+        network = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 2, 1)), nn.Identity())
+        net = ARMED(network, C, tap_layers=["0", "2", "3"], post_loc_init_scale=0.5).eval()
+        x, cluster = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+        out = net.forward_armed(x, cluster)
+        self.assertEqual([f.shape[0] for f in out.features], [5, 5, 5])
+        torch.testing.assert_close(out.features[2], network(x))  # the fixed-effects output, not the mixed one
+
     def test_output_without_a_tensor(self):
         class _Named(nn.Module):
             def __init__(self) -> None:
@@ -232,7 +251,7 @@ class TestDenseAndTransformerWrapping(unittest.TestCase):
                 return {"logits": self.conv(x)}
 
         with self.assertRaisesRegex(
-            ValueError, r"the output of _Named does not come from its head 'conv' .* returned a dict with keys"
+            ValueError, r"_Named returned a dict with keys \['logits'\] .* not a mapping\. .*head="
         ):
             ARMED(_Named(), C)
 
@@ -309,6 +328,17 @@ class TestSegmentationMetrics(unittest.TestCase):
         self.assertIsNone(summary["per_cluster"]["b"]["hd95"])
         with self.assertRaisesRegex(ValueError, r"masks \(1, 1, 8, 8\) and predictions \(1, 1, 16, 16\) differ"):
             per_image_segmentation_scores(_square(), torch.zeros(1, 1, 8, 8, dtype=torch.long))
+
+    def test_class_maps_and_absent_classes(self):
+        mask = torch.cat([_square(), _square(2)])
+        # a float class map (MONAI's AsDiscrete(argmax=True)) is not taken for one-channel logits
+        numpy.testing.assert_allclose(per_image_segmentation_scores(mask.float(), mask)["dice"], [1.0, 1.0])
+        logits = torch.stack([torch.zeros(2, 16, 16), 2.0 * mask[:, 0].float(), torch.full((2, 16, 16), -1.0)], 1)
+        # class 2 is absent from masks and predictions: with num_classes it counts as a correct empty class
+        with_absent = per_image_segmentation_scores(logits, mask)["dice"]
+        numpy.testing.assert_allclose(with_absent, [1.0, 1.0])
+        class_map = logits.argmax(1, keepdim=True)
+        numpy.testing.assert_allclose(per_image_segmentation_scores(class_map, mask, num_classes=3)["dice"], with_absent)
 
     def test_cluster_mode_report_gives_dice_per_cluster_and_mode(self):
         net, shape = _wrap("basicunet")

@@ -146,6 +146,14 @@ def test_every_variant_trains_by_one_switch(data_dir, tmp_path):
         assert set(metrics["unseen"]) == {"fixed"}
 
 
+def test_a_model_with_swapped_norms_runs_inference(data_dir, tmp_path):
+    _workflow(["train.json"], tmp_path, **_train_overrides(data_dir, swap_norm=True, epochs=1)).run()
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert any(".random_effects." in k for k in state), "ClusterScaleBias layers were trained"
+    rows = _inference(tmp_path, data_dir / "datalist.json", "test", swap_norm=True)
+    assert {r["effects"] for r in rows} == {"observed"} and len(rows) > 0
+
+
 def test_train_and_inference_configs_pass_monai_property_checks(trained, data_dir):
     root, _ = trained
     assert _workflow(["train.json"], root, **_train_overrides(data_dir)).check_properties() == []

@@ -414,9 +414,10 @@ def _mask_problem(
         image, mask = np.asarray(loader(image_path)), np.asarray(loader(mask_path))
     except Exception as err:
         return f"{where}: could not read {mask_path} or {image_path} ({_summary(err)}).", False
-    if np.squeeze(image).shape != np.squeeze(mask).shape:
+    spatial = np.squeeze(mask).shape
+    if np.squeeze(image).shape[-len(spatial) :] != spatial:  # a multichannel image: compare the spatial axes
         return (
-            f"{where}: the mask {mask_path} has shape {np.squeeze(mask).shape} (as loaded) but the image {image_path} "
+            f"{where}: the mask {mask_path} has shape {spatial} (as loaded) but the image {image_path} "
             f"has {np.squeeze(image).shape}; a mask must label every pixel of its image."
         ), False
     values = np.unique(mask)

@@ -35,7 +35,8 @@ class PrepareBatchCluster(PrepareBatch):
 
     Args:
         image_key: key of the network input (``"image"``; tabular datalists use ``"features"``).
-        label_key: key of the target; a batch without it gives ``targets=None`` (inference).
+        label_key: key of the target; a batch without it gives ``targets=None`` (inference); ``None`` never reads one
+            (inference on a datalist whose ``label`` is something else, e.g. the path of a mask).
         cluster_key: key of the cluster index (int64, ``-1`` = unseen) or soft membership, or a sequence of keys, one
             per grouping factor.
         require_cluster: raise when a cluster key is missing (training); otherwise pass ``cluster=None`` (fixed
@@ -54,7 +55,7 @@ class PrepareBatchCluster(PrepareBatch):
     def __init__(
         self,
         image_key: str = CommonKeys.IMAGE,
-        label_key: str = CommonKeys.LABEL,
+        label_key: str | None = CommonKeys.LABEL,
         cluster_key: str | Sequence[str] = "cluster",
         require_cluster: bool = True,
         check_finite: bool = True,
@@ -85,7 +86,7 @@ class PrepareBatchCluster(PrepareBatch):
         inputs = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
         if self.check_finite and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
             raise ValueError(f"batch key {self.image_key!r} contains NaN or infinite values.")
-        targets = batchdata.get(self.label_key)
+        targets = batchdata.get(self.label_key) if self.label_key is not None else None
         if targets is not None:
             targets = torch.as_tensor(targets).to(device=device, non_blocking=non_blocking, **kwargs)
         clusters = {}

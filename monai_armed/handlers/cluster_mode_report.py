@@ -133,10 +133,18 @@ class ClusterModeReport:
         if cluster_factor is None and isinstance(evaluator.n_clusters, Mapping):
             cluster_factor = next(iter(evaluator.n_clusters))
         self.cluster_factor = cluster_factor
+        #: classes of the segmentation logits (their channels), so that a class absent from a dataset still counts
+        self.num_classes: int | None = None
         self.collector = PredictionCollector(
-            cluster_factor=cluster_factor, pred_transform=label_map if metrics == "segmentation" else None
+            cluster_factor=cluster_factor, pred_transform=self._class_map if metrics == "segmentation" else None
         )
         self.collector.attach(evaluator)
+
+    def _class_map(self, pred: Any) -> Any:
+        """A batch of segmentation logits as a class map, remembering how many classes the logits have."""
+        if pred.shape[1] > 1:
+            self.num_classes = int(pred.shape[1])
+        return label_map(pred)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -179,7 +187,7 @@ class ClusterModeReport:
         if self.metrics == "regression":
             return regression_summary(c.pred, c.label, c.cluster, n_clusters, self.cluster_names)
         if self.metrics == "segmentation":
-            return segmentation_summary(c.pred, c.label, c.cluster, n_clusters, self.cluster_names)
+            return segmentation_summary(c.pred, c.label, c.cluster, n_clusters, self.cluster_names, self.num_classes)
         label, prob = c.label.reshape(-1).cpu().numpy(), positive_probability(c.pred).cpu().numpy()
         if prob.ndim != 1:
             raise ValueError(

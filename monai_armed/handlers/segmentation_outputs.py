@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from monai_armed.data.tiff import save_tiff
 from monai_armed.handlers.image_outputs import ImageOutputWriter
+from monai_armed.metrics.segmentation import label_map
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -39,8 +40,9 @@ class SegmentationWriter(ImageOutputWriter):
     :class:`~monai_armed.data.TiffFileReader` reads it); give the evaluator a sliding-window inferer so that any
     input size works. ``segmentation.csv`` (written when the run completes) holds per image: the source path,
     ``effects`` (``observed`` with the image's seen cluster, else ``inferred`` with a Z-predictor or ``fixed``),
-    ``height`` and ``width``, and per foreground class ``c``: ``fraction_c`` (of the pixels), ``objects_c``
-    (connected components, 8-connected in 2-D) and ``mean_area_c`` (pixels per object, empty without objects).
+    ``height`` and ``width`` (``depth`` first for a volume), and per foreground class ``c``: ``fraction_c`` (of the
+    pixels), ``objects_c`` (connected components, 8-connected in 2-D) and ``mean_area_c`` (pixels per object, empty
+    without objects). A one-channel prediction is taken as a class map already (rounded).
     Every file is written atomically; two images with the same file name stem are an error before their files
     collide.
 
@@ -68,22 +70,23 @@ class SegmentationWriter(ImageOutputWriter):
         if not isinstance(pred, torch.Tensor) or pred.dim() < 4:
             raise TypeError(
                 f"SegmentationWriter needs logit maps (B, classes, *spatial) as the evaluator's pred, got "
-                f"{type(pred).__name__} {tuple(getattr(pred, 'shape', ()))}."
+                f"{type(pred).__name__} {tuple(getattr(pred, 'shape', ()))}; give the evaluator decollate=False."
             )
         paths = [str(p) for p in engine.state.batch[self.path_key]]
         effects = self.effects(engine, len(paths))
-        classes = pred.argmax(1).to(torch.uint8).cpu().numpy()
-        n_classes = pred.shape[1]
+        classes = label_map(pred)[:, 0].cpu().numpy()
+        n_classes = max(int(pred.shape[1]), int(classes.max(initial=0)) + 1, 2)
         for i, path in enumerate(paths):
             stem = self.claim_stem(path)
-            label_map = classes[i]
-            stored = label_map.T if label_map.ndim == 2 else label_map.transpose(2, 1, 0)
+            image_classes = classes[i]
+            stored = image_classes.T if image_classes.ndim == 2 else image_classes.transpose(2, 1, 0)
             save_tiff(self.output_dir / f"{stem}{self.suffix}.tif", np.ascontiguousarray(stored))
-            row = {"image": path, "effects": effects[i], "height": stored.shape[0], "width": stored.shape[1]}
+            row = {"image": path, "effects": effects[i]}
+            row.update(zip(("depth", "height", "width")[-stored.ndim :], stored.shape))
             for c in range(1, n_classes):
-                objects, count = ndimage.label(label_map == c, structure=np.ones((3,) * label_map.ndim))
+                objects, count = ndimage.label(image_classes == c, structure=np.ones((3,) * image_classes.ndim))
                 area = float((objects > 0).sum())
-                row[f"fraction_{c}"] = area / label_map.size
+                row[f"fraction_{c}"] = area / image_classes.size
                 row[f"objects_{c}"] = int(count)
                 row[f"mean_area_{c}"] = area / count if count else None
             self.rows.append(row)

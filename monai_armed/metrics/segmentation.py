@@ -23,14 +23,15 @@ __all__ = ["label_map", "per_image_segmentation_scores", "segmentation_summary"]
 
 
 def label_map(pred: torch.Tensor) -> torch.Tensor:
-    """Class map ``(N, 1, *spatial)`` (uint8) of logits ``(N, K, *spatial)``; a class map is returned as it is.
+    """Class map ``(N, 1, *spatial)`` (uint8) of logits ``(N, K, *spatial)`` with ``K >= 2``; a one-channel input is a
+    class map already (integer, or float as MONAI's ``AsDiscrete(argmax=True)`` gives it) and is only rounded.
 
     Example::
 
         label_map(logits)           # argmax over the channels, kept as a channel
     """
-    if pred.shape[1] == 1 and not pred.is_floating_point():
-        return pred
+    if pred.shape[1] == 1:
+        return (pred.round() if pred.is_floating_point() else pred).to(torch.uint8)
     return pred.argmax(1, keepdim=True).to(torch.uint8)
 
 
@@ -44,7 +45,7 @@ def per_image_segmentation_scores(
     classes present in both mask and prediction and is ``nan`` for an image without any.
 
     Args:
-        pred: logits ``(N, K, *spatial)`` or a class map ``(N, 1, *spatial)``.
+        pred: logits ``(N, K, *spatial)`` (``K >= 2``) or a class map ``(N, 1, *spatial)``.
         label: class map ``(N, 1, *spatial)``.
         num_classes: number of classes including the background (default: ``K`` of logits, else the largest class
             in either map + 1).
@@ -63,7 +64,7 @@ def per_image_segmentation_scores(
             "must be (N, 1, *spatial)."
         )
     if num_classes is None:
-        num_classes = pred.shape[1] if pred.is_floating_point() else int(max(classes.max(), truth.max())) + 1
+        num_classes = pred.shape[1] if pred.shape[1] > 1 else int(max(classes.max(), truth.max())) + 1
     num_classes = max(int(num_classes), 2)
     pred_hot, true_hot = one_hot(classes, num_classes), one_hot(truth, num_classes)
     dice = compute_dice(pred_hot, true_hot, include_background=False, ignore_empty=False).mean(1)

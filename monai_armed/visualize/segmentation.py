@@ -135,7 +135,23 @@ def write_segmentation_figures(
                                    vocabulary.clusters, inferer=SlidingWindowInferer((96, 96)))
     """
     out = Path(out_dir)
+    training = network.training
     network.eval()
+    try:
+        return _write_figures(network, loaders, out, cluster_names, inferer, metrics_file, max_clusters)
+    finally:
+        network.train(training)
+
+
+def _write_figures(
+    network: Any,
+    loaders: Mapping[str, Any],
+    out: Path,
+    cluster_names: Sequence[str],
+    inferer: Any,
+    metrics_file: str | os.PathLike | None,
+    max_clusters: int,
+) -> list[str]:
     written = []
     seen_samples: list[dict[str, torch.Tensor]] = []
     for dataset, loader in loaders.items():

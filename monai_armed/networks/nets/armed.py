@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -241,8 +241,6 @@ class ARMED(nn.Module):
         self._token_taps = {t for t in self.tapped_layers if t in modules and is_token_layer(modules[t])}
         # before the norms are swapped, so that a refused network is left as it was
         self._output_index, self._split_head, self._feature_widths = self._dry_run(probe)
-        self.swapped_norms = self._swap_norms(swap_names, norm_kwargs or {})
-        self._norm_names = list(cluster_norm_modules(network))
         if self._head_is_linear:  # lazy layers are set by now
             self.in_features, self.out_channels = head_module.in_features, head_module.out_features
         else:
@@ -279,6 +277,9 @@ class ARMED(nn.Module):
             for m in (self.random_slope, self.random_intercept):
                 if m is not None:
                     m.to(reference.device)
+        # last, so that a refused argument leaves the user's network as it was
+        self.swapped_norms = self._swap_norms(swap_names, norm_kwargs or {})
+        self._norm_names = list(cluster_norm_modules(network))
 
     @classmethod
     def from_variant(cls, variant: str, network: nn.Module, n_clusters: int, **kwargs: Any) -> ARMED:
@@ -346,10 +347,12 @@ class ARMED(nn.Module):
         network = self.network
         if swap_norm is False or swap_norm is None:
             return []
-        if swap_norm is True:
-            names = [n for n, m in network.named_modules() if _norm_dims(m)]
+        inside = [f"{n}." for n, m in network.named_modules() if isinstance(m, ClusterScaleBias)]
+        if swap_norm is True:  # the instance norm inside a ClusterScaleBias is part of it
+            names = [n for n, m in network.named_modules() if _norm_dims(m) and not n.startswith(tuple(inside))]
             if not names:
-                raise ValueError(f"swap_norm=True but {type(network).__name__} has no BatchNorm/InstanceNorm layer.")
+                outside = " outside its ClusterScaleBias layers" if inside else ""
+                raise ValueError(f"swap_norm=True but {type(network).__name__} has no BatchNorm/InstanceNorm layer{outside}.")
         elif isinstance(swap_norm, str):
             raise TypeError(f"swap_norm must be True, False or a list of module names, got the string {swap_norm!r}.")
         else:
@@ -360,6 +363,8 @@ class ARMED(nn.Module):
                 raise ValueError(
                     f"swap_norm: {name!r} is not a module of {type(network).__name__}.{_suggest(name, modules)}"
                 )
+            if inside and name.startswith(tuple(inside)):
+                raise ValueError(f"swap_norm: {name!r} is the norm inside a ClusterScaleBias, which has random effects already.")
             if not _norm_dims(modules[name]):
                 raise TypeError(
                     f"swap_norm: {name!r} is a {type(modules[name]).__name__}; only BatchNorm1d/2d/3d and "
@@ -368,8 +373,10 @@ class ARMED(nn.Module):
         return names
 
     def _swap_norms(self, names: list[str], norm_kwargs: dict) -> list[str]:
+        """Replace the named norms by ``ClusterScaleBias``; every replacement is built before any is installed."""
         network = self.network
         modules = dict(network.named_modules())
+        replacements = {}
         for name in names:
             old = modules[name]
             new = ClusterScaleBias(old.num_features, self.n_clusters, spatial_dims=_norm_dims(old), **norm_kwargs)
@@ -380,6 +387,8 @@ class ARMED(nn.Module):
             reference = next(old.parameters(), None)
             if reference is not None:
                 new.to(device=reference.device, dtype=reference.dtype)
+            replacements[name] = new
+        for name, new in replacements.items():
             parent_name, _, child = name.rpartition(".")
             setattr(network.get_submodule(parent_name) if parent_name else network, child, new)
         return names
@@ -509,7 +518,9 @@ class ARMED(nn.Module):
         state = _PassState(cluster, split_head=True, captured={})
         with self._hooked(state):
             both = self._doubled_prediction(self.network(x), batch)
-        return ARMEDOutput(both[:batch], both[batch:], self._collect(state), self.kl_divergence())
+        # a tap at or after the split head saw [mixed; fixed] rows: the adversary reads the fixed-effects ones
+        features = [f[batch:] if f.dim() and f.shape[0] == 2 * batch else f for f in self._collect(state)]
+        return ARMEDOutput(both[:batch], both[batch:], features, self.kl_divergence())
 
     @property
     def _has_head_effects(self) -> bool:
@@ -704,6 +715,11 @@ class ARMED(nn.Module):
                 shifted = network(probe)
         finally:
             handle.remove()
+        if isinstance(plain, Mapping):
+            raise ValueError(
+                f"{name} returned {describe_output(plain)} on {self._where}; ARMED supports a tensor or a tuple / list "
+                f"of outputs, not a mapping. {_HEAD_HINT}"
+            )
         pairs = [(None, plain, shifted)] if isinstance(plain, torch.Tensor) else []
         if isinstance(plain, (tuple, list)):
             pairs = [(i, p, q) for i, (p, q) in enumerate(zip(plain, shifted)) if isinstance(p, torch.Tensor)]
