@@ -28,6 +28,8 @@ __all__ = [
     "META_SCHEMA_MD5",
     "MISSING_VALUE_TEXTS",
     "atomic_open",
+    "batch_checks",
+    "batch_checks_enabled",
     "cluster_id",
     "csv_cell",
     "is_missing_value",
@@ -46,6 +48,40 @@ MISSING_VALUE_TEXTS = frozenset(
     {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
      "NULL", "NaN", "None", "n/a", "nan", "null"}
 )  # fmt: skip
+
+
+_BATCH_CHECKS = [True]
+
+
+def batch_checks_enabled() -> bool:
+    """Whether the per-batch checks that read values back from the device (finite inputs, label and cluster ranges)
+    run; :func:`batch_checks` turns them off for a block (a trainer's steps after the first batch).
+
+    Example::
+
+        if batch_checks_enabled() and not bool(torch.isfinite(x).all()):
+            raise ValueError("...")
+    """
+    return _BATCH_CHECKS[-1]
+
+
+@contextmanager
+def batch_checks(enabled: bool) -> Iterator[None]:
+    """Run a block with the per-batch value checks on or off (restored afterwards, also on error).
+
+    Reading a value back (``int(tensor)``, ``bool(tensor)``) synchronises a GPU and costs a little everywhere; the
+    trainers check their first batch and, with ``validate_batches=True``, every batch.
+
+    Example::
+
+        with batch_checks(False):
+            loss = loss_function(pred, label)      # no label-range read-back
+    """
+    _BATCH_CHECKS.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _BATCH_CHECKS.pop()
 
 
 @contextmanager

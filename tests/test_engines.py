@@ -427,6 +427,33 @@ class TestBatchErrors(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, r"expected 0\.\.1"):
             self._run({"features": x, "label": y, "cluster": c})
 
+    def test_later_batches_are_checked_with_validate_batches(self):
+        """The first batch's values are always checked; later batches only with validate_batches (no read-back)."""
+        x, y, c = _problem(16)
+        y[10] = 2  # in the second batch of 8
+        x[12, 0] = float("nan")
+        c[13] = N_CLUSTERS + 3
+        data = {"features": x, "label": y, "cluster": c}
+        net, adv = _models()
+        trainer = _trainer(TensorBatchLoader(data, batch_size=8), net, adv, epochs=1)
+        self.assertTrue(trainer.optim_set_to_none)
+        with self.assertRaises(Exception):  # an out-of-range cluster still cannot index the random effects
+            trainer.run()
+        c[13] = 0
+        net, adv = _models()
+        _trainer(TensorBatchLoader(data, batch_size=8), net, adv, epochs=1).run()  # batch 2 not read back
+        for bad, message in (("label", r"expected 0\.\.1"), ("features", "NaN")):
+            clean = {"features": x.nan_to_num(), "label": y.clamp(max=1), "cluster": c}
+            clean[bad] = data[bad]
+            net, adv = _models()
+            with self.assertRaisesRegex(ValueError, message):
+                _trainer(TensorBatchLoader(clean, batch_size=8), net, adv, epochs=1, validate_batches=True).run()
+        bad_cluster = {"features": x.nan_to_num(), "label": y.clamp(max=1), "cluster": c.clone()}
+        bad_cluster["cluster"][13] = N_CLUSTERS + 3
+        net, adv = _models()
+        with self.assertRaisesRegex(IndexError, f"cluster index {N_CLUSTERS + 3} is out of range"):
+            _trainer(TensorBatchLoader(bad_cluster, batch_size=8), net, adv, epochs=1, validate_batches=True).run()
+
     def test_prepare_batch(self):
         x, y, c = _problem(8)
         prep = PrepareBatchCluster("features")

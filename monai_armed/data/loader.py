@@ -68,13 +68,12 @@ class TensorBatchLoader:
         return -(-self.n_samples // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = torch.randperm(self.n_samples, generator=self.generator) if self.shuffle else None
+        data = self.data
+        if self.shuffle:  # one gather per epoch; the batches are then slices (views) of it
+            order = torch.randperm(self.n_samples, generator=self.generator)
+            data = {k: v[order] for k, v in data.items()}
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            if order is None:
-                yield {k: v[start : start + self.batch_size] for k, v in self.data.items()}
-            else:
-                index = order[start : start + self.batch_size]
-                yield {k: v[index] for k, v in self.data.items()}
+            yield {k: v[start : start + self.batch_size] for k, v in data.items()}
 
 
 def _datalist_columns(datalist: Sequence[Mapping], keys: Sequence[str] | None) -> dict[str, list]:

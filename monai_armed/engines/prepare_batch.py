@@ -18,6 +18,8 @@ import torch
 from monai.engines import PrepareBatch
 from monai.utils import CommonKeys
 
+from monai_armed.utils import batch_checks_enabled
+
 __all__ = ["PrepareBatchCluster", "PrepareBatchClusterTarget", "prepare_cluster_batch"]
 
 
@@ -84,7 +86,8 @@ class PrepareBatchCluster(PrepareBatch):
         if self.image_key not in batchdata:
             raise KeyError(f"batch has no input key {self.image_key!r}; keys present: {sorted(batchdata)}.")
         inputs = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
-        if self.check_finite and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        checked = self.check_finite and inputs.is_floating_point() and batch_checks_enabled()
+        if checked and not bool(torch.isfinite(inputs).all()):
             raise ValueError(f"batch key {self.image_key!r} contains NaN or infinite values.")
         targets = batchdata.get(self.label_key) if self.label_key is not None else None
         if targets is not None:

@@ -29,6 +29,7 @@ from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_clust
 from monai_armed.inferers import armed_inference, is_windowed
 from monai_armed.losses import LogitClassificationLoss, cluster_confusion_loss
 from monai_armed.networks.layers.gradient_reversal import grad_reverse
+from monai_armed.utils import batch_checks
 
 if TYPE_CHECKING:
     from ignite.engine import EventEnum
@@ -146,10 +147,15 @@ class ARMEDTrainer(SupervisedTrainer):
             distribution over the seen clusters (Tzeng et al. 2015), which asks for features the adversary cannot
             tell apart instead of features it gets wrong (maximising its error can keep the clusters separable, only
             relabelled). ``"confusion"`` needs ``adversary_update="sequential"``.
-        prepare_batch: default :class:`PrepareBatchCluster`; must return the cluster as keyword ``cluster``.
+        prepare_batch: default :class:`PrepareBatchCluster`; must return the cluster as keyword ``cluster``. Its
+            input check (finite values), the loss's label checks and the networks' cluster-range checks read values
+            back from the device; they run on the first batch of every run and, with ``validate_batches``, on every
+            batch (:func:`~monai_armed.utils.batch_checks`).
+        validate_batches: run the value checks on every batch rather than only the first (slower on a GPU).
         epoch_metrics: write the epoch means of the loss parts and the learning rate to ``engine.state.metrics``
             (:class:`~monai_armed.engines.output.EpochMeans`).
-        kwargs: further ``SupervisedTrainer`` arguments (``train_handlers``, ``key_train_metric``, ``amp``,
+        kwargs: further ``SupervisedTrainer`` arguments (``optim_set_to_none``, default ``True`` here: gradients are
+            released rather than zeroed; ``train_handlers``, ``key_train_metric``, ``amp``,
             ``decollate``, ``accumulation_steps``, ``inferer``, ...). A windowed ``inferer`` (a
             ``SlidingWindowInferer`` over large images, say) runs ``forward_armed`` on each sample's windows with
             that sample's cluster (:func:`~monai_armed.inferers.armed_inference`; not with DDP).
@@ -189,9 +195,11 @@ class ARMEDTrainer(SupervisedTrainer):
         adversary_factor: str | None = None,
         weight_key: str | None = None,
         trials_key: str | None = None,
+        validate_batches: bool = False,
         **kwargs: Any,
     ) -> None:
         adversary_module = _check_wrappers(network, adversary)
+        kwargs.setdefault("optim_set_to_none", True)
         n_train = _training_rows(train_data_loader) if n_train is None else int(n_train)
         if n_train is not None and n_train < 1:
             raise ValueError(f"n_train must be the number of training rows (>= 1), got {n_train}.")
@@ -244,6 +252,8 @@ class ARMEDTrainer(SupervisedTrainer):
         _optimize_loss_parameters(self.loss_function, optimizer)
         self.adversary_update, self.adversarial_objective = adversary_update, adversarial_objective
         self.adversary_steps = adversary_steps
+        self.validate_batches = validate_batches
+        self._first_batch_checked = False
         self._adversary_params = list(adversary.parameters()) if adversary is not None else []
         self.adv_scaler: torch.amp.GradScaler | None = None
         #: the scalar entries of the last iteration's output (loss parts), whatever ``decollate`` is
@@ -263,9 +273,18 @@ class ARMEDTrainer(SupervisedTrainer):
             )
         if self.amp and self.adversary is not None:
             self.adv_scaler = torch.amp.GradScaler("cuda")
+        self._first_batch_checked = False
         super().run()
 
     def _iteration(self, engine: ARMEDTrainer, batchdata: dict[str, torch.Tensor]) -> IterationOutput | list:
+        # the values of the run's first batch are checked; later ones only with validate_batches
+        with batch_checks(engine.validate_batches or not engine._first_batch_checked):
+            output = engine._checked_iteration(batchdata)
+        engine._first_batch_checked = True
+        return output
+
+    def _checked_iteration(self, batchdata: dict[str, torch.Tensor]) -> IterationOutput | list:
+        engine = self
         inputs, targets, cluster = prepare_cluster_batch(engine, batchdata)
         if cluster is None:
             raise KeyError("ARMEDTrainer needs the cluster of every sample; prepare_batch returned none.")
@@ -274,13 +293,11 @@ class ARMEDTrainer(SupervisedTrainer):
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: cluster}
         engine._loss_kwargs = engine._batch_loss_kwargs(batchdata)
         zero_grad, step = _accumulation_state(engine)
-        if step or not engine._ddp_modules:
-            engine._train_step(inputs, targets, cluster, zero_grad, step)
-        else:
-            with ExitStack() as stack:  # accumulate locally: DDP all-reduces once, in the backward pass of the step
+        with ExitStack() as stack:
+            if not step and engine._ddp_modules:  # accumulate locally: DDP all-reduces once, in the step's backward
                 for module in engine._ddp_modules:
                     stack.enter_context(module.no_sync())
-                engine._train_step(inputs, targets, cluster, zero_grad, step)
+            engine._train_step(inputs, targets, cluster, zero_grad, step)
         engine.output_scalars = iteration_scalars(engine.state.output)  # before decollation mixes them with samples
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # decollates and post-processes when configured
         output = engine.state.output

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_armed.utils import shape_str
+from monai_armed.utils import batch_checks_enabled, shape_str
 
 __all__ = ["RandomEffects", "check_cluster_index", "inverse_softplus", "COVARIANCES"]
 
@@ -263,6 +263,9 @@ class RandomEffects(nn.Module):
     def _safe_index(self, index: torch.Tensor) -> tuple[torch.Tensor, bool]:
         if index.dim() != 1:
             raise ValueError(f"cluster indices must have shape (batch,), got {shape_str(index)}.")
+        if not torch.jit.is_scripting():
+            if not batch_checks_enabled():  # no read-back: treat every batch as possibly holding unseen (-1) rows
+                return index.clamp(min=0), True
         unseen = check_cluster_index(index, self.n_clusters) < 0
         return (index.clamp(min=0) if unseen else index), unseen
 

@@ -37,7 +37,7 @@ from monai_armed.networks.nets.armed_probe import (
     probe_input,
 )
 from monai_armed.networks.utils import ARMEDOutput, cluster_one_hot, total_kl_divergence
-from monai_armed.utils import shape_str
+from monai_armed.utils import batch_checks_enabled, shape_str
 
 __all__ = ["ARMED", "ARMED_VARIANTS", "default_tap_layers", "INPUT_SUFFIX"]
 
@@ -636,7 +636,8 @@ class ARMED(nn.Module):
         else:
             if cluster.dim() != 1:
                 raise ValueError(f"cluster indices must have shape (batch,), got {shape_str(cluster)}.")
-            check_cluster_index(cluster, self.n_clusters)
+            if batch_checks_enabled():
+                check_cluster_index(cluster, self.n_clusters)
         if cluster.shape[0] != x.shape[0]:
             raise ValueError(f"the cluster has {cluster.shape[0]} rows but the input batch has {x.shape[0]} samples.")
 

@@ -1,0 +1,278 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Training-loop overhead: the spiral ARMED fold through the package's ``ARMEDTrainer`` against a minimal hand-written
+eager PyTorch loop with the same maths and batch order, interleaved in one process.
+
+The minimal loop (kept here, not in the package) starts from the package network's own initial weights, draws the
+random effects' noise in the same order and takes the same steps: the paper's sequential update (the adversary's step
+on the detached features, then the main step against the frozen adversary), the paper's objective (BCE of the mixed-
+and fixed-effects logits, minus ``gen_weight`` times the adversary's cross-entropy, plus 1e-5 times the summed KL) and
+fused Adam. After 10 steps from the same state (the fold's first 320 rows) both hold exactly the same parameters
+(``max_parameter_difference``): the maths are the same. Then the two run whole folds (10 epochs, batch 32) alternately, A, B, A,
+B ...; the medians and their ratio are reported. ``--mri`` also times the MRI bundle's CNN step, ARMED against
+conventional, interleaved the same way.
+
+    python benchmarks/overhead.py --json benchmarks/out/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from spirals import BATCH_SIZE, EPOCHS, KL_WEIGHT, MODELS, N_CLUSTERS, adam, build_model, fold_splits, make_data, subset
+
+from monai_armed.data import TensorBatchLoader
+from monai_armed.engines import ARMEDTrainer, PrepareBatchCluster
+from monai_armed.utils import write_json
+
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def package_trainer(network, adversary, weights, train: dict, loader_seed: int, epochs: int) -> ARMEDTrainer:
+    """The spiral benchmark's ``ARMEDTrainer`` for the paper's ARMED (``benchmarks/spirals.py``)."""
+    return ARMEDTrainer(
+        device="cpu",
+        max_epochs=epochs,
+        train_data_loader=TensorBatchLoader(train, batch_size=BATCH_SIZE, shuffle=True, seed=loader_seed),
+        network=network,
+        optimizer=adam(network.parameters()),
+        adversary=adversary,
+        adv_optimizer=adam(adversary.parameters()),
+        kl_weight=KL_WEIGHT * len(train["label"]),
+        prepare_batch=PrepareBatchCluster("features", check_finite=True),
+        decollate=False,
+        epoch_metrics=False,
+        **weights,
+    )
+
+
+class MinimalLoop:
+    """The same model and steps as ``package_trainer``, written as a plain eager loop on the same tensors.
+
+    It takes the package network's and adversary's parameters as plain tensors (copies), so both start alike.
+    """
+
+    def __init__(self, network, adversary, weights: dict, train: dict, loader_seed: int) -> None:
+        net, adv = copy.deepcopy(network), copy.deepcopy(adversary)
+        self.hidden = [(layer[0].weight, layer[0].bias) for layer in net.hidden]
+        self.out = (net.out.weight, net.out.bias)
+        re = net.random_effects
+        self.loc, self.rho, self.prior = re.loc, re.rho, re.prior_scale.detach().expand(re.units)
+        self.slope_end = net.re_groups["slope_hidden"][1]
+        self.adv_layers = [(layer[0].weight, layer[0].bias) for layer in adv.hidden] + [(adv.out.weight, adv.out.bias)]
+        self.params = [p for pair in self.hidden for p in pair] + list(self.out) + [self.loc, self.rho]
+        self.adv_params = [p for pair in self.adv_layers for p in pair]
+        self.optimizer, self.adv_optimizer = adam(self.params), adam(self.adv_params)
+        self.me_weight, self.fe_weight, self.adv_weight = weights["me_weight"], weights["fe_weight"], weights["adv_weight"]
+        self.x = torch.as_tensor(train["features"])
+        self.y = torch.as_tensor(train["label"]).reshape(-1).float()
+        self.c = torch.as_tensor(train["cluster"]).long()
+        self.kl_weight = KL_WEIGHT
+        self.generator = torch.Generator().manual_seed(loader_seed)
+
+    def adversary(self, features: list[torch.Tensor]) -> torch.Tensor:
+        h = torch.cat(features, dim=1)
+        for w, b in self.adv_layers[:-1]:
+            h = F.relu(F.linear(h, w, b))
+        return F.linear(h, *self.adv_layers[-1])
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> None:
+        h, features = x, []
+        for w, b in self.hidden:
+            h = F.relu(F.linear(h, w, b))
+            features.append(h)
+        fe = F.linear(h, *self.out)[:, 0]
+        loc = self.loc[c]
+        u = loc + (F.softplus(self.rho[c]) + 1e-5) * torch.randn_like(loc)
+        me = fe + (h * u[:, : self.slope_end]).sum(1) + u[:, self.slope_end]
+        scale = F.softplus(self.rho) + 1e-5
+        kl = (torch.log(self.prior / scale) + (scale**2 + self.loc**2) / (2 * self.prior**2) - 0.5).sum()
+        bce = F.binary_cross_entropy_with_logits
+        task = self.me_weight * bce(me, y) + self.fe_weight * bce(fe, y)
+        # the adversary's step on the detached features
+        self.adv_optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(self.adversary([f.detach() for f in features]), c).backward()
+        self.adv_optimizer.step()
+        # the main step against the updated, frozen adversary
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.adv_params:
+            p.requires_grad_(False)
+        loss = task - self.adv_weight * F.cross_entropy(self.adversary(features), c) + self.kl_weight * kl
+        loss.backward()
+        for p in self.adv_params:
+            p.requires_grad_(True)
+        self.optimizer.step()
+
+    def run(self, epochs: int) -> None:
+        n = self.x.shape[0]
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, BATCH_SIZE):
+                index = order[start : start + BATCH_SIZE]
+                self.step(self.x[index], self.y[index], self.c[index])
+
+
+def max_parameter_difference(train: dict, seed: int) -> float:
+    """Both loops one epoch of ``train`` from the same state and the same global random state: the largest parameter
+    difference (0 when every operation matches; over a whole fold the KL weight, ``1e-5 * n / n`` in the trainer,
+    rounds differently and training amplifies that to about 1e-3)."""
+    network, adversary, weights = build_model(MODELS["armed"], N_CLUSTERS, seed)
+    minimal = MinimalLoop(network, adversary, weights, train, loader_seed=0)
+    trainer = package_trainer(network, adversary, weights, train, loader_seed=0, epochs=1)
+    torch.manual_seed(123)
+    trainer.run()
+    torch.manual_seed(123)
+    minimal.run(1)
+    pairs = [(network.hidden[i][0].weight, minimal.hidden[i][0]) for i in range(len(minimal.hidden))]
+    pairs += [(network.out.weight, minimal.out[0]), (network.random_effects.loc, minimal.loc)]
+    pairs += [(network.random_effects.rho, minimal.rho), (adversary.out.weight, minimal.adv_layers[-1][0])]
+    return max(float((a.detach() - b.detach()).abs().max()) for a, b in pairs)
+
+
+def spiral_fold_times(train: dict, seed: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of a whole fold (``EPOCHS`` epochs) per candidate, alternating the candidates."""
+    seconds: dict[str, list[float]] = {"package": [], "minimal": []}
+    for _ in range(repeats):
+        for name in seconds:
+            network, adversary, weights = build_model(MODELS["armed"], N_CLUSTERS, seed)
+            if name == "package":
+                runner = package_trainer(network, adversary, weights, train, loader_seed=0, epochs=EPOCHS)
+                start = time.perf_counter()
+                runner.run()
+            else:
+                loop = MinimalLoop(network, adversary, weights, train, loader_seed=0)
+                start = time.perf_counter()
+                loop.run(EPOCHS)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def mri_step_times(repeats: int, iterations: int) -> dict[str, list[float]]:
+    """Seconds per training step of the MRI bundle's CNN (batch 32, 96 x 96), ARMED and conventional, alternating."""
+    from monai_armed.networks import ARMED, ARMEDCNN, ClusterAdversary, variant_loss_weights
+
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.rand(32 * iterations, 1, 96, 96, generator=g),
+        "label": torch.randint(0, 2, (32 * iterations,), generator=g),
+        "cluster": torch.arange(32 * iterations) % 8,
+    }
+    trainers = {}
+    for variant in ("conventional", "armed"):
+        torch.manual_seed(0)
+        backbone = ARMEDCNN(2, 1, 1, filters=(16, 32, 32, 64, 64, 128, 128), hidden_channels=128, norm=("batch", {"eps": 1e-3}))
+        network = ARMED.from_variant(variant, backbone, 8, in_shape=(1, 96, 96), re_kwargs={"learn_prior_scale": True})
+        weights = variant_loss_weights(variant, gen_weight=0.1)
+        adversary = ClusterAdversary(network.feature_channels, 8, (64, 32)) if weights["adv_weight"] else None
+        trainers[variant] = ARMEDTrainer(
+            device="cpu", max_epochs=1, train_data_loader=TensorBatchLoader(batch, batch_size=32), network=network,
+            optimizer=torch.optim.NAdam(network.parameters(), 1e-3), adversary=adversary, decollate=False,
+            epoch_metrics=False, **weights,
+        )  # fmt: skip
+    seconds: dict[str, list[float]] = {name: [] for name in trainers}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for name, trainer in trainers.items():
+            trainer.state.max_epochs = trainer.state.epoch + 1
+            start = time.perf_counter()
+            trainer.run()
+            if repeat:
+                seconds[name].append((time.perf_counter() - start) / iterations)
+    return seconds
+
+
+def render_section(results: dict) -> str:
+    s, p = results["spirals"], results["protocol"]
+    lines = [
+        "## Training-loop overhead (spiral ARMED fold, package trainer vs a minimal eager loop)",
+        "",
+        f"`{p['command']}` — {p['date']}, {results['machine']['cpu_count']} CPUs, torch {results['machine']['torch']}, 1 thread.",
+        "",
+        f"Fold 1 of the spirals (train {s['n_train']} rows), the paper's ARMED (4-4-4 ReLU MLP, random slopes on the last "
+        f"hidden layer and intercept, 4-4 adversary, sequential update), {EPOCHS} epochs of batch {BATCH_SIZE}, fused Adam; "
+        f"{p['repeats']} interleaved repeats. Same maths: after 10 steps from the same state the largest parameter "
+        f"difference is {s['max_parameter_difference']:.1e}.",
+        "",
+        f"Seconds per fold, median: package {s['median_seconds']['package']:.2f}, minimal loop "
+        f"{s['median_seconds']['minimal']:.2f}; ratio **{s['ratio']:.2f}** "
+        f"({1000 * s['median_seconds']['package'] / s['iterations']:.2f} vs "
+        f"{1000 * s['median_seconds']['minimal'] / s['iterations']:.2f} ms per iteration).",
+    ]
+    if "mri" in results:
+        m = results["mri"]
+        lines += [
+            "",
+            f"MRI bundle CNN (batch 32, 96 x 96, NAdam): ARMED {1000 * m['median_seconds']['armed']:.0f} ms, conventional "
+            f"{1000 * m['median_seconds']['conventional']:.0f} ms per step, ratio **{m['ratio']:.2f}**.",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=283, help="model seed (the authors' notebook's)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--mri", action="store_true", help="also time the MRI bundle's CNN step")
+    parser.add_argument("--section", default="overhead")
+    parser.add_argument("--no-results-md", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    data = make_data()
+    train_index, _ = fold_splits(data)[0]
+    train = subset(data, train_index)
+    difference = max_parameter_difference(subset(data, train_index[: 10 * BATCH_SIZE]), args.seed)
+    log(f"largest parameter difference after 10 steps: {difference:.2e}")
+    seconds = spiral_fold_times(train, args.seed, args.repeats)
+    medians = {k: float(np.median(v)) for k, v in seconds.items()}
+    iterations = EPOCHS * -(-len(train["label"]) // BATCH_SIZE)
+    results = {
+        "spirals": {
+            "n_train": len(train["label"]),
+            "iterations": iterations,
+            "max_parameter_difference": difference,
+            "seconds": seconds,
+            "median_seconds": medians,
+            "ratio": medians["package"] / medians["minimal"],
+        },
+        "protocol": {"repeats": args.repeats, "seed": args.seed, "command": shlex.join(["python", "benchmarks/overhead.py", *argv]),
+                     "date": datetime.datetime.now().isoformat(timespec="seconds")},  # fmt: skip
+        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__},
+    }
+    if args.mri:
+        mri = mri_step_times(args.repeats, 3)
+        mri_medians = {k: float(np.median(v)) for k, v in mri.items()}
+        results["mri"] = {"seconds": mri, "median_seconds": mri_medians, "ratio": mri_medians["armed"] / mri_medians["conventional"]}
+    write_json(results, args.json)
+    if not args.no_results_md:
+        replace_section(RESULTS_MD, args.section, render_section(results))
+    log(render_section(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
