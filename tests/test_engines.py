@@ -454,6 +454,24 @@ class TestBatchErrors(unittest.TestCase):
         with self.assertRaisesRegex(IndexError, f"cluster index {N_CLUSTERS + 3} is out of range"):
             _trainer(TensorBatchLoader(bad_cluster, batch_size=8), net, adv, epochs=1, validate_batches=True).run()
 
+    def test_step_events_reach_their_handlers(self):
+        """Events inside an iteration are skipped only when nothing listens to them."""
+        from monai.engines.utils import IterationEvents
+
+        from monai_armed.engines import ARMEDIterationEvents
+
+        net, adv = _models()
+        trainer = _trainer(_loader(64, batch_size=16), net, adv, epochs=2)
+        seen = []
+        for event in (IterationEvents.FORWARD_COMPLETED, IterationEvents.LOSS_COMPLETED,
+                      IterationEvents.BACKWARD_COMPLETED, ARMEDIterationEvents.ADVERSARY_COMPLETED):  # fmt: skip
+            trainer.add_event_handler(event, lambda engine, event=event: seen.append((event, engine.state.iteration)))
+        trainer.run()
+        self.assertEqual(len(seen), 4 * 8)
+        order = [e for e, i in seen if i == 3]
+        self.assertEqual(order, [IterationEvents.FORWARD_COMPLETED, ARMEDIterationEvents.ADVERSARY_COMPLETED,
+                                 IterationEvents.LOSS_COMPLETED, IterationEvents.BACKWARD_COMPLETED])  # fmt: skip
+
     def test_prepare_batch(self):
         x, y, c = _problem(8)
         prep = PrepareBatchCluster("features")

@@ -305,7 +305,7 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
             out: AECOutput = self._forward_armed(inputs, cluster)
             loss = self._autoencoder_loss(out, inputs, targets, target)  # checks the labels before any other step
         self.state.output[Keys.PRED], self.state.output[AECKeys.PRED_FE] = out.pred, out.pred_fe
-        self.fire_event(IterationEvents.FORWARD_COMPLETED)
+        self._fire_step_event(IterationEvents.FORWARD_COMPLETED)
 
         sequential = self.adversary is not None and self.adversary_update == "sequential"
         if self.adversary is not None:
@@ -324,9 +324,9 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
                     loss = loss + self._image_cluster_loss(out.recon_re, target)
                 loss_gen = self._generalization_loss(out.features, target)
                 loss = self._total_loss(loss, loss_gen, out.kl)
-            self.fire_event(IterationEvents.LOSS_COMPLETED)
+            self._fire_step_event(IterationEvents.LOSS_COMPLETED)
             self._backward(loss * scale if scale != 1.0 else loss, self.scaler)
-        self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        self._fire_step_event(IterationEvents.BACKWARD_COMPLETED)
         if step:
             self._step(self.optimizer, self.scaler)
             if self.adversary is not None and not sequential:
@@ -370,7 +370,7 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
         if step:
             self._step(self.image_classifier_optimizer, self.image_scaler)
         self.state.output[AECKeys.LOSS_IMAGE_CLASSIFIER] = loss.detach()
-        self.fire_event(AECIterationEvents.IMAGE_CLASSIFIER_COMPLETED)
+        self._fire_step_event(AECIterationEvents.IMAGE_CLASSIFIER_COMPLETED)
 
     def _image_cluster_loss(self, recon_re: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``image_cluster_weight * CE(image_classifier(recon_re), cluster)`` with the frozen classifier (unwrapped)."""
