@@ -74,6 +74,25 @@ def bundle_wall_seconds(root: Path) -> float | None:
     return float(json.loads(path.read_text())["seconds"]) if path.exists() else None
 
 
+def interleaved_step_seconds(trainers: dict[str, Any], repeats: int, iterations: int) -> dict[str, list[float]]:
+    """Seconds per step of each Ignite trainer, one epoch of ``iterations`` steps each in turn (A, B, A, B ...),
+    ``repeats`` rounds after one warm-up round that is not kept.
+
+    Example::
+
+        seconds = interleaved_step_seconds({"armed": armed, "conventional": conv}, repeats=7, iterations=5)
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in trainers}
+    for repeat in range(repeats + 1):
+        for name, trainer in trainers.items():
+            trainer.state.max_epochs = trainer.state.epoch + 1
+            start = time.perf_counter()
+            trainer.run()
+            if repeat:
+                seconds[name].append((time.perf_counter() - start) / iterations)
+    return seconds
+
+
 def benchmark_parser(
     doc: str, models: Sequence[str], seeds: str, work_dir: Path, section: str
 ) -> argparse.ArgumentParser:

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 from bundle_runner import (  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
     benchmark_parser,
     bundle_wall_seconds,
+    interleaved_step_seconds,
     parse_benchmark_args,
     run_benchmark,
     run_train_config,
@@ -157,14 +157,7 @@ def step_time_ratio(repeats: int, iterations: int, gen_weight: float) -> dict:
         "cluster": torch.arange(8 * iterations) % 6,
     }
     trainers = {name: _trainer(name, 6, batch, gen_weight) for name in TIMED}
-    seconds: dict[str, list[float]] = {name: [] for name in trainers}
-    for repeat in range(repeats + 1):  # the first round warms up and is not kept
-        for name, trainer in trainers.items():
-            trainer.state.max_epochs = trainer.state.epoch + 1
-            start = time.perf_counter()
-            trainer.run()
-            if repeat:
-                seconds[name].append((time.perf_counter() - start) / iterations)
+    seconds = interleaved_step_seconds(trainers, repeats, iterations)
     medians = {name: float(np.median(v)) for name, v in seconds.items()}
     ratios = {name: medians[name] / medians["conventional_wide" if name.endswith("_wide") else "conventional"] for name in medians}
     return {"median_seconds": medians, "ratio": ratios["armed"], "ratios": ratios, "per_repeat": seconds}

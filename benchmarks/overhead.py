@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from bundle_runner import interleaved_step_seconds  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from results_md import replace_section  # noqa: E402
 from spirals import BATCH_SIZE, EPOCHS, KL_WEIGHT, MODELS, N_CLUSTERS, adam, build_model, fold_splits, make_data, subset
 
 from monai_armed.data import TensorBatchLoader
@@ -193,15 +194,7 @@ def mri_step_times(repeats: int, iterations: int) -> dict[str, list[float]]:
             optimizer=torch.optim.NAdam(network.parameters(), 1e-3), adversary=adversary, decollate=False,
             epoch_metrics=False, **weights,
         )  # fmt: skip
-    seconds: dict[str, list[float]] = {name: [] for name in trainers}
-    for repeat in range(repeats + 1):  # the first round warms up
-        for name, trainer in trainers.items():
-            trainer.state.max_epochs = trainer.state.epoch + 1
-            start = time.perf_counter()
-            trainer.run()
-            if repeat:
-                seconds[name].append((time.perf_counter() - start) / iterations)
-    return seconds
+    return interleaved_step_seconds(trainers, repeats, iterations)
 
 
 def render_section(results: dict) -> str:

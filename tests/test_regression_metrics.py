@@ -23,7 +23,7 @@ from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 from monai_armed.data import TensorBatchLoader
 from monai_armed.engines import ARMEDEvaluator, PrepareBatchCluster
 from monai_armed.handlers import PerClusterRegression
-from monai_armed.metrics import per_cluster_regression_metrics, regression_metrics, regression_summary
+from monai_armed.metrics import cluster_groups, per_cluster_regression_metrics, regression_metrics, regression_summary
 from monai_armed.networks import MixedEffectsMLP
 
 # a hand example: cluster "a" (index 0) y = 1, 2, 3 predicted 1, 2, 4 -> MSE = MAE = 1/3, R² = 1 - 1 / 2 = 0.5;
@@ -75,6 +75,16 @@ def test_bad_inputs_are_named():
         per_cluster_regression_metrics(PRED, LABEL, CLUSTER, cluster_names=["a", "b"])
     with pytest.raises(ValueError, match="cluster index 2 is out of range for 2 clusters"):
         per_cluster_regression_metrics(PRED, LABEL, CLUSTER, n_clusters=2)
+
+
+def test_cluster_groups_rows_names_and_errors():
+    groups = cluster_groups(np.array([1, -1, 1, 0, 3]), 5, n_clusters=4, cluster_names=["a", "b", "c", "d"])
+    assert [name for name, _ in groups] == ["a", "b", "d", "unseen"], "clusters in index order, empty ones left out"
+    assert [rows.nonzero()[0].tolist() for _, rows in groups] == [[3], [0, 2], [4], [1]]
+    assert [name for name, _ in cluster_groups(torch.tensor([2, 0]), 2)] == ["0", "2"], "default: indices as names"
+    assert cluster_groups(torch.tensor([], dtype=torch.long), 0) == []
+    with pytest.raises(ValueError, match="got 3 cluster indices for 4 samples"):
+        cluster_groups(torch.tensor([0, 1, 2]), 4)
 
 
 def _regression_evaluator(**kwargs) -> tuple[ARMEDEvaluator, TensorBatchLoader, MixedEffectsMLP]:

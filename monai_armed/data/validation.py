@@ -405,20 +405,26 @@ def validate_datalist(
 
 
 def _mask_problem(
-    where: str, image_path: str, mask_path: str, loader: Callable[[Any], Any], n_classes: int
+    where: str,
+    image_path: Any,
+    image_shape: tuple[int, ...] | None,
+    mask_path: str,
+    loader: Callable[[Any], Any],
+    n_classes: int,
 ) -> tuple[str | None, bool]:
-    """The problem of one image / mask pair (``None`` if fine) and whether the mask is empty."""
+    """The problem of one image / mask pair (``None`` if fine) and whether the mask is empty; ``image_shape`` is the
+    image's squeezed shape as loaded (``None``: not known, e.g. an image given as several files, not compared)."""
     if not os.path.isfile(mask_path):
         return f"{where}: mask file {mask_path} not found; expected an existing mask file.", False
     try:
-        image, mask = np.asarray(loader(image_path)), np.asarray(loader(mask_path))
+        mask = np.asarray(loader(mask_path))
     except Exception as err:
-        return f"{where}: could not read {mask_path} or {image_path} ({_summary(err)}).", False
+        return f"{where}: could not read {mask_path} ({_summary(err)}).", False
     spatial = np.squeeze(mask).shape
-    if np.squeeze(image).shape[-len(spatial) :] != spatial:  # a multichannel image: compare the spatial axes
+    if image_shape is not None and image_shape[-len(spatial) :] != spatial:  # multichannel: the spatial axes
         return (
             f"{where}: the mask {mask_path} has shape {spatial} (as loaded) but the image {image_path} "
-            f"has {np.squeeze(image).shape}; a mask must label every pixel of its image."
+            f"has {image_shape}; a mask must label every pixel of its image."
         ), False
     values = np.unique(mask)
     bad = [int(v) if float(v).is_integer() else v for v in values.tolist() if not float(v).is_integer() or not 0 <= v < n_classes]
@@ -466,10 +472,17 @@ def validate_segmentation_datalist(
         validate_segmentation_datalist("data/nuclei/datalist.json", {"training": ["image", "label", "cluster"]},
                                        n_classes=2, loader=LoadImage(reader=TiffFileReader(channels=1), image_only=True))
     """
+    image_shapes: dict[str, tuple[int, ...]] = {}
+
+    def read_image(path: str) -> Any:  # validate_datalist reads every image once: keep its shape for the masks
+        image = loader(path)
+        image_shapes[os.fspath(path)] = np.squeeze(np.asarray(image)).shape
+        return image
+
     checked = validate_datalist(
         datalist,
         sections,
-        loader=loader,
+        loader=read_image,
         train_section=train_section,
         unseen_sections=unseen_sections,
         base_dir=base_dir,
@@ -489,7 +502,9 @@ def validate_segmentation_datalist(
                 continue
             item[label_key] = os.path.normpath(os.path.join(base_dir, os.fspath(item[label_key])))
             where = f"datalist {source}, section {section!r}, item {i}, key {label_key!r}"
-            problem, empty = _mask_problem(where, item[image_key], item[label_key], loader, n_classes)
+            image = item[image_key]
+            shape = image_shapes.get(image) if isinstance(image, str) else None
+            problem, empty = _mask_problem(where, image, shape, item[label_key], loader, n_classes)
             if problem is not None:
                 problems.append(problem)
             elif cluster_key in item:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .batch_effects import anova_f_by_cluster, image_quality_metrics, latent_cluster_scores, reconstruction_mse
 from .binary import binary_metrics, per_cluster_binary_metrics, youden_threshold
+from .clusters import cluster_groups
 from .classification import (
     classification_summary,
     mean_ci95,

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from monai_armed.metrics.clusters import cluster_groups
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 __all__ = ["REGRESSION_METRICS", "per_cluster_regression_metrics", "regression_metrics", "regression_summary"]
@@ -107,22 +109,8 @@ def per_cluster_regression_metrics(
         table["site_b"]["r2"]
     """
     y_pred, y_true = _pair(pred, label)
-    index = np.asarray(cluster.detach().cpu() if isinstance(cluster, torch.Tensor) else cluster).reshape(-1)
-    if index.shape[0] != y_true.shape[0]:
-        raise ValueError(f"got {index.shape[0]} cluster indices for {y_true.shape[0]} samples.")
-    index = index.astype(np.int64)
-    n_clusters = n_clusters if n_clusters is not None else int(index.max(initial=-1)) + 1
-    names = list(cluster_names) if cluster_names is not None else [str(i) for i in range(n_clusters)]
-    if len(names) != n_clusters:
-        raise ValueError(f"got {len(names)} cluster names for {n_clusters} clusters.")
-    if index.size and int(index.max()) >= n_clusters:
-        raise ValueError(f"cluster index {int(index.max())} is out of range for {n_clusters} clusters.")
-    table = {}
-    for slot, name in [*enumerate(names), (-1, "unseen")]:
-        rows = index < 0 if slot < 0 else index == slot
-        if rows.any():
-            table[name] = _metrics(y_pred[rows], y_true[rows])
-    return table
+    groups = cluster_groups(cluster, y_true.shape[0], n_clusters, cluster_names)
+    return {name: _metrics(y_pred[rows], y_true[rows]) for name, rows in groups}
 
 
 def regression_summary(

@@ -19,6 +19,8 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 
+from monai_armed.metrics.clusters import cluster_groups
+
 __all__ = ["label_map", "per_image_segmentation_scores", "segmentation_summary"]
 
 
@@ -110,15 +112,7 @@ def segmentation_summary(
     summary: dict = {"n": int(scores["dice"].shape[0]), **{k: _mean(v) for k, v in scores.items()}}
     if cluster is None:
         return summary
-    index = np.asarray(torch.as_tensor(cluster).cpu()).reshape(-1).astype(np.int64)
-    n_clusters = n_clusters if n_clusters is not None else int(index.max(initial=-1)) + 1
-    names = list(cluster_names) if cluster_names is not None else [str(i) for i in range(n_clusters)]
-    if len(names) != n_clusters:
-        raise ValueError(f"got {len(names)} cluster names for {n_clusters} clusters.")
-    table = {}
-    for slot, name in [*enumerate(names), (-1, "unseen")]:
-        rows = index < 0 if slot < 0 else index == slot
-        if rows.any():
-            table[name] = {"n": int(rows.sum()), **{k: _mean(v[rows]) for k, v in scores.items()}}
+    groups = cluster_groups(cluster, summary["n"], n_clusters, cluster_names)
+    table = {name: {"n": int(rows.sum()), **{k: _mean(v[rows]) for k, v in scores.items()}} for name, rows in groups}
     summary["per_cluster"] = table
     return summary
