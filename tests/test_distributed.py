@@ -182,7 +182,8 @@ class TestWrapperChecks(unittest.TestCase):
         ):
             torch.testing.assert_close(a, b)
         trainer = self._trainer(ddp_net, ddp_adv)
-        self.assertIs(trainer._adversary_module, adv)
+        self.assertIs(trainer.players["adversary"].unwrapped, adv, "the frozen main-step call bypasses DDP")
+        self.assertIs(trainer.adversary, ddp_adv)
 
     def test_plain_ddp_network_is_refused(self):
         net, adv = _models()

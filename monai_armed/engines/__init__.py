@@ -17,5 +17,6 @@ from .distributed import ARMEDForward, armed_ddp, unwrap_armed
 from .evaluator import CLUSTER_MODES, TASKS, ARMEDEvaluator, resolve_cluster
 from .mldg import MLDG_DEFAULTS, train_mldg
 from .output import EPOCH_METRIC_PREFIX, EpochMeans, IterationOutput, ScalarSums, iteration_scalars
+from .players import AdversaryPlayer, ImageClassifierPlayer, Player
 from .prepare_batch import PrepareBatchCluster, PrepareBatchClusterTarget, prepare_cluster_batch
 from .trainer import ARMEDIterationEvents, ARMEDKeys, ARMEDTrainer

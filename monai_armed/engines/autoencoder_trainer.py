@@ -13,19 +13,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.nn.parallel import DistributedDataParallel
 
 from monai_armed.engines.distributed import unwrap_armed
-from monai_armed.engines.trainer import ARMEDKeys, ARMEDTrainer, _frozen
+from monai_armed.engines.players import ImageClassifierPlayer
+from monai_armed.engines.trainer import ARMEDKeys, ARMEDTrainer, _PlayerSetting
 from monai_armed.networks.nets.autoencoder import AEC_LOSS_WEIGHTS, AECOutput
 
 if TYPE_CHECKING:
@@ -184,6 +183,11 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
         trainer.run()
     """
 
+    image_classifier = _PlayerSetting("image_classifier", "module", settable=False)
+    image_classifier_optimizer = _PlayerSetting("image_classifier", "optimizer", settable=False)
+    image_scaler = _PlayerSetting("image_classifier", "scaler")
+    image_cluster_weight = _PlayerSetting("image_classifier", "weight")
+
     def __init__(
         self,
         device: str | torch.device,
@@ -253,17 +257,13 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
         self.recon_loss_function = recon_loss_function or nn.MSELoss()
         self.recon_weight, self.recon_re_weight, self.re_cls_weight = recon_weight, recon_re_weight, re_cls_weight
         self.latent_cluster_weight, self.image_cluster_weight = latent_cluster_weight, image_cluster_weight
-        self.image_classifier = image_classifier
-        self._image_classifier_module = (
-            image_classifier.module if isinstance(image_classifier, DistributedDataParallel) else image_classifier
-        )
-        if image_classifier is not None and image_classifier_optimizer is None:
-            image_classifier_optimizer = torch.optim.Adam(image_classifier.parameters(), lr=1e-3)
-        self.image_classifier_optimizer = image_classifier_optimizer
-        if isinstance(image_classifier, DistributedDataParallel):
-            self._ddp_modules = self._ddp_modules + (image_classifier,)
-        self._image_classifier_params = list(image_classifier.parameters()) if image_classifier is not None else []
-        self.image_scaler: torch.amp.GradScaler | None = None
+        if image_classifier is not None:
+            self.players["image_classifier"] = ImageClassifierPlayer(
+                image_classifier, image_classifier_optimizer, self.cluster_loss_function, image_cluster_weight,
+                AECIterationEvents.IMAGE_CLASSIFIER_COMPLETED,
+            )  # fmt: skip
+            if isinstance(image_classifier, DistributedDataParallel):
+                self._ddp_modules = self._ddp_modules + (image_classifier,)
 
     @property
     def mix_weight(self) -> float:
@@ -283,54 +283,11 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
     def cls_weight(self, value: float) -> None:
         self.fe_weight = value
 
-    def run(self) -> None:  # type: ignore[override]
-        if self.amp and self.image_classifier is not None:
-            self.image_scaler = torch.amp.GradScaler("cuda")
-        super().run()
+    def _forward(self, inputs: torch.Tensor, cluster: torch.Tensor) -> AECOutput:
+        return self._forward_armed(inputs, cluster)
 
-    def _train_step(
-        self, inputs: torch.Tensor, targets: torch.Tensor, cluster: torch.Tensor, zero_grad: bool, step: bool
-    ) -> None:
-        """The adversary, image-classifier and main steps of one iteration (``zero_grad`` / ``step``: accumulation)."""
-        scale = 1.0 / self.accumulation_steps
-        for module in (self.network, self.adversary, self.image_classifier):
-            if module is not None and not module.training:
-                module.train()
-        if zero_grad:
-            self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
-        autocast = torch.autocast("cuda", **self.amp_kwargs) if self.amp else nullcontext()
-        target = cluster.argmax(1) if cluster.is_floating_point() else cluster
-
-        with autocast:
-            out: AECOutput = self._forward_armed(inputs, cluster)
-            loss = self._autoencoder_loss(out, inputs, targets, target)  # checks the labels before any other step
-        self.state.output[Keys.PRED], self.state.output[AECKeys.PRED_FE] = out.pred, out.pred_fe
-        self._fire_step_event(IterationEvents.FORWARD_COMPLETED)
-
-        sequential = self.adversary is not None and self.adversary_update == "sequential"
-        if self.adversary is not None:
-            if zero_grad:
-                self.adv_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
-            if sequential:
-                self._adversary_step(out.features, target, autocast, scale, step)
-        judged = self.image_classifier is not None and out.recon_re is not None
-        if judged:
-            self._image_classifier_step(inputs, target, autocast, scale, zero_grad, step)
-
-        frozen = (self._adversary_params if sequential else []) + (self._image_classifier_params if judged else [])
-        with _frozen(frozen):
-            with autocast:
-                if judged:
-                    loss = loss + self._image_cluster_loss(out.recon_re, target)
-                loss_gen = self._generalization_loss(out.features, target)
-                loss = self._total_loss(loss, loss_gen, out.kl)
-            self._fire_step_event(IterationEvents.LOSS_COMPLETED)
-            self._backward(loss * scale if scale != 1.0 else loss, self.scaler)
-        self._fire_step_event(IterationEvents.BACKWARD_COMPLETED)
-        if step:
-            self._step(self.optimizer, self.scaler)
-            if self.adversary is not None and not sequential:
-                self._step(self.adv_optimizer, self.adv_scaler)
+    def _main_loss(self, out: AECOutput, inputs: torch.Tensor, targets: torch.Tensor, cluster: Any) -> torch.Tensor:
+        return self._autoencoder_loss(out, inputs, targets, self._adversary_target(cluster))
 
     def _autoencoder_loss(
         self, out: AECOutput, inputs: torch.Tensor, targets: torch.Tensor, cluster_target: torch.Tensor
@@ -357,23 +314,3 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
             if weight:
                 loss = loss + weight * part
         return loss
-
-    def _image_classifier_step(
-        self, inputs: torch.Tensor, target: torch.Tensor, autocast: Any, scale: float, zero_grad: bool, step: bool
-    ) -> None:
-        """One step of the image cluster classifier on the real images."""
-        if zero_grad:
-            self.image_classifier_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
-        with autocast:
-            loss = self.cluster_loss_function(self.image_classifier(inputs), target)
-        self._backward(loss * scale if scale != 1.0 else loss, self.image_scaler)
-        if step:
-            self._step(self.image_classifier_optimizer, self.image_scaler)
-        self.state.output[AECKeys.LOSS_IMAGE_CLASSIFIER] = loss.detach()
-        self._fire_step_event(AECIterationEvents.IMAGE_CLASSIFIER_COMPLETED)
-
-    def _image_cluster_loss(self, recon_re: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``image_cluster_weight * CE(image_classifier(recon_re), cluster)`` with the frozen classifier (unwrapped)."""
-        part = self.cluster_loss_function(self._image_classifier_module(recon_re), target)
-        self.state.output[AECKeys.LOSS_IMAGE_CLUSTER] = part.detach()
-        return self.image_cluster_weight * part if self.image_cluster_weight else part.new_zeros(())

@@ -34,7 +34,7 @@ EPOCH_METRIC_PREFIX = "epoch_"
 def _is_scalar(value: Any) -> bool:
     """A number or a 0-dim tensor: a per-iteration value, not a per-sample batch entry."""
     if isinstance(value, torch.Tensor):
-        return value.ndim == 0
+        return value.dim() == 0
     return isinstance(value, numbers.Number) and not isinstance(value, bool)
 
 
@@ -73,7 +73,8 @@ class IterationOutput(list):
     """
 
     def __init__(self, entries: Mapping[str, Any] | None = None) -> None:
-        super().__init__([_Scalars()])
+        self._scalars = _Scalars()
+        super().__init__([self._scalars])
         self._entries: dict[str, Any] = {}
         for key, value in (entries or {}).items():
             self[key] = value
@@ -81,7 +82,7 @@ class IterationOutput(list):
     @property
     def scalars(self) -> dict[str, Any]:
         """The scalar entries (the list's one item)."""
-        return list.__getitem__(self, 0)
+        return self._scalars
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, (int, slice)):
@@ -93,15 +94,15 @@ class IterationOutput(list):
             raise TypeError(f"IterationOutput entries are set by key, got the index {key!r}.")
         self._entries[key] = value
         if _is_scalar(value):
-            self.scalars[key] = value
-        else:
-            self.scalars.pop(key, None)
+            self._scalars[key] = value
+        elif key in self._scalars:
+            del self._scalars[key]
 
     def __delitem__(self, key: Any) -> None:
         if isinstance(key, (int, slice)):
             raise TypeError(f"IterationOutput entries are deleted by key, got the index {key!r}.")
         del self._entries[key]
-        self.scalars.pop(key, None)
+        self._scalars.pop(key, None)
 
     def __contains__(self, key: Any) -> bool:
         return key in self._entries

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -75,19 +76,36 @@ class ClusterAdversary(nn.Module):
         if n_clusters < 2:
             raise ValueError(f"an adversary needs at least 2 clusters, got n_clusters={n_clusters}.")
         self.in_features, self.n_clusters = in_features, n_clusters
-        self.input_norm = nn.BatchNorm1d(in_features, affine=False) if input_norm else nn.Identity()
+        self.input_norm = nn.BatchNorm1d(in_features, affine=False) if input_norm else None
         self.hidden = nn.Sequential(*mlp_layers(in_features, hidden_channels, act))
         self.out = nn.Linear(hidden_channels[-1] if hidden_channels else in_features, n_clusters)
         glorot_init(self)
 
-    def forward(self, features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def pool_features(features: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The features as the adversary reads them, each ``(B, n)``: feature maps global-average pooled.
+
+        A trainer that calls the adversary twice on the same features (its own step on them detached, then the main
+        step on them live) pools once and passes the pooled features (the forward pass leaves ``(B, n)`` inputs as
+        they are).
+
+        Example::
+
+            pooled = adversary.pool_features(out.features)
+            adversary([p.detach() for p in pooled]); adversary(pooled)
+        """
         if isinstance(features, torch.Tensor):
             features = [features]
-        flat = [f.flatten(2).mean(2) if f.dim() > 2 else f for f in features]
+        # a sum then a scale of the small result: its gradient is an expanded view, where a mean's backward writes a
+        # scaled copy of the whole feature map
+        return [f.sum(tuple(range(2, f.dim()))) / math.prod(f.shape[2:]) if f.dim() > 2 else f for f in features]
+
+    def forward(self, features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        flat = self.pool_features(features)
         x = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
         if x.shape[1] != self.in_features:
             raise ValueError(
                 f"ClusterAdversary expected {self.in_features} concatenated features, got {x.shape[1]} "
                 f"(from shapes {[tuple(f.shape) for f in features]})."
             )
-        return self.out(self.hidden(self.input_norm(x)))
+        return self.out(self.hidden(self.input_norm(x) if self.input_norm is not None else x))

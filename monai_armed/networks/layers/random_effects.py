@@ -264,7 +264,11 @@ class RandomEffects(nn.Module):
         if index.dim() != 1:
             raise ValueError(f"cluster indices must have shape (batch,), got {shape_str(index)}.")
         if not torch.jit.is_scripting():
-            if not batch_checks_enabled():  # no read-back: treat every batch as possibly holding unseen (-1) rows
+            if not batch_checks_enabled():
+                if index.device.type == "cpu":  # reading a CPU tensor costs no device sync and spares the unseen mask
+                    unseen = index.numel() > 0 and int(index.min()) < 0
+                    return (index.clamp(min=0) if unseen else index), unseen
+                # no read-back: treat every batch as possibly holding unseen (-1) rows
                 return index.clamp(min=0), True
         unseen = check_cluster_index(index, self.n_clusters) < 0
         return (index.clamp(min=0) if unseen else index), unseen

@@ -237,17 +237,28 @@ class MixedEffectsMLP(nn.Module):
         return self.out(h), features
 
     def _random_effects(self, x: torch.Tensor, last_hidden: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
-        total = x.new_zeros(x.shape[0], self.out_channels)
         if self.random_effects is None:
-            return total
+            return x.new_zeros(x.shape[0], self.out_channels)
         effects = self.random_effects(cluster)
         b, o = x.shape[0], self.out_channels
+        terms: list[torch.Tensor] = []
         start, end = self._intercept_span
         if end > start:
-            total = total + effects[:, start:end]
+            terms.append(effects[:, start:end])
         for inputs, (start, end) in ((x, self._input_slope_span), (last_hidden, self._hidden_slope_span)):
             if end > start:
-                total = total + torch.bmm(inputs.unsqueeze(1), effects[:, start:end].reshape(b, -1, o)).squeeze(1)
+                slopes = effects[:, start:end]
+                # one output: a multiply-sum over the features, fewer operations than a batched matrix product
+                terms.append(
+                    (inputs * slopes).sum(1, keepdim=True)
+                    if o == 1
+                    else torch.bmm(inputs.unsqueeze(1), slopes.reshape(b, -1, o)).squeeze(1)
+                )
+        if len(terms) == 0:
+            return x.new_zeros(b, o)
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
         return total
 
     def forward(self, x: torch.Tensor, cluster: torch.Tensor | None = None) -> torch.Tensor:
