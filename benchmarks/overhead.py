@@ -15,9 +15,11 @@ The minimal loop (kept here, not in the package) starts from the package network
 random effects' noise in the same order and takes the same steps: the paper's sequential update (the adversary's step
 on the detached features, then the main step against the frozen adversary), the paper's objective (BCE of the mixed-
 and fixed-effects logits, minus ``gen_weight`` times the adversary's cross-entropy, plus 1e-5 times the summed KL) and
-fused Adam. After 10 steps from the same state (the fold's first 320 rows) both hold exactly the same parameters
-(``max_parameter_difference``): the maths are the same. Then the two run whole folds (10 epochs, batch 32) alternately, A, B, A,
-B ...; the medians and their ratio are reported. ``--mri`` also times the MRI bundle's CNN step, ARMED against
+fused Adam. A third candidate, the package's own network, adversary and losses in a plain loop without an engine, is
+the oracle of a trainer that costs nothing: it splits the package's overhead into what the modules cost and what the
+trainer adds. After 10 steps from the same state (the fold's first 320 rows) all three hold exactly the same parameters
+(``max_parameter_difference``): the maths are the same. Then they run whole folds (10 epochs, batch 32) in turn, A, B,
+C, A, B, C ...; the medians and their ratios are reported. ``--mri`` also times the MRI bundle's CNN step, ARMED against
 conventional, interleaved the same way.
 
     python benchmarks/overhead.py --json benchmarks/out/overhead.json
@@ -72,29 +74,48 @@ def package_trainer(network, adversary, weights, train: dict, loader_seed: int, 
     )
 
 
-class MinimalLoop:
+class EagerLoop:
+    """A plain eager loop over the fold's rows, in the trainer's batch order (subclasses give the step)."""
+
+    def __init__(self, train: dict, loader_seed: int) -> None:
+        self.x = torch.as_tensor(train["features"])
+        self.c = torch.as_tensor(train["cluster"]).long()
+        self.generator = torch.Generator().manual_seed(loader_seed)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def run(self, epochs: int) -> None:
+        n = self.x.shape[0]
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, BATCH_SIZE):
+                index = order[start : start + BATCH_SIZE]
+                self.step(self.x[index], self.y[index], self.c[index])
+
+
+class MinimalLoop(EagerLoop):
     """The same model and steps as ``package_trainer``, written as a plain eager loop on the same tensors.
 
     It takes the package network's and adversary's parameters as plain tensors (copies), so both start alike.
     """
 
     def __init__(self, network, adversary, weights: dict, train: dict, loader_seed: int) -> None:
+        super().__init__(train, loader_seed)
         net, adv = copy.deepcopy(network), copy.deepcopy(adversary)
         self.hidden = [(layer[0].weight, layer[0].bias) for layer in net.hidden]
         self.out = (net.out.weight, net.out.bias)
         re = net.random_effects
-        self.loc, self.rho, self.prior = re.loc, re.rho, re.prior_scale.detach().expand(re.units)
+        self.loc, self.rho, self.log_prior = re.loc, re.rho, re.log_prior_scale.detach()
+        self.inv_two_prior_var = 0.5 * torch.exp(-2.0 * self.log_prior)  # 1 / (2 prior^2), the prior being fixed
         self.slope_end = net.re_groups["slope_hidden"][1]
         self.adv_layers = [(layer[0].weight, layer[0].bias) for layer in adv.hidden] + [(adv.out.weight, adv.out.bias)]
         self.params = [p for pair in self.hidden for p in pair] + list(self.out) + [self.loc, self.rho]
         self.adv_params = [p for pair in self.adv_layers for p in pair]
         self.optimizer, self.adv_optimizer = adam(self.params), adam(self.adv_params)
         self.me_weight, self.fe_weight, self.adv_weight = weights["me_weight"], weights["fe_weight"], weights["adv_weight"]
-        self.x = torch.as_tensor(train["features"])
         self.y = torch.as_tensor(train["label"]).reshape(-1).float()
-        self.c = torch.as_tensor(train["cluster"]).long()
         self.kl_weight = KL_WEIGHT
-        self.generator = torch.Generator().manual_seed(loader_seed)
 
     def adversary(self, features: list[torch.Tensor]) -> torch.Tensor:
         h = torch.cat(features, dim=1)
@@ -112,7 +133,7 @@ class MinimalLoop:
         u = loc + (F.softplus(self.rho[c]) + 1e-5) * torch.randn_like(loc)
         me = fe + (h * u[:, : self.slope_end]).sum(1) + u[:, self.slope_end]
         scale = F.softplus(self.rho) + 1e-5
-        kl = (torch.log(self.prior / scale) + (scale**2 + self.loc**2) / (2 * self.prior**2) - 0.5).sum()
+        kl = ((self.log_prior - scale.log()) + (scale.square() + self.loc.square()) * self.inv_two_prior_var - 0.5).sum()
         bce = F.binary_cross_entropy_with_logits
         task = self.me_weight * bce(me, y) + self.fe_weight * bce(fe, y)
         # the adversary's step on the detached features
@@ -129,31 +150,21 @@ class MinimalLoop:
             p.requires_grad_(True)
         self.optimizer.step()
 
-    def run(self, epochs: int) -> None:
-        n = self.x.shape[0]
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=self.generator)
-            for start in range(0, n, BATCH_SIZE):
-                index = order[start : start + BATCH_SIZE]
-                self.step(self.x[index], self.y[index], self.c[index])
 
-
-class ModuleLoop:
+class ModuleLoop(EagerLoop):
     """The package's own network, adversary and losses in a plain eager loop without an engine: the oracle of a
     trainer that costs nothing. The package trainer's ratio to it is the trainer's overhead; its ratio to
     :class:`MinimalLoop` is what the modules cost (module calls, checks, the general code paths)."""
 
     def __init__(self, network, adversary, weights: dict, train: dict, loader_seed: int) -> None:
+        super().__init__(train, loader_seed)
         self.network, self.adversary = network, adversary
         self.optimizer, self.adv_optimizer = adam(network.parameters()), adam(adversary.parameters())
         self.adv_params = list(adversary.parameters())
         self.me_weight, self.fe_weight, self.adv_weight = weights["me_weight"], weights["fe_weight"], weights["adv_weight"]
         self.loss, self.adv_loss = LogitClassificationLoss(), torch.nn.CrossEntropyLoss(ignore_index=-1)
-        self.x = torch.as_tensor(train["features"])
         self.y = torch.as_tensor(train["label"]).reshape(-1)
-        self.c = torch.as_tensor(train["cluster"]).long()
         self.kl_weight = KL_WEIGHT
-        self.generator = torch.Generator().manual_seed(loader_seed)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> None:
         out = self.network.forward_armed(x, c)
@@ -171,13 +182,8 @@ class ModuleLoop:
         self.optimizer.step()
 
     def run(self, epochs: int) -> None:
-        n = self.x.shape[0]
         with batch_checks(False):  # as the trainer after its first batch
-            for _ in range(epochs):
-                order = torch.randperm(n, generator=self.generator)
-                for start in range(0, n, BATCH_SIZE):
-                    index = order[start : start + BATCH_SIZE]
-                    self.step(self.x[index], self.y[index], self.c[index])
+            super().run(epochs)
 
 
 def max_parameter_difference(train: dict, seed: int) -> float:

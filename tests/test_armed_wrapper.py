@@ -598,3 +598,20 @@ class TestTrainerIntegration(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def test_level_counts_give_the_batch_estimate_of_the_kl_at_the_cost_of_the_batch():
+    # equal counts and a batch holding each level equally: the estimate N / B * sum KL_c / n_c is the exact KL
+    counts = [2] * C
+    net = _small(re_kwargs={"level_counts": counts}, swap_norm=True, norm_kwargs={"re_kwargs": {"level_counts": counts}})
+    net.train()
+    x, cluster = _x(2 * C), torch.arange(C).repeat(2)
+    exact = net.kl_divergence()
+    torch.testing.assert_close(net.forward_armed(x, cluster).kl, exact)
+    # a batch of level 0 alone: N / B * B * KL_0 / n_0 = C * KL_0 in every layer
+    level_0 = sum(C * layer._analytic_kl(layer.loc, None)[0] for layer in net._random_effect_layers)
+    torch.testing.assert_close(net.kl_divergence(torch.zeros(5, dtype=torch.long)), level_0)
+    assert len(net._random_effect_layers) > 2, "head slopes, intercepts and the swapped norm's effects"
+    torch.testing.assert_close(net.forward_armed(x, torch.eye(C)[cluster]).kl, exact, msg="soft membership: exact KL")
+    plain = _small()
+    torch.testing.assert_close(plain.forward_armed(x, torch.zeros(2 * C, dtype=torch.long)).kl, plain.kl_divergence())

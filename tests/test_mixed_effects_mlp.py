@@ -487,3 +487,14 @@ def test_linear_fixed_part_torchscript_matches_eager():
     x, index = torch.randn(5, 2), torch.tensor([0, 3, -1, 2, 1])
     for cluster in (index, None):
         torch.testing.assert_close(scripted(x, cluster), net(x, cluster))
+
+
+def test_level_counts_make_the_kl_of_forward_armed_a_batch_estimate():
+    torch.manual_seed(0)
+    net = MixedEffectsMLP(2, 1, n_clusters=4, re_kwargs={"level_counts": [3, 3, 3, 3]}, slope_posterior_init_scale=0.3)
+    x = torch.randn(8, 2)
+    balanced, only_2 = torch.arange(4).repeat(2), torch.full((8,), 2)
+    torch.testing.assert_close(net.forward_armed(x, balanced).kl, net.kl_divergence(), msg="each level equally: exact")
+    per_level = net.random_effects._analytic_kl(net.random_effects.loc, None)
+    torch.testing.assert_close(net.forward_armed(x, only_2).kl, 4 * per_level[2])
+    torch.testing.assert_close(net.forward_armed(x, torch.eye(4)[only_2]).kl, net.kl_divergence(), msg="soft: exact")

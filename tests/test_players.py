@@ -120,3 +120,34 @@ def test_image_classifier_player_plays_only_with_a_random_effects_reconstruction
     assert player.takes_part(type("Out", (), {"recon_re": torch.zeros(1)})())
     images = torch.zeros(2, 4)
     assert player.inputs(None, images) is images
+
+
+def test_postprocessing_without_decollation_reads_the_iteration_as_a_dict():
+    from monai.transforms import Activationsd
+
+    trainer = _trainer(epochs=1, postprocessing=Activationsd(keys="pred", sigmoid=True))
+    trainer.run()
+    pred = trainer.state.output["pred"]
+    assert bool(((pred > 0) & (pred < 1)).all()), "the sigmoid of the post-processing reached the prediction"
+    assert "loss" in trainer.state.output[0], "the scalars are still the first item for MONAI's handlers"
+
+
+def test_half_precision_feature_maps_pool_without_overflow():
+    maps = torch.full((2, 8, 16, 16, 16), 20.0, dtype=torch.float16)  # a float16 sum of one channel would be inf
+    pooled = ClusterAdversary.pool_features(maps)[0]
+    assert pooled.dtype == torch.float16 and bool(torch.isfinite(pooled).all())
+    torch.testing.assert_close(pooled.float(), torch.full((2, 8), 20.0))
+
+
+def test_a_failing_adversary_step_releases_the_pooled_features():
+    trainer = _trainer(epochs=1)
+    player = trainer.players["adversary"]
+
+    def fail(*args, **kwargs):
+        assert player._pooled is not None, "the features are pooled for both steps"
+        raise RuntimeError("adversary step failed")
+
+    player.fit = fail
+    with pytest.raises(RuntimeError, match="adversary step failed"):
+        trainer.run()
+    assert player._pooled is None, "no graph of the failed iteration is kept"

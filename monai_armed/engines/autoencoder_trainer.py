@@ -187,6 +187,7 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
     image_classifier_optimizer = _PlayerSetting("image_classifier", "optimizer", settable=False)
     image_scaler = _PlayerSetting("image_classifier", "scaler")
     image_cluster_weight = _PlayerSetting("image_classifier", "weight")
+    cluster_loss_function = _PlayerSetting("image_classifier", "loss_function")
 
     def __init__(
         self,

@@ -104,6 +104,9 @@ class Player:
         gradient-reversal layer carries the sign)."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Drops what the player kept for the iteration (the trainer calls it when the iteration ends or fails)."""
+
 
 class AdversaryPlayer(Player):
     """The cluster adversary: learns the cluster from the detached fixed-effects features; the main step subtracts
@@ -139,7 +142,7 @@ class AdversaryPlayer(Player):
     ) -> None:
         super().__init__(module, optimizer, loss_function, weight, steps, event, output_key="loss_adv")
         self.update, self.objective = update, objective
-        self._pooled: list[torch.Tensor] | None = None
+        self._pooled: tuple[Any, list[torch.Tensor]] | None = None  # (the main output, its pooled features)
 
     @property
     def sequential(self) -> bool:  # type: ignore[override]
@@ -152,8 +155,12 @@ class AdversaryPlayer(Player):
         return pool(out.features) if callable(pool) else out.features
 
     def inputs(self, out: Any, images: torch.Tensor) -> list[torch.Tensor]:
-        self._pooled = list(self._features(out))
-        return [f.detach() for f in self._pooled]
+        pooled = list(self._features(out))
+        self._pooled = (out, pooled)
+        return [f.detach() for f in pooled]
+
+    def release(self) -> None:
+        self._pooled = None
 
     def record(self, engine: Any, logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
         """Its loss, and its accuracy on the seen rows where logging reads it."""
@@ -163,7 +170,8 @@ class AdversaryPlayer(Player):
             engine.state.output["adv_accuracy"] = correct.sum() / (target >= 0).sum().clamp(min=1)
 
     def main_term(self, engine: Any, out: Any, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features, self._pooled = (self._pooled if self._pooled is not None else self._features(out)), None
+        cached, self._pooled = self._pooled, None
+        features = cached[1] if cached is not None and cached[0] is out else self._features(out)
         if not self.sequential:  # the reversal layer gives the features -weight times the gradient
             logits = self.module([grad_reverse(f, self.weight) for f in features])
             loss_gen = self.loss_function(logits, target)

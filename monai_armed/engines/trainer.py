@@ -243,7 +243,6 @@ class ARMEDTrainer(SupervisedTrainer):
     ) -> None:
         _check_wrappers(network, adversary)
         kwargs.setdefault("optim_set_to_none", True)
-        self._decollate = kwargs.get("decollate", True)
         n_train = _training_rows(train_data_loader) if n_train is None else int(n_train)
         if n_train is not None and n_train < 1:
             raise ValueError(f"n_train must be the number of training rows (>= 1), got {n_train}.")
@@ -317,8 +316,9 @@ class ARMEDTrainer(SupervisedTrainer):
                 "ARMEDTrainer needs the number of training rows to scale the KL (ELBO): the data loader has no sized "
                 "dataset, so pass n_train=N."
             )
-        for player in self.players.values():
-            player.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        if self.amp:
+            for player in self.players.values():
+                player.scaler = torch.amp.GradScaler("cuda")
         self._first_batch_checked = False
         super().run()
 
@@ -336,9 +336,7 @@ class ARMEDTrainer(SupervisedTrainer):
             raise KeyError("ARMEDTrainer needs the cluster of every sample; prepare_batch returned none.")
         if targets is None:
             raise KeyError("ARMEDTrainer needs labels; the batch has none.")
-        entries = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: cluster}
-        # MONAI decollates a dict; without decollation the output is built as what the handlers read
-        engine.state.output = entries if engine._decollate else IterationOutput(entries)
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: cluster}
         engine._record_logging_values = engine._logging_values_read()
         engine._loss_kwargs = engine._batch_loss_kwargs(batchdata)
         zero_grad, step = _accumulation_state(engine)
@@ -379,16 +377,22 @@ class ARMEDTrainer(SupervisedTrainer):
 
         target = self._adversary_target(cluster)
         playing = [player for player in players if player.takes_part(out)]
-        for player in playing:
-            if player.sequential:
-                player.fit(self, player.inputs(out, inputs), target, autocast, scale, step)
-        # sequential players are frozen for the main step: their own optimizers have already stepped
-        with _frozen([p for player in playing if player.sequential for p in player.params]):
-            with autocast:
-                terms = [player.main_term(self, out, target) for player in playing]
-                loss = self._total_loss(loss, terms, out.kl)
-            self._fire_step_event(IterationEvents.LOSS_COMPLETED)
-            self._backward(loss * scale if scale != 1.0 else loss, self.scaler)
+        try:
+            for player in playing:
+                if player.sequential:
+                    with autocast:
+                        own_inputs = player.inputs(out, inputs)
+                    player.fit(self, own_inputs, target, autocast, scale, step)
+            # sequential players are frozen for the main step: their own optimizers have already stepped
+            with _frozen([p for player in playing if player.sequential for p in player.params]):
+                with autocast:
+                    terms = [player.main_term(self, out, target) for player in playing]
+                    loss = self._total_loss(loss, terms, out.kl)
+                self._fire_step_event(IterationEvents.LOSS_COMPLETED)
+                self._backward(loss * scale if scale != 1.0 else loss, self.scaler)
+        finally:
+            for player in playing:
+                player.release()
         self._fire_step_event(IterationEvents.BACKWARD_COMPLETED)
         if step:
             self._step(self.optimizer, self.scaler)
@@ -424,13 +428,14 @@ class ARMEDTrainer(SupervisedTrainer):
 
     def _logging_values_read(self) -> bool:
         """Whether this iteration computes the values that only logging reads (the adversary's accuracy): when a
-        handler runs inside or at the end of the iteration, and on the last iteration of every epoch (the output a
-        run leaves behind)."""
+        handler runs inside or at the end of the iteration, and on the last iteration of every epoch or of the run
+        (the output a run leaves behind)."""
         handlers = self._event_handlers
-        if any(handlers.get(event) for event in _OUTPUT_READING_EVENTS):
-            return True
-        length = self.state.epoch_length
-        return length is None or self.state.iteration % length == 0
+        for event in (*_OUTPUT_READING_EVENTS, *(player.event for player in self.players.values())):
+            if handlers.get(event):
+                return True
+        length, max_iters = self.state.epoch_length, getattr(self.state, "max_iters", None)
+        return length is None or self.state.iteration % length == 0 or self.state.iteration == max_iters
 
     def _task_loss(self, out: Any, targets: torch.Tensor) -> torch.Tensor:
         """``me_weight * task(pred) + fe_weight * task(pred_fe)``, logging each part."""

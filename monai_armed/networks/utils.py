@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -60,17 +61,30 @@ def random_effects_modules(network: nn.Module) -> dict[str, RandomEffects]:
     return {name: m for name, m in network.named_modules() if isinstance(m, RandomEffects)}
 
 
-def total_kl_divergence(network: nn.Module) -> torch.Tensor:
-    """Sum of ``kl_divergence()`` over every ``RandomEffects`` submodule of ``network``.
+def total_kl_divergence(
+    network: nn.Module, cluster: torch.Tensor | None = None, layers: Iterable[RandomEffects] | None = None
+) -> torch.Tensor:
+    """Sum of the KL divergences of every ``RandomEffects`` submodule of ``network``.
+
+    With an index batch ``cluster`` ``(B,)``, a layer that knows its ``level_counts`` gives the unbiased batch estimate
+    of its KL (:meth:`RandomEffects.kl_divergence`), whose cost follows the batch rather than the number of levels;
+    the others give their exact KL.
+
+    Args:
+        network: the network.
+        cluster: the batch's cluster indices, or ``None`` for the exact KL of every layer.
+        layers: the network's ``RandomEffects`` layers when the caller keeps them (spares a walk over its modules).
 
     Example::
 
         loss = task_loss + 1e-5 * total_kl_divergence(net)
     """
-    terms = [m.kl_divergence() for m in random_effects_modules(network).values()]
+    layers = list(random_effects_modules(network).values()) if layers is None else list(layers)
+    batch = cluster is not None and not cluster.is_floating_point()
+    terms = [m.kl_divergence(cluster if batch and m.level_counts is not None else None) for m in layers]
     if not terms:
         return torch.zeros((), device=next(network.parameters()).device)
-    return torch.stack(terms).sum()
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
 
 def cluster_one_hot(cluster: torch.Tensor, n_clusters: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

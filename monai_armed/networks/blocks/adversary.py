@@ -40,6 +40,16 @@ def mlp_layers(in_features: int, hidden_channels: Sequence[int], act: str | tupl
     return layers
 
 
+def _global_mean(feature_map: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *spatial) -> (B, C)`` spatial mean, as a sum then a scale of the small result: its gradient is an
+    expanded view, where a mean's backward writes a scaled copy of the whole map. Low-precision maps (AMP) are summed
+    in float32, where a large map's sum cannot overflow."""
+    dims = tuple(range(2, feature_map.dim()))
+    if feature_map.dtype in (torch.float16, torch.bfloat16):
+        return (feature_map.sum(dims, dtype=torch.float32) / math.prod(feature_map.shape[2:])).to(feature_map.dtype)
+    return feature_map.sum(dims) / math.prod(feature_map.shape[2:])
+
+
 class ClusterAdversary(nn.Module):
     """K-way cluster classifier over concatenated fixed-effects features (the ARMED adversary).
 
@@ -96,9 +106,7 @@ class ClusterAdversary(nn.Module):
         """
         if isinstance(features, torch.Tensor):
             features = [features]
-        # a sum then a scale of the small result: its gradient is an expanded view, where a mean's backward writes a
-        # scaled copy of the whole feature map
-        return [f.sum(tuple(range(2, f.dim()))) / math.prod(f.shape[2:]) if f.dim() > 2 else f for f in features]
+        return [_global_mean(f) if f.dim() > 2 else f for f in features]
 
     def forward(self, features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         flat = self.pool_features(features)

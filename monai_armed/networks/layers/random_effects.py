@@ -363,8 +363,9 @@ class RandomEffects(nn.Module):
         """Per-level KL ``(L,)`` for the posterior rows ``loc`` (all levels when ``index`` is None)."""
         if self.covariance == "diagonal":
             rho = self.rho if index is None else self._gather(self.rho, index)
-            scale, prior = F.softplus(rho) + 1e-5, self.prior_scale.expand(self.units)
-            kl = torch.log(prior / scale) + (scale**2 + loc**2) / (2 * prior**2) - 0.5
+            scale, log_prior = F.softplus(rho) + 1e-5, self.log_prior_scale
+            # log(p / s) + (s^2 + m^2) / (2 p^2) - 1/2 with p = exp(log_prior): no exp-then-log of the prior
+            kl = (log_prior - scale.log()) + (scale.square() + loc.square()) * (0.5 * torch.exp(-2.0 * log_prior)) - 0.5
             return kl.sum(-1)
         prior_chol = self.prior_cholesky()
         post_chol = self.posterior_cholesky(index)

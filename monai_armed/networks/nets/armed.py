@@ -36,7 +36,7 @@ from monai_armed.networks.nets.armed_probe import (
     locate_head,
     probe_input,
 )
-from monai_armed.networks.utils import ARMEDOutput, cluster_one_hot, total_kl_divergence
+from monai_armed.networks.utils import ARMEDOutput, cluster_one_hot, random_effects_modules, total_kl_divergence
 from monai_armed.utils import batch_checks_enabled, shape_str
 
 __all__ = ["ARMED", "ARMED_VARIANTS", "default_tap_layers", "INPUT_SUFFIX"]
@@ -280,6 +280,8 @@ class ARMED(nn.Module):
         # last, so that a refused argument leaves the user's network as it was
         self.swapped_norms = self._swap_norms(swap_names, norm_kwargs or {})
         self._norm_names = list(cluster_norm_modules(network))
+        # kept, so that the KL of every step does not walk the network's modules
+        self._random_effect_layers = list(random_effects_modules(self).values())
 
     @classmethod
     def from_variant(cls, variant: str, network: nn.Module, n_clusters: int, **kwargs: Any) -> ARMED:
@@ -426,9 +428,10 @@ class ARMED(nn.Module):
         """Names of every :class:`ClusterScaleBias` in the network (swapped or built in) that gets the cluster."""
         return list(self._norm_names)
 
-    def kl_divergence(self) -> torch.Tensor:
-        """Sum of the KL divergences of every random-effects layer (head and cluster norms)."""
-        return total_kl_divergence(self)
+    def kl_divergence(self, cluster: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum of the KL divergences of every random-effects layer (head and cluster norms); with an index batch
+        ``cluster``, the batch estimate of the layers built with ``level_counts`` (``re_kwargs``)."""
+        return total_kl_divergence(self, cluster, self._random_effect_layers)
 
     def posterior_means(self) -> dict[str, torch.Tensor]:
         """Posterior means ``(n_clusters, units)`` by group: ``slope``, ``intercept``, ``<norm>.scale``, ``<norm>.bias``."""
@@ -509,18 +512,18 @@ class ARMED(nn.Module):
             with self._hooked(state):
                 both = self._doubled_prediction(self.network(torch.cat([x, x])), batch)
             features = [f[batch:] for f in self._collect(state)]
-            return ARMEDOutput(both[:batch], both[batch:], features, self.kl_divergence())
+            return ARMEDOutput(both[:batch], both[batch:], features, self.kl_divergence(cluster))
         if not self._has_head_effects:
             state = _PassState(None, split_head=False, captured={})
             with self._hooked(state):
                 pred = self.prediction(self.network(x))
-            return ARMEDOutput(pred, pred, self._collect(state), self.kl_divergence())
+            return ARMEDOutput(pred, pred, self._collect(state), self.kl_divergence(cluster))
         state = _PassState(cluster, split_head=True, captured={})
         with self._hooked(state):
             both = self._doubled_prediction(self.network(x), batch)
         # a tap at or after the split head saw [mixed; fixed] rows: the adversary reads the fixed-effects ones
         features = [f[batch:] if f.dim() and f.shape[0] == 2 * batch else f for f in self._collect(state)]
-        return ARMEDOutput(both[:batch], both[batch:], features, self.kl_divergence())
+        return ARMEDOutput(both[:batch], both[batch:], features, self.kl_divergence(cluster))
 
     @property
     def _has_head_effects(self) -> bool:

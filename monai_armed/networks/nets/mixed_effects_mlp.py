@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from monai_armed.networks.blocks.adversary import mlp_layers
 from monai_armed.networks.layers.random_effects import RandomEffects
-from monai_armed.networks.utils import ARMEDOutput, cluster_one_hot, glorot_init
+from monai_armed.networks.utils import ARMEDOutput, cluster_one_hot, glorot_init, total_kl_divergence
 from monai_armed.utils import shape_str
 
 __all__ = ["MixedEffectsMLP", "MLP_VARIANTS", "variant_loss_weights"]
@@ -199,11 +199,12 @@ class MixedEffectsMLP(nn.Module):
     def has_random_effects(self) -> bool:
         return self.random_effects is not None
 
-    def kl_divergence(self) -> torch.Tensor:
-        """KL divergence of the random effects (0 without random effects)."""
+    def kl_divergence(self, cluster: torch.Tensor | None = None) -> torch.Tensor:
+        """KL divergence of the random effects (0 without random effects); with an index batch ``cluster`` and the
+        random effects' ``level_counts`` (``re_kwargs``), its batch estimate, whose cost follows the batch."""
         if self.random_effects is None:
             return self.out.weight.new_zeros(())
-        return self.random_effects.kl_divergence()
+        return total_kl_divergence(self, cluster, [self.random_effects])
 
     def posterior_means(self) -> dict[str, torch.Tensor]:
         """Posterior means of each random-effect group, ``{name: (n_clusters, units)}``.
@@ -273,4 +274,4 @@ class MixedEffectsMLP(nn.Module):
         if not self.has_random_effects:
             return ARMEDOutput(pred_fe, pred_fe, features, pred_fe.new_zeros(()))
         pred = pred_fe + self._random_effects(x, features[-1], cluster)
-        return ARMEDOutput(pred, pred_fe, features, self.kl_divergence())
+        return ARMEDOutput(pred, pred_fe, features, self.kl_divergence(cluster))
