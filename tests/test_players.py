@@ -60,6 +60,8 @@ def test_without_an_adversary_the_settings_stay_on_the_trainer():
         optimizer=torch.optim.Adam(net.parameters()), prepare_batch=PrepareBatchCluster("features"), decollate=False,
     )  # fmt: skip
     assert bare.players == {} and bare.adversary is None and bare.adv_optimizer is None
+    with pytest.raises(AttributeError, match="adversary is set when the trainer is built"):
+        bare.adversary = ClusterAdversary(4, 3)  # would never be trained
     bare.adv_weight = 0.3
     assert bare.adv_weight == 0.3
     bare.run()

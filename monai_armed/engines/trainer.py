@@ -88,10 +88,10 @@ class _PlayerSetting:
         return getattr(player, self.attribute) if player is not None else engine.__dict__.get(f"_{self.name}")
 
     def __set__(self, engine: Any, value: Any) -> None:
+        if not self.settable:  # a network or optimizer given later would not be trained: its player is built once
+            raise AttributeError(f"{self.name} is set when the trainer is built.")
         player = engine.__dict__.get("players", {}).get(self.player)
         if player is not None:
-            if not self.settable:
-                raise AttributeError(f"{self.name} is set when the trainer is built.")
             setattr(player, self.attribute, value)
         engine.__dict__[f"_{self.name}"] = value
 
