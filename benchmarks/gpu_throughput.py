@@ -19,13 +19,15 @@ ratio of the step time are reported, with the GPU utilisation sampled from ``nvi
     python benchmarks/gpu_throughput.py --json benchmarks/out/gpu_throughput.json --amp bf16 --channels-last
 
 ``--device cpu --amp none --smoke`` runs the same code with tiny settings (what the tests do); its numbers mean
-nothing.
+nothing. Every timed epoch is one ``trainer.run()``, and MONAI's trainer builds a new gradient scaler per run: with
+``--amp fp16`` the loss scale restarts every epoch, so prefer ``bf16`` (the default) for the throughput.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shlex
 import shutil
 import subprocess
@@ -85,7 +87,9 @@ class GPUUtilisation:
         self.available = shutil.which("nvidia-smi") is not None
 
     def _sample(self) -> None:
-        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "--id=0"]
+        # the GPU this process sees first (an index or UUID of CUDA_VISIBLE_DEVICES, which nvidia-smi ignores)
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"--id={gpu}"]
         while not self._stop.is_set():
             try:
                 self.samples.append(float(subprocess.run(query, capture_output=True, text=True, timeout=5).stdout))

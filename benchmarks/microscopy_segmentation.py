@@ -25,6 +25,7 @@ one process, interleaved (A, B, A, B ...) on the same batch: medians and their r
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shlex
@@ -251,7 +252,12 @@ def render_section(results: dict) -> str:
     lines += [
         "",
         f"Training step ({p['timing']}"
-        + (f"; measured again by `{p['timing_command']}`" if "timing_command" in p else "")
+        + (
+            f"; measured again on {p['timing_date']} with {p['timing_machine']['threads']} thread(s) by "
+            f"`{p['timing_command']}`"
+            if "timing_command" in p
+            else ""
+        )
         + f"): ARMED {1000 * t['median_seconds']['armed']:.0f} ms, "
         f"conventional {1000 * t['median_seconds']['conventional']:.0f} ms, ratio {results['step_time_ratio']:.2f} "
         f"({parts}){wide}.",
@@ -271,7 +277,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--timing-iterations", type=int, default=5)
     parser.add_argument(
         "--timing-only", action="store_true",
-        help="re-time the training step only and update the Dice results already in --json (after a change of speed)",
+        help="re-time the training step only and keep the Dice results already in --json (after a change of speed); "
+        "--seeds, --models and --epochs are not used",
     )  # fmt: skip
     return parse_benchmark_args(parser, argv, list(MODELS))
 
@@ -291,6 +298,8 @@ def retime(args: argparse.Namespace, command: str) -> dict:
     timing = step_time_ratio(args.timing_repeats, args.timing_iterations, args.gen_weight)
     results["step_time_ratio"], results["step_time"] = timing["ratio"], timing
     results["protocol"]["timing_command"], results["protocol"]["timing"] = command, timing_protocol(args)
+    results["protocol"]["timing_date"] = datetime.datetime.now().isoformat(timespec="seconds")
+    results["protocol"]["timing_machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     return results
 
 

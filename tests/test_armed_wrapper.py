@@ -613,5 +613,6 @@ def test_level_counts_give_the_batch_estimate_of_the_kl_at_the_cost_of_the_batch
     torch.testing.assert_close(net.kl_divergence(torch.zeros(5, dtype=torch.long)), level_0)
     assert len(net._random_effect_layers) > 2, "head slopes, intercepts and the swapped norm's effects"
     torch.testing.assert_close(net.forward_armed(x, torch.eye(C)[cluster]).kl, exact, msg="soft membership: exact KL")
+    torch.testing.assert_close(net.forward_armed(x, None).kl, exact, msg="no cluster: the exact KL, not 0")
     plain = _small()
     torch.testing.assert_close(plain.forward_armed(x, torch.zeros(2 * C, dtype=torch.long)).kl, plain.kl_divergence())

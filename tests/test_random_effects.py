@@ -330,6 +330,11 @@ class TestCorrelatedRandomEffects(unittest.TestCase):
             draws = [re.kl_divergence(rows[torch.randint(0, len(rows), (4,))]) for _ in range(2000)]
             torch.testing.assert_close(torch.stack(draws).mean(), re.kl_divergence(), rtol=0.05, atol=0.0)
             unseen = re.kl_divergence(torch.tensor([-1, -1]))
+            # training batches with unseen (-1) rows: the estimate stays unbiased (the mean runs over seen rows)
+            mixed = torch.cat([rows, torch.full((len(rows),), -1)])
+            draws = [re.kl_divergence(mixed[torch.randint(0, len(mixed), (6,))]) for _ in range(2000)]
+            torch.testing.assert_close(torch.stack(draws).mean(), re.kl_divergence(), rtol=0.05, atol=0.0)
+            torch.testing.assert_close(re.kl_divergence(torch.cat([rows, -rows.new_ones(3)])), re.kl_divergence())
         self.assertEqual(float(unseen), 0.0)
 
     def test_diagonal_prior_has_no_covariance_rows(self):

@@ -66,9 +66,9 @@ def total_kl_divergence(
 ) -> torch.Tensor:
     """Sum of the KL divergences of every ``RandomEffects`` submodule of ``network``.
 
-    With an index batch ``cluster`` ``(B,)``, a layer that knows its ``level_counts`` gives the unbiased batch estimate
-    of its KL (:meth:`RandomEffects.kl_divergence`), whose cost follows the batch rather than the number of levels;
-    the others give their exact KL.
+    With an index batch ``cluster`` ``(B,)``, a layer that knows its ``level_counts`` (and computes its KL
+    analytically) gives the unbiased batch estimate of its KL (:meth:`RandomEffects.kl_divergence`), whose cost follows
+    the batch rather than the number of levels; the others give their exact KL (or their Monte-Carlo estimate).
 
     Args:
         network: the network.
@@ -80,11 +80,15 @@ def total_kl_divergence(
         loss = task_loss + 1e-5 * total_kl_divergence(net)
     """
     layers = list(random_effects_modules(network).values()) if layers is None else list(layers)
-    batch = cluster is not None and not cluster.is_floating_point()
-    terms = [m.kl_divergence(cluster if batch and m.level_counts is not None else None) for m in layers]
+    batch = isinstance(cluster, torch.Tensor) and not cluster.is_floating_point()
+    terms = [m.kl_divergence(cluster if batch and _batch_kl(m) else None) for m in layers]
     if not terms:
         return torch.zeros((), device=next(network.parameters()).device)
     return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+
+
+def _batch_kl(layer: RandomEffects) -> bool:
+    return layer.level_counts is not None and layer.kl_estimator == "analytic"
 
 
 def cluster_one_hot(cluster: torch.Tensor, n_clusters: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -41,12 +41,12 @@ def mlp_layers(in_features: int, hidden_channels: Sequence[int], act: str | tupl
 
 
 def _global_mean(feature_map: torch.Tensor) -> torch.Tensor:
-    """``(B, C, *spatial) -> (B, C)`` spatial mean, as a sum then a scale of the small result: its gradient is an
-    expanded view, where a mean's backward writes a scaled copy of the whole map. Low-precision maps (AMP) are summed
-    in float32, where a large map's sum cannot overflow."""
+    """``(B, C, *spatial) -> (B, C)`` spatial mean. In float32 and float64 a sum then a scale of the small result:
+    its gradient is an expanded view, where a mean's backward writes a scaled copy of the whole map. Low-precision
+    maps (AMP) take the mean itself, which accumulates in float32 (their sum can overflow float16)."""
     dims = tuple(range(2, feature_map.dim()))
     if feature_map.dtype in (torch.float16, torch.bfloat16):
-        return (feature_map.sum(dims, dtype=torch.float32) / math.prod(feature_map.shape[2:])).to(feature_map.dtype)
+        return feature_map.mean(dims)
     return feature_map.sum(dims) / math.prod(feature_map.shape[2:])
 
 

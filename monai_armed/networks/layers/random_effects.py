@@ -335,8 +335,10 @@ class RandomEffects(nn.Module):
         """KL(q || p) summed over clusters and units, or its estimate from the levels of a batch.
 
         Without ``cluster``: the exact sum over every level (analytic, or a one-sample Monte-Carlo estimate). With an
-        index batch ``cluster`` ``(B,)`` and ``level_counts``: ``N / B * sum_i KL_{c(i)} / n_{c(i)}`` with ``N`` the
-        total count, an unbiased estimate of the same sum whose cost depends on the batch only (unseen rows add 0).
+        index batch ``cluster`` ``(B,)`` and ``level_counts``: ``N / B_seen * sum_i KL_{c(i)} / n_{c(i)}`` over the
+        batch's ``B_seen`` rows of seen levels, with ``N`` the total count: an unbiased estimate of the same sum (given
+        one seen row; 0 for a batch of unseen ``-1`` rows alone) whose cost depends on the batch only. Before version
+        0.5 the mean ran over all ``B`` rows, which scaled the estimate by the seen share of the training rows.
 
         Example::
 
@@ -353,11 +355,13 @@ class RandomEffects(nn.Module):
             return self.loc.new_zeros(())
         safe, unseen = self._safe_index(cluster)
         per_row = self._analytic_kl(self._gather(self.loc, safe), safe) / self.level_counts[safe]
+        rows: torch.Tensor | int = cluster.shape[0]
         if unseen:
-            per_row = per_row * (cluster >= 0).to(per_row.dtype)
-        # N counts the rows of seen levels: batches with unseen (-1) training rows scale the estimate by N / N_all
+            # N counts the rows of seen levels, so the mean runs over the batch's seen rows (a tensor: no host read)
+            seen = (cluster >= 0).to(per_row.dtype)
+            per_row, rows = per_row * seen, seen.sum().clamp(min=1.0)
         total = self._level_total if self._level_total is not None else self.level_counts.sum()
-        return per_row.sum() * (total / cluster.shape[0])
+        return per_row.sum() * (total / rows)
 
     def _analytic_kl(self, loc: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         """Per-level KL ``(L,)`` for the posterior rows ``loc`` (all levels when ``index`` is None)."""

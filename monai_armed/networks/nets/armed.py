@@ -501,6 +501,7 @@ class ARMED(nn.Module):
 
         ``cluster=None`` treats every sample as unseen (``pred`` equals ``pred_fe``).
         """
+        kl_cluster = cluster  # no cluster: the exact KL, not the batch estimate of unseen rows (0)
         if cluster is None:
             cluster = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
         self._check_input(x)
@@ -512,18 +513,18 @@ class ARMED(nn.Module):
             with self._hooked(state):
                 both = self._doubled_prediction(self.network(torch.cat([x, x])), batch)
             features = [f[batch:] for f in self._collect(state)]
-            return ARMEDOutput(both[:batch], both[batch:], features, self.kl_divergence(cluster))
+            return ARMEDOutput(both[:batch], both[batch:], features, self.kl_divergence(kl_cluster))
         if not self._has_head_effects:
             state = _PassState(None, split_head=False, captured={})
             with self._hooked(state):
                 pred = self.prediction(self.network(x))
-            return ARMEDOutput(pred, pred, self._collect(state), self.kl_divergence(cluster))
+            return ARMEDOutput(pred, pred, self._collect(state), self.kl_divergence(kl_cluster))
         state = _PassState(cluster, split_head=True, captured={})
         with self._hooked(state):
             both = self._doubled_prediction(self.network(x), batch)
         # a tap at or after the split head saw [mixed; fixed] rows: the adversary reads the fixed-effects ones
         features = [f[batch:] if f.dim() and f.shape[0] == 2 * batch else f for f in self._collect(state)]
-        return ARMEDOutput(both[:batch], both[batch:], features, self.kl_divergence(cluster))
+        return ARMEDOutput(both[:batch], both[batch:], features, self.kl_divergence(kl_cluster))
 
     @property
     def _has_head_effects(self) -> bool:
