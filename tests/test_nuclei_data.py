@@ -143,3 +143,15 @@ def test_segmentation_datalist_warns_about_a_batch_of_empty_masks(tiny, tmp_path
     sections["unseen"][1]["label"] = str(tmp_path / "missing.tif")
     with pytest.raises(ValueError, match=r"section 'unseen', item 1, key 'label': mask file .*missing.tif not found"):
         validate_segmentation_datalist(sections, required, n_classes=2, loader=loader)
+
+
+def test_segmentation_datalist_compares_mask_and_image_sizes_for_path_objects(tiny, tmp_path):
+    out, datalist = tiny
+    loader = LoadImage(reader=TiffFileReader(channels=1), image_only=True)
+    sections = {k: [dict(i, image=out / i["image"], label=str(out / i["label"])) for i in v] for k, v in datalist.items()}
+    small = tmp_path / "small.tif"
+    tifffile.imwrite(small, np.zeros((20, 24), np.uint8))
+    sections["training"][0]["label"] = str(small)
+    required = {"training": ["image", "label", "cluster"], "unseen": ["image", "label"]}
+    with pytest.raises(ValueError, match=r"small.tif has shape \(24, 20\) \(as loaded\) but the image .* has \("):
+        validate_segmentation_datalist(sections, required, n_classes=2, loader=loader)

@@ -503,7 +503,7 @@ def validate_segmentation_datalist(
             item[label_key] = os.path.normpath(os.path.join(base_dir, os.fspath(item[label_key])))
             where = f"datalist {source}, section {section!r}, item {i}, key {label_key!r}"
             image = item[image_key]
-            shape = image_shapes.get(image) if isinstance(image, str) else None
+            shape = image_shapes.get(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else None
             problem, empty = _mask_problem(where, image, shape, item[label_key], loader, n_classes)
             if problem is not None:
                 problems.append(problem)

@@ -93,7 +93,7 @@ class Player:
                 engine._step(self.optimizer, self.scaler)
         self.record(engine, logits, target, loss)
         if self.event is not None:
-            engine._fire_step_event(self.event)
+            engine._fire_event(self.event)
 
     def record(self, engine: Any, logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
         """Writes the player's own loss to ``engine.state.output``."""

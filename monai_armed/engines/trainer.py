@@ -348,7 +348,7 @@ class ARMEDTrainer(SupervisedTrainer):
         else:
             engine._train_step(inputs, targets, cluster, zero_grad, step)
         engine.output_scalars = iteration_scalars(engine.state.output)  # before decollation mixes them with samples
-        engine._fire_step_event(IterationEvents.MODEL_COMPLETED)  # decollates and post-processes when configured
+        engine._fire_event(IterationEvents.MODEL_COMPLETED)  # decollates and post-processes when configured
         output = engine.state.output
         # a decollated output is MONAI's list already; a dict becomes one that MONAI's handler defaults can read
         engine.state.output = output if isinstance(output, list) else IterationOutput(output)
@@ -373,7 +373,7 @@ class ARMEDTrainer(SupervisedTrainer):
             out = self._forward(inputs, cluster)
             loss = self._main_loss(out, inputs, targets, cluster)  # checks the labels before any player steps
         self.state.output[Keys.PRED], self.state.output[ARMEDKeys.PRED_FE] = out.pred, out.pred_fe
-        self._fire_step_event(IterationEvents.FORWARD_COMPLETED)
+        self._fire_event(IterationEvents.FORWARD_COMPLETED)
 
         target = self._adversary_target(cluster)
         playing = [player for player in players if player.takes_part(out)]
@@ -388,12 +388,12 @@ class ARMEDTrainer(SupervisedTrainer):
                 with autocast:
                     terms = [player.main_term(self, out, target) for player in playing]
                     loss = self._total_loss(loss, terms, out.kl)
-                self._fire_step_event(IterationEvents.LOSS_COMPLETED)
+                self._fire_event(IterationEvents.LOSS_COMPLETED)
                 self._backward(loss * scale if scale != 1.0 else loss, self.scaler)
         finally:
             for player in playing:
                 player.release()
-        self._fire_step_event(IterationEvents.BACKWARD_COMPLETED)
+        self._fire_event(IterationEvents.BACKWARD_COMPLETED)
         if step:
             self._step(self.optimizer, self.scaler)
             for player in playing:
@@ -470,16 +470,12 @@ class ARMEDTrainer(SupervisedTrainer):
 
     def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
         # Ignite formats a debug message for every event, handled or not (microseconds on every step): an event
-        # without handlers only becomes the last event
+        # without handlers only becomes the last event. The steps call this directly for the events inside an
+        # iteration, without fire_event's check against every allowed event (tens of microseconds each).
         if not self._event_handlers.get(event_name):
             self.last_event_name = event_name
             return
         super()._fire_event(event_name, *event_args, **event_kwargs)
-
-    def _fire_step_event(self, event: Any) -> None:
-        """Fire one of the events inside an iteration (without Ignite's check against every allowed event, tens of
-        microseconds per event)."""
-        self._fire_event(event)
 
     @staticmethod
     def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
@@ -494,13 +490,12 @@ class ARMEDTrainer(SupervisedTrainer):
         scaler.update()
 
 
-#: events whose handlers may read an iteration's output while it is current
+#: events whose handlers may read an iteration's output while it is current (besides the players' own events)
 _OUTPUT_READING_EVENTS = (
     IterationEvents.FORWARD_COMPLETED,
     IterationEvents.LOSS_COMPLETED,
     IterationEvents.BACKWARD_COMPLETED,
     IterationEvents.MODEL_COMPLETED,
-    ARMEDIterationEvents.ADVERSARY_COMPLETED,
     Events.ITERATION_COMPLETED,
 )
 

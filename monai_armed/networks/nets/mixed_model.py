@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from monai_armed.networks.blocks.adversary import mlp_layers
 from monai_armed.networks.layers.random_effects import RandomEffects
-from monai_armed.networks.utils import ARMEDOutput
+from monai_armed.networks.utils import ARMEDOutput, total_kl_divergence
 from monai_armed.utils import shape_str
 
 __all__ = ["FactorSpec", "MixedModelNet", "ClusterInput"]
@@ -204,8 +204,7 @@ class MixedModelNet(nn.Module):
         total = self.out.weight.new_zeros(())
         clusters = self._clusters(cluster) if cluster is not None else [None] * len(self.factor_names)
         for layer, c in zip(self.random_effects.values(), clusters):
-            use_batch = c is not None and not c.is_floating_point() and layer.level_counts is not None
-            total = total + layer.kl_divergence(c if use_batch else None)
+            total = total + total_kl_divergence(self, c, [layer])
         return total
 
     def variance_components(self) -> list[dict]:
