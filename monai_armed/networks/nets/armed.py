@@ -23,6 +23,7 @@ from monai.networks.nets import DynUNet
 
 from monai_armed.networks.blocks.cluster_norm import ClusterScaleBias, cluster_norm_modules
 from monai_armed.networks.layers.random_effects import RandomEffects, check_cluster_index
+from monai_armed.networks.layers.scaled_conv import can_fold_input_scale, conv_with_scaled_copy
 from monai_armed.networks.nets.armed_probe import (
     HEAD_TYPES,
     INPUT_SUFFIX,
@@ -86,6 +87,7 @@ class _PassState:
     split_head: bool
     captured: dict[str, torch.Tensor] | None = None
     head_input: torch.Tensor | None = None
+    head_split_done: bool = False
 
 
 def _channels_last(effects: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -228,6 +230,7 @@ class ARMED(nn.Module):
         self.head_name = self._check_head(head, order)
         head_module = self.network.get_submodule(self.head_name)
         self._head_is_linear = isinstance(head_module, nn.Linear)
+        self._head_folds_scale = can_fold_input_scale(head_module)
 
         swap_names = self._swap_names(swap_norm)
         self._norm_names = list(cluster_norm_modules(network))
@@ -536,6 +539,7 @@ class ARMED(nn.Module):
         """Install the pass's hooks and cluster context; always removes / clears them afterwards."""
         handles: list[Any] = []
         norms = [self.network.get_submodule(name) for name in self._norm_names]
+        folded: nn.Module | None = None
         try:
             if state.captured is not None:
                 for tap in self.tapped_layers:
@@ -544,12 +548,18 @@ class ARMED(nn.Module):
                 head = self.network.get_submodule(self.head_name)
                 handles.append(head.register_forward_pre_hook(lambda m, args: self._head_pre(state, args)))
                 handles.append(head.register_forward_hook(lambda m, args, out: self._head_post(state, m, out)))
+                if state.split_head and self.random_slope is not None and self._head_folds_scale:
+                    # the head's own call computes the mixed rows too (one grouped convolution); hooks still run
+                    head.forward = lambda *args, **kwargs: self._split_conv_forward(state, head, *args, **kwargs)
+                    folded = head
             for norm in norms:
                 norm.set_cluster(state.cluster)
             yield state
         finally:
             for handle in handles:
                 handle.remove()
+            if folded is not None:
+                del folded.forward
             for norm in norms:
                 norm.set_cluster(None)
 
@@ -598,8 +608,24 @@ class ARMED(nn.Module):
     def _head_post(self, state: _PassState, head: nn.Module, out: torch.Tensor) -> torch.Tensor:
         """Adds the intercepts; a split head returns ``[mixed; fixed]``, the mixed rows from a second call of the head
         on ``h * (1 + u_s)`` (cheaper than running it on a doubled input: the head's output is the narrow side)."""
+        if state.head_split_done:  # a folded convolution head returned [mixed; fixed], intercepts included
+            state.head_split_done = False
+            return out
         cluster = state.cluster
         assert cluster is not None
+        offset = self._head_offset(cluster)
+        me = out
+        if state.split_head and self.random_slope is not None:
+            h = state.head_input
+            assert h is not None
+            me = type(head).forward(head, h * (1.0 + self._broadcast(self.random_slope(cluster), h)))
+        if offset is not None:
+            me = me + self._broadcast(offset, me)
+        return torch.cat([me, out]) if state.split_head else me
+
+    def _head_offset(self, cluster: torch.Tensor) -> torch.Tensor | None:
+        """What the mixed-effects rows add to the head's output ``(batch, out_channels)``: the random intercept and
+        the cluster-input logit; ``None`` for neither."""
         offset = None
         if self.random_intercept is not None:
             offset = self.random_intercept(cluster)
@@ -607,14 +633,19 @@ class ARMED(nn.Module):
             membership = cluster if cluster.is_floating_point() else cluster_one_hot(cluster, self.n_clusters)
             logit = membership.to(self.cluster_logit.dtype) @ self.cluster_logit
             offset = logit if offset is None else offset + logit
-        me = out
-        if state.split_head and self.random_slope is not None:
-            h = state.head_input
-            assert h is not None
-            me = head.forward(h * (1.0 + self._broadcast(self.random_slope(cluster), h)))
-        if offset is not None:
-            me = me + self._broadcast(offset, me)
-        return torch.cat([me, out]) if state.split_head else me
+        return offset
+
+    def _split_conv_forward(
+        self, state: _PassState, head: nn.Module, h: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """The head's forward in a split pass of a convolution head: ``[mixed; fixed]`` rows from one grouped
+        convolution, the random scale folded into the kernel and the intercepts into the bias."""
+        if args or kwargs or not isinstance(h, torch.Tensor):  # e.g. a transposed convolution given output_size
+            return type(head).forward(head, h, *args, **kwargs)
+        cluster = state.cluster
+        assert cluster is not None and self.random_slope is not None
+        state.head_split_done = True
+        return conv_with_scaled_copy(head, h, 1.0 + self.random_slope(cluster), self._head_offset(cluster))
 
     # ----------------------------------------------------------------------------------------------------- checks
     def _check_input(self, x: Any) -> None:
