@@ -13,3 +13,4 @@ from __future__ import annotations
 
 from .gradient_reversal import GradientReversal, grad_reverse
 from .random_effects import RandomEffects, check_cluster_index, inverse_softplus
+from .scaled_conv import can_fold_input_scale, conv_with_scaled_copy

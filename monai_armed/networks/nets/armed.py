@@ -116,7 +116,10 @@ class ARMED(nn.Module):
       with ``u_s`` a :class:`RandomEffects` of one unit per input feature (channel) of the head and ``u_int`` one per
       output. A linear head's features are the last dimension (``(B, C)``, or transformer tokens ``(B, N, C)``); a
       convolution's are the channels of its feature maps, so for **dense prediction** ``u_s`` scales each input
-      channel of the segmentation head and ``u_int`` shifts each class's logit map, uniformly over space;
+      channel of the segmentation head and ``u_int`` shifts each class's logit map, uniformly over space. In
+      training (:meth:`forward_armed`) an ungrouped, zero-padded convolution head computes both rows in one grouped
+      convolution, ``u_s`` folded into a per-sample kernel and ``u_int`` into its bias
+      (:func:`~monai_armed.networks.layers.scaled_conv.conv_with_scaled_copy`);
     - the **tapped layers** (``tap_layers``, default :func:`default_tap_layers` plus the head's input) give the
       fixed-effects activations that the adversary reads: for segmentation networks the encoder levels (skip features
       and bottleneck), which :class:`ClusterAdversary` pools globally; transformer tokens ``(B, N, C)`` (ViT blocks)
@@ -607,7 +610,8 @@ class ARMED(nn.Module):
 
     def _head_post(self, state: _PassState, head: nn.Module, out: torch.Tensor) -> torch.Tensor:
         """Adds the intercepts; a split head returns ``[mixed; fixed]``, the mixed rows from a second call of the head
-        on ``h * (1 + u_s)`` (cheaper than running it on a doubled input: the head's output is the narrow side)."""
+        on ``h * (1 + u_s)`` (cheaper than running it on a doubled input: the head's output is the narrow side). A
+        convolution head has computed both in its own call instead (``_split_conv_forward``)."""
         if state.head_split_done:  # a folded convolution head returned [mixed; fixed], intercepts included
             state.head_split_done = False
             return out
