@@ -16,6 +16,7 @@ import unittest
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.nets import UNet
 from parameterized import parameterized
 
@@ -61,7 +62,7 @@ class TestConvWithScaledCopy(unittest.TestCase):
     def test_refuses_what_it_cannot_fold(self):
         for conv in (nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 2, 3, padding=1, padding_mode="reflect"), nn.Linear(4, 2)):
             self.assertFalse(can_fold_input_scale(conv))
-        with self.assertRaisesRegex(TypeError, "ungrouped, zero-padded convolution"):
+        with self.assertRaisesRegex(TypeError, "ungrouped, zero-padded torch convolution"):
             conv_with_scaled_copy(nn.Conv2d(4, 4, 3, groups=2), torch.randn(1, 4, 5, 5), torch.ones(1, 4))
 
 
@@ -74,7 +75,7 @@ class TestArmedFoldedHead(unittest.TestCase):
     def test_split_pass_folds_the_scale_and_restores_the_head(self):
         net = self._net().eval()
         head = net.network.get_submodule(net.head_name)
-        self.assertTrue(net._head_folds_scale)
+        self.assertTrue(can_fold_input_scale(head))
         x, cluster = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, -1])
         calls = []
         head.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
@@ -95,6 +96,76 @@ class TestArmedFoldedHead(unittest.TestCase):
             net.forward_armed(torch.randn(2, 2, 16, 16), torch.tensor([0, 1]))
         self.assertNotIn("forward", vars(head))
         torch.testing.assert_close(net(torch.ones(1, 1, 16, 16)), net.network(torch.ones(1, 1, 16, 16)))
+
+    def test_empty_batch(self):
+        net = self._net()
+        out = net.forward_armed(torch.randn(0, 1, 16, 16), torch.zeros(0, dtype=torch.long))
+        self.assertEqual(tuple(out.pred.shape), (0, 2, 16, 16))
+        self.assertEqual(tuple(out.pred_fe.shape), (0, 2, 16, 16))
+
+
+class _WeightStandardised(nn.Conv2d):
+    """A convolution with its own forward, which the fold must not replace by a plain convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / w.std((1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _SameConv(nn.Conv2d):
+    """A convolution whose forward is its parent's, but overridden: computed unfolded."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+def _two_layer(head: nn.Conv2d) -> nn.Sequential:
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+    head.load_state_dict(nn.Conv2d(4, 3, 3, padding=1).state_dict())
+    return nn.Sequential(*body, head)
+
+
+class TestArmedHeadsNotFolded(unittest.TestCase):
+    def test_a_head_with_its_own_forward_keeps_it(self):
+        net = _two_layer(_WeightStandardised(4, 3, 3, padding=1))
+        self.assertFalse(can_fold_input_scale(net[2]))
+        armed = ARMED(net, 3, in_shape=(1, 8, 8)).eval()
+        x, cluster = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, -1])
+        out = armed.forward_armed(x, cluster)
+        torch.testing.assert_close(out.pred_fe, net(x))
+        torch.testing.assert_close(out.pred, armed(x, cluster))
+
+    def test_an_instance_forward_on_the_head_is_used_and_kept(self):
+        net = _two_layer(nn.Conv2d(4, 3, 3, padding=1))
+        armed = ARMED(net, 3, in_shape=(1, 8, 8)).eval()
+        head, calls = net[2], []
+
+        def counted(x: torch.Tensor) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return nn.Conv2d.forward(head, x)
+
+        head.forward = counted
+        self.assertFalse(can_fold_input_scale(head))
+        out = armed.forward_armed(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, -1]))
+        self.assertEqual(calls, [4, 4])  # the fixed rows, then the mixed rows
+        self.assertIs(vars(head)["forward"], counted)
+        self.assertEqual(tuple(out.pred.shape), (4, 3, 8, 8))
+
+    def test_training_draws_match_the_unfolded_pass(self):
+        folded = ARMED(_two_layer(nn.Conv2d(4, 3, 3, padding=1)), 3, in_shape=(1, 8, 8))
+        unfolded = ARMED(_two_layer(_SameConv(4, 3, 3, padding=1)), 3, in_shape=(1, 8, 8))
+        unfolded.load_state_dict(folded.state_dict())
+        self.assertTrue(can_fold_input_scale(folded.network[2]))
+        self.assertFalse(can_fold_input_scale(unfolded.network[2]))
+        x, cluster = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+        outs = []
+        for net in (folded, unfolded):
+            torch.manual_seed(7)
+            outs.append(net.train().forward_armed(x, cluster))
+        torch.testing.assert_close(outs[0].pred, outs[1].pred)
+        torch.testing.assert_close(outs[0].pred_fe, outs[1].pred_fe)
 
 
 if __name__ == "__main__":

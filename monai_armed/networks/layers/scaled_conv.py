@@ -26,21 +26,27 @@ _TRANSPOSED_CONVS = {
 
 
 def _functional(conv: nn.Module):
+    """The functional form of ``conv`` if its forward is that of the torch class (subclasses that only add
+    parametrizations or lazy initialisation inherit it; weight-standardised or quantisation-aware ones do not)."""
     for kind, fn in {**_CONVS, **_TRANSPOSED_CONVS}.items():
         if isinstance(conv, kind):
-            return fn
+            return fn if type(conv).forward is kind.forward else None
     return None
+
+
+def _foldable(conv: nn.Module) -> bool:
+    return _functional(conv) is not None and conv.groups == 1 and conv.padding_mode == "zeros"
 
 
 def can_fold_input_scale(conv: nn.Module) -> bool:
     """Whether :func:`conv_with_scaled_copy` computes ``conv``: a plain (not grouped, zero-padded) ``nn.ConvNd`` or
-    ``nn.ConvTransposeNd``.
+    ``nn.ConvTransposeNd`` whose forward is the torch class's own (not overridden by a subclass or on the instance).
 
     Example::
 
         can_fold_input_scale(nn.Conv2d(32, 2, 1))  # True
     """
-    return _functional(conv) is not None and conv.groups == 1 and conv.padding_mode == "zeros"
+    return _foldable(conv) and "forward" not in vars(conv)
 
 
 def conv_with_scaled_copy(
@@ -56,7 +62,8 @@ def conv_with_scaled_copy(
     a 1x1 head).
 
     Args:
-        conv: a convolution for which :func:`can_fold_input_scale` holds.
+        conv: a convolution for which :func:`can_fold_input_scale` holds (a forward set on the instance is not
+            used: the class's convolution is computed).
         x: its input ``(batch, channels, *spatial)``.
         scale: ``(batch, channels)`` factors.
         shift: ``(batch, out_channels)`` offsets of the scaled rows; ``None``: none.
@@ -71,8 +78,10 @@ def conv_with_scaled_copy(
         scaled, plain = both[:4], both[4:]
     """
     fn = _functional(conv)
-    if fn is None or not can_fold_input_scale(conv):
-        raise TypeError(f"conv_with_scaled_copy needs an ungrouped, zero-padded convolution, got {conv}.")
+    if fn is None or not _foldable(conv):
+        raise TypeError(
+            f"conv_with_scaled_copy needs an ungrouped, zero-padded torch convolution with its own forward, got {conv}."
+        )
     batch, channels = x.shape[:2]
     weight = conv.weight
     kernel, ones = weight.shape[2:], [1] * (weight.dim() - 2)

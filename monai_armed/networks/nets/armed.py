@@ -87,6 +87,8 @@ class _PassState:
     split_head: bool
     captured: dict[str, torch.Tensor] | None = None
     head_input: torch.Tensor | None = None
+    #: the head's own forward while ``_split_conv_forward`` stands in for it
+    plain_head_forward: Any = None
     head_split_done: bool = False
 
 
@@ -117,8 +119,9 @@ class ARMED(nn.Module):
       output. A linear head's features are the last dimension (``(B, C)``, or transformer tokens ``(B, N, C)``); a
       convolution's are the channels of its feature maps, so for **dense prediction** ``u_s`` scales each input
       channel of the segmentation head and ``u_int`` shifts each class's logit map, uniformly over space. In
-      training (:meth:`forward_armed`) an ungrouped, zero-padded convolution head computes both rows in one grouped
-      convolution, ``u_s`` folded into a per-sample kernel and ``u_int`` into its bias
+      :meth:`forward_armed` without cluster norms, a plain torch convolution head (ungrouped, zero-padded, its
+      class's own forward) computes the mixed and fixed rows in one grouped convolution, ``u_s`` folded into a
+      per-sample kernel and ``u_int`` into its bias
       (:func:`~monai_armed.networks.layers.scaled_conv.conv_with_scaled_copy`);
     - the **tapped layers** (``tap_layers``, default :func:`default_tap_layers` plus the head's input) give the
       fixed-effects activations that the adversary reads: for segmentation networks the encoder levels (skip features
@@ -137,7 +140,9 @@ class ARMED(nn.Module):
     (ViT: ``(logits, hidden_states)``) keeps returning one; :meth:`prediction` picks the prediction from it.
     :meth:`forward_armed` returns ``ARMEDOutput(pred, pred_fe, features, kl)`` for
     :class:`~monai_armed.engines.ARMEDTrainer` from one pass of the backbone: without cluster norms the head (and any
-    parameter-free operation after it) runs once on ``[h * (1 + u_s); h]``; with cluster norms the batch is doubled
+    parameter-free operation after it) gives the rows ``[head(h * (1 + u_s)) + u_int; head(h)]`` (a plain
+    convolution head in one grouped convolution, so forward hooks on the head see both; any other head in a second
+    call); with cluster norms the batch is doubled
     (``[x; x]`` with clusters ``[z; unseen]``), which costs a second forward's compute in the same call.
 
     The head is never picked silently. At construction a **dry run** on a zero batch of ``in_shape`` records the
@@ -233,7 +238,6 @@ class ARMED(nn.Module):
         self.head_name = self._check_head(head, order)
         head_module = self.network.get_submodule(self.head_name)
         self._head_is_linear = isinstance(head_module, nn.Linear)
-        self._head_folds_scale = can_fold_input_scale(head_module)
 
         swap_names = self._swap_names(swap_norm)
         self._norm_names = list(cluster_norm_modules(network))
@@ -478,7 +482,7 @@ class ARMED(nn.Module):
             reason = "cluster norms present" if self._norm_names else "the output does not follow the head row by row"
             lines.append(f"forward_armed: doubled batch [x; x] ({reason})")
         else:
-            lines.append("forward_armed: one backbone pass, head run on [h * (1 + u_s); h]")
+            lines.append("forward_armed: one backbone pass, head rows [head(h * (1 + u_s)) + u_int; head(h)]")
         if self._output_index is not None:
             lines.append(f"prediction: item {self._output_index} of the network's output (a tuple / list)")
         return "\n".join(lines)
@@ -551,8 +555,9 @@ class ARMED(nn.Module):
                 head = self.network.get_submodule(self.head_name)
                 handles.append(head.register_forward_pre_hook(lambda m, args: self._head_pre(state, args)))
                 handles.append(head.register_forward_hook(lambda m, args, out: self._head_post(state, m, out)))
-                if state.split_head and self.random_slope is not None and self._head_folds_scale:
+                if state.split_head and self.random_slope is not None and can_fold_input_scale(head):
                     # the head's own call computes the mixed rows too (one grouped convolution); hooks still run
+                    state.plain_head_forward = head.forward
                     head.forward = lambda *args, **kwargs: self._split_conv_forward(state, head, *args, **kwargs)
                     folded = head
             for norm in norms:
@@ -601,7 +606,7 @@ class ARMED(nn.Module):
                 f"the head {self.head_name!r} got input {shape_str(h)} but the cluster has {cluster.shape[0]} rows; "
                 "ARMED needs one head row per sample."
             )
-        if state.split_head:  # the head runs on h as usual; _head_post adds the mixed-effects rows
+        if state.split_head:  # _head_post adds the mixed-effects rows (unless a folded head computed them)
             state.head_input = h
             return None
         if self.random_slope is None:
@@ -622,7 +627,8 @@ class ARMED(nn.Module):
         if state.split_head and self.random_slope is not None:
             h = state.head_input
             assert h is not None
-            me = type(head).forward(head, h * (1.0 + self._broadcast(self.random_slope(cluster), h)))
+            forward = state.plain_head_forward or head.forward
+            me = forward(h * (1.0 + self._broadcast(self.random_slope(cluster), h)))
         if offset is not None:
             me = me + self._broadcast(offset, me)
         return torch.cat([me, out]) if state.split_head else me
@@ -640,16 +646,19 @@ class ARMED(nn.Module):
         return offset
 
     def _split_conv_forward(
-        self, state: _PassState, head: nn.Module, h: torch.Tensor, *args: Any, **kwargs: Any
+        self, state: _PassState, head: nn.Module, h: Any, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
         """The head's forward in a split pass of a convolution head: ``[mixed; fixed]`` rows from one grouped
         convolution, the random scale folded into the kernel and the intercepts into the bias."""
-        if args or kwargs or not isinstance(h, torch.Tensor):  # e.g. a transposed convolution given output_size
-            return type(head).forward(head, h, *args, **kwargs)
-        cluster = state.cluster
-        assert cluster is not None and self.random_slope is not None
+        cluster, forward = state.cluster, state.plain_head_forward
+        assert cluster is not None and forward is not None and self.random_slope is not None
+        # e.g. a transposed convolution given output_size; an empty batch (no groups): the plain call
+        if args or kwargs or not isinstance(h, torch.Tensor) or h.shape[0] == 0:
+            return forward(h, *args, **kwargs)
+        offset = self._head_offset(cluster)  # drawn before the scale, as in the unfolded pass
+        both = conv_with_scaled_copy(head, h, 1.0 + self.random_slope(cluster), offset)
         state.head_split_done = True
-        return conv_with_scaled_copy(head, h, 1.0 + self.random_slope(cluster), self._head_offset(cluster))
+        return both
 
     # ----------------------------------------------------------------------------------------------------- checks
     def _check_input(self, x: Any) -> None:
