@@ -523,7 +523,7 @@ class ARMED(nn.Module):
             with self._hooked(state):
                 both = self._doubled_prediction(self.network(torch.cat([x, x])), batch)
             features = [f[batch:] for f in self._collect(state)]
-            return ARMEDOutput(both[:batch], both[batch:], features, self.kl_divergence(kl_cluster))
+            return ARMEDOutput(*both.split([batch, batch]), features, self.kl_divergence(kl_cluster))
         if not self._has_head_effects:
             state = _PassState(None, split_head=False, captured={})
             with self._hooked(state):
@@ -534,7 +534,8 @@ class ARMED(nn.Module):
             both = self._doubled_prediction(self.network(x), batch)
         # a tap at or after the split head saw [mixed; fixed] rows: the adversary reads the fixed-effects ones
         features = [f[batch:] if f.dim() and f.shape[0] == 2 * batch else f for f in self._collect(state)]
-        return ARMEDOutput(both[:batch], both[batch:], features, self.kl_divergence(kl_cluster))
+        # split, not two slices: its backward joins the halves' gradients in one copy
+        return ARMEDOutput(*both.split([batch, batch]), features, self.kl_divergence(kl_cluster))
 
     @property
     def _has_head_effects(self) -> bool:
