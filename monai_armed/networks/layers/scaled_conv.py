@@ -26,16 +26,14 @@ _TRANSPOSED_CONVS = {
 
 
 def _functional(conv: nn.Module):
-    """The functional form of ``conv`` if its forward is that of the torch class (subclasses that only add
-    parametrizations or lazy initialisation inherit it; weight-standardised or quantisation-aware ones do not)."""
+    """The functional form of ``conv`` if it is ungrouped, zero-padded and its forward is that of the torch class
+    (subclasses that only add parametrizations or lazy initialisation inherit it; weight-standardised or
+    quantisation-aware ones do not); ``None`` otherwise."""
     for kind, fn in {**_CONVS, **_TRANSPOSED_CONVS}.items():
         if isinstance(conv, kind):
-            return fn if type(conv).forward is kind.forward else None
+            plain = type(conv).forward is kind.forward and conv.groups == 1 and conv.padding_mode == "zeros"
+            return fn if plain else None
     return None
-
-
-def _foldable(conv: nn.Module) -> bool:
-    return _functional(conv) is not None and conv.groups == 1 and conv.padding_mode == "zeros"
 
 
 def can_fold_input_scale(conv: nn.Module) -> bool:
@@ -46,7 +44,7 @@ def can_fold_input_scale(conv: nn.Module) -> bool:
 
         can_fold_input_scale(nn.Conv2d(32, 2, 1))  # True
     """
-    return _foldable(conv) and "forward" not in vars(conv)
+    return _functional(conv) is not None and "forward" not in vars(conv)
 
 
 def conv_with_scaled_copy(
@@ -78,7 +76,7 @@ def conv_with_scaled_copy(
         scaled, plain = both[:4], both[4:]
     """
     fn = _functional(conv)
-    if fn is None or not _foldable(conv):
+    if fn is None:
         raise TypeError(
             f"conv_with_scaled_copy needs an ungrouped, zero-padded torch convolution with its own forward, got {conv}."
         )
