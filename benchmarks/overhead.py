@@ -17,9 +17,11 @@ on the detached features, then the main step against the frozen adversary), the 
 and fixed-effects logits, minus ``gen_weight`` times the adversary's cross-entropy, plus 1e-5 times the summed KL) and
 fused Adam. A third candidate, the package's own network, adversary and losses in a plain loop without an engine, is
 the oracle of a trainer that costs nothing: it splits the package's overhead into what the modules cost and what the
-trainer adds. After 10 steps from the same state (the fold's first 320 rows) all three hold exactly the same parameters
-(``max_parameter_difference``): the maths are the same. Then they run whole folds (10 epochs, batch 32) in turn, A, B,
-C, A, B, C ...; the medians and their ratios are reported. ``--mri`` also times the MRI bundle's CNN step, ARMED against
+trainer adds. A fourth, the package's trainer taking the minimal loop's step, is the other oracle, of modules that cost
+nothing: the floor that any faster module code (a functional fast path) could reach inside this trainer. After 10 steps
+from the same state (the fold's first 320 rows) all four hold exactly the same parameters (``max_parameter_difference``):
+the maths are the same. Then they run whole folds (10 epochs, batch 32) in turn, A, B, C, D, A, B, C, D ...; the medians
+and their ratios are reported. ``--mri`` also times the MRI bundle's CNN step, ARMED against
 conventional, interleaved the same way.
 
     python benchmarks/overhead.py --json benchmarks/out/overhead.json
@@ -40,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.utils import CommonKeys
 from bundle_runner import interleaved_step_seconds  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from results_md import replace_section  # noqa: E402
 from spirals import BATCH_SIZE, EPOCHS, KL_WEIGHT, MODELS, N_CLUSTERS, adam, build_model, fold_splits, make_data, subset
@@ -56,9 +59,12 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def package_trainer(network, adversary, weights, train: dict, loader_seed: int, epochs: int) -> ARMEDTrainer:
-    """The spiral benchmark's ``ARMEDTrainer`` for the paper's ARMED (``benchmarks/spirals.py``)."""
-    return ARMEDTrainer(
+def package_trainer(
+    network, adversary, weights, train: dict, loader_seed: int, epochs: int, cls: type = ARMEDTrainer, **extra
+) -> ARMEDTrainer:
+    """The spiral benchmark's ``ARMEDTrainer`` for the paper's ARMED (``benchmarks/spirals.py``); ``cls`` and ``extra``:
+    a subclass and its own arguments."""
+    return cls(
         device="cpu",
         max_epochs=epochs,
         train_data_loader=TensorBatchLoader(train, batch_size=BATCH_SIZE, shuffle=True, seed=loader_seed),
@@ -71,6 +77,7 @@ def package_trainer(network, adversary, weights, train: dict, loader_seed: int, 
         decollate=False,
         epoch_metrics=False,
         **weights,
+        **extra,
     )
 
 
@@ -123,7 +130,7 @@ class MinimalLoop(EagerLoop):
             h = F.relu(F.linear(h, w, b))
         return F.linear(h, *self.adv_layers[-1])
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         h, features = x, []
         for w, b in self.hidden:
             h = F.relu(F.linear(h, w, b))
@@ -149,6 +156,28 @@ class MinimalLoop(EagerLoop):
         for p in self.adv_params:
             p.requires_grad_(True)
         self.optimizer.step()
+        return loss
+
+
+class MinimalStepTrainer(ARMEDTrainer):
+    """The package's trainer (its engine, loader, batch preparation, events and output) taking the minimal loop's step:
+    the oracle of modules that cost nothing. It logs the step's loss, as the package's own step does."""
+
+    def __init__(self, minimal: MinimalLoop, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.minimal = minimal
+
+    def _train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, cluster: torch.Tensor, zero_grad: bool, step: bool
+    ) -> None:
+        loss = self.minimal.step(inputs, targets.reshape(-1).to(inputs.dtype), cluster)
+        self.state.output[CommonKeys.LOSS] = loss.detach()
+
+
+def minimal_step_trainer(network, adversary, weights, train: dict, loader_seed: int, epochs: int) -> MinimalStepTrainer:
+    """``package_trainer``'s engine around a :class:`MinimalLoop` on copies of ``network`` and ``adversary``."""
+    minimal = MinimalLoop(network, adversary, weights, train, loader_seed)
+    return package_trainer(network, adversary, weights, train, loader_seed, epochs, MinimalStepTrainer, minimal=minimal)
 
 
 class ModuleLoop(EagerLoop):
@@ -187,19 +216,22 @@ class ModuleLoop(EagerLoop):
 
 
 def max_parameter_difference(train: dict, seed: int) -> float:
-    """The three candidates one epoch of ``train`` from the same state and the same global random state: the largest
+    """The four candidates one epoch of ``train`` from the same state and the same global random state: the largest
     parameter difference from the trainer's (0 when every operation matches; over a whole fold the KL weight,
     ``1e-5 * n / n`` in the trainer, rounds differently and training amplifies that to about 1e-3)."""
     network, adversary, weights = build_model(MODELS["armed"], N_CLUSTERS, seed)
     minimal = MinimalLoop(network, adversary, weights, train, loader_seed=0)
     modules = ModuleLoop(copy.deepcopy(network), copy.deepcopy(adversary), weights, train, loader_seed=0)
+    stepper = minimal_step_trainer(network, adversary, weights, train, loader_seed=0, epochs=1)
     trainer = package_trainer(network, adversary, weights, train, loader_seed=0, epochs=1)
-    for runner in (trainer, minimal, modules):
+    for runner in (trainer, minimal, modules, stepper):
         torch.manual_seed(123)
-        runner.run() if runner is trainer else runner.run(1)
-    pairs = [(network.hidden[i][0].weight, minimal.hidden[i][0]) for i in range(len(minimal.hidden))]
-    pairs += [(network.out.weight, minimal.out[0]), (network.random_effects.loc, minimal.loc)]
-    pairs += [(network.random_effects.rho, minimal.rho), (adversary.out.weight, minimal.adv_layers[-1][0])]
+        runner.run(1) if isinstance(runner, EagerLoop) else runner.run()
+    pairs = []
+    for loop in (minimal, stepper.minimal):
+        pairs += [(network.hidden[i][0].weight, loop.hidden[i][0]) for i in range(len(loop.hidden))]
+        pairs += [(network.out.weight, loop.out[0]), (network.random_effects.loc, loop.loc)]
+        pairs += [(network.random_effects.rho, loop.rho), (adversary.out.weight, loop.adv_layers[-1][0])]
     pairs += list(zip(network.parameters(), modules.network.parameters()))
     pairs += list(zip(adversary.parameters(), modules.adversary.parameters()))
     return max(float((a.detach() - b.detach()).abs().max()) for a, b in pairs)
@@ -207,12 +239,13 @@ def max_parameter_difference(train: dict, seed: int) -> float:
 
 def spiral_fold_times(train: dict, seed: int, repeats: int) -> dict[str, list[float]]:
     """Seconds of a whole fold (``EPOCHS`` epochs) per candidate, alternating the candidates."""
-    seconds: dict[str, list[float]] = {"package": [], "minimal": [], "modules": []}
+    seconds: dict[str, list[float]] = {"package": [], "minimal": [], "modules": [], "minimal_step_trainer": []}
+    trainers = {"package": package_trainer, "minimal_step_trainer": minimal_step_trainer}
     for _ in range(repeats):
         for name in seconds:
             network, adversary, weights = build_model(MODELS["armed"], N_CLUSTERS, seed)
-            if name == "package":
-                runner = package_trainer(network, adversary, weights, train, loader_seed=0, epochs=EPOCHS)
+            if name in trainers:
+                runner = trainers[name](network, adversary, weights, train, loader_seed=0, epochs=EPOCHS)
                 start = time.perf_counter()
                 runner.run()
             else:
@@ -269,7 +302,9 @@ def render_section(results: dict) -> str:
         f"trainer that costs nothing) take {s['median_seconds']['modules']:.2f} s, **{s['modules_ratio']:.2f}x** the "
         f"minimal loop; the trainer adds {s['trainer_ratio']:.2f}x to that. The modules' share is the price of module "
         "calls, argument checks and general code paths (several grouping factors, unseen clusters, covariance "
-        "choices); the minimal loop has none of them.",
+        "choices); the minimal loop has none of them. The other oracle, the package's trainer taking the minimal "
+        f"loop's step (modules that cost nothing), takes {s['median_seconds']['minimal_step_trainer']:.2f} s, "
+        f"**{s['minimal_step_trainer_ratio']:.2f}x**: the floor of any faster module code inside this trainer.",
     ]
     if "mri" in results:
         m = results["mri"]
@@ -310,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "ratio": medians["package"] / medians["minimal"],
             "modules_ratio": medians["modules"] / medians["minimal"],
             "trainer_ratio": medians["package"] / medians["modules"],
+            "minimal_step_trainer_ratio": medians["minimal_step_trainer"] / medians["minimal"],
         },
         "protocol": {"repeats": args.repeats, "seed": args.seed, "command": shlex.join(["python", "benchmarks/overhead.py", *argv]),
                      "date": datetime.datetime.now().isoformat(timespec="seconds")},  # fmt: skip
