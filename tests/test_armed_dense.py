@@ -218,9 +218,13 @@ class TestDenseAndTransformerWrapping(unittest.TestCase):
             ValueError, r"BasicUNet takes \(batch, channels, 2 spatial dims\) .* got \(1, 1, 16, 16, 16\): a 3-d input"
         ):
             net(torch.zeros(1, 1, 16, 16, 16), torch.tensor([0]))
+        with self.assertRaisesRegex(ValueError, r"BasicUNet takes \(batch, channels, 2 spatial dims\) .* a 3-d input"):
+            net(torch.zeros(1, 1, 16, 16, 16))  # the fixed-effects call (no cluster) checks it too
         net3d, _ = _wrap("segresnet", dims=3)
         with self.assertRaisesRegex(ValueError, r"takes \(batch, channels, 3 spatial dims\) .* a 2-d input"):
             net3d.forward_armed(torch.zeros(1, 1, 16, 16), torch.tensor([0]))
+        with self.assertRaisesRegex(ValueError, r"SegResNet takes \(batch, channels, 3 spatial dims\) .* a 2-d input"):
+            net3d(torch.zeros(1, 1, 16, 16))
 
     def test_swap_norm_skips_built_in_cluster_norms_and_refusals_leave_the_network(self):
         network, shape = _network("unet")
@@ -254,6 +258,44 @@ class TestDenseAndTransformerWrapping(unittest.TestCase):
             ValueError, r"_Named returned a dict with keys \['logits'\] .* not a mapping\. .*head="
         ):
             ARMED(_Named(), C)
+
+
+    def test_several_outputs_need_head(self):
+        class _TwoMaps(nn.Module):  # a segmentation map and an auxiliary map from two convolutions
+            def __init__(self) -> None:
+                super().__init__()
+                self.body = nn.Conv2d(1, 4, 3, padding=1)
+                self.aux = nn.Conv2d(4, 3, 1)
+                self.seg = nn.Conv2d(4, 2, 1)
+
+            def forward(self, x):
+                h = torch.relu(self.body(x))
+                aux = self.aux(h)
+                return aux, self.seg(h)
+
+        with self.assertRaisesRegex(
+            ValueError,
+            r"_TwoMaps returned a tuple \(Tensor \(2, 3, 8, 8\), Tensor \(2, 2, 8, 8\)\) .* items \[0, 1\] each hold a "
+            r"row per sample.*item 1 comes from .*'seg'.* as head= .*\['seg', 'aux', 'body'\]",
+        ):
+            ARMED(_TwoMaps(), C, in_shape=(1, 8, 8))
+        with self.assertRaisesRegex(ValueError, r"calls layers with parameters after its head 'aux'"):
+            ARMED(_TwoMaps(), C, in_shape=(1, 8, 8), head="aux")
+        net = ARMED(_TwoMaps(), C, in_shape=(1, 8, 8), head="seg", post_loc_init_scale=0.5)
+        out = net.forward_armed(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
+        self.assertEqual(tuple(out.pred.shape), (2, 2, 8, 8))  # the segmentation map, not the auxiliary one
+        self.assertFalse(torch.allclose(out.pred, out.pred_fe))
+
+    def test_default_taps_are_the_encoder_levels(self):
+        expected = {
+            "basicunet": ["conv_0", "down_1", "down_2", "down_3", "down_4"],
+            "segresnet": ["down_layers.0", "down_layers.1", "down_layers.2"],
+            "unetr": ["encoder1", "encoder2", "encoder3", "encoder4", "decoder5:input"],
+            "dynunet": ["input_block", "downsamples.0", "bottleneck"],
+        }
+        for name, taps in expected.items():
+            net, _ = _wrap(name)
+            self.assertEqual(net.tapped_layers, taps + [HEADS[name] + ":input"], name)  # and the head's input
 
 
 class TestSlidingWindow(unittest.TestCase):
@@ -362,7 +404,7 @@ class TestSegmentationMetrics(unittest.TestCase):
 
 
 class TestThreeDimensional(unittest.TestCase):
-    @parameterized.expand([("segresnet",), ("unetr",), ("swinunetr",)])
+    @parameterized.expand([(n,) for n in SEGMENTATION])
     def test_3d_epoch_and_sliding_window(self, name):
         net, shape = _wrap(name, dims=3)
         self.assertEqual(net.spatial_dims, 3)

@@ -150,14 +150,17 @@ class ARMED(nn.Module):
     UNETR and SwinUNETR the output convolution, not an attention projection). Only parameter-free operations may follow
     it (an activation, a reshape, a tuple of outputs: MONAI's ``Classifier``, ``Regressor``, ViT), and they must work
     row by row: a second pass runs the head on a doubled batch and checks that the prediction doubles too. A layer
-    with parameters after the head (HighResNet's last BatchNorm), an output without a tensor, a DynUNet with deep
-    supervision, or a tapped layer that is not called gives a ``ValueError`` / ``TypeError`` naming what was found and
-    how to pass ``head=`` or ``tap_layers=``. The dry run measures ``feature_channels`` (the adversary's input width);
-    it runs in eval mode without gradients before any norm is swapped, so the network's weights, running statistics
-    and training flags are left as they were (lazy layers are initialised by it). Without ``in_shape`` it uses the
+    with parameters after the head (HighResNet's last BatchNorm), an output without a tensor, a found head whose output
+    is one of several per-sample outputs (a segmentation map and an auxiliary one: which is the prediction is yours to
+    say with ``head=``), a DynUNet with deep supervision, or a tapped layer that is not called gives a ``ValueError`` /
+    ``TypeError`` naming what was found and how to pass ``head=`` or ``tap_layers=``. The dry run measures
+    ``feature_channels`` (the adversary's input width); it runs in eval mode without gradients before any norm is
+    swapped, so the network's weights, running statistics and training flags are left as they were (lazy layers are
+    initialised by it). Without ``in_shape`` it uses the
     first convolution's input channels at 64 x 64 in 2-D, 32^3 in 3-D, 256 in 1-D, or else the first ``nn.Linear``'s
     ``(in_features,)``; pass ``in_shape`` when the network needs another size. A convolutional network then takes
-    inputs with that many spatial dimensions only (a 3-D volume given to a 2-D network is an error naming both).
+    inputs with that many spatial dimensions only (a 3-D volume given to a 2-D network is an error naming both, with
+    or without a cluster).
     Tapped modules must return one tensor; if one is called more than once per pass the last call counts.
 
     Regression: a network whose head has one output (``DenseNet121(..., out_channels=1)``, MONAI's ``Regressor``)
@@ -251,6 +254,8 @@ class ARMED(nn.Module):
         self._token_taps = {t for t in self.tapped_layers if t in modules and is_token_layer(modules[t])}
         # before the norms are swapped, so that a refused network is left as it was
         self._output_index, self._split_head, self._feature_widths = self._dry_run(probe)
+        if head is None:
+            self._check_one_prediction(probe, order)
         if self._head_is_linear:  # lazy layers are set by now
             self.in_features, self.out_channels = head_module.in_features, head_module.out_features
         else:
@@ -499,9 +504,9 @@ class ARMED(nn.Module):
         return output if self._output_index is None else output[self._output_index]
 
     def forward(self, x: torch.Tensor, cluster: torch.Tensor | None = None) -> Any:
+        self._check_input(x)
         if cluster is None:
             return self.network(x)
-        self._check_input(x)
         self._check_cluster(cluster, x)
         with self._hooked(_PassState(cluster, split_head=False)):
             return self.network(x)
@@ -747,6 +752,30 @@ class ARMED(nn.Module):
                 "forward pass calls (names from net.named_modules())."
             )
         return index, split, [_width(f) for f in self._collect(state)]
+
+    def _check_one_prediction(self, probe: torch.Tensor, order: Sequence[str]) -> None:
+        """Refuses a found head whose output is one of several per-sample outputs (a segmentation map and an auxiliary
+        one, say): which of them is the prediction is the user's to say, with ``head=``."""
+        if self._output_index is None:
+            return
+        with evaluation_pass(self.network):
+            out = self.network(probe)
+        others = [
+            i
+            for i, v in enumerate(out)
+            if i != self._output_index and isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == probe.shape[0]
+        ]
+        if others:
+            modules = dict(self.network.named_modules())
+            candidates = list(dict.fromkeys(n for n in reversed(order) if isinstance(modules[n], HEAD_TYPES)))[:5]
+            raise ValueError(
+                f"{type(self.network).__name__} returned {describe_output(out)} on {self._where}: items "
+                f"{sorted([self._output_index, *others])} each hold a row per sample, so ARMED cannot tell which one is the "
+                f"prediction (item {self._output_index} comes from the last linear or convolution layer called, "
+                f"{self.head_name!r}). Pass the layer that produces the prediction as head= (one of the last linear / "
+                f"convolution layers called: {candidates}; nothing with parameters may run after it), or wrap a "
+                "network that returns the prediction alone."
+            )
 
     def _perturbed_item(self, probe: torch.Tensor, state: _PassState) -> int | None:
         """The output item that changes when the head's output is perturbed (``None``: the output tensor itself)."""
