@@ -134,6 +134,22 @@ def test_inference_writes_masks_of_any_input_size_and_statistics(trained, data_d
         assert float(row["fraction_1"]) == pytest.approx(float(mask.mean()))
 
 
+def test_inference_image_dtype_is_checked_before_the_run(tmp_path):
+    image = tmp_path / "field16.tif"
+    save_tiff(image, (np.arange(SIZE * SIZE).reshape(SIZE, SIZE) % 4000).astype(np.uint16))
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"image": str(image)}]}))
+    over = {"datalist_file": str(datalist), "data_list_key": "test", **NETWORK}
+    accepted = _workflow(["inference.json"], tmp_path, "inference", image_dtype="uint16", **over)
+    assert accepted.parser.get_parsed_content("datalist") == [{"image": str(image)}]
+    refused = _workflow(["inference.json"], tmp_path, "inference", image_dtype="uint8", **over)
+    with pytest.raises(RuntimeError) as error:  # the config parser's, raised from the datalist's ValueError
+        refused.parser.get_parsed_content("datalist")
+    message = error_messages(error.value)
+    assert f"datalist {datalist}, section 'test', item 0, key 'image'" in message
+    assert "holds uint16 pixels; allowed dtypes are uint8" in message
+
+
 def test_every_variant_trains_by_one_switch(data_dir, tmp_path):
     for variant in ("conventional", "domain_adversarial"):
         root = tmp_path / variant
