@@ -454,6 +454,24 @@ class TestBatchErrors(unittest.TestCase):
         with self.assertRaisesRegex(IndexError, f"cluster index {N_CLUSTERS + 3} is out of range"):
             _trainer(TensorBatchLoader(bad_cluster, batch_size=8), net, adv, epochs=1, validate_batches=True).run()
 
+    def test_cluster_input_reads_the_cluster_range_back_on_the_first_batch_only(self):
+        """The cluster-as-input baseline's one-hot cluster follows the same rule as the random effects' lookup."""
+        from unittest import mock
+
+        import monai_armed.networks.utils as network_utils
+
+        x, y, c = _problem(32)
+        c[20] = -5  # in the third batch of 8: no unseen level, a bad index
+        data = {"features": x, "label": y, "cluster": c}
+        checks = mock.patch.object(network_utils, "check_cluster_index", wraps=network_utils.check_cluster_index)
+        net, _ = _models(variant="cluster_input")
+        with checks as check:
+            _trainer(TensorBatchLoader(data, batch_size=8), net, None, epochs=1).run()
+        self.assertEqual(check.call_count, 1)  # the first batch's
+        net, _ = _models(variant="cluster_input")
+        with self.assertRaisesRegex(IndexError, "cluster index -5 is out of range"):
+            _trainer(TensorBatchLoader(data, batch_size=8), net, None, epochs=1, validate_batches=True).run()
+
     def test_step_events_reach_their_handlers(self):
         """Events inside an iteration are skipped only when nothing listens to them."""
         from monai.engines.utils import IterationEvents
@@ -710,6 +728,14 @@ class TestTensorBatchLoader(unittest.TestCase):
         self.assertNotEqual(a[0], list(range(20)))
         self.assertEqual(sorted(a[0]), list(range(20)))
         self.assertNotEqual(a, epochs(1))
+
+    def test_an_epoch_gathers_once(self):
+        loader = TensorBatchLoader(self._data(12), batch_size=5, shuffle=True, seed=2)
+        for _ in range(2):
+            batches = list(loader)
+            bases = {b["features"].untyped_storage().data_ptr() for b in batches}
+            self.assertEqual(len(bases), 1, "the batches are views of one shuffled copy")
+            self.assertNotEqual(bases, {loader.data["features"].untyped_storage().data_ptr()})
 
     def test_rows_stay_aligned(self):
         loader = TensorBatchLoader(self._data(12), batch_size=5, shuffle=True, seed=2)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from monai_armed.networks.layers.random_effects import RandomEffects, check_cluster_index
+from monai_armed.utils import batch_checks_enabled
 
 __all__ = [
     "ARMEDOutput",
@@ -94,7 +95,9 @@ def _batch_kl(layer: RandomEffects) -> bool:
 def cluster_one_hot(cluster: torch.Tensor, n_clusters: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Soft-membership form of ``cluster``: index ``(B,)`` -> one-hot ``(B, C)`` with ``-1`` -> a zero row.
 
-    Float input ``(B, C)`` is returned as it is (cast to ``dtype``).
+    Float input ``(B, C)`` is returned as it is (cast to ``dtype``). Indices are range-checked (an error naming the
+    valid range) while batch checks are on: always, except inside a trainer after its first batch without
+    ``validate_batches`` (:func:`~monai_armed.utils.batch_checks`).
 
     Example::
 
@@ -102,7 +105,8 @@ def cluster_one_hot(cluster: torch.Tensor, n_clusters: int, dtype: torch.dtype =
     """
     if cluster.is_floating_point():
         return cluster.to(dtype)
-    check_cluster_index(cluster, n_clusters)
+    if batch_checks_enabled():
+        check_cluster_index(cluster, n_clusters)
     seen = (cluster >= 0).unsqueeze(1).to(dtype)
     one_hot = torch.zeros(cluster.shape[0], n_clusters, dtype=dtype, device=cluster.device)
     return one_hot.scatter_(1, cluster.clamp(min=0).unsqueeze(1), seen)
