@@ -199,6 +199,28 @@ class TestTraining(unittest.TestCase):
         torch.testing.assert_close(trainer.state.output["loss"], -trainer.state.output["loss_gen"])
         self.assertGreater(adversary_loss(), before + 1e-3)
 
+    def test_simultaneous_update_trains_both_sides_in_one_backward(self):
+        """Through the gradient-reversal layer the network's step raises the adversary's loss and the adversary's own
+        step (same backward pass) lowers it."""
+        data = _images(n=16)
+        x, cluster = data["image"], data["cluster"]
+        weights = {name: 0.0 for name in AEC_LOSS_WEIGHTS}
+        weights["adv_weight"] = 1.0
+        for lr, adv_lr, rises in ((0.05, 0.0, True), (0.0, 0.05, False)):
+            net, adv, _ = _models("domain_adversarial")
+            net.train()
+            with torch.no_grad():
+                before = float(F.cross_entropy(adv(net.forward_autoencoder(x, cluster).features), cluster))
+            trainer = _trainer(
+                data, net, adv, None, iterations=1, batch_size=16, sgd=True, lr=lr, adv_lr=adv_lr, weights=weights,
+                adversary_update="simultaneous",
+            )  # fmt: skip
+            trainer.run()
+            with torch.no_grad():
+                after = float(F.cross_entropy(adv(net.forward_autoencoder(x, cluster).features), cluster))
+            self.assertGreater(after - before if rises else before - after, 1e-4, (lr, adv_lr))
+            torch.testing.assert_close(trainer.state.output["loss"], -trainer.state.output["loss_gen"])
+
     def test_image_classifier_gets_only_its_own_gradient(self):
         """The image classifier is frozen in the main step; its gradient is that of CE on the real images only,
         while the image-cluster term reaches the random-effects decoder (and nothing of the fixed effects)."""
