@@ -105,7 +105,10 @@ def cluster_one_hot(cluster: torch.Tensor, n_clusters: int, dtype: torch.dtype =
     """
     if cluster.is_floating_point():
         return cluster.to(dtype)
-    if batch_checks_enabled():
+    check = True
+    if not torch.jit.is_scripting():  # TorchScript cannot read the Python-side switch: a scripted network checks
+        check = batch_checks_enabled()
+    if check:
         check_cluster_index(cluster, n_clusters)
     seen = (cluster >= 0).unsqueeze(1).to(dtype)
     one_hot = torch.zeros(cluster.shape[0], n_clusters, dtype=dtype, device=cluster.device)
