@@ -399,6 +399,9 @@ class TestSegmentationMetrics(unittest.TestCase):
             self.assertTrue(0.0 <= table["dice"] <= 1.0)
             dice = [table["per_cluster"][c]["dice"] for c in "abc"]
             self.assertAlmostEqual(table["dice"], sum(dice) / 3)
+            hd95 = [table["per_cluster"][c]["hd95"] for c in "abc"]
+            self.assertTrue(all(h is None or h >= 0.0 for h in hd95 + [table["hd95"]]), hd95)
+            self.assertIsNotNone(table["hd95"])  # the labels hold foreground in every image
         self.assertNotEqual(results["seen"]["observed"]["dice"], results["seen"]["fixed"]["dice"])
         self.assertEqual(report.collector.pred.dtype, torch.uint8)  # class maps, not logits, are kept
 
