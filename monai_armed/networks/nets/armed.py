@@ -156,9 +156,9 @@ class ARMED(nn.Module):
     ``TypeError`` naming what was found and how to pass ``head=`` or ``tap_layers=``. The dry run measures
     ``feature_channels`` (the adversary's input width); it runs in eval mode without gradients before any norm is
     swapped, so the network's weights, running statistics and training flags are left as they were (lazy layers are
-    initialised by it). Without ``in_shape`` it uses the
-    first convolution's input channels at 64 x 64 in 2-D, 32^3 in 3-D, 256 in 1-D, or else the first ``nn.Linear``'s
-    ``(in_features,)``; pass ``in_shape`` when the network needs another size. A convolutional network then takes
+    initialised by it). Without ``in_shape`` it uses the first convolution's input channels at 64 x 64 in 2-D, 32^3 in
+    3-D, 256 in 1-D, or else the first ``nn.Linear``'s ``(in_features,)``; pass ``in_shape`` when the network needs
+    another size. A convolutional network then takes
     inputs with that many spatial dimensions only (a 3-D volume given to a 2-D network is an error naming both, with
     or without a cluster).
     Tapped modules must return one tensor; if one is called more than once per pass the last call counts.
