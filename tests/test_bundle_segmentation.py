@@ -193,6 +193,21 @@ def _user_dataset(data_dir: Path, root: Path, mask: np.ndarray | None = None) ->
     return bad
 
 
+def test_training_images_smaller_than_the_patch_are_padded(data_dir, tmp_path):
+    _user_dataset(data_dir, tmp_path)
+    sections = json.loads((tmp_path / "datalist.json").read_text())
+    first = sections["training"][0]
+    small_image, small_mask = tmp_path / "small.tif", tmp_path / "small_mask.tif"
+    save_tiff(small_image, tifffile.imread(first["image"])[:20, :28])
+    save_tiff(small_mask, tifffile.imread(first["label"])[:20, :28])
+    first["image"], first["label"] = str(small_image), str(small_mask)
+    (tmp_path / "datalist.json").write_text(json.dumps(sections))
+    workflow = _workflow(["train.json"], tmp_path, **_train_overrides(tmp_path, epochs=1, batch_size=len(sections["training"])))
+    workflow.run()  # one batch holding every training field, the small one padded to the 32 x 32 patch
+    assert workflow.trainer.state.iteration == 1
+    assert (tmp_path / "models" / "model.pt").exists()
+
+
 @pytest.mark.parametrize(
     "mask, expected",
     [
