@@ -20,7 +20,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 from monai.bundle import verify_metadata, verify_net_in_out
+from packaging.version import Version
 
+import monai_armed
 from monai_armed.utils import META_SCHEMA_MD5, meta_schema_path
 
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
@@ -106,6 +108,16 @@ def test_metadata_verifies_against_the_published_schema(meta_file):
     verify_metadata(meta_file=str(meta_file), filepath=meta_schema_path(), hash_val=META_SCHEMA_MD5)
     assert metadata["version"] in metadata["changelog"], "the model zoo requires the version in the changelog"
     assert "monai-armed" in metadata["required_packages_version"]
+
+
+@pytest.mark.parametrize("meta_file", BUNDLES, ids=lambda p: p.parents[1].name)
+def test_metadata_names_the_package_release_it_is_tested_with(meta_file):
+    stated = Version(json.loads(meta_file.read_text())["required_packages_version"]["monai-armed"])
+    package = Version(monai_armed.__version__)
+    assert stated.release[:2] == package.release[:2] and stated <= package, (
+        f"{meta_file} names monai-armed {stated}, but the bundle is tested with {package}: update "
+        "required_packages_version (and the bundle's version and changelog)."
+    )
 
 
 @pytest.mark.parametrize("meta_file", BUNDLES, ids=lambda p: p.parents[1].name)
