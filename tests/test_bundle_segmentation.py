@@ -134,6 +134,22 @@ def test_inference_writes_masks_of_any_input_size_and_statistics(trained, data_d
         assert float(row["fraction_1"]) == pytest.approx(float(mask.mean()))
 
 
+def test_inference_refuses_two_images_of_one_name_before_writing(trained, data_dir, tmp_path):
+    root, _ = trained
+    shutil.copytree(root / "models", tmp_path / "models")
+    field = tifffile.imread(data_dir / json.loads((data_dir / "datalist.json").read_text())["unseen"][0]["image"])
+    for folder in ("day1", "day2"):
+        save_tiff(tmp_path / folder / "field.tif", field)
+    items = [{"image": str(tmp_path / "day1" / "field.tif")}, {"image": str(tmp_path / "day2" / "field.tif")}]
+    (tmp_path / "datalist.json").write_text(json.dumps({"test": items}))
+    with pytest.raises(RuntimeError) as error:
+        _inference(tmp_path, tmp_path / "datalist.json", "test")
+    message = error_messages(error.value)
+    assert f"'{tmp_path / 'day2' / 'field.tif'}' and '{tmp_path / 'day1' / 'field.tif'}' have the same file name stem" in message
+    out = tmp_path / "eval" / "inference"
+    assert (sorted(out.iterdir()) if out.exists() else []) == [], "refused before the first mask was written"
+
+
 def test_inference_image_dtype_is_checked_before_the_run(tmp_path):
     image = tmp_path / "field16.tif"
     save_tiff(image, (np.arange(SIZE * SIZE).reshape(SIZE, SIZE) % 4000).astype(np.uint16))

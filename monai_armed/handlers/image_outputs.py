@@ -55,7 +55,9 @@ class ImageOutputWriter:
     Subclasses implement ``__call__(engine)`` (one iteration's files, appending one dict per image to :attr:`rows`,
     with :meth:`claim_stem` for each name and :meth:`effects` for the random effects used) and may extend
     :meth:`_summarize` (logging before the CSV is written). Every batch must hold ``image`` and ``path_key``
-    (checked before anything of it is written); the CSV is written atomically when the run completes.
+    (checked before anything of it is written); two images with one file name stem are an error, raised when the run
+    starts where the evaluator's dataset lists its items' ``image`` paths (MONAI's datasets do), else before the
+    second one's files; the CSV is written atomically when the run completes.
 
     Args:
         output_dir: folder of the files and of the CSV.
@@ -89,6 +91,14 @@ class ImageOutputWriter:
 
     def _reset(self, engine: Engine) -> None:
         self.rows, self._source_of = [], {}
+        # the dataset's image paths, when it lists them, are checked before the first file is written
+        items = getattr(getattr(engine.data_loader, "dataset", None), "data", None)
+        if isinstance(items, (list, tuple)):
+            for item in items:
+                path = item.get("image") if isinstance(item, Mapping) else None
+                if isinstance(path, (str, os.PathLike)):
+                    self.claim_stem(os.fspath(path))
+            self._source_of = {}
 
     def _check_batch(self, engine: Engine) -> None:
         batch = engine.state.batch
