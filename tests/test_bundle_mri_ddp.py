@@ -55,6 +55,7 @@ RANK0_FILES = {
     "models/model.pt",
     "models/model_best_val_auroc.pt",
     "models/clusters.json",
+    "models/training_items.json",
     *(f"models/resume_checkpoint_epoch={epoch}.pt" for epoch in range(max(1, EPOCHS - 1), EPOCHS + 1)),  # last two
     "eval/loss_history.json",
     "eval/random_effects.json",

@@ -106,6 +106,25 @@ def test_evaluate_reproduces_the_metrics_from_the_checkpoint(trained, data_dir):
                 assert after[dataset][mode]["dice"] == pytest.approx(before[dataset][mode]["dice"], abs=1e-6)
 
 
+def test_evaluate_refuses_to_score_the_models_training_images(trained, data_dir, tmp_path):
+    root, _ = trained
+    record = json.loads((root / "models" / "training_items.json").read_text())
+    sections = json.loads((data_dir / "datalist.json").read_text())
+    assert record["images"] == sorted(str(data_dir / item["image"]) for item in sections["training"])
+    # the data as a regeneration with other settings could leave them: a training field now in the test section
+    _user_dataset(data_dir, tmp_path)
+    moved = json.loads((tmp_path / "datalist.json").read_text())
+    moved["test"].append(moved["training"][0])
+    (tmp_path / "datalist.json").write_text(json.dumps(moved))
+    shutil.copytree(root / "models", tmp_path / "models")
+    workflow = _workflow(["train.json", "evaluate.json"], tmp_path, **_train_overrides(tmp_path))
+    with pytest.raises(RuntimeError) as error:
+        workflow.run()
+    message = error_messages(error.value)
+    assert f"was trained on images that this evaluation would score (section 'test': 1 of {len(moved['test'])} images" in message
+    assert not (tmp_path / "eval" / "metrics.json").exists(), "refused before the report"
+
+
 def test_inference_writes_masks_of_any_input_size_and_statistics(trained, data_dir, tmp_path):
     root, _ = trained
     shutil.copytree(root / "models", tmp_path / "models")

@@ -35,6 +35,7 @@ from .microscopy import (
     simulate_cell_image,
 )
 from .nuclei import ensure_nucleus_dataset, make_nucleus_batches, make_nucleus_dataset, render_nucleus_field
+from .provenance import TRAINING_ITEMS_FILE, check_evaluated_items, record_training_items
 from .mri import (
     DEFAULT_VENDOR_AD_FRACTION,
     MNI_RIGHT_HIPPOCAMPUS,

@@ -1,0 +1,89 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Which images trained a model, kept beside its checkpoint, so that an evaluation refuses to score them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai_armed.utils import write_json
+
+__all__ = ["TRAINING_ITEMS_FILE", "check_evaluated_items", "record_training_items"]
+
+logger = logging.getLogger(__name__)
+
+#: file name, in the checkpoint folder, of the training images' record
+TRAINING_ITEMS_FILE = "training_items.json"
+
+
+def _image_id(value: Any) -> str:
+    """An item's image as one comparable string: its absolute, normalised path (paths joined for a multi-file image)."""
+    if isinstance(value, (list, tuple)):
+        return "|".join(_image_id(v) for v in value)
+    return os.path.normpath(os.path.abspath(os.fspath(value))) if isinstance(value, (str, os.PathLike)) else str(value)
+
+
+def record_training_items(items: Sequence[Mapping[str, Any]], ckpt_dir: str | os.PathLike, image_key: str = "image") -> str:
+    """Write the images of the training ``items`` to ``ckpt_dir/training_items.json`` (atomically); returns its path.
+
+    Example::
+
+        record_training_items(sections["train"], "runs/nuclei/armed/models")
+    """
+    images = sorted({_image_id(item[image_key]) for item in items if image_key in item})
+    return write_json({"image_key": image_key, "images": images}, Path(ckpt_dir) / TRAINING_ITEMS_FILE)
+
+
+def check_evaluated_items(
+    sections: Mapping[str, Sequence[Mapping[str, Any]]],
+    ckpt_dir: str | os.PathLike,
+    training_section: str = "train",
+    image_key: str = "image",
+) -> None:
+    """Refuse an evaluation that would score images the model in ``ckpt_dir`` trained on.
+
+    Every section but ``training_section`` is compared with the record that :func:`record_training_items` wrote when
+    the model was trained. A bundle's evaluation rebuilds its data from the training config: generated data asked for
+    with other settings than the training run's (seed, size, number of images) are generated anew, and their test
+    sections can then hold the model's training images. Without a record (a model trained before monai-armed 0.5.2)
+    a warning says that nothing was checked.
+
+    Raises:
+        ValueError: naming, per section, how many images the model trained on and the first of them.
+
+    Example::
+
+        check_evaluated_items({"test": sections["test"], "unseen": sections["unseen"]}, "runs/nuclei/armed/models")
+    """
+    record = Path(ckpt_dir) / TRAINING_ITEMS_FILE
+    if not record.is_file():
+        logger.warning(f"{record} does not exist: the evaluated images are not checked against the training images.")
+        return
+    trained = set(json.loads(record.read_text())["images"])
+    overlaps = []
+    for name, items in sections.items():
+        if name == training_section:
+            continue
+        seen = [image for image in (_image_id(item[image_key]) for item in items if image_key in item) if image in trained]
+        if seen:
+            overlaps.append(f"section {name!r}: {len(seen)} of {len(items)} images, e.g. {seen[0]}")
+    if overlaps:
+        raise ValueError(
+            f"the model in {ckpt_dir} was trained on images that this evaluation would score ({'; '.join(overlaps)}; "
+            f"training images listed in {record}). Generated data asked for with other settings than the training "
+            "run's are generated anew: give the evaluation the training run's data overrides, or evaluate on images "
+            "the model has not trained on."
+        )

@@ -1,0 +1,39 @@
+# Copyright (c) monai_armed contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The record of a model's training images and the evaluation's check against it."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from monai_armed.data import TRAINING_ITEMS_FILE, check_evaluated_items, record_training_items
+
+
+def test_record_and_check(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train = [{"image": "a.tif"}, {"image": str(tmp_path / "b.tif")}, {"image": ["c1.nii", "c2.nii"]}]
+    path = record_training_items(train, tmp_path / "models")
+    assert path == str(tmp_path / "models" / TRAINING_ITEMS_FILE)
+    images = json.loads((tmp_path / "models" / TRAINING_ITEMS_FILE).read_text())["images"]
+    assert images == sorted([str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), f"{tmp_path / 'c1.nii'}|{tmp_path / 'c2.nii'}"])
+    check_evaluated_items({"train": train, "test": [{"image": "d.tif"}], "unseen": []}, tmp_path / "models")
+    with pytest.raises(ValueError, match=r"section 'test': 2 of 3 images, e\.g\. .*b\.tif; section 'unseen': 1 of 1"):
+        test = [{"image": "d.tif"}, {"image": "./b.tif"}, {"image": "sub/../a.tif"}]
+        check_evaluated_items({"test": test, "unseen": [{"image": ["c1.nii", "c2.nii"]}]}, tmp_path / "models")
+
+
+def test_a_model_without_a_record_is_evaluated_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        check_evaluated_items({"test": [{"image": "a.tif"}]}, tmp_path / "models")
+    assert "training_items.json does not exist" in caplog.text
