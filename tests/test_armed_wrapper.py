@@ -505,6 +505,16 @@ class TestExportAndCheckpoints(unittest.TestCase):
             torch.testing.assert_close(third(x, cluster), net(x, cluster))
             with self.assertRaisesRegex(ValueError, "trained with 3 clusters but the network has 5"):
                 load_network_checkpoint(ARMED(_Small(), n_clusters=5, swap_norm=True), path)
+            # a network built with other settings: no norm swap (other keys), or another head width (other shapes)
+            with self.assertRaisesRegex(
+                ValueError, r"model\.pt does not fit the network \(missing: .*unexpected: \['network\.bn\.norm.*same settings"
+            ):
+                load_network_checkpoint(_small(seed=3), path)
+            wide = _Small()
+            wide.fc = nn.Linear(16, 4)
+            resized = r"other shapes \(checkpoint vs network\): \['network\.fc\.weight \(3, 16\) vs \(4, 16\)"
+            with self.assertRaisesRegex(ValueError, resized):
+                load_network_checkpoint(ARMED(wide, n_clusters=C, swap_norm=True), path)
 
 
 class TestTrainerIntegration(unittest.TestCase):

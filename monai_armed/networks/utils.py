@@ -196,7 +196,8 @@ def load_network_checkpoint(
 
     A checkpoint whose random-effects tables have another number of clusters than ``network`` (or than
     ``n_clusters``, e.g. ``len(vocabulary)``) raises a ``ValueError`` naming the file and both numbers, instead of
-    ``load_state_dict``'s size-mismatch message. ``{"model": state_dict}`` checkpoints are unwrapped.
+    ``load_state_dict``'s size-mismatch message; so does a checkpoint of a network built with other settings (missing,
+    unexpected or resized entries, the first of each named). ``{"model": state_dict}`` checkpoints are unwrapped.
 
     Example::
 
@@ -219,5 +220,20 @@ def load_network_checkpoint(
             )
     if n_clusters is not None and expected and next(iter(expected.values())) != n_clusters:
         raise ValueError(f"the network has {next(iter(expected.values()))} clusters but {n_clusters} were expected.")
+    own = network.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or resized:
+        found = "; ".join(
+            f"{what}: {items[:3]}{' ...' if len(items) > 3 else ''}"
+            for what, items in (("missing", missing), ("unexpected", unexpected), ("other shapes (checkpoint vs network)", resized))
+            if items
+        )
+        raise ValueError(
+            f"checkpoint {path} does not fit the network ({found}): it was trained with other network settings. Build "
+            "the network with the same settings as the training run (a bundle: the same overrides, e.g. variant, "
+            "backbone, spatial_dims, channels)."
+        )
     network.load_state_dict(state)
     return network
