@@ -158,10 +158,9 @@ class ARMED(nn.Module):
     swapped, so the network's weights, running statistics and training flags are left as they were (lazy layers are
     initialised by it). Without ``in_shape`` it uses the first convolution's input channels at 64 x 64 in 2-D, 32^3 in
     3-D, 256 in 1-D, or else the first ``nn.Linear``'s ``(in_features,)``; pass ``in_shape`` when the network needs
-    another size. A convolutional network then takes
-    inputs with that many spatial dimensions only (a 3-D volume given to a 2-D network is an error naming both, with
-    or without a cluster).
-    Tapped modules must return one tensor; if one is called more than once per pass the last call counts.
+    another size. A convolutional network then takes inputs with that many spatial dimensions only (a 3-D volume given
+    to a 2-D network is an error naming both, with or without a cluster). Tapped modules must return one tensor; if one
+    is called more than once per pass the last call counts.
 
     Regression: a network whose head has one output (``DenseNet121(..., out_channels=1)``, MONAI's ``Regressor``)
     predicts a continuous outcome; train it with :class:`~monai_armed.losses.GaussianLikelihood` as
