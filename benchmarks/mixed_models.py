@@ -117,6 +117,18 @@ def _key(row: dict) -> tuple:
     return row["grp"], row["var1"], row["var2"]
 
 
+def _by_key(rows: Sequence[dict]) -> dict:
+    """lme4's VarCorr rows by (group, var1, var2), also under this package's group names where lme4's differ: lme4
+    splits a ``||`` term into groups ``g``, ``g.1``, ... with one effect each (found under ``g`` too, where that key
+    is not taken) and names the inner factor of ``(1 | a/b)`` ``b:a`` (found under ``a:b``)."""
+    table = {_key(r): r for r in rows}
+    for row in rows:
+        group = re.sub(r"\.\d+$", "", row["grp"])
+        for name in (group, ":".join(reversed(group.split(":")))):
+            table.setdefault((name, row["var1"], row["var2"]), row)
+    return table
+
+
 def _lme4_name(name: str) -> str:
     """lme4's name of a formulaic column: ``C(period)[T.2]`` -> ``factor(period)2``."""
     return re.sub(r"^C\((\w+)\)\[T\.(.+)\]$", r"factor(\1)\2", name)
@@ -143,8 +155,7 @@ def render_section(result: dict) -> str:
     for name, value in result["fixed_effects"].items():
         key = _lme4_name(name)
         lines.append(f"| {name} | {value:.4g} | {cell(ml_fixed, key)} | {cell(reml_fixed, key)} |")
-    ml_vc = {_key(r): r for r in ml.get("varcorr", [])}
-    reml_vc = {_key(r): r for r in reml.get("varcorr", [])}
+    ml_vc, reml_vc = _by_key(ml.get("varcorr", [])), _by_key(reml.get("varcorr", []))
     for row in result["varcorr"]:
         what = "Cor" if row["var2"] else "Var"
         field = "sdcor" if row["var2"] else "vcov"
@@ -157,11 +168,31 @@ def render_section(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any fitting, options that would fail or mislead at the end of the run."""
+    if Path(args.json).resolve() == Path(args.csv).resolve():
+        parser.error(f"--json {args.json} is the input CSV: the results would replace the data.")
+    if Path(args.json).is_dir():
+        parser.error(f"--json {args.json} is a folder; give the JSON file's path.")
+    for parent in Path(args.json).resolve().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                parser.error(f"--json {args.json}: {parent} is a file, not a folder.")
+            break
+    if args.folds is not None and args.folds < 2:
+        parser.error(f"--folds must be at least 2, got {args.folds}.")
+    if args.compare_lme4 and args.weights:
+        parser.error(
+            "--compare-lme4 with --weights: these weights multiply each row's log-likelihood (frequency weights), "
+            "lme4's divide the residual variance (precision weights), so the two fits would not be comparable."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--csv", required=True)
     parser.add_argument("--formula", required=True)
-    parser.add_argument("--family", default="gaussian", choices=sorted(FAMILIES))
+    parser.add_argument("--family", default="gaussian", choices=sorted(set(FAMILIES) - {"categorical"}))
     parser.add_argument("--trials", default=None, help="column with the number of trials (binomial)")
     parser.add_argument("--weights", default=None, help="column of row weights")
     parser.add_argument("--folds", type=int, default=None)
@@ -169,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--hidden", default="", type=lambda t: [int(v) for v in t.split(",") if v],
                         help="hidden widths of an MLP fixed part, e.g. 16,8 (default: linear)")
     parser.add_argument("--optimizer", default="auto", choices=["auto", "lbfgs", "adam"])
-    parser.add_argument("--reml", action="store_true", help="REML (Gaussian, one grouping factor) instead of ML")
+    parser.add_argument("--reml", action="store_true", help="REML (Gaussian, linear fixed part) instead of ML")
     parser.add_argument("--adversary", default=None, help="grouping factor for ARMED's adversary (needs --hidden)")
     parser.add_argument("--adv-weight", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=50)
@@ -178,8 +209,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--json", required=True)
     parser.add_argument("--section", default=None, help="also write this section of benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
+    check_arguments(parser, args)
     torch.set_num_threads(args.threads)
     frame = read_formula_csv(args.csv, args.formula)
+    if args.folds is not None and args.folds > len(frame):
+        parser.error(f"--folds {args.folds} is more than the {len(frame)} rows of {args.csv}.")
     options = {"trials": args.trials, "weights": args.weights, "source": args.csv, "hidden_channels": args.hidden,
                "optimizer": args.optimizer, "epochs": args.epochs, "seed": args.seed, "reml": args.reml,
                "adversary": args.adversary, "adv_weight": args.adv_weight}
@@ -190,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "family": args.family,
         "n_rows": int(len(frame)),
         "fit_seconds": fit.fit_seconds,
-        "estimation": "REML" if args.reml else "maximum likelihood (ELBO; exact posterior for linear Gaussian models)",
+        "estimation": fit.estimation,
         "fixed_effects": fit.fixed_effects(),
         "varcorr": fit.variance_components(),
         "threads": torch.get_num_threads(),
@@ -210,7 +244,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"{args.folds}-fold test MSE {result['test_mse_mean']:.4f}")
     if args.compare_lme4:
         numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
-        result["lme4"] = lme4_reference(args.csv, args.formula, args.family, args.trials, numeric)
+        try:
+            result["lme4"] = lme4_reference(args.csv, args.formula, args.family, args.trials, numeric)
+        except subprocess.CalledProcessError as error:  # keep the fit: lme4's failure is reported beside it
+            print(f"lme4 failed (exit status {error.returncode}); the fit is saved without it", file=sys.stderr)
+            result["lme4"] = {"error": f"Rscript exited with status {error.returncode}"}
     result["date"] = datetime.datetime.now().isoformat(timespec="seconds")
     if args.section:
         replace_section(RESULTS_MD, args.section, render_section(result))

@@ -46,3 +46,37 @@ def test_mixed_models_benchmark_writes_estimates_and_folds(tmp_path):
     assert all(f["test_mse"] > 0 and f["test_deviance"] > 0 and f["train_seconds"] > 0 for f in result["folds"])
     assert result["test_mse_mean"] == np.mean([f["test_mse"] for f in result["folds"]])
     assert result["test_mse_mean"] < np.var(y)  # the random effects predict held-out visits of known subjects
+
+
+def test_mixed_models_benchmark_refuses_options_that_would_fail_after_the_fit(tmp_path):
+    """Checked before any fitting: results over the input CSV, a fold count the data cannot split, and lme4 compared
+    with weights of another meaning."""
+    csv = tmp_path / "data.csv"
+    pd.DataFrame({"y": np.arange(6.0), "g": list("aabbcc"), "w": 1.0}).to_csv(csv, index=False)
+    original = csv.read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
+    base = [sys.executable, str(SCRIPT), "--csv", str(csv), "--formula", "y ~ 1 + (1 | g)", "--threads", "1"]
+    for extra, message in (
+        (["--json", str(csv)], "is the input CSV"),
+        (["--json", str(tmp_path / "out.json"), "--folds", "1"], "--folds must be at least 2"),
+        (["--json", str(tmp_path / "out.json"), "--folds", "7"], "more than the 6 rows"),
+        (["--json", str(tmp_path / "out.json"), "--weights", "w", "--compare-lme4"], "precision weights"),
+        (["--json", str(csv / "out.json")], "is a file, not a folder"),
+    ):
+        run = subprocess.run(base + extra, capture_output=True, text=True, timeout=120, env=env)
+        assert run.returncode == 2 and message in run.stderr, (extra, run.stderr[-500:])
+        assert csv.read_bytes() == original
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_lme4_rows_of_split_and_nested_terms_are_matched():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from mixed_models import _by_key
+
+    lme4 = [{"grp": "Subject", "var1": "(Intercept)", "var2": None, "vcov": 584.3},
+            {"grp": "Subject.1", "var1": "Days", "var2": None, "vcov": 33.6}]  # fmt: skip
+    table = _by_key(lme4)
+    assert table[("Subject", "Days", None)]["vcov"] == 33.6 and table[("Subject.1", "Days", None)]["vcov"] == 33.6
+    assert table[("Subject", "(Intercept)", None)]["vcov"] == 584.3
+    nested = _by_key([{"grp": "cask:batch", "var1": "(Intercept)", "var2": None, "vcov": 8.43}])
+    assert nested[("batch:cask", "(Intercept)", None)]["vcov"] == 8.43

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monai_armed.apps.marginal_likelihood import MAX_JOINT_EFFECTS, GaussianMarginalLikelihood
 from monai_armed.data.formula import MixedDesign, build_design
 from monai_armed.losses.families import LikelihoodFamily, likelihood, validate_weights
 from monai_armed.networks.blocks.adversary import ClusterAdversary
@@ -37,7 +38,9 @@ logger = logging.getLogger(__name__)
 class MixedModelFit:
     """A fitted mixed model: the network, its family, the training design and how the fit went.
 
-    Estimates are on the data's own scale (the response scaling used for fitting is undone).
+    Estimates are on the data's own scale (the response scaling used for fitting is undone). ``estimation`` says
+    which criterion gave them (exact maximum likelihood / REML, or a variational approximation), ``notes`` what the
+    fit changed or could not do.
 
     Example::
 
@@ -55,6 +58,7 @@ class MixedModelFit:
     objective: float = float("nan")
     iterations: int = 0
     notes: list[str] = field(default_factory=list)
+    estimation: str = ""
 
     def state_dict(self) -> dict:
         """Plain tensors that rebuild the fit's predictions: the network's and the family's state dicts and the
@@ -150,7 +154,8 @@ def fit_formula(
     Args:
         formula: the model; the fixed part through formulaic, ``(terms | group)`` random effects.
         data: one row per observation.
-        family: ``"gaussian"``, ``"bernoulli"``, ``"binomial"``, ``"poisson"``, ``"categorical"`` or a family.
+        family: ``"gaussian"``, ``"bernoulli"``, ``"binomial"``, ``"poisson"`` or a family instance (``"categorical"``
+            is refused with the way to train one).
         trials: the column with the number of trials (binomial).
         weights: a column of non-negative row weights.
         source: the data's name in error messages (e.g. the CSV path).
@@ -193,9 +198,17 @@ def fit_mixed_model(
     """Fit a (generalized) mixed model by maximising its ELBO: ``mean_i w_i E_q[-log p(y_i | eta_i)] + KL / N``.
 
     The KL is that of every factor's random effects against their learned prior covariance, divided by the number of
-    rows, so nothing is hand-set: with a Gaussian family and a linear fixed part the posterior family is exact and the
-    estimates are lme4's maximum-likelihood ones (``REML=FALSE``). The expectation is exact for the Gaussian and
-    Poisson families and a Gauss-Hermite quadrature for the logit ones, so the objective is deterministic.
+    rows, so nothing is hand-set. The expectation is exact for the Gaussian and Poisson families and a Gauss-Hermite
+    quadrature for the logit ones, so the objective is deterministic.
+
+    With a Gaussian family and a linear fixed part the estimates are lme4's maximum-likelihood ones (``REML=FALSE``):
+    for one grouping factor with correlated effects the per-level posterior family is exact; for several factors
+    (crossed or nested) or a ``||`` term, whose exact posterior correlates effects across factors or within a level,
+    the L-BFGS fit maximises the exact marginal likelihood instead
+    (:class:`~monai_armed.apps.marginal_likelihood.GaussianMarginalLikelihood`, up to
+    :data:`~monai_armed.apps.marginal_likelihood.MAX_JOINT_EFFECTS` random effects in all). Other fits with several
+    factors are variational approximations, said in the fit's ``notes`` and logged; ``estimation`` names the
+    criterion.
 
     ``optimizer="lbfgs"`` optimises the full data at once in float64 (the default, ``"auto"``, for a linear fixed part
     and up to 200,000 rows); ``"adam"`` takes mini-batches of ``batch_size`` rows for ``epochs`` with
@@ -203,15 +216,17 @@ def fit_mixed_model(
     same whatever the number of levels. A Gaussian response is divided by its standard deviation while fitting; the
     estimates are reported in the data's units.
 
-    ``reml=True`` (Gaussian, linear fixed part, one grouping factor, no weights) adds the restricted-likelihood term
-    ``0.5 * log|X^T V^-1 X| / N`` (``V`` the marginal covariance, per level through the Woodbury identity), so the
-    variance components are lme4's REML estimates (``lmer``'s default); without it they are ML (``REML = FALSE``).
+    ``reml=True`` (Gaussian, linear fixed part, no weights; one grouping factor, or several within the joint limit)
+    adds the restricted-likelihood term ``0.5 * log|X^T V^-1 X| / N`` (``V`` the marginal covariance, through the
+    Woodbury identity), so the variance components are lme4's REML estimates (``lmer``'s default); without it they
+    are ML (``REML = FALSE``).
 
     Args:
         design: the training design (:func:`~monai_armed.data.build_design`).
         family: a family name or instance (:func:`~monai_armed.losses.likelihood`).
         trials: number of trials per row (binomial).
-        weights: non-negative row weights (multiply each row's log-likelihood).
+        weights: non-negative row weights, multiplying each row's log-likelihood (frequency weights: a weight of 2 counts
+            the row twice; not lme4's precision weights, which divide the residual variance).
         hidden_channels: hidden widths of an MLP fixed part; ``()`` (default) is a linear one.
         optimizer: ``"auto"``, ``"lbfgs"`` or ``"adam"``.
         max_iter: L-BFGS iterations.
@@ -248,12 +263,14 @@ def fit_mixed_model(
         raise ValueError(f"optimizer must be 'auto', 'lbfgs' or 'adam', got {optimizer!r}.")
     if optimizer == "auto":
         optimizer = "lbfgs" if not hidden_channels and design.n_rows <= 200_000 else "adam"
-    if reml and (family.name != "gaussian" or hidden_channels or len(design.factors) != 1 or weights is not None
-                 or optimizer != "lbfgs"):
+    joint = _needs_joint_posterior(design, family, hidden_channels, optimizer)
+    if reml and (family.name != "gaussian" or hidden_channels or weights is not None or optimizer != "lbfgs"
+                 or (len(design.factors) != 1 and not joint)):
         raise ValueError(
-            "reml=True needs the gaussian family, a linear fixed part, one grouping factor, no weights and the L-BFGS "
-            f"fit; got family {family.name!r}, hidden_channels {tuple(hidden_channels)}, factors "
-            f"{list(design.factors)}, weights {'given' if weights is not None else 'none'}, optimizer {optimizer!r}."
+            "reml=True needs the gaussian family, a linear fixed part, no weights, the L-BFGS fit and one grouping "
+            f"factor or at most {MAX_JOINT_EFFECTS} random effects in all; got family {family.name!r}, "
+            f"hidden_channels {tuple(hidden_channels)}, factors {list(design.factors)}, weights "
+            f"{'given' if weights is not None else 'none'}, optimizer {optimizer!r}."
         )
     if adversary is not None and (adversary not in design.factors or not hidden_channels or optimizer != "adam"):
         raise ValueError(
@@ -276,17 +293,87 @@ def fit_mixed_model(
     }
     _initialise(network, family, x, y, design)
     params = list(network.parameters()) + list(family.parameters())
-    if optimizer == "lbfgs":
+    if not joint:
+        _note_mean_field(design, family, hidden_channels, optimizer, notes)
+    if joint:
+        criterion = GaussianMarginalLikelihood(design, network, family, y, extras["weight"], reml=reml)
+        objective, iterations, converged = _fit_marginal(criterion, max_iter)
+    elif optimizer == "lbfgs":
         penalty = _RemlTerm(design, network, family, dtype) if reml else None
-        objective, iterations = _fit_lbfgs(network, family, params, x, y, cluster, extras, design.n_rows, max_iter,
-                                           penalty)
+        objective, iterations, converged = _fit_lbfgs(network, family, params, x, y, cluster, extras, design.n_rows,
+                                                      max_iter, penalty)
     else:
         objective, iterations = _fit_adam(
             network, family, params, x, y, cluster, extras, epochs, batch_size, lr, seed, design.fixed_names,
             adversary, adv_weight,
         )
+        converged = True  # a fixed number of epochs: nothing to stop early
+    if not converged:
+        message = (f"L-BFGS stopped after {iterations} iterations (max_iter={max_iter}) before its tolerances were "
+                   "met: the estimates may not be converged; raise max_iter.")
+        logger.warning(message)
+        notes.append(message)
     network.eval()
-    return MixedModelFit(network, family, design, scale, time.perf_counter() - start, objective, iterations, notes)
+    return MixedModelFit(network, family, design, scale, time.perf_counter() - start, objective, iterations, notes,
+                         _estimation(design, family, hidden_channels, optimizer, joint, reml))
+
+
+def _mean_field_inexact(design: MixedDesign) -> bool:
+    """Whether per-level posteriors miss correlations of the exact posterior: several factors, or a ``||`` term with
+    several columns."""
+    return len(design.factors) > 1 or any(not f.correlated and f.Z.shape[1] > 1 for f in design.factors.values())
+
+
+def _needs_joint_posterior(design: MixedDesign, family: LikelihoodFamily, hidden: Sequence[int], optimizer: str) -> bool:
+    """A linear Gaussian model that the per-level ELBO would fit only approximately, small enough for the exact
+    marginal likelihood."""
+    linear_gaussian = family.name == "gaussian" and not hidden and optimizer == "lbfgs"
+    effects = sum(f.n_levels * f.Z.shape[1] for f in design.factors.values())
+    return linear_gaussian and _mean_field_inexact(design) and effects <= MAX_JOINT_EFFECTS
+
+
+def _note_mean_field(design: MixedDesign, family: LikelihoodFamily, hidden: Sequence[int], optimizer: str,
+                     notes: list[str]) -> None:
+    """Say where the per-level (mean-field) posterior makes the variance components approximate."""
+    if not _mean_field_inexact(design):
+        return
+    if family.name != "gaussian" or hidden:
+        reason = f"the {family.name} family" + (" with an MLP fixed part" if hidden else "")
+    elif optimizer != "lbfgs":
+        reason = "the mini-batch fit"
+    else:
+        reason = f"more than {MAX_JOINT_EFFECTS} random effects for the exact joint solve"
+    message = (
+        f"{reason}: the factors {list(design.factors)} are fitted with independent per-level posteriors, so their "
+        "variance components are a variational approximation (typically smaller than lme4's; nested factors can "
+        "lose the outer one's variance)."
+    )
+    logger.warning(message)
+    notes.append(message)
+
+
+def _estimation(design: MixedDesign, family: LikelihoodFamily, hidden: Sequence[int], optimizer: str, joint: bool,
+                reml: bool) -> str:
+    criterion = "REML" if reml else "maximum likelihood"
+    if joint:
+        return f"{criterion}: exact marginal likelihood (the effects of every factor integrated out jointly)"
+    if family.name == "gaussian" and not hidden and optimizer == "lbfgs" and not _mean_field_inexact(design):
+        return f"{criterion}: ELBO with the exact posterior of each level's effects"
+    return "variational approximation: ELBO with a Gaussian posterior per level" + (
+        ", expectation by Gauss-Hermite quadrature" if family.name in ("bernoulli", "binomial") else ""
+    )
+
+
+def _fit_marginal(criterion: GaussianMarginalLikelihood, max_iter: int) -> tuple[float, int, bool]:
+    """L-BFGS on the exact marginal likelihood over the fixed effects, the priors and the residual scale; then the
+    conditional posterior of the effects."""
+    params = [criterion.network.out.weight, *criterion.family.parameters()]
+    for layer in criterion.layers:
+        params += [p for p in (layer.log_prior_scale, layer.prior_tril) if p.requires_grad and p.numel()]
+    iterations, converged = _minimise(params, criterion, max_iter)
+    criterion.set_posterior()
+    with torch.no_grad():
+        return float(criterion()), iterations, converged
 
 
 def _build_network(
@@ -358,17 +445,13 @@ class _RemlTerm:
         return 0.5 * torch.logdet((self.xtx - correction) / variance) / self.n_rows
 
 
-def _fit_lbfgs(network, family, params, x, y, cluster, extras, n_rows: int, max_iter: int,
-               penalty: _RemlTerm | None = None) -> tuple[float, int]:
+def _minimise(params: Sequence[torch.Tensor], objective, max_iter: int) -> tuple[int, bool]:
+    """L-BFGS with a strong-Wolfe line search on ``objective()``: the iterations it took and whether it stopped on its
+    tolerances (rather than on ``max_iter`` or its budget of evaluations)."""
     optimizer = torch.optim.LBFGS(
         params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12, history_size=50,
         line_search_fn="strong_wolfe",
     )
-    network.train()
-
-    def objective() -> torch.Tensor:
-        loss = _elbo(network, family, x, y, cluster, extras, n_rows)
-        return loss + penalty() if penalty is not None else loss
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -378,8 +461,21 @@ def _fit_lbfgs(network, family, params, x, y, cluster, extras, n_rows: int, max_
 
     optimizer.step(closure)
     state = optimizer.state[optimizer._params[0]]
+    iterations, evaluations = int(state.get("n_iter", 0)), int(state.get("func_evals", 0))
+    return iterations, iterations < max_iter and evaluations < optimizer.defaults["max_eval"]
+
+
+def _fit_lbfgs(network, family, params, x, y, cluster, extras, n_rows: int, max_iter: int,
+               penalty: _RemlTerm | None = None) -> tuple[float, int, bool]:
+    network.train()
+
+    def objective() -> torch.Tensor:
+        loss = _elbo(network, family, x, y, cluster, extras, n_rows)
+        return loss + penalty() if penalty is not None else loss
+
+    iterations, converged = _minimise(params, objective, max_iter)
     with torch.no_grad():
-        return float(objective()), int(state.get("n_iter", 0))
+        return float(objective()), iterations, converged
 
 
 def _adversary_step(network: MixedModelNet, judge: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,

@@ -24,6 +24,7 @@ from .nets import (
     AutoencoderClassifier,
     ImageClusterClassifier,
     MixedEffectsAutoencoder,
+    FactorModules,
     FactorSpec,
     MixedEffectsMLP,
     MixedModelNet,

@@ -27,13 +27,15 @@ _MIN_SCALE = 1e-5
 
 
 def inverse_softplus(value: float | torch.Tensor) -> torch.Tensor:
-    """Inverse of ``softplus``: returns ``x`` such that ``log(1 + exp(x)) == value`` (``value > 0``).
+    """Inverse of ``softplus``: returns ``x`` such that ``log(1 + exp(x)) == value`` (``value > 0``), in the dtype of a
+    floating-point tensor ``value`` (float32 otherwise).
 
     Example::
 
         rho = inverse_softplus(0.1)       # softplus(rho) == 0.1
     """
-    value = torch.as_tensor(value, dtype=torch.float32)
+    keep = isinstance(value, torch.Tensor) and value.is_floating_point()
+    value = torch.as_tensor(value, dtype=value.dtype if keep else torch.float32)
     return value + torch.log(-torch.expm1(-value))
 
 

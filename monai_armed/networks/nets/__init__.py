@@ -31,5 +31,5 @@ from .autoencoder import (
     aec_loss_weights,
 )
 from .mixed_effects_mlp import MLP_VARIANTS, MixedEffectsMLP, variant_loss_weights
-from .mixed_model import ClusterInput, FactorSpec, MixedModelNet
+from .mixed_model import ClusterInput, FactorModules, FactorSpec, MixedModelNet
 from .z_predictor import ZPredictor

@@ -22,7 +22,7 @@ from monai_armed.networks.layers.random_effects import RandomEffects
 from monai_armed.networks.utils import ARMEDOutput, total_kl_divergence
 from monai_armed.utils import shape_str
 
-__all__ = ["FactorSpec", "MixedModelNet", "ClusterInput"]
+__all__ = ["FactorSpec", "FactorModules", "MixedModelNet", "ClusterInput"]
 
 #: a network's clusters: one index / membership tensor (single factor), or one per factor by name
 ClusterInput = torch.Tensor | Mapping[str, torch.Tensor]
@@ -49,6 +49,42 @@ class FactorSpec:
     counts: Sequence[float] | None = None
     correlated: bool = True
     prior_scale: float | Sequence[float] = 1.0
+
+
+class FactorModules(nn.ModuleDict):
+    """A ``ModuleDict`` keyed by grouping-factor names, which may hold dots (``"Subject.1"``, the second term on one
+    group; a column ``"subj.id"``) that torch's module names cannot: each ``.`` is stored as ``__dot__`` (so in the
+    state dict's keys too) and every method takes and gives the factor names themselves.
+
+    Example::
+
+        layers = FactorModules({"subj.id": RandomEffects(5)})
+        layers["subj.id"], list(layers)        # the layer, ["subj.id"]
+    """
+
+    @staticmethod
+    def _escape(name: str) -> str:
+        if "__dot__" in name:
+            raise ValueError(f"a grouping factor's name cannot contain '__dot__', got {name!r}.")
+        return name.replace(".", "__dot__")
+
+    def __getitem__(self, key: str) -> nn.Module:  # type: ignore[override]
+        return self._modules[self._escape(key)]
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        self.add_module(self._escape(key), module)
+
+    def __contains__(self, key: str) -> bool:  # type: ignore[override]
+        return self._escape(key) in self._modules
+
+    def __iter__(self):
+        return (key.replace("__dot__", ".") for key in self._modules)
+
+    def keys(self):  # type: ignore[override]
+        return list(iter(self))
+
+    def items(self):  # type: ignore[override]
+        return list(zip(iter(self), self._modules.values()))
 
 
 class MixedModelNet(nn.Module):
@@ -105,7 +141,7 @@ class MixedModelNet(nn.Module):
         if self.out.bias is not None:
             nn.init.zeros_(self.out.bias)
         self.factor_names = list(factors)
-        self.random_effects = nn.ModuleDict()
+        self.random_effects = FactorModules()
         self._spans: list[tuple[int, int]] = []
         start = in_features
         for name, spec in factors.items():
