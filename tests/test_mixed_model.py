@@ -264,3 +264,33 @@ def test_adversary_of_a_factor_trains_against_the_fixed_part():
         fit_formula("y ~ x + (1 | g)", frame, hidden_channels=(4,), adversary="site")
     fit = fit_formula("y ~ x + (1 | g)", frame, hidden_channels=(4,), adversary="g", epochs=2)
     assert np.isfinite(fit.predict(frame.head(3))).all()
+
+
+def test_csv_and_output_errors_come_before_anything_is_written(tmp_path, caplog):
+    from monai_armed.apps import read_formula_csv, write_formula_outputs
+
+    empty, header = tmp_path / "empty.csv", tmp_path / "header.csv"
+    empty.write_text("")
+    header.write_text("y,g\n")
+    with pytest.raises(ValueError, match="empty.csv is empty"):
+        read_formula_csv(empty, "y ~ 1 + (1 | g)")
+    with pytest.raises(ValueError, match=r"header.csv has a header but no rows: columns \['y', 'g'\]"):
+        read_formula_csv(header, "y ~ 1 + (1 | g)")
+    frame = _one_way()
+    fit = fit_formula("y ~ 1 + (1 | g)", frame, source="one_way.csv")
+    with pytest.raises(ValueError):
+        write_formula_outputs(fit, tmp_path / "out", test=frame.drop(columns="y"))
+    assert not (tmp_path / "out").exists()
+    write_formula_outputs(fit, tmp_path / "out", train=frame, test=frame)
+    with caplog.at_level(logging.WARNING):
+        write_formula_outputs(fit, tmp_path / "out", train=frame)
+    assert "is from an earlier run" in caplog.text
+
+
+def test_family_errors_name_the_file_and_trials_need_the_binomial_family():
+    frame = _one_way().assign(count=lambda f: np.arange(len(f)) % 4, n=4)
+    frame.loc[3, "count"] = -1
+    with pytest.raises(ValueError, match=r"counts.csv: column 'count' row 3 has -1"):
+        fit_formula("count ~ 1 + (1 | g)", frame, "poisson", source="counts.csv")
+    with pytest.raises(ValueError, match="trials \\(n\\) are for the binomial family only"):
+        fit_formula("y ~ 1 + (1 | g)", frame, "poisson", trials="n")

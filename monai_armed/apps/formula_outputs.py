@@ -45,11 +45,16 @@ def read_formula_csv(path: str | os.PathLike | None, formula: str | None, encodi
         )
     groups = {c for term in parse_mixed_formula(formula).random for c in term.group_columns}
     try:
-        return pd.read_csv(path, dtype={c: str for c in groups}, encoding=encoding)
+        frame = pd.read_csv(path, dtype={c: str for c in groups}, encoding=encoding)
     except FileNotFoundError:
         raise FileNotFoundError(f"CSV file not found: {path}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not valid {encoding} text ({e}); pass the file's encoding.") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty: expected a header line and one row per observation.") from None
+    if frame.empty:
+        raise ValueError(f"{path} has a header but no rows: columns {list(frame.columns)[:30]}.")
+    return frame
 
 
 def split_rows(frame: pd.DataFrame, test_fraction: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -77,7 +82,7 @@ def formula_scores(
 
     Example::
 
-        formulaformula_scores(fit, test_frame)["mse"]
+        formula_scores(fit, test_frame)["mse"]
     """
     design = build_design(None, frame, like=fit.design)
     n = frame[trials].to_numpy(float) if trials else None
@@ -106,7 +111,8 @@ def write_formula_outputs(
     ``VarCorr`` rows and table), ``model.pt`` (:meth:`MixedModelFit.state_dict`: the network, the family and the
     response scale), ``vocabularies.json`` (the levels of every
     grouping factor, to map new data), ``metrics.json`` (training and test MSE, MAE, R^2 and mean deviance, with and
-    without the random effects) and ``predictions.csv`` (the test rows' predicted means).
+    without the random effects) and ``predictions.csv`` (the test rows' predicted means; without ``test`` an earlier
+    run's file is left and a warning says so). The test and training rows are scored before anything is written.
 
     Example::
 
@@ -114,7 +120,6 @@ def write_formula_outputs(
         write_formula_outputs(fit, "eval", train=train_frame, test=test_frame)
     """
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows = fit.variance_components()
     metrics: dict = {
         "formula": str(fit.design.formula),
@@ -127,6 +132,9 @@ def write_formula_outputs(
     if test is not None:
         metrics["test"] = formula_scores(fit, test, True, trials)
         metrics["test_fixed_effects_only"] = formula_scores(fit, test, False, trials)
+    out.mkdir(parents=True, exist_ok=True)  # after scoring, whose errors would leave an empty folder
+    if test is None and (out / "predictions.csv").exists():
+        logger.warning("%s is from an earlier run: this one has no test rows to predict.", out / "predictions.csv")
     write_json(fit.fixed_effects(), out / "fixed_effects.json")
     write_json(rows, out / "varcorr.json")
     with atomic_open(out / "varcorr.txt") as f:

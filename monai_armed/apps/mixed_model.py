@@ -251,9 +251,14 @@ def fit_mixed_model(
     family = likelihood(family) if isinstance(family, str) else family
     if design.y is None:
         raise ValueError(f"{design.source} has no response column {design.response!r} to fit.")
-    family.validate_target(design.y, trials=trials, name=design.response, trials_name=trials_name)
-    if weights is not None:
-        validate_weights(weights, name=weights_name)
+    if trials is not None and family.name != "binomial":
+        raise ValueError(f"trials ({trials_name}) are for the binomial family only; the {family.name} family has none.")
+    try:
+        family.validate_target(design.y, trials=trials, name=design.response, trials_name=trials_name)
+        if weights is not None:
+            validate_weights(weights, name=weights_name)
+    except ValueError as error:
+        raise ValueError(f"{design.source}: {error}") from None
     if family.name == "categorical":
         raise ValueError(
             "a categorical outcome cannot be fitted from a formula yet; train MixedModelNet(out_channels=n_classes) "
