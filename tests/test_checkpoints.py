@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import random
 
 import numpy as np
@@ -22,6 +23,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.data import DataLoader, Dataset
+from monai.handlers import CheckpointLoader
 from monai.transforms import Compose, RandFlipd, RandGaussianNoised
 
 from monai_armed.data import TensorBatchLoader
@@ -82,23 +84,37 @@ def test_a_full_disk_leaves_the_previous_metrics_intact(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
-def test_interval_checkpoints_are_pruned_across_runs(tmp_path):
+def test_interval_checkpoints_are_pruned_across_a_resume_and_an_earlier_runs_are_set_aside(tmp_path, caplog):
     net = torch.nn.Linear(2, 1)
     (tmp_path / "resume_notes.txt").write_text("mine")
     (tmp_path / "other_checkpoint_epoch=1.pt").write_bytes(b"not ours")
-    for epochs in (3, 5):
+
+    def run(epochs: int, resume: bool = False) -> None:
         trainer = _trainer(net)
         saver = AtomicCheckpointSaver(
             str(tmp_path), {"model": net, "trainer": trainer}, file_prefix="resume", save_interval=1, n_saved=2
         )
+        if resume:
+            CheckpointLoader(latest_checkpoint(tmp_path), {"model": net, "trainer": trainer}).attach(trainer)
         saver.attach(trainer)
         trainer.run([0], max_epochs=epochs)
+
+    run(3)
+    run(5, resume=True)  # continues at epoch 4: the interrupted run's epoch 2 and 3 are pruned as its own
+    listing = ["other_checkpoint_epoch=1.pt", "resume_checkpoint_epoch=4.pt", "resume_checkpoint_epoch=5.pt",
+               "resume_notes.txt"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    # a fresh, shorter run: its own checkpoints are kept, the earlier run's are moved aside, and resume picks this one
+    with caplog.at_level(logging.WARNING):
+        run(2)
+    (aside,) = (tmp_path / "earlier_runs").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == listing[1:3]
+    assert "moved 2 checkpoint(s) of an earlier run" in caplog.text
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "resume_checkpoint_epoch=2.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "other_checkpoint_epoch=1.pt",
-        "resume_checkpoint_epoch=4.pt",
-        "resume_checkpoint_epoch=5.pt",
+        "earlier_runs", "other_checkpoint_epoch=1.pt", "resume_checkpoint_epoch=1.pt", "resume_checkpoint_epoch=2.pt",
         "resume_notes.txt",
-    ]
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="n_saved"):
         AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_interval=1, n_saved=0)
 

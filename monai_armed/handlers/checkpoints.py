@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,10 +30,11 @@ from monai_armed.utils import atomic_open
 
 idist, _ = optional_import("ignite.distributed", IgniteInfo.OPT_IMPORT_VERSION, min_version)
 if TYPE_CHECKING:
-    from ignite.engine import Engine
+    from ignite.engine import Engine, Events
     from ignite.handlers import DiskSaver
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+    Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
     DiskSaver, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver")
 
 __all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "latest_checkpoint"]
@@ -78,7 +80,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
     - Every file is written by :class:`AtomicDiskSaver`: the previous ``model.pt`` (or best-metric model) stays intact
       until its replacement is complete, and a failed write (e.g. a full disk) raises an ``OSError`` naming the file.
     - With ``save_interval`` and a ``file_prefix``, only the newest ``n_saved`` interval checkpoints with that prefix
-      are kept, counting the files in ``save_dir``, so the ones a previous run wrote are pruned too.
+      are kept, counting the files in ``save_dir``, so a resumed run also prunes the ones its interrupted run wrote.
+      A fresh (not resumed) run first moves an earlier run's checkpoints with that prefix into
+      ``save_dir/earlier_runs/<time>/`` (logged): kept, but no longer counted, pruned or picked by a later resume,
+      which so continues this run and not the other one.
     - :meth:`state_dict` / :meth:`load_state_dict` hold the key-metric tracking (the scores of the saved best models)
       and the best metric of the engine it is attached to. Put the saver into a resume checkpoint's ``save_dict`` and
       a resumed run will not overwrite ``model_best_*.pt`` with a worse score.
@@ -149,6 +154,32 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def attach(self, engine: Engine) -> None:
         self._engine = engine
         super().attach(engine)
+        if self._prune is not None:
+            engine.add_event_handler(Events.STARTED, self._run_started)
+            engine.add_event_handler(Events.EPOCH_STARTED, self._set_aside_earlier_run)
+
+    def _run_started(self, engine: Engine) -> None:
+        self._first_epoch = True
+
+    def _set_aside_earlier_run(self, engine: Engine) -> None:
+        # at the run's first epoch, after any checkpoint loader (attached to STARTED) has restored the state
+        if not getattr(self, "_first_epoch", False):
+            return
+        self._first_epoch = False
+        if engine.state.iteration > 0 or idist.get_rank() != 0:  # a resumed run continues its own checkpoints
+            return
+        earlier = [p for p in Path(self.save_dir).iterdir() if self._prune.fullmatch(p.name)]
+        if not earlier:
+            return
+        target = Path(self.save_dir) / "earlier_runs" / time.strftime("%Y%m%d-%H%M%S")
+        target.mkdir(parents=True, exist_ok=True)
+        for path in earlier:
+            os.replace(path, target / path.name)
+        logger.warning(
+            "a fresh run: moved %d checkpoint(s) of an earlier run (%s) to %s, so that a later resume continues this "
+            "run (resume from the moved files to continue the earlier one instead).",
+            len(earlier), ", ".join(sorted(p.name for p in earlier)), target,
+        )
 
     def interval_completed(self, engine: Engine) -> None:
         super().interval_completed(engine)
