@@ -66,6 +66,8 @@ def test_formula_config_fits_a_users_csv(tmp_path):
     assert json.loads((out / "vocabularies.json").read_text())["site"] == ["00", "01", "02", "03"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["rows"] == 48 and metrics["train"]["rows"] == 192
+    # crossed subject and site: the exact marginal likelihood, not a per-level approximation
+    assert metrics["estimation"].startswith("maximum likelihood: exact marginal likelihood") and metrics["notes"] == []
     # the subjects' random effects predict their held-out visits far better than the fixed effects alone
     assert metrics["test"]["mse"] < 0.3 * metrics["test_fixed_effects_only"]["mse"]
     assert metrics["test"]["mse"] < 0.2 * frame["score"].var()

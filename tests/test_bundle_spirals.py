@@ -163,6 +163,51 @@ def test_missing_csv_column_names_the_file(tmp_path):
     assert "bad.csv" in str(error.value.__cause__) and "missing column(s) ['cluster']" in str(error.value.__cause__)
 
 
+def test_evaluation_with_another_split_is_refused_before_loading(trained, tmp_path):
+    root, overrides = trained
+    metrics = (root / "eval" / "metrics.json").read_bytes()
+    for change, message in (
+        ({"test_fraction": 0.5}, "test_fraction: 0.2 in training, 0.5 now"),
+        ({"n_unseen_clusters": 2}, "n_unseen_clusters: 1 in training, 2 now"),
+    ):
+        workflow = _workflow(["train.json", "evaluate.json"], root, **{**overrides, **change})
+        with pytest.raises(RuntimeError) as error:
+            workflow.run()
+        assert message in str(error.value.__cause__) and "trained on another split" in str(error.value.__cause__)
+    other = tmp_path / "other.csv"
+    _clustered_csv(other, per_cluster=81)
+    workflow = _workflow(["train.json", "evaluate.json"], root, **{**overrides, "csv_file": str(other)})
+    with pytest.raises(RuntimeError) as error:
+        workflow.run()
+    assert "other.csv is not the content of" in str(error.value.__cause__)
+    assert (root / "eval" / "metrics.json").read_bytes() == metrics
+
+
+def test_a_label_outside_the_classes_names_its_line_before_training(tmp_path):
+    bad = tmp_path / "labels.csv"
+    _clustered_csv(bad)
+    lines = bad.read_text().splitlines()
+    lines[7] = lines[7].rsplit(",", 2)[0] + ",2," + lines[7].rsplit(",", 1)[1]
+    bad.write_text("\n".join(lines) + "\n")
+    workflow = _workflow(["train.json"], tmp_path, csv_file=str(bad), generate_default_data=False)
+    with pytest.raises(RuntimeError) as error:
+        workflow.run()
+    assert "labels.csv, line 8, column 'label': label '2' is outside the model's classes; expected 0, 1" in str(
+        error.value.__cause__
+    )
+    assert not (tmp_path / "models").exists()
+
+
+def test_vocabularies_and_training_records_are_written_with_the_model():
+    """After training, so that a run failing in training leaves the earlier model's clusters.json and records."""
+    for config in sorted(CONFIGS.parents[1].glob("*/configs/*train.json")):
+        run = json.loads(config.read_text())["run"]
+        trained = run.index("$@train#trainer.run()")
+        for i, line in enumerate(run):
+            if "vocabulary.save" in line or "record_training" in line:
+                assert i > trained, (config, line)
+
+
 def test_configs_pass_monai_property_checks(trained, tmp_path):
     assert _workflow(["train.json"], tmp_path).check_properties() == []
     root, _ = trained

@@ -125,6 +125,7 @@ def write_formula_outputs(
         "formula": str(fit.design.formula),
         "family": fit.family.name,
         "fit_seconds": fit.fit_seconds,
+        "estimation": fit.estimation,
         "notes": list(fit.notes),
     }
     if train is not None:

@@ -35,7 +35,14 @@ from .microscopy import (
     simulate_cell_image,
 )
 from .nuclei import ensure_nucleus_dataset, make_nucleus_batches, make_nucleus_dataset, render_nucleus_field
-from .provenance import TRAINING_ITEMS_FILE, check_evaluated_items, record_training_items
+from .provenance import (
+    TRAINING_ITEMS_FILE,
+    TRAINING_SPLIT_FILE,
+    check_evaluated_items,
+    check_training_split,
+    record_training_items,
+    record_training_split,
+)
 from .mri import (
     DEFAULT_VENDOR_AD_FRACTION,
     MNI_RIGHT_HIPPOCAMPUS,

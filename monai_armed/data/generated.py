@@ -68,6 +68,11 @@ OWNER_FILE = ".monai_armed_generated.json"
 
 # temporary files of atomic writes: ".<name>.<hex>.tmp" (atomic_open, NIfTI) and ".<hex>.<name>" (TIFF)
 _TEMPORARY = (re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8,}\.tmp"), re.compile(r"\.[0-9a-f]{32}\.(?P<name>.+)"))
+#: how a bundle is given a user's own data instead of the generated set
+_OWN_DATA = (
+    "pass its file, --csv_file FILE in the spirals bundle or --datalist_file FILE in the imaging bundles, or put it in "
+    "this folder under the name the bundle reads (spirals.csv, datalist.json) with --generate_default_data False"
+)
 _CHUNK = 1 << 20
 
 
@@ -228,8 +233,7 @@ def claim_output_dir(out_dir: str | os.PathLike, generator: str, owns: Callable[
         raise ForeignFilesError(
             f"{out} holds files that the {generator} generator did not write, e.g. {foreign[0]!r} ({len(foreign)} "
             f"such file(s)); refusing to generate the default data set there, and nothing in the folder was changed. "
-            f"To train on your own data in this folder, pass --generate_default_data False; to generate the default "
-            f"data, choose a new or empty --dataset_dir."
+            f"To train on your own data, {_OWN_DATA}; to generate the default data, choose a new or empty --dataset_dir."
         )
     if isinstance(listed, Mapping):
         for key, name in manifest.items():
@@ -237,8 +241,8 @@ def claim_output_dir(out_dir: str | os.PathLike, generator: str, owns: Callable[
             if isinstance(record, Mapping) and (out / name).is_file() and file_record(out / name) != record:
                 raise ForeignFilesError(
                     f"{out / name} was changed since the {generator} generator wrote it; refusing to overwrite it "
-                    f"(nothing in {out} was changed). To train on the edited data, pass --generate_default_data False; "
-                    f"to generate the default data, choose a new or empty --dataset_dir."
+                    f"(nothing in {out} was changed). To train on the edited data, {_OWN_DATA}; to generate the default "
+                    "data, choose a new or empty --dataset_dir."
                 )
     if owner is None:
         write_json({"generator": generator}, out / OWNER_FILE)

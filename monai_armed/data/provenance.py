@@ -19,14 +19,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from monai_armed.data.generated import file_record
 from monai_armed.utils import write_json
 
-__all__ = ["TRAINING_ITEMS_FILE", "check_evaluated_items", "record_training_items"]
+__all__ = [
+    "TRAINING_ITEMS_FILE",
+    "TRAINING_SPLIT_FILE",
+    "check_evaluated_items",
+    "check_training_split",
+    "record_training_items",
+    "record_training_split",
+]
 
 logger = logging.getLogger(__name__)
 
 #: file name, in the checkpoint folder, of the training images' record
 TRAINING_ITEMS_FILE = "training_items.json"
+#: file name, in the checkpoint folder, of what decided a tabular training run's split
+TRAINING_SPLIT_FILE = "training_split.json"
 
 
 def _image_id(value: Any) -> str:
@@ -86,4 +96,50 @@ def check_evaluated_items(
             f"training images listed in {record}). Generated data asked for with other settings than the training "
             "run's are generated anew: give the evaluation the training run's data overrides, or evaluate on images "
             "the model has not trained on."
+        )
+
+
+def _split_record(csv_file: str | os.PathLike, settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {"csv_sha256": file_record(csv_file)["sha256"], **{k: settings[k] for k in sorted(settings)}}
+
+
+def record_training_split(ckpt_dir: str | os.PathLike, csv_file: str | os.PathLike, **settings: Any) -> str:
+    """Write what decides a tabular training run's split into ``ckpt_dir/training_split.json`` (atomically): the
+    CSV's content hash, its path and the split settings (JSON values); returns the file's path.
+
+    Example::
+
+        record_training_split("runs/spirals/models", "data/spirals.csv", n_unseen_clusters=2, test_fraction=0.2)
+    """
+    record = {"csv_file": os.fspath(csv_file), **_split_record(csv_file, settings)}
+    return write_json(record, Path(ckpt_dir) / TRAINING_SPLIT_FILE)
+
+
+def check_training_split(ckpt_dir: str | os.PathLike, csv_file: str | os.PathLike, **settings: Any) -> None:
+    """Refuse an evaluation whose split would differ from the training run's: another CSV (by content) or other split
+    settings would put training rows among the scored ones, or score clusters the model saw as unseen. Without a
+    record (a model trained before monai-armed 0.5.3) a warning says that nothing was checked.
+
+    Raises:
+        ValueError: naming each setting that differs, with the training run's value and this one's.
+
+    Example::
+
+        check_training_split("runs/spirals/models", "data/spirals.csv", n_unseen_clusters=2, test_fraction=0.2)
+    """
+    path = Path(ckpt_dir) / TRAINING_SPLIT_FILE
+    if not path.is_file():
+        logger.warning(f"{path} does not exist: the evaluated rows are not checked against the training split.")
+        return
+    trained = json.loads(path.read_text())
+    now = _split_record(csv_file, settings)
+    differ = [
+        f"{key}: {trained.get(key)!r} in training, {value!r} now" if key != "csv_sha256"
+        else f"the CSV: {csv_file} is not the content of {trained.get('csv_file')} the model trained on"
+        for key, value in now.items() if trained.get(key) != value
+    ]  # fmt: skip
+    if differ:
+        raise ValueError(
+            f"the model in {ckpt_dir} was trained on another split than this evaluation's ({'; '.join(differ)}): its "
+            "scored rows could be training rows. Give the evaluation the training run's data overrides."
         )

@@ -120,6 +120,7 @@ def load_csv_datalist(
     require_cluster: bool = True,
     encoding: str = "utf-8-sig",
     task: str = "classification",
+    n_classes: int | None = None,
 ) -> list[dict]:
     """
     Load a tabular CSV file into a datalist.
@@ -145,6 +146,8 @@ def load_csv_datalist(
         encoding: text encoding of the file; the default reads UTF-8 with or without a byte-order mark.
         task: ``"classification"`` (default: class labels) or ``"regression"``: every label cell is a finite number
             (a continuous outcome, e.g. for :class:`~monai_armed.losses.GaussianLikelihood`), kept as a ``float``.
+        n_classes: the classes the model predicts (classification): every label must be in ``0..n_classes - 1``, so
+            a label the model cannot learn fails here, naming its line, before any training.
 
     Returns:
         one dict per data row: ``{"features": float32 array (F,), "label": int, "cluster": str}`` (``"label"`` a
@@ -154,8 +157,9 @@ def load_csv_datalist(
         FileNotFoundError: when ``path`` does not exist.
         ValueError: when the file is not valid ``encoding``, is empty or has no data rows, a column is missing, a row
             has the wrong number of cells, a feature is empty, NaN, infinite or not a number, a label is not an
-            integer or one of ``label_names`` (regression: is empty, NaN, infinite or not a number), or a cluster id is
-            missing (empty, NaN, NA). The message names the file, and the line and column where relevant.
+            integer or one of ``label_names`` (or outside ``0..n_classes - 1``; regression: is empty, NaN, infinite or
+            not a number), or a cluster id is missing (empty, NaN, NA). The message names the file, and the line and
+            column where relevant.
 
     Example::
 
@@ -172,6 +176,8 @@ def load_csv_datalist(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CSV datalist file not found: {path}")
     names = check_label_names(label_names, path)
+    if n_classes is not None and (task == "regression" or n_classes < 2):
+        raise ValueError(f"{path}: n_classes is for classification with at least 2 classes, got {n_classes}.")
     try:
         codecs.lookup(encoding)
     except LookupError:
@@ -180,7 +186,8 @@ def load_csv_datalist(
     with open(path, newline="", encoding=encoding) as f:
         try:
             datalist, n_without_cluster = _read_rows(
-                csv.reader(f), path, feature_columns, label_column, cluster_column, names, require_cluster, task
+                csv.reader(f), path, feature_columns, label_column, cluster_column, names, require_cluster, task,
+                n_classes,
             )
         except UnicodeDecodeError as err:
             raise _decode_error(path, encoding, err) from None
@@ -203,6 +210,7 @@ def _read_rows(
     label_names: list[str] | None,
     require_cluster: bool,
     task: str = "classification",
+    n_classes: int | None = None,
 ) -> tuple[list[dict], int]:
     """The datalist of a CSV reader's rows, and how many have an empty cluster cell (``require_cluster=False``)."""
     header = _read_header(reader, path)
@@ -229,6 +237,11 @@ def _read_rows(
                 item["label"] = _parse_feature(cell, where, kind="label")
             else:
                 item["label"] = parse_label(cell, where, label_names)
+                if n_classes is not None and not 0 <= item["label"] < n_classes:
+                    raise ValueError(
+                        f"{where}: label {cell.strip()!r} is outside the model's classes; expected "
+                        f"{', '.join(str(k) for k in range(n_classes))}."
+                    )
         if cluster_column is not None:
             cell = row[header.index(cluster_column)]
             if require_cluster or not is_missing_value(cell):
