@@ -22,7 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_armed.apps.marginal_likelihood import MAX_JOINT_EFFECTS, GaussianMarginalLikelihood
+from monai_armed.apps.joint_effects import (
+    MAX_JOINT_EFFECTS,
+    MAX_JOINT_POSTERIOR_EFFECTS,
+    GaussianMarginalLikelihood,
+    JointPosteriorELBO,
+)
 from monai_armed.data.formula import MixedDesign, build_design
 from monai_armed.losses.families import LikelihoodFamily, likelihood, validate_weights
 from monai_armed.networks.blocks.adversary import ClusterAdversary
@@ -205,10 +210,14 @@ def fit_mixed_model(
     for one grouping factor with correlated effects the per-level posterior family is exact; for several factors
     (crossed or nested) or a ``||`` term, whose exact posterior correlates effects across factors or within a level,
     the L-BFGS fit maximises the exact marginal likelihood instead
-    (:class:`~monai_armed.apps.marginal_likelihood.GaussianMarginalLikelihood`, up to
-    :data:`~monai_armed.apps.marginal_likelihood.MAX_JOINT_EFFECTS` random effects in all). Other fits with several
-    factors are variational approximations, said in the fit's ``notes`` and logged; ``estimation`` names the
-    criterion.
+    (:class:`~monai_armed.apps.joint_effects.GaussianMarginalLikelihood`, up to
+    :data:`~monai_armed.apps.joint_effects.MAX_JOINT_EFFECTS` random effects in all). The other families' L-BFGS fits
+    of such models give all random effects one joint Gaussian posterior
+    (:class:`~monai_armed.apps.joint_effects.JointPosteriorELBO`, up to
+    :data:`~monai_armed.apps.joint_effects.MAX_JOINT_POSTERIOR_EFFECTS`): a variational approximation, as lme4's
+    Laplace fits are an approximation. Beyond those sizes, or with an MLP fixed part or mini-batches, each level has
+    its own posterior, which misses the correlations between factors: the fit's ``notes`` and the log say so.
+    ``estimation`` names the criterion of every fit.
 
     ``optimizer="lbfgs"`` optimises the full data at once in float64 (the default, ``"auto"``, for a linear fixed part
     and up to 200,000 rows); ``"adam"`` takes mini-batches of ``batch_size`` rows for ``epochs`` with
@@ -268,9 +277,9 @@ def fit_mixed_model(
         raise ValueError(f"optimizer must be 'auto', 'lbfgs' or 'adam', got {optimizer!r}.")
     if optimizer == "auto":
         optimizer = "lbfgs" if not hidden_channels and design.n_rows <= 200_000 else "adam"
-    joint = _needs_joint_posterior(design, family, hidden_channels, optimizer)
+    joint = _joint_fit(design, family, hidden_channels, optimizer)
     if reml and (family.name != "gaussian" or hidden_channels or weights is not None or optimizer != "lbfgs"
-                 or (len(design.factors) != 1 and not joint)):
+                 or (len(design.factors) != 1 and joint != "marginal")):
         raise ValueError(
             "reml=True needs the gaussian family, a linear fixed part, no weights, the L-BFGS fit and one grouping "
             f"factor or at most {MAX_JOINT_EFFECTS} random effects in all; got family {family.name!r}, "
@@ -298,11 +307,12 @@ def fit_mixed_model(
     }
     _initialise(network, family, x, y, design)
     params = list(network.parameters()) + list(family.parameters())
-    if not joint:
+    if joint is None:
         _note_mean_field(design, family, hidden_channels, optimizer, notes)
-    if joint:
-        criterion = GaussianMarginalLikelihood(design, network, family, y, extras["weight"], reml=reml)
-        objective, iterations, converged = _fit_marginal(criterion, max_iter)
+    if joint is not None:
+        criterion = (GaussianMarginalLikelihood(design, network, family, y, extras["weight"], reml=reml)
+                     if joint == "marginal" else JointPosteriorELBO(design, network, family, y, extras))
+        objective, iterations, converged = _fit_joint(criterion, max_iter)
     elif optimizer == "lbfgs":
         penalty = _RemlTerm(design, network, family, dtype) if reml else None
         objective, iterations, converged = _fit_lbfgs(network, family, params, x, y, cluster, extras, design.n_rows,
@@ -329,12 +339,16 @@ def _mean_field_inexact(design: MixedDesign) -> bool:
     return len(design.factors) > 1 or any(not f.correlated and f.Z.shape[1] > 1 for f in design.factors.values())
 
 
-def _needs_joint_posterior(design: MixedDesign, family: LikelihoodFamily, hidden: Sequence[int], optimizer: str) -> bool:
-    """A linear Gaussian model that the per-level ELBO would fit only approximately, small enough for the exact
-    marginal likelihood."""
-    linear_gaussian = family.name == "gaussian" and not hidden and optimizer == "lbfgs"
+def _joint_fit(design: MixedDesign, family: LikelihoodFamily, hidden: Sequence[int], optimizer: str) -> str | None:
+    """How a model that per-level posteriors would miss correlations of is fitted: ``"marginal"`` (the exact Gaussian
+    marginal likelihood), ``"posterior"`` (one joint Gaussian posterior) or ``None`` (per-level posteriors: an MLP
+    fixed part, mini-batches, too many effects, or nothing to miss)."""
+    if hidden or optimizer != "lbfgs" or family.name == "categorical" or not _mean_field_inexact(design):
+        return None
     effects = sum(f.n_levels * f.Z.shape[1] for f in design.factors.values())
-    return linear_gaussian and _mean_field_inexact(design) and effects <= MAX_JOINT_EFFECTS
+    if family.name == "gaussian" and effects <= MAX_JOINT_EFFECTS:
+        return "marginal"
+    return "posterior" if effects <= MAX_JOINT_POSTERIOR_EFFECTS else None
 
 
 def _note_mean_field(design: MixedDesign, family: LikelihoodFamily, hidden: Sequence[int], optimizer: str,
@@ -342,12 +356,13 @@ def _note_mean_field(design: MixedDesign, family: LikelihoodFamily, hidden: Sequ
     """Say where the per-level (mean-field) posterior makes the variance components approximate."""
     if not _mean_field_inexact(design):
         return
-    if family.name != "gaussian" or hidden:
-        reason = f"the {family.name} family" + (" with an MLP fixed part" if hidden else "")
+    if hidden:
+        reason = "an MLP fixed part"
     elif optimizer != "lbfgs":
         reason = "the mini-batch fit"
     else:
-        reason = f"more than {MAX_JOINT_EFFECTS} random effects for the exact joint solve"
+        limit = MAX_JOINT_EFFECTS if family.name == "gaussian" else MAX_JOINT_POSTERIOR_EFFECTS
+        reason = f"more than {limit} random effects for a joint fit"
     message = (
         f"{reason}: the factors {list(design.factors)} are fitted with independent per-level posteriors, so their "
         "variance components are a variational approximation (typically smaller than lme4's; nested factors can "
@@ -357,25 +372,24 @@ def _note_mean_field(design: MixedDesign, family: LikelihoodFamily, hidden: Sequ
     notes.append(message)
 
 
-def _estimation(design: MixedDesign, family: LikelihoodFamily, hidden: Sequence[int], optimizer: str, joint: bool,
-                reml: bool) -> str:
+def _estimation(design: MixedDesign, family: LikelihoodFamily, hidden: Sequence[int], optimizer: str,
+                joint: str | None, reml: bool) -> str:
     criterion = "REML" if reml else "maximum likelihood"
-    if joint:
+    quadrature = ", expectation by Gauss-Hermite quadrature" if family.name in ("bernoulli", "binomial") else ""
+    if joint == "marginal":
         return f"{criterion}: exact marginal likelihood (the effects of every factor integrated out jointly)"
+    if joint == "posterior":
+        return f"variational approximation: ELBO with one joint Gaussian posterior of every factor's effects{quadrature}"
     if family.name == "gaussian" and not hidden and optimizer == "lbfgs" and not _mean_field_inexact(design):
         return f"{criterion}: ELBO with the exact posterior of each level's effects"
-    return "variational approximation: ELBO with a Gaussian posterior per level" + (
-        ", expectation by Gauss-Hermite quadrature" if family.name in ("bernoulli", "binomial") else ""
-    )
+    return f"variational approximation: ELBO with a Gaussian posterior per level{quadrature}"
 
 
-def _fit_marginal(criterion: GaussianMarginalLikelihood, max_iter: int) -> tuple[float, int, bool]:
-    """L-BFGS on the exact marginal likelihood over the fixed effects, the priors and the residual scale; then the
-    conditional posterior of the effects."""
-    params = [criterion.network.out.weight, *criterion.family.parameters()]
-    for layer in criterion.layers:
-        params += [p for p in (layer.log_prior_scale, layer.prior_tril) if p.requires_grad and p.numel()]
-    iterations, converged = _minimise(params, criterion, max_iter)
+def _fit_joint(criterion: GaussianMarginalLikelihood | JointPosteriorELBO, max_iter: int) -> tuple[float, int, bool]:
+    """L-BFGS on a joint criterion over everything it depends on; then each level's posterior into the network."""
+    if isinstance(criterion, JointPosteriorELBO):
+        _minimise(criterion.fixed_effects_start(), criterion.glm_objective, max_iter)
+    iterations, converged = _minimise(criterion.criterion_parameters(), criterion, max_iter)
     criterion.set_posterior()
     with torch.no_grad():
         return float(criterion()), iterations, converged
