@@ -120,11 +120,13 @@ def _key(row: dict) -> tuple:
 def _by_key(rows: Sequence[dict]) -> dict:
     """lme4's VarCorr rows by (group, var1, var2), also under this package's group names where lme4's differ: lme4
     splits a ``||`` term into groups ``g``, ``g.1``, ... with one effect each (found under ``g`` too, where that key
-    is not taken) and names the inner factor of ``(1 | a/b)`` ``b:a`` (found under ``a:b``)."""
+    is not taken) and names the inner factors of ``(1 | a/b/c)`` ``b:a`` and ``c:(b:a)`` (found under ``a:b`` and
+    ``a:b:c``)."""
     table = {_key(r): r for r in rows}
     for row in rows:
         group = re.sub(r"\.\d+$", "", row["grp"])
-        for name in (group, ":".join(reversed(group.split(":")))):
+        outer_first = ":".join(reversed(group.replace("(", "").replace(")", "").split(":")))
+        for name in (group, outer_first):
             table.setdefault((name, row["var1"], row["var2"]), row)
     return table
 

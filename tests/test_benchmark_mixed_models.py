@@ -80,3 +80,5 @@ def test_lme4_rows_of_split_and_nested_terms_are_matched():
     assert table[("Subject", "(Intercept)", None)]["vcov"] == 584.3
     nested = _by_key([{"grp": "cask:batch", "var1": "(Intercept)", "var2": None, "vcov": 8.43}])
     assert nested[("batch:cask", "(Intercept)", None)]["vcov"] == 8.43
+    deeper = _by_key([{"grp": "c:(b:a)", "var1": "(Intercept)", "var2": None, "vcov": 1.0}])
+    assert deeper[("a:b:c", "(Intercept)", None)]["vcov"] == 1.0

@@ -109,12 +109,44 @@ def test_interval_checkpoints_are_pruned_across_a_resume_and_an_earlier_runs_are
         run(2)
     (aside,) = (tmp_path / "earlier_runs").iterdir()
     assert sorted(p.name for p in aside.iterdir()) == listing[1:3]
-    assert "moved 2 checkpoint(s) of an earlier run" in caplog.text
+    assert "moved 2 checkpoint(s) of another run" in caplog.text
     assert latest_checkpoint(tmp_path) == str(tmp_path / "resume_checkpoint_epoch=2.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "earlier_runs", "other_checkpoint_epoch=1.pt", "resume_checkpoint_epoch=1.pt", "resume_checkpoint_epoch=2.pt",
         "resume_notes.txt",
     ]  # fmt: skip
+    # another fresh run within the same second gets its own folder: nothing set aside is replaced
+    run(2)
+    assert sorted(len(list(folder.iterdir())) for folder in (tmp_path / "earlier_runs").iterdir()) == [2, 2]
+
+
+def test_a_run_resumed_from_set_aside_checkpoints_sets_aside_the_later_ones(tmp_path):
+    """Resuming the earlier run (its files moved back) while a longer run's checkpoints are there: those, beyond the
+    resumed epoch, are set aside instead of being pruned as this run's."""
+    net = torch.nn.Linear(2, 1)
+
+    def saver_for(trainer: Engine) -> AtomicCheckpointSaver:
+        return AtomicCheckpointSaver(
+            str(tmp_path), {"model": net, "trainer": trainer}, file_prefix="resume", save_interval=1, n_saved=2
+        )
+
+    first = _trainer(net)
+    saver_for(first).attach(first)
+    first.run([0], max_epochs=3)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for path in tmp_path.glob("resume_*.pt"):
+        path.rename(kept / path.name)
+    longer = _trainer(net)
+    saver_for(longer).attach(longer)
+    longer.run([0], max_epochs=6)  # its epochs 5 and 6 stay
+    resumed = _trainer(net)
+    CheckpointLoader(str(kept / "resume_checkpoint_epoch=3.pt"), {"model": net, "trainer": resumed}).attach(resumed)
+    saver_for(resumed).attach(resumed)
+    resumed.run([0], max_epochs=4)
+    assert sorted(p.name for p in tmp_path.glob("resume_*.pt")) == ["resume_checkpoint_epoch=4.pt"]
+    (aside,) = (tmp_path / "earlier_runs").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["resume_checkpoint_epoch=5.pt", "resume_checkpoint_epoch=6.pt"]
     with pytest.raises(ValueError, match="n_saved"):
         AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_interval=1, n_saved=0)
 

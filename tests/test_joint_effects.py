@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from monai_armed.apps import fit_formula
-from monai_armed.apps.joint_effects import GaussianMarginalLikelihood, JointPosteriorELBO
+from monai_armed.apps.joint_effects import EffectsLayout, GaussianMarginalLikelihood, JointPosteriorELBO
 from monai_armed.apps.mixed_model import _build_network
 from monai_armed.data import build_design
 from monai_armed.losses import likelihood
@@ -271,6 +271,14 @@ def test_dotted_factor_names_and_two_terms_on_one_group_fit():
     network = two_terms.network
     network.load_state_dict(state)
     assert list(network.random_effects) == ["subj.id", "subj.id.1"]
+    assert "subj.id.1" in network.random_effects and "subj__dot__id" not in network.random_effects
+    with pytest.raises(KeyError, match="'subj.id.2'"):
+        network.random_effects["subj.id.2"]
+    from monai_armed.networks.utils import random_effects_summary
+
+    assert set(random_effects_summary(network)["groups"]) == {"random_effects.subj.id", "random_effects.subj.id.1"}
+    network.random_effects.pop("subj.id.1")
+    assert list(network.random_effects) == ["subj.id"]
     assert "exact marginal likelihood" in two_terms.estimation
 
 
@@ -280,3 +288,32 @@ def test_an_unconverged_fit_says_so(caplog):
         fit = fit_formula(CROSSED, frame, max_iter=2)
     assert fit.iterations <= 2 and any("max_iter=2" in note for note in fit.notes)
     assert "may not be converged" in caplog.text
+
+
+def test_boundary_fits_of_crossed_factors_finish_and_say_they_are_singular(caplog):
+    """A random slope with no variance, crossed with another factor: the joint criterion works through Lambda (lme4's
+    form), so a correlation reaching +-1 does not break a Cholesky factorisation of G^-1 (this data set crashed)."""
+    rng = np.random.default_rng(5)
+    g, h, x = rng.integers(0, 6, 120), rng.integers(0, 4, 120), rng.normal(size=120)
+    frame = pd.DataFrame({"y": x + rng.normal(0, 1, 6)[g] + rng.normal(size=120), "x": x, "g": g.astype(str),
+                          "h": h.astype(str)})  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        fit = fit_formula("y ~ x + (1 + x | g) + (1 | h)", frame)
+    assert any("boundary (singular) fit" in note for note in fit.notes) and "isSingular" in caplog.text
+    correlation = next(r for r in fit.variance_components() if r["var2"] is not None)["sdcor"]
+    assert abs(correlation) > 0.99
+    assert all(np.isfinite(r["vcov"]) for r in fit.variance_components())
+
+
+def test_rows_of_levels_outside_the_vocabulary_have_no_effect_for_that_factor():
+    """Codes of -1 in a training design (levels left out of a given vocabulary) contribute nothing to their factor,
+    as in the per-level fit, instead of indexing the previous factor's last level."""
+    frame = _crossed_frame(8)
+    vocabularies = {"subject": sorted(frame["subject"].unique()), "site": sorted(frame["site"].unique())[1:]}
+    design = build_design(CROSSED, frame, vocabularies=vocabularies)
+    assert (design.factors["site"].codes == -1).any()
+    network = _build_network(design, likelihood("gaussian"), (), False, []).double()
+    layout = EffectsLayout(design, network, torch.float64)
+    unseen = torch.as_tensor(design.factors["site"].codes < 0)
+    site = slice(design.factors["subject"].Z.shape[1], None)
+    assert bool((layout.values[unseen][:, site] == 0).all())

@@ -37,3 +37,22 @@ def test_a_model_without_a_record_is_evaluated_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         check_evaluated_items({"test": [{"image": "a.tif"}]}, tmp_path / "models")
     assert "training_items.json does not exist" in caplog.text
+
+
+def test_training_split_record_refuses_another_csv_or_settings(tmp_path, caplog):
+    from monai_armed.data import check_training_split, record_training_split
+
+    csv = tmp_path / "data.csv"
+    csv.write_text("f0,label,cluster\n0.1,1,a\n")
+    models = tmp_path / "models"
+    models.mkdir()
+    with caplog.at_level("WARNING"):
+        check_training_split(models, csv, test_fraction=0.2)  # no record yet: a warning, nothing refused
+    assert "training_split.json does not exist" in caplog.text
+    record_training_split(models, csv, test_fraction=0.2, feature_columns=("f0",))
+    check_training_split(models, csv, test_fraction=0.2, feature_columns=("f0",))  # a tuple matches its JSON list
+    with pytest.raises(ValueError, match="test_fraction: 0.2 in training, 0.5 now"):
+        check_training_split(models, csv, test_fraction=0.5, feature_columns=("f0",))
+    csv.write_text("f0,label,cluster\n0.2,1,a\n")
+    with pytest.raises(ValueError, match="data.csv is not the content of"):
+        check_training_split(models, csv, test_fraction=0.2, feature_columns=("f0",))

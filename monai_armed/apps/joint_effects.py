@@ -30,6 +30,7 @@ from monai_armed.networks.layers.random_effects import inverse_softplus
 from monai_armed.networks.nets.mixed_model import MixedModelNet
 
 __all__ = [
+    "UNFIT",
     "MAX_JOINT_EFFECTS",
     "MAX_JOINT_POSTERIOR_EFFECTS",
     "EffectsLayout",
@@ -43,13 +44,17 @@ MAX_JOINT_EFFECTS = 4000
 MAX_JOINT_POSTERIOR_EFFECTS = 2000
 
 
-#: the criterion's value where parameters admit no posterior
-_UNFIT = 1e10
+#: the joint posterior criterion's value where the parameters admit no posterior
+UNFIT = 1e10
 
 
 class EffectsLayout:
     """Where each factor's effects sit in the vector ``u`` of all ``q`` random effects (factor by factor, level by
-    level, term by term), the design ``Z`` as per-row column indices and values, and the prior covariance ``G``.
+    level, term by term), and the design in lme4's spherical form ``Z Lambda`` (``u = Lambda b``, ``b ~ N(0, I)``,
+    ``G = Lambda Lambda^T`` block-diagonal): a row's entries of ``Z Lambda`` sit in the same columns as its entries of
+    ``Z`` (its levels' blocks), with values ``z_f P_f`` for each factor's prior Cholesky factor ``P_f``. Working with
+    ``Lambda`` rather than ``G^-1``, as lme4 does, keeps every system positive definite where a variance is 0 or a
+    correlation +-1, and with per-row entries nothing is ever multiplied by a dense ``q x q`` ``Lambda``.
 
     Args:
         design: the training design (its factors give ``Z`` and the level codes).
@@ -59,55 +64,59 @@ class EffectsLayout:
     Example::
 
         layout = EffectsLayout(design, network, torch.float64)
-        precision, log_det = layout.prior_precision()      # G^-1 (q x q) and log|G|
+        values = layout.spherical_values()          # (N, k) entries of Z Lambda in layout.columns
+        gram = layout.gram(torch.ones(n), values)   # Lambda^T Z^T Z Lambda (q x q)
     """
 
     def __init__(self, design: MixedDesign, network: MixedModelNet, dtype: torch.dtype) -> None:
-        if len(network.hidden) or network.out_channels != 1:
-            raise ValueError("a joint fit of the random effects needs a linear fixed part and one output.")
+        if len(network.hidden) or network.out_channels != 1 or network.out.bias is not None:
+            raise ValueError(
+                "a joint fit of the random effects needs a linear fixed part without a bias (the intercept a column of "
+                "the design) and one output."
+            )
         self.layers = [network.random_effects[key] for key in design.factors]
         self.sizes = [(factor.n_levels, factor.Z.shape[1]) for factor in design.factors.values()]
         self.q = sum(levels * units for levels, units in self.sizes)
-        columns, values, self.blocks, offset = [], [], [], 0
+        columns, values, offset = [], [], 0
         for (levels, units), factor in zip(self.sizes, design.factors.values()):
             codes = torch.as_tensor(factor.codes, dtype=torch.long)
-            columns.append(offset + codes.unsqueeze(1) * units + torch.arange(units))
-            values.append(torch.tensor(factor.Z, dtype=dtype))
-            start = offset + torch.arange(levels).reshape(levels, 1, 1) * units
-            rows = (start + torch.arange(units).reshape(1, units, 1)).expand(levels, units, units)
-            cols = (start + torch.arange(units).reshape(1, 1, units)).expand(levels, units, units)
-            self.blocks.append((rows.reshape(-1), cols.reshape(-1)))  # each level's (units x units) block
+            # a level outside the vocabulary (-1) has no effect for this factor: a zero entry of Z
+            columns.append(offset + codes.clamp(min=0).unsqueeze(1) * units + torch.arange(units))
+            values.append(torch.tensor(factor.Z, dtype=dtype) * (codes >= 0).unsqueeze(1).to(dtype))
             offset += levels * units
         #: ``(N, k)`` column of ``u`` and value of each of a row's ``k`` random-effects design entries
         self.columns, self.values = torch.cat(columns, 1), torch.cat(values, 1)
 
-    def gram(self, row_weights: torch.Tensor) -> torch.Tensor:
-        """``Z^T diag(row_weights) Z`` (dense, ``q x q``), differentiable in the weights."""
+    def spherical_values(self) -> torch.Tensor:
+        """The entries of ``Z Lambda`` (``(N, k)``, in :attr:`columns`), differentiable in the layers' priors."""
+        parts, start = [], 0
+        for layer, (_, units) in zip(self.layers, self.sizes):
+            parts.append(self.values[:, start : start + units] @ layer.prior_cholesky().to(self.values.dtype))
+            start += units
+        return torch.cat(parts, 1)
+
+    def gram(self, row_weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``V^T diag(row_weights) V`` (dense, ``q x q``) of the per-row entries ``values``."""
         q = self.q
         pairs = (self.columns.unsqueeze(2) * q + self.columns.unsqueeze(1)).reshape(-1)
-        products = (row_weights.reshape(-1, 1, 1) * self.values.unsqueeze(2) * self.values.unsqueeze(1)).reshape(-1)
+        products = (row_weights.reshape(-1, 1, 1) * values.unsqueeze(2) * values.unsqueeze(1)).reshape(-1)
         return products.new_zeros(q * q).index_add(0, pairs, products).reshape(q, q)
 
-    def transpose_times(self, rows: torch.Tensor) -> torch.Tensor:
-        """``Z^T r`` (``(q,)``) of a per-row vector ``r`` (``(N,)``)."""
-        products = (self.values * rows.unsqueeze(1)).reshape(-1)
-        return products.new_zeros(self.q).index_add(0, self.columns.reshape(-1), products)
+    def transpose_times(self, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``V^T r`` (``(q,)`` or ``(q, p)``) of a per-row vector or matrix ``r`` (``(N,)`` or ``(N, p)``)."""
+        matrix = rows.reshape(rows.shape[0], -1)
+        products = (values.unsqueeze(2) * matrix.unsqueeze(1)).reshape(-1, matrix.shape[1])
+        out = products.new_zeros(self.q, matrix.shape[1]).index_add(0, self.columns.reshape(-1), products)
+        return out[:, 0] if rows.dim() == 1 else out
 
-    def row_variances(self, covariance: torch.Tensor) -> torch.Tensor:
-        """``z_i^T S z_i`` of every row for a covariance ``S`` of ``u`` (``(N,)``), from the row's own entries."""
+    def times(self, vector: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``V v`` (``(N,)``) of a vector ``v`` of all effects."""
+        return (values * vector[self.columns]).sum(1)
+
+    def row_variances(self, covariance: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``v_i^T S v_i`` of every row's entries ``v_i`` for a covariance ``S`` (``(N,)``)."""
         entries = covariance[self.columns.unsqueeze(2), self.columns.unsqueeze(1)]
-        return (self.values.unsqueeze(2) * self.values.unsqueeze(1) * entries).sum((1, 2))
-
-    def prior_precision(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``G^-1`` (dense, ``q x q``, block-diagonal) and ``log|G|``, differentiable in the layers' priors."""
-        dtype = self.values.dtype
-        precision, log_det = torch.zeros(self.q, self.q, dtype=dtype), torch.zeros((), dtype=dtype)
-        for layer, (levels, units), (rows, cols) in zip(self.layers, self.sizes, self.blocks):
-            chol = layer.prior_cholesky().to(dtype)
-            block = torch.cholesky_inverse(chol).expand(levels, units, units).reshape(-1)
-            precision = precision.index_put((rows, cols), block)
-            log_det = log_det + levels * 2 * chol.diagonal().log().sum()
-        return precision, log_det
+        return (values.unsqueeze(2) * values.unsqueeze(1) * entries).sum((1, 2))
 
     def prior_parameters(self) -> list[nn.Parameter]:
         """The learned parameters of every factor's prior covariance."""
@@ -116,14 +125,17 @@ class EffectsLayout:
 
     @torch.no_grad()
     def write_posterior(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
-        """Set each level's posterior to the mean and the covariance of its own effects (the diagonal blocks of the
-        joint ``covariance``; a diagonal layer keeps the block's variances)."""
+        """Set each level's posterior from a joint posterior ``N(mean, covariance)`` of the spherical effects ``b``:
+        ``u_l = P_f b_l``, with the covariance of the level's own effects ``P_f S_ll P_f^T`` (a diagonal layer keeps
+        its variances)."""
         offset = 0
-        for layer, (levels, units), (rows, cols) in zip(self.layers, self.sizes, self.blocks):
-            layer.loc.copy_(mean[offset : offset + levels * units].reshape(levels, units))
-            block = covariance[rows, cols].reshape(levels, units, units)
-            if layer.covariance == "full":
-                factor = torch.linalg.cholesky(block)
+        for layer, (levels, units) in zip(self.layers, self.sizes):
+            chol = layer.prior_cholesky().to(mean.dtype)
+            index = offset + torch.arange(levels * units).reshape(levels, units)
+            layer.loc.copy_(mean[index] @ chol.T)
+            block = chol @ covariance[index.unsqueeze(2), index.unsqueeze(1)] @ chol.T
+            if layer.covariance == "full":  # a jitter: a level's block is singular where a prior variance is 0
+                factor = torch.linalg.cholesky(block + 1e-12 * torch.eye(units, dtype=block.dtype))
                 diagonal = factor.diagonal(dim1=-2, dim2=-1)
                 layer.tril.copy_(factor[:, layer._tril_rows, layer._tril_cols])
             else:
@@ -136,11 +148,12 @@ class GaussianMarginalLikelihood:
     """The exact negative log marginal likelihood per row of a linear Gaussian mixed model, every factor's random
     effects integrated out jointly.
 
-    ``y = X beta + Z u + e``, ``u ~ N(0, G)``, ``e_i ~ N(0, sigma^2)``, row weights multiplying each row's
-    log-likelihood. With ``M = Z^T W Z + sigma^2 G^-1`` (dense, ``q x q``) and ``r = y - X beta``::
+    ``y = X beta + Z u + e``, ``u ~ N(0, G)`` with ``G = Lambda Lambda^T``, ``e_i ~ N(0, sigma^2)``, row weights
+    multiplying each row's log-likelihood. With ``A = Lambda^T Z^T W Z Lambda + sigma^2 I`` (dense, ``q x q``; lme4's
+    form, positive definite also where a variance is 0 or a correlation +-1) and ``r = y - X beta``::
 
-        -log L = 0.5 * [sum(w) log(2 pi sigma^2) + (r^T W r - r^T W Z M^-1 Z^T W r) / sigma^2
-                        + log|G| + log|M| - q log sigma^2]
+        -log L = 0.5 * [sum(w) log(2 pi sigma^2) + (r^T W r - r^T W Z Lambda A^-1 Lambda^T Z^T W r) / sigma^2
+                        + log|A| - q log sigma^2]
 
     Its minimum over the fixed effects, the priors and ``sigma`` gives lme4's maximum-likelihood estimates
     (``reml=True``: adds ``0.5 * log|X^T V^-1 X|``, lme4's REML); :meth:`set_posterior` then writes the exact
@@ -157,7 +170,7 @@ class GaussianMarginalLikelihood:
     Example::
 
         criterion = GaussianMarginalLikelihood(design, network, family, y)
-        loss = criterion()          # -log L / N; minimise over network.out.weight, the priors and family.log_scale
+        loss = criterion()          # -log L / N; minimise over criterion.criterion_parameters()
         criterion.set_posterior()   # each level's posterior mean (BLUP) and covariance into the network
     """
 
@@ -173,73 +186,68 @@ class GaussianMarginalLikelihood:
         if family.name != "gaussian":
             raise ValueError(f"the marginal likelihood is for the gaussian family, got {family.name!r}.")
         dtype = y.dtype
-        self.network, self.family, self.reml, self.n_rows = network, family, reml, design.n_rows
+        self.network, self.family, self.reml, self.n_rows, self.y = network, family, reml, design.n_rows, y
         self.layout = EffectsLayout(design, network, dtype)
-        q = self.q = self.layout.q
-        if q > MAX_JOINT_EFFECTS:
-            raise ValueError(f"{q} random effects: the dense joint solve takes at most {MAX_JOINT_EFFECTS}.")
-        w = torch.ones(design.n_rows, dtype=dtype) if weights is None else weights.to(dtype)
-        X = torch.tensor(design.X, dtype=dtype)
-        col, wval = self.layout.columns, w.unsqueeze(1) * self.layout.values
-        self.ztwz = self.layout.gram(w)
-        self.ztwx = torch.zeros(q, X.shape[1], dtype=dtype).index_add_(
-            0, col.reshape(-1), (wval.unsqueeze(2) * X.unsqueeze(1)).reshape(-1, X.shape[1])
-        )
-        self.ztwy = torch.zeros(q, dtype=dtype).index_add_(0, col.reshape(-1), (wval * y.unsqueeze(1)).reshape(-1))
-        self.xtwx, self.xtwy = X.T @ (w.unsqueeze(1) * X), X.T @ (w * y)
-        self.ytwy, self.weight_total = (w * y * y).sum(), w.sum()
+        self.q = self.layout.q
+        if self.q > MAX_JOINT_EFFECTS:
+            raise ValueError(f"{self.q} random effects: the dense joint solve takes at most {MAX_JOINT_EFFECTS}.")
+        self.w = torch.ones(design.n_rows, dtype=dtype) if weights is None else weights.to(dtype)
+        self.x = torch.tensor(design.X, dtype=dtype)
+        self.xtwx, self.weight_total = self.x.T @ (self.w.unsqueeze(1) * self.x), self.w.sum()
 
     def criterion_parameters(self) -> list[torch.Tensor]:
         """What the criterion depends on: the fixed effects, the residual scale and the priors."""
         return [self.network.out.weight, *self.family.parameters(), *self.layout.prior_parameters()]
 
-    def _system(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``M``'s Cholesky factor, ``log|G|`` and ``sigma^2``."""
+    def _system(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The Cholesky factor of ``A``, the entries of ``Z Lambda``, the residual ``r`` and ``sigma^2``."""
         variance = self.family.variance
-        precision, log_det_prior = self.layout.prior_precision()
-        return torch.linalg.cholesky(self.ztwz + variance * precision), log_det_prior, variance
+        values = self.layout.spherical_values()
+        spherical = self.layout.gram(self.w, values) + variance * torch.eye(self.q, dtype=values.dtype)
+        residual = self.y - self.x @ self.network.out.weight[0].to(values.dtype)
+        return torch.linalg.cholesky(spherical), values, residual, variance
 
     def __call__(self) -> torch.Tensor:
-        chol, log_det_prior, variance = self._system()
-        beta = self.network.out.weight[0].to(chol.dtype)
-        ztwr = self.ztwy - self.ztwx @ beta
-        rtwr = self.ytwy - 2 * beta @ self.xtwy + beta @ self.xtwx @ beta
-        half_solved = torch.linalg.solve_triangular(chol, ztwr.unsqueeze(1), upper=False)
-        quadratic = (rtwr - half_solved.pow(2).sum()) / variance
-        log_det_m = 2 * chol.diagonal().log().sum()
-        total = self.weight_total * torch.log(2 * math.pi * variance) + quadratic + log_det_prior + log_det_m
-        total = total - self.q * variance.log()
-        if self.reml:  # X^T V^-1 X = (X^T X - X^T Z M^-1 Z^T X) / sigma^2 (Woodbury)
-            half_x = torch.linalg.solve_triangular(chol, self.ztwx, upper=False)
+        chol, values, residual, variance = self._system()
+        lztwr = self.layout.transpose_times(self.w * residual, values)
+        half_solved = torch.linalg.solve_triangular(chol, lztwr.unsqueeze(1), upper=False)
+        quadratic = ((self.w * residual * residual).sum() - half_solved.pow(2).sum()) / variance
+        log_det_a = 2 * chol.diagonal().log().sum()  # log|G| + log|M|, with M = Z^T W Z + sigma^2 G^-1
+        total = self.weight_total * torch.log(2 * math.pi * variance) + quadratic + log_det_a - self.q * variance.log()
+        if self.reml:  # X^T V^-1 X = (X^T W X - X^T W Z Lambda A^-1 Lambda^T Z^T W X) / sigma^2 (Woodbury)
+            lztwx = self.layout.transpose_times(self.w.unsqueeze(1) * self.x, values)
+            half_x = torch.linalg.solve_triangular(chol, lztwx, upper=False)
             total = total + torch.logdet((self.xtwx - half_x.T @ half_x) / variance)
         return 0.5 * total / self.n_rows
 
     @torch.no_grad()
     def set_posterior(self) -> None:
         """Write the conditional posterior of the effects given the fitted parameters into the network's layers: each
-        level's mean (lme4's conditional modes, ``ranef``) and the covariance of its own effects (``sigma^2 M^-1``)."""
-        chol, _, variance = self._system()
-        beta = self.network.out.weight[0].to(chol.dtype)
-        mean = torch.cholesky_solve((self.ztwy - self.ztwx @ beta).unsqueeze(1), chol)[:, 0]
+        level's mean (lme4's conditional modes, ``ranef``) and the covariance of its own effects; in the spherical
+        form ``b | y ~ N(A^-1 Lambda^T Z^T W r, sigma^2 A^-1)``."""
+        chol, values, residual, variance = self._system()
+        lztwr = self.layout.transpose_times(self.w * residual, values)
+        mean = torch.cholesky_solve(lztwr.unsqueeze(1), chol)[:, 0]
         self.layout.write_posterior(mean, variance * torch.cholesky_inverse(chol))
 
 
 class JointPosteriorELBO:
     """The negative ELBO per row of a generalized linear mixed model whose random effects, all factors together, have
-    one Gaussian posterior ``N(m, S)`` (``q x q``, so correlations across factors and within a level are kept), at the
-    posterior that is optimal for the current fixed effects, priors and family.
+    one Gaussian posterior (``q x q``, so correlations across factors and within a level are kept), at the posterior
+    that is optimal for the current fixed effects, priors and family.
 
-    ``(1/N) [sum_i w_i E_q[-log p(y_i | eta_i)] + KL(q || N(0, G))]`` with ``eta_i = x_i beta + z_i u``; the
-    expectation takes ``eta_i``'s posterior mean and variance (exact for Gaussian and Poisson, Gauss-Hermite for the
-    logit families). Each call first finds the optimal ``q`` by Newton steps from the previous one: the optimal
-    precision is ``S^-1 = G^-1 + Z^T diag(lambda) Z`` with ``lambda_i = 2 d E_i / d v_i`` (Opper & Archambeau,
-    Neural Computation 2009), reached by damped fixed-point steps, and a Newton step of the mean with that curvature,
-    each step taken only as far as it lowers the ELBO.
-    The value returned is differentiable in the fixed effects, the priors and the family's parameters with ``q``
-    held fixed, which at the optimum is the gradient of the optimised ELBO (the envelope theorem), so an outer
-    optimiser sees a smooth function of a few parameters. For a Gaussian family the optimum is the exact posterior and
-    the exact marginal likelihood; for the others it is a variational approximation, close to lme4's Laplace fits,
-    where per-level posteriors cannot share information between a row's factors.
+    ``(1/N) [sum_i w_i E_q[-log p(y_i | eta_i)] + KL(q || p)]`` with ``eta_i = x_i beta + z_i u``; the expectation
+    takes ``eta_i``'s posterior mean and variance (exact for Gaussian and Poisson, Gauss-Hermite for the logit
+    families). In lme4's spherical form ``u = Lambda b``, ``b ~ N(0, I)`` a priori and ``N(a, S_b)`` a posteriori,
+    the KL is ``0.5 [tr S_b + a^T a - q - log|S_b|]`` whatever the prior, which stays finite where a variance is 0.
+    Each call first finds the optimal posterior from the previous one: ``S_b^-1 = I + Lambda^T Z^T diag(lambda) Z
+    Lambda`` with ``lambda_i = 2 dE_i/dv_i`` (Opper & Archambeau, Neural Computation 2009), reached by damped
+    fixed-point steps, and a Newton step of ``a`` with that curvature, each step taken only as far as it lowers the
+    ELBO. The value returned is differentiable in the fixed effects, the priors and the family's parameters with
+    ``a`` and ``S_b`` held fixed, which at the optimum is the gradient of the optimised ELBO (the envelope theorem), so
+    an outer optimiser sees a smooth function of a few parameters. For a Gaussian family the optimum is the exact
+    posterior and the exact marginal likelihood; for the others it is a variational approximation, close to lme4's
+    Laplace fits, where per-level posteriors cannot share information between a row's factors.
 
     Args:
         design: the training design.
@@ -247,7 +255,7 @@ class JointPosteriorELBO:
         family: the likelihood family.
         y: the response ``(N,)``.
         extras: the family's ``trials`` and ``weight`` tensors (or ``None``).
-        newton_steps: the most Newton steps per call.
+        newton_steps: the most steps per call; :attr:`settled` says whether the last call's posterior converged.
 
     Example::
 
@@ -272,9 +280,11 @@ class JointPosteriorELBO:
             raise ValueError(f"{q} random effects: a joint posterior takes at most {MAX_JOINT_POSTERIOR_EFFECTS}.")
         self.network, self.family, self.n_rows, self.extras = network, family, design.n_rows, extras
         self.x, self.y, self.newton_steps = torch.tensor(design.X, dtype=dtype), y, newton_steps
-        self.mean = torch.zeros(q, dtype=dtype)
-        self.covariance = torch.zeros(q, q, dtype=dtype)
+        self.mean = torch.zeros(q, dtype=dtype)  # a
+        self.covariance = torch.eye(q, dtype=dtype)  # S_b
+        self.log_det = torch.zeros((), dtype=dtype)  # log|S_b|
         self.weights: torch.Tensor | None = None  # lambda, the row weights of the posterior precision
+        self.settled = False
 
     def criterion_parameters(self) -> list[torch.Tensor]:
         """What the criterion is minimised over: the fixed effects, the priors and the family's parameters."""
@@ -287,91 +297,92 @@ class JointPosteriorELBO:
 
     def glm_objective(self) -> torch.Tensor:
         """The negative log-likelihood per row without random effects."""
-        return self._expected_nll(torch.zeros_like(self.mean), torch.zeros_like(self.covariance)) / self.n_rows
+        zero = self.layout.values.new_zeros(self.layout.values.shape)
+        return self._expected_nll(self.mean, self.covariance, zero) / self.n_rows
 
-    def _expected_nll(self, mean: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
-        """``sum_i w_i E_q[nll_i]`` for the posterior ``N(mean, covariance)`` of ``u``."""
+    def _expected_nll(self, mean: torch.Tensor, covariance: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``sum_i w_i E_q[nll_i]`` for ``b ~ N(mean, covariance)``, ``values`` the entries of ``Z Lambda``."""
         beta = self.network.out.weight[0].to(self.x.dtype)
-        eta = self.x @ beta + (self.layout.values * mean[self.layout.columns]).sum(1)
-        return self.family(eta, self.y, pred_var=self.layout.row_variances(covariance), **self.extras) * self.n_rows
+        eta = self.x @ beta + self.layout.times(mean, values)
+        variance = self.layout.row_variances(covariance, values)
+        return self.family(eta, self.y, pred_var=variance, **self.extras) * self.n_rows
 
-    @staticmethod
-    def _kl(mean, covariance, precision, log_det_prior, log_det_post) -> torch.Tensor:
-        trace = (precision * covariance).sum()
-        return 0.5 * (trace + mean @ precision @ mean - mean.numel() + log_det_prior - log_det_post)
-
-    def _slopes(self, mean: torch.Tensor, covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slopes(self, mean: torch.Tensor, covariance: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``d/d mu_i`` and ``d/d v_i`` of ``sum_i w_i E_q[nll_i]`` at ``eta_i ~ N(mu_i, v_i)``."""
         beta = self.network.out.weight[0].detach().to(self.x.dtype)
         with torch.enable_grad():
-            mu = (self.x @ beta + (self.layout.values * mean[self.layout.columns]).sum(1)).requires_grad_(True)
-            var = self.layout.row_variances(covariance).requires_grad_(True)
+            mu = (self.x @ beta + self.layout.times(mean, values)).requires_grad_(True)
+            var = self.layout.row_variances(covariance, values).requires_grad_(True)
             total = self.family(mu, self.y, pred_var=var, **self.extras) * self.n_rows
             return torch.autograd.grad(total, (mu, var))
 
-    def _optimise_posterior(self, precision: torch.Tensor, log_det_prior: torch.Tensor) -> torch.Tensor:
-        """Block-coordinate steps on ``q`` for the current parameters (all detached), each lowering the ELBO: the
-        precision's row weights towards ``2 dE/dv`` (damped), then a Newton step of the mean (halved as needed).
-        Returns ``log|S|``."""
+    def _optimise_posterior(self, values: torch.Tensor) -> None:
+        """Steps on ``a`` and ``S_b`` for the current parameters (all detached; ``values`` the entries of ``Z Lambda``),
+        each lowering the ELBO: the precision's row weights towards ``2 dE/dv`` (damped), then a Newton step of ``a``
+        (halved as needed)."""
+        eye = torch.eye(self.layout.q, dtype=values.dtype)
 
         def system(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            chol = torch.linalg.cholesky(precision + self.layout.gram(weights))
+            chol = torch.linalg.cholesky(eye + self.layout.gram(weights, values))
             return chol, torch.cholesky_inverse(chol), -2 * chol.diagonal().log().sum()
 
-        def objective(m: torch.Tensor, c: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
-            return self._expected_nll(m, c) + self._kl(m, c, precision, log_det_prior, log_det)
+        def objective(a: torch.Tensor, s: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
+            return self._expected_nll(a, s, values) + 0.5 * (s.diagonal().sum() + a @ a - a.numel() - log_det)
 
-        mean = self.mean
-        weights = self.weights if self.weights is not None else (2 * self._slopes(mean, self.covariance)[1]).clamp(min=1e-10)
+        a = self.mean
+        weights = self.weights
+        if weights is None:
+            weights = (2 * self._slopes(a, self.covariance, values)[1]).clamp(min=1e-10)
         chol, covariance, log_det = system(weights)
-        current = objective(mean, covariance, log_det)
+        current = objective(a, covariance, log_det)
+        self.settled = False
         for _ in range(self.newton_steps):
-            target = (2 * self._slopes(mean, covariance)[1]).clamp(min=1e-10)
-            change = target - weights
+            change = (2 * self._slopes(a, covariance, values)[1]).clamp(min=1e-10) - weights
             for _ in range(30):  # damped: a fixed-point step of the weights can overshoot
                 trial = system(weights + change)
-                value = objective(mean, trial[1], trial[2])
+                value = objective(a, trial[1], trial[2])
                 if value <= current:
                     weights, (chol, covariance, log_det), current = weights + change, trial, value
                     break
                 change = change / 2
-            gradient = self.layout.transpose_times(self._slopes(mean, covariance)[0]) + precision @ mean
+            gradient = self.layout.transpose_times(self._slopes(a, covariance, values)[0], values) + a
             step = -torch.cholesky_solve(gradient.unsqueeze(1), chol)[:, 0]
             for _ in range(30):
-                value = objective(mean + step, covariance, log_det)
+                value = objective(a + step, covariance, log_det)
                 if value <= current:
-                    mean, current = mean + step, value
+                    a, current = a + step, value
                     break
                 step = step / 2
-            settled = bool(step.abs().max() <= 1e-10 * (1 + mean.abs().max()))
-            if settled and bool((change.abs() <= 1e-8 * (1 + weights.abs())).all()):
+            if bool(step.abs().max() <= 1e-10 * (1 + a.abs().max())) and bool(
+                (change.abs() <= 1e-8 * (1 + weights.abs())).all()
+            ):
+                self.settled = True
                 break
-        self.mean, self.covariance, self.weights = mean, covariance, weights
-        return log_det
+        self.mean, self.covariance, self.log_det, self.weights = a, covariance, log_det, weights
 
     def __call__(self) -> torch.Tensor:
-        precision, log_det_prior = self.layout.prior_precision()
-        start = self.mean, self.covariance, self.weights
+        values = self.layout.spherical_values()
+        start = self.mean, self.covariance, self.log_det, self.weights
         try:
             with torch.no_grad():
-                log_det_post = self._optimise_posterior(precision.detach(), log_det_prior.detach())
-            failed = not bool(torch.isfinite(log_det_post)) or not bool(torch.isfinite(self.mean).all())
+                self._optimise_posterior(values.detach())
+            failed = not bool(torch.isfinite(self.log_det)) or not bool(torch.isfinite(self.mean).all())
         except torch.linalg.LinAlgError:
             failed = True
         if not failed:
-            nll = self._expected_nll(self.mean, self.covariance)
-            kl = self._kl(self.mean, self.covariance, precision, log_det_prior, log_det_post)
+            nll = self._expected_nll(self.mean, self.covariance, values)
+            kl = 0.5 * (self.covariance.diagonal().sum() + self.mean @ self.mean - self.layout.q - self.log_det)
             value = (nll + kl) / self.n_rows
             if bool(torch.isfinite(value)):
                 return value
         # parameters no posterior fits (a line search's trial step too far, e.g. exp overflowing): a large, flat value
         # (finite, so that the line search can interpolate back)
-        self.mean, self.covariance, self.weights = start
-        return sum(p.sum() * 0 for p in self.criterion_parameters()) + _UNFIT
+        self.mean, self.covariance, self.log_det, self.weights = start
+        self.settled = False
+        return sum(p.sum() * 0 for p in self.criterion_parameters()) + UNFIT
 
     @torch.no_grad()
     def set_posterior(self) -> None:
         """Write each level's share of the joint posterior (its mean and the covariance of its own effects) into the
         network's layers."""
-        self()
         self.layout.write_posterior(self.mean, self.covariance)

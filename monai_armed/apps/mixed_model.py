@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from monai_armed.apps.joint_effects import (
     MAX_JOINT_EFFECTS,
     MAX_JOINT_POSTERIOR_EFFECTS,
+    UNFIT,
     GaussianMarginalLikelihood,
     JointPosteriorELBO,
 )
@@ -216,8 +217,8 @@ def fit_mixed_model(
     (:class:`~monai_armed.apps.joint_effects.JointPosteriorELBO`, up to
     :data:`~monai_armed.apps.joint_effects.MAX_JOINT_POSTERIOR_EFFECTS`): a variational approximation, as lme4's
     Laplace fits are an approximation. Beyond those sizes, or with an MLP fixed part or mini-batches, each level has
-    its own posterior, which misses the correlations between factors: the fit's ``notes`` and the log say so.
-    ``estimation`` names the criterion of every fit.
+    its own posterior, which misses the correlations between factors: the fit's ``notes`` and the log say so, as they
+    do for a boundary (singular) fit and an unconverged one. ``estimation`` names the criterion of every fit.
 
     ``optimizer="lbfgs"`` optimises the full data at once in float64 (the default, ``"auto"``, for a linear fixed part
     and up to 200,000 rows); ``"adam"`` takes mini-batches of ``batch_size`` rows for ``epochs`` with
@@ -323,9 +324,11 @@ def fit_mixed_model(
             adversary, adv_weight,
         )
         converged = True  # a fixed number of epochs: nothing to stop early
+    if not hidden_channels:
+        _note_singular(network, family, notes)
     if not converged:
-        message = (f"L-BFGS stopped after {iterations} iterations (max_iter={max_iter}) before its tolerances were "
-                   "met: the estimates may not be converged; raise max_iter.")
+        message = (f"the fit stopped after {iterations} L-BFGS iterations (max_iter={max_iter}) before converging: "
+                   "the estimates may not be converged; raise max_iter.")
         logger.warning(message)
         notes.append(message)
     network.eval()
@@ -336,7 +339,32 @@ def fit_mixed_model(
 def _mean_field_inexact(design: MixedDesign) -> bool:
     """Whether per-level posteriors miss correlations of the exact posterior: several factors, or a ``||`` term with
     several columns."""
-    return len(design.factors) > 1 or any(not f.correlated and f.Z.shape[1] > 1 for f in design.factors.values())
+    return len(design.factors) > 1 or any(not _correlated(f) and f.Z.shape[1] > 1 for f in design.factors.values())
+
+
+def _note_singular(network: MixedModelNet, family: LikelihoodFamily, notes: list[str]) -> None:
+    """Say where the fit is on the boundary, as lme4's ``isSingular``: a factor's relative covariance factor (its prior
+    Cholesky factor over the residual s.d. for a Gaussian family) has a diagonal entry below 1e-4, i.e. a variance of
+    0 or a correlation of +-1, which the data cannot tell from a smaller model."""
+    residual = family.residual_variance()
+    scale = residual**0.5 if residual is not None else 1.0
+    singular = [
+        name for name, layer in network.random_effects.items()
+        if bool((layer.prior_cholesky().detach().diagonal() / scale < 1e-4).any())
+    ]  # fmt: skip
+    if singular:
+        message = (
+            f"boundary (singular) fit for {singular}: a variance is 0 or a correlation +-1 (lme4's isSingular); "
+            "a simpler random-effects structure for these factors fits as well."
+        )
+        logger.warning(message)
+        notes.append(message)
+
+
+def _correlated(factor) -> bool:
+    """Whether a factor's effects get a full prior covariance: not for ``||`` terms, nor where a non-intercept column
+    does not vary (its covariance would be singular)."""
+    return factor.correlated and not (factor.constant_columns and len(factor.names) > 1)
 
 
 def _joint_fit(design: MixedDesign, family: LikelihoodFamily, hidden: Sequence[int], optimizer: str) -> str | None:
@@ -382,17 +410,27 @@ def _estimation(design: MixedDesign, family: LikelihoodFamily, hidden: Sequence[
         return f"variational approximation: ELBO with one joint Gaussian posterior of every factor's effects{quadrature}"
     if family.name == "gaussian" and not hidden and optimizer == "lbfgs" and not _mean_field_inexact(design):
         return f"{criterion}: ELBO with the exact posterior of each level's effects"
-    return f"variational approximation: ELBO with a Gaussian posterior per level{quadrature}"
+    reml_term = " and the REML term" if reml else ""
+    return f"variational approximation: ELBO{reml_term} with a Gaussian posterior per level{quadrature}"
 
 
 def _fit_joint(criterion: GaussianMarginalLikelihood | JointPosteriorELBO, max_iter: int) -> tuple[float, int, bool]:
     """L-BFGS on a joint criterion over everything it depends on; then each level's posterior into the network."""
-    if isinstance(criterion, JointPosteriorELBO):
+    joint_posterior = isinstance(criterion, JointPosteriorELBO)
+    if joint_posterior:
         _minimise(criterion.fixed_effects_start(), criterion.glm_objective, max_iter)
     iterations, converged = _minimise(criterion.criterion_parameters(), criterion, max_iter)
-    criterion.set_posterior()
     with torch.no_grad():
-        return float(criterion()), iterations, converged
+        objective = float(criterion())
+    if joint_posterior and objective >= UNFIT:
+        raise ValueError(
+            "no joint posterior of the random effects could be fitted from the fixed effects of a model without them "
+            "(e.g. exp overflowing in a Poisson model): rescale the predictors, or fit with hidden_channels or "
+            "optimizer='adam' (per-level posteriors)."
+        )
+    criterion.set_posterior()
+    # an unsettled inner solve makes the outer gradient inexact: say so as for an unconverged L-BFGS
+    return objective, iterations, converged and (not joint_posterior or criterion.settled)
 
 
 def _build_network(
@@ -400,15 +438,14 @@ def _build_network(
 ) -> MixedModelNet:
     factors = {}
     for key, factor in design.factors.items():
-        correlated = factor.correlated
-        if correlated and factor.constant_columns and len(factor.names) > 1:
+        correlated = _correlated(factor)
+        if factor.correlated and not correlated:
             message = (
                 f"random-effects columns {factor.constant_columns} of factor {key!r} do not vary, so their covariance "
                 "with the other effects cannot be estimated: this factor gets a diagonal prior."
             )
             logger.warning(message)
             notes.append(message)
-            correlated = False
         spread = factor.Z.std(0)
         prior = [1.0 if s == 0 else float(1.0 / s) for s in spread]
         factors[key] = FactorSpec(factor.n_levels, factor.names, factor.counts.tolist(), correlated, prior)

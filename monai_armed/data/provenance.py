@@ -100,7 +100,8 @@ def check_evaluated_items(
 
 
 def _split_record(csv_file: str | os.PathLike, settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {"csv_sha256": file_record(csv_file)["sha256"], **{k: settings[k] for k in sorted(settings)}}
+    # through JSON, so that what is compared is what the record holds (a tuple reads back as a list)
+    return json.loads(json.dumps({"csv_sha256": file_record(csv_file)["sha256"], **{k: settings[k] for k in sorted(settings)}}))
 
 
 def record_training_split(ckpt_dir: str | os.PathLike, csv_file: str | os.PathLike, **settings: Any) -> str:

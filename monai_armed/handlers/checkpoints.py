@@ -81,9 +81,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
       until its replacement is complete, and a failed write (e.g. a full disk) raises an ``OSError`` naming the file.
     - With ``save_interval`` and a ``file_prefix``, only the newest ``n_saved`` interval checkpoints with that prefix
       are kept, counting the files in ``save_dir``, so a resumed run also prunes the ones its interrupted run wrote.
-      A fresh (not resumed) run first moves an earlier run's checkpoints with that prefix into
-      ``save_dir/earlier_runs/<time>/`` (logged): kept, but no longer counted, pruned or picked by a later resume,
-      which so continues this run and not the other one.
+      A fresh (not resumed) run first moves an earlier run's checkpoints with that prefix into a new
+      ``save_dir/earlier_runs/<time>/`` (logged), and a resumed run those beyond the point it resumed from: kept, but
+      no longer counted, pruned or picked by a later resume, which so continues this run and not another one.
     - :meth:`state_dict` / :meth:`load_state_dict` hold the key-metric tracking (the scores of the saved best models)
       and the best metric of the engine it is attached to. Put the saver into a resume checkpoint's ``save_dict`` and
       a resumed run will not overwrite ``model_best_*.pt`` with a worse score.
@@ -148,7 +148,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 checkpoint.save_handler = AtomicDiskSaver(save_dir, filename)
         score = "epoch" if epoch_level else "iteration"
         self._prune = re.compile(rf"{re.escape(file_prefix)}_.*_{score}=(\d+)\.pt") if prune_here else None
-        self._keep = n_saved
+        self._keep, self._epoch_level = n_saved, epoch_level
         self._engine: Engine | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -166,19 +166,27 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if not getattr(self, "_first_epoch", False):
             return
         self._first_epoch = False
-        if engine.state.iteration > 0 or idist.get_rank() != 0:  # a resumed run continues its own checkpoints
+        if idist.get_rank() != 0:
             return
-        earlier = [p for p in Path(self.save_dir).iterdir() if self._prune.fullmatch(p.name)]
+        # a fresh run owns none of the checkpoints there; a resumed one none beyond the point it resumed from
+        resumed_at = engine.state.epoch - 1 if self._epoch_level else engine.state.iteration
+        found = [(int(m.group(1)), p) for p in Path(self.save_dir).iterdir() if (m := self._prune.fullmatch(p.name))]
+        earlier = sorted(p for number, p in found if engine.state.iteration == 0 or number > resumed_at)
         if not earlier:
             return
-        target = Path(self.save_dir) / "earlier_runs" / time.strftime("%Y%m%d-%H%M%S")
-        target.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = Path(self.save_dir) / "earlier_runs" / stamp
+        for suffix in range(1, 1000):  # never into the folder of another set-aside within the same second
+            if not target.exists():
+                break
+            target = target.with_name(f"{stamp}-{suffix}")
+        target.mkdir(parents=True)
         for path in earlier:
             os.replace(path, target / path.name)
         logger.warning(
-            "a fresh run: moved %d checkpoint(s) of an earlier run (%s) to %s, so that a later resume continues this "
-            "run (resume from the moved files to continue the earlier one instead).",
-            len(earlier), ", ".join(sorted(p.name for p in earlier)), target,
+            "moved %d checkpoint(s) of another run (%s) to %s, so that this run's resume checkpoints are the only ones "
+            "there; to continue that run, move this run's out and its back, then resume.",
+            len(earlier), ", ".join(p.name for p in earlier), target,
         )
 
     def interval_completed(self, engine: Engine) -> None:

@@ -159,8 +159,8 @@ def random_effects_summary(
         groups: dict[str, tuple[RandomEffects, slice]] = {
             name: (layer, slice(a, b)) for name, (a, b) in network.re_groups.items()
         }
-    else:
-        groups = {name: (m, slice(None)) for name, m in layers.items()}
+    else:  # module names as factor names: FactorModules stores a factor's dots as "__dot__"
+        groups = {name.replace("__dot__", "."): (m, slice(None)) for name, m in layers.items()}
     n_clusters = next(iter(layers.values())).n_clusters if layers else int(getattr(network, "n_clusters", 0))
     names = list(cluster_names) if cluster_names is not None else [str(i) for i in range(n_clusters)]
     summary: dict = {"clusters": names, "groups": {}, "variance_components": _variance_components(network, family)}

@@ -68,17 +68,36 @@ class FactorModules(nn.ModuleDict):
             raise ValueError(f"a grouping factor's name cannot contain '__dot__', got {name!r}.")
         return name.replace(".", "__dot__")
 
+    @staticmethod
+    def factor_name(module_name: str) -> str:
+        """The factor name of a stored module name (e.g. in ``named_modules`` or state-dict keys)."""
+        return module_name.replace("__dot__", ".")
+
+    def _stored(self, key: str) -> str:
+        stored = self._escape(key)
+        if stored not in self._modules:
+            raise KeyError(key)
+        return stored
+
     def __getitem__(self, key: str) -> nn.Module:  # type: ignore[override]
-        return self._modules[self._escape(key)]
+        return self._modules[self._stored(key)]
 
     def __setitem__(self, key: str, module: nn.Module) -> None:
         self.add_module(self._escape(key), module)
 
+    def __delitem__(self, key: str) -> None:  # type: ignore[override]
+        del self._modules[self._stored(key)]
+
+    def pop(self, key: str) -> nn.Module:  # type: ignore[override]
+        module = self[key]
+        del self[key]
+        return module
+
     def __contains__(self, key: str) -> bool:  # type: ignore[override]
-        return self._escape(key) in self._modules
+        return "__dot__" not in key and self._escape(key) in self._modules
 
     def __iter__(self):
-        return (key.replace("__dot__", ".") for key in self._modules)
+        return (self.factor_name(key) for key in self._modules)
 
     def keys(self):  # type: ignore[override]
         return list(iter(self))
