@@ -180,8 +180,8 @@ def test_trainer_two_factors_adversary_reads_site_and_loss_decreases():
     assert np.mean(epoch_loss[-1]) < 0.5 * np.mean(epoch_loss[0])
     for factor, layer in net.random_effects.items():  # both factors learned effects
         assert not torch.allclose(layer.loc, before[factor]), factor
-    # the adversary on the 20-level subject factor with a 4-class adversary fails: the trainer read the site
-    with pytest.raises(IndexError, match="out of bounds"):
+    # a 4-class adversary on the 20-level subject factor is refused when the trainer is built, naming both
+    with pytest.raises(ValueError, match="predicts 4 clusters but grouping factor 'subject' has 20 levels"):
         _train(_net(), epochs=1, adversary_factor="subject")
 
 
@@ -271,3 +271,94 @@ def test_evaluator_handlers_read_one_factor(trained):
     assert set(results["eval"]["observed"]["per_cluster"]) == {"0", "1", "2", "3", "unseen"}
     with pytest.raises(KeyError, match="no grouping factor 'scanner'"):
         output_field({"cluster": {"site": data["site"]}}, "cluster", factor="scanner")
+
+
+# inputs a user of several factors plausibly gets wrong
+
+
+def test_per_factor_input_errors_name_the_factor():
+    net, x = _net(), torch.zeros(2, 4)
+    with pytest.raises(IndexError, match="grouping factor 'subject': cluster index 20 is out of range"):
+        net(x, {"site": torch.tensor([0, 1]), "subject": torch.tensor([0, 20])})
+    with pytest.raises(ValueError, match=r"grouping factor 'site': soft cluster membership must have shape \(batch, 4\)"):
+        net(x, {"site": torch.rand(2, 3), "subject": torch.tensor([0, 1])})
+
+
+def test_clusters_of_the_wrong_kind_for_a_one_factor_network_are_named():
+    from monai_armed.networks import MixedEffectsMLP
+
+    net, x = MixedEffectsMLP(4, 1, n_clusters=4), torch.zeros(2, 4)
+    with pytest.raises(TypeError, match=r"one grouping factor: pass its clusters as one tensor, not a mapping of factors \['site'"):
+        net(x, {"site": torch.tensor([0, 1]), "subject": torch.tensor([0, 1])})
+    with pytest.raises(TypeError, match="got list: map raw cluster ids with ClusterIndexd"):
+        net(x, ["S0", "S1"])
+
+
+def test_an_index_below_minus_one_after_the_first_batch_is_refused():
+    """After the first batch the range is not read back, but on the CPU the minimum is read anyway (for the unseen
+    rows), so a -2 (a mapping error) is refused instead of being taken for unseen."""
+    from monai_armed.utils import batch_checks
+
+    net, x = _net(), torch.zeros(2, 4)
+    with batch_checks(False):
+        net(x, {"site": torch.tensor([0, -1]), "subject": torch.tensor([0, 1])})  # -1: unseen, fine
+        with pytest.raises(IndexError, match="grouping factor 'site': cluster index -2 is out of range"):
+            net(x, {"site": torch.tensor([0, -2]), "subject": torch.tensor([0, 1])})
+
+
+def test_per_cluster_tables_must_be_of_the_factor_they_name():
+    from monai_armed.handlers import PerClusterRegression
+
+    evaluator = ARMEDEvaluator(device="cpu", val_data_loader=TensorBatchLoader(_data(), batch_size=64), network=_net(),
+                               prepare_batch=_prepare())  # fmt: skip
+    with pytest.raises(ValueError, match=r"tabulates grouping factor 'site' \(the first\), which has 4 levels, but got "
+                                         r"n_clusters=20 and 20 cluster_names; pass cluster_factor="):
+        PerClusterRegression(N_SUBJECTS, [f"p{i}" for i in range(N_SUBJECTS)]).attach(evaluator)
+    with pytest.raises(KeyError, match="cluster_factor 'center' is not a grouping factor"):
+        PerClusterRegression(N_SUBJECTS, cluster_factor="center").attach(evaluator)
+    PerClusterRegression(N_SUBJECTS, [f"p{i}" for i in range(N_SUBJECTS)], cluster_factor="subject").attach(evaluator)
+    evaluator.run()
+    assert len(evaluator.state.metric_details["per_cluster_regression"]) >= N_SUBJECTS
+
+
+def test_checkpoint_levels_are_checked_per_factor(tmp_path):
+    from monai_armed.networks.utils import load_network_checkpoint
+
+    torch.save(_net().state_dict(), tmp_path / "model.pt")
+    other = MixedModelNet(2, {"site": FactorSpec(N_SITES), "subject": FactorSpec(N_SUBJECTS - 1)})
+    with pytest.raises(ValueError, match="trained with 20 levels of grouping factor 'subject' but the network has 19"):
+        load_network_checkpoint(other, str(tmp_path / "model.pt"))
+    with pytest.raises(ValueError, match="grouping factor 'subject': 20 in the network, 21 expected"):
+        load_network_checkpoint(_net(), str(tmp_path / "model.pt"), n_clusters={"site": N_SITES, "subject": 21})
+    with pytest.raises(ValueError, match="give n_clusters per factor"):
+        load_network_checkpoint(_net(), str(tmp_path / "model.pt"), n_clusters=N_SITES)
+    load_network_checkpoint(_net(), str(tmp_path / "model.pt"), n_clusters={"site": N_SITES, "subject": N_SUBJECTS})
+
+
+def test_sparse_random_effects_need_an_optimizer_that_takes_sparse_gradients():
+    from monai_armed.optimizers import LazyAdam
+
+    net = MixedModelNet(2, {"site": FactorSpec(N_SITES), "subject": FactorSpec(N_SUBJECTS)}, sparse=True)
+    loader = TensorBatchLoader(_data(), batch_size=64)
+    common = dict(device="cpu", max_epochs=1, train_data_loader=loader, network=net, loss_function=GaussianLikelihood(),
+                  prepare_batch=_prepare(), n_train=N_ROWS)  # fmt: skip
+    with pytest.raises(TypeError, match="sparse gradients .* Adam cannot take: use monai_armed.optimizers.LazyAdam"):
+        ARMEDTrainer(optimizer=torch.optim.Adam(net.parameters()), **common)
+    ARMEDTrainer(optimizer=LazyAdam(net.parameters()), **common).run()
+
+
+def test_random_effects_summary_names_each_factors_levels():
+    from monai_armed.networks.utils import random_effects_summary
+    from monai_armed.transforms import ClusterVocabularies
+
+    net = _net()
+    vocabularies = ClusterVocabularies({"site": [f"S{i}" for i in range(N_SITES)],
+                                        "subject": [f"p{i}" for i in range(N_SUBJECTS)]})  # fmt: skip
+    summary = random_effects_summary(net, vocabularies)
+    assert summary["clusters"]["subject"][:2] == ["p0", "p1"] and set(summary["groups"]) == set(FACTORS)
+    assert summary["groups"]["site"]["clusters"] == ["S0", "S1", "S2", "S3"]
+    assert len(summary["groups"]["subject"]["posterior_mean"]) == N_SUBJECTS
+    with pytest.raises(ValueError, match="give cluster_names per factor"):
+        random_effects_summary(net, [f"p{i}" for i in range(N_SUBJECTS)])
+    with pytest.raises(ValueError, match="grouping factor 'site' has 4 levels but 3 cluster_names"):
+        random_effects_summary(net, {"site": ["a", "b", "c"]})

@@ -276,7 +276,7 @@ def test_dotted_factor_names_and_two_terms_on_one_group_fit():
         network.random_effects["subj.id.2"]
     from monai_armed.networks.utils import random_effects_summary
 
-    assert set(random_effects_summary(network)["groups"]) == {"random_effects.subj.id", "random_effects.subj.id.1"}
+    assert set(random_effects_summary(network)["groups"]) == {"subj.id", "subj.id.1"}
     network.random_effects.pop("subj.id.1")
     assert list(network.random_effects) == ["subj.id"]
     assert "exact marginal likelihood" in two_terms.estimation

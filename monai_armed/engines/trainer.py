@@ -29,6 +29,8 @@ from monai_armed.engines.players import AdversaryPlayer, Player
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
 from monai_armed.inferers import armed_inference, is_windowed
 from monai_armed.losses import LogitClassificationLoss
+from monai_armed.networks.layers.random_effects import RandomEffects
+from monai_armed.optimizers import LazyAdam
 from monai_armed.utils import batch_checks
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -294,6 +296,9 @@ class ARMEDTrainer(SupervisedTrainer):
                 adversary, adv_optimizer, self.adv_loss_function, adv_weight, adversary_steps, adversary_update,
                 adversarial_objective, ARMEDIterationEvents.ADVERSARY_COMPLETED,
             )  # fmt: skip
+        if adversary is not None:
+            _check_adversary_size(network, adversary, adversary_factor)
+        _check_sparse_optimizer(network, optimizer)
         self.me_weight, self.fe_weight, self.kl_weight = me_weight, fe_weight, kl_weight
         self.n_train, self.adversary_factor = n_train, adversary_factor
         self.loss_keys = {k: v for k, v in (("weight", weight_key), ("trials", trials_key)) if v is not None}
@@ -572,3 +577,35 @@ def _accumulation_state(engine: SupervisedTrainer) -> tuple[bool, bool]:
     local = (engine.state.iteration - 1) % epoch_length if epoch_length else engine.state.iteration - 1
     last = epoch_length is not None and local + 1 == epoch_length
     return local % acc == 0, (local + 1) % acc == 0 or last
+
+
+def _check_adversary_size(network: nn.Module, adversary: nn.Module, adversary_factor: str | None) -> None:
+    """Refuse an adversary whose number of classes is not that of the clusters it predicts, where the network says
+    it: the levels of ``adversary_factor`` (or the first factor) of a network with several, or its clusters."""
+    inner, judge = getattr(network, "module", network), getattr(adversary, "module", adversary)
+    classes = getattr(judge, "n_clusters", None)
+    names = getattr(inner, "factor_names", None)
+    if names:
+        factor = adversary_factor or names[0]
+        if factor not in names:  # a factor of the batch without random effects: its size is the batch's to say
+            return
+        levels, what = inner.random_effects[factor].n_clusters, f"grouping factor {factor!r}"
+    else:
+        levels, what = getattr(inner, "n_clusters", None), "the network's clusters"
+    if isinstance(classes, int) and isinstance(levels, int) and classes != levels:
+        raise ValueError(
+            f"the adversary predicts {classes} clusters but {what} has {levels} levels: build it with "
+            f"n_clusters={levels}" + (" or set adversary_factor." if names else ".")
+        )
+
+
+def _check_sparse_optimizer(network: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, before the first step, an optimizer that cannot take the sparse gradients of ``sparse=True`` random
+    effects (torch's Adam family raises at the first step and suggests SparseAdam, which refuses the dense ones)."""
+    sparse = [name for name, m in network.named_modules() if isinstance(m, RandomEffects) and m.sparse]
+    if sparse and not isinstance(optimizer, (LazyAdam, torch.optim.SGD, torch.optim.Adagrad, torch.optim.SparseAdam)):
+        raise TypeError(
+            f"the random effects {sparse} have sparse gradients (sparse=True), which {type(optimizer).__name__} "
+            "cannot take: use monai_armed.optimizers.LazyAdam (Adam with sparse rows and dense parameters), or "
+            "sparse=False."
+        )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from monai.utils import IgniteInfo, min_version, optional_import
@@ -66,8 +66,32 @@ class PerClusterAccuracy:
         self.logger = logging.getLogger(name) if name else None
 
     def attach(self, engine: Engine) -> None:
+        self._check_levels(getattr(engine, "n_clusters", None))
         self.collector.attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _check_levels(self, levels: int | Mapping[str, int] | None) -> None:
+        """Refuse a table whose clusters are not those of the factor it tabulates, where the engine says them: with
+        several factors the table is of ``cluster_factor`` (default the first), whose levels ``n_clusters`` and
+        ``cluster_names`` must count."""
+        factor = self.collector.cluster_factor
+        if isinstance(levels, Mapping):
+            if factor is not None and factor not in levels:
+                raise KeyError(f"cluster_factor {factor!r} is not a grouping factor of the engine: {list(levels)}.")
+            chosen = factor or next(iter(levels))
+            expected, what = levels[chosen], f"grouping factor {chosen!r}" + ("" if factor else " (the first)")
+        elif isinstance(levels, int):
+            expected, what = levels, "the engine's clusters"
+        else:
+            return
+        given = [self.n_clusters] + ([len(self.cluster_names)] if self.cluster_names is not None else [])
+        if any(n != expected for n in given):
+            hint = "; pass cluster_factor= for another factor" if isinstance(levels, Mapping) and not factor else ""
+            raise ValueError(
+                f"{type(self).__name__} tabulates {what}, which has {expected} levels, but got n_clusters="
+                f"{self.n_clusters}" + (f" and {len(self.cluster_names)} cluster_names" if self.cluster_names is not None else "")
+                + f"{hint}."
+            )
 
     #: ``metric_details`` key, ``metrics`` key of the worst seen cluster, its per-cluster field, and whether lower wins
     details_key, worst_key, field, lower_is_worse = "per_cluster_accuracy", "min_cluster_accuracy", "accuracy", True

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
@@ -43,7 +43,8 @@ class RandomEffectsSummary:
     Args:
         network: the mixed-effects network.
         output_file: JSON path.
-        cluster_names: names of the clusters (e.g. ``ClusterVocabulary.clusters``).
+        cluster_names: names of the clusters (e.g. ``ClusterVocabulary.clusters``); with several grouping factors a
+            mapping ``factor -> names`` or a ``ClusterVocabularies``.
         summary_writer: optional TensorBoard-style writer with ``add_scalar``.
         interval: epochs between two writes.
         tag_prefix: prefix of the scalar tags.
@@ -58,14 +59,16 @@ class RandomEffectsSummary:
         self,
         network: nn.Module,
         output_file: str | os.PathLike,
-        cluster_names: Sequence[str] | None = None,
+        cluster_names: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
         summary_writer: Any = None,
         interval: int = 1,
         tag_prefix: str = "random_effects",
         family: nn.Module | None = None,
     ) -> None:
         self.network, self.output_file = network, output_file
-        self.cluster_names = list(cluster_names) if cluster_names is not None else None
+        self.cluster_names = (
+            list(cluster_names) if cluster_names is not None and not _per_factor(cluster_names) else cluster_names
+        )
         self.summary_writer, self.interval, self.tag_prefix = summary_writer, interval, tag_prefix
         self.family = family
         self._written_epoch: int | None = None
@@ -90,3 +93,8 @@ class RandomEffectsSummary:
             if callable(getattr(self.summary_writer, "flush", None)):  # a process may end before the writer's own flush
                 self.summary_writer.flush()
         return summary
+
+
+def _per_factor(cluster_names: object) -> bool:
+    """Whether names are given per grouping factor (a mapping, or a ``ClusterVocabularies``)."""
+    return isinstance(cluster_names, Mapping) or hasattr(cluster_names, "n_levels")

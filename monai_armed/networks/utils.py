@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -133,7 +133,9 @@ def glorot_init(module: nn.Module) -> None:
 
 
 def random_effects_summary(
-    network: nn.Module, cluster_names: list[str] | None = None, family: nn.Module | None = None
+    network: nn.Module,
+    cluster_names: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    family: nn.Module | None = None,
 ) -> dict:
     """Posterior means, scales, prior scales and across-cluster spread of every random-effect group of a network.
 
@@ -144,9 +146,14 @@ def random_effects_summary(
     ``variance_components()`` when it has one, e.g. ``MixedModelNet`` by factor, else one group per layer), with the
     residual row of a Gaussian ``family`` last.
 
+    A network of several grouping factors (``MixedModelNet``) has one group per factor, named by the factor, and
+    ``cluster_names`` is then a mapping ``factor -> names`` (e.g. a ``ClusterVocabularies``); each group carries its
+    own ``"clusters"``, checked against its number of levels.
+
     Returns:
         ``{"clusters": [names], "groups": {group: {"posterior_mean": C x K, "posterior_scale": C x K,
-        "prior_scale": K, "spread": K}}, "variance_components": [{"grp", "var1", "var2", "vcov", "sdcor"}, ...]}``.
+        "prior_scale": K, "spread": K}}, "variance_components": [{"grp", "var1", "var2", "vcov", "sdcor"}, ...]}``;
+        with several factors ``"clusters"`` is ``{factor: [names]}``.
 
     Example::
 
@@ -159,10 +166,16 @@ def random_effects_summary(
         groups: dict[str, tuple[RandomEffects, slice]] = {
             name: (layer, slice(a, b)) for name, (a, b) in network.re_groups.items()
         }
-    else:  # module names as factor names: FactorModules stores a factor's dots as "__dot__"
-        groups = {name.replace("__dot__", "."): (m, slice(None)) for name, m in layers.items()}
-    n_clusters = next(iter(layers.values())).n_clusters if layers else int(getattr(network, "n_clusters", 0))
-    names = list(cluster_names) if cluster_names is not None else [str(i) for i in range(n_clusters)]
+    else:
+        groups = {(_factor_of(name) or name): (m, slice(None)) for name, m in layers.items()}
+    factors = [f for f in (_factor_of(name) for name in layers) if f is not None]
+    if factors:
+        names = _names_per_factor(cluster_names, {f: groups[f][0].n_clusters for f in factors})
+    else:
+        if isinstance(cluster_names, Mapping):
+            raise ValueError("cluster_names per factor (a mapping) are for a network of several grouping factors.")
+        n_clusters = next(iter(layers.values())).n_clusters if layers else int(getattr(network, "n_clusters", 0))
+        names = list(cluster_names) if cluster_names is not None else [str(i) for i in range(n_clusters)]
     summary: dict = {"clusters": names, "groups": {}, "variance_components": _variance_components(network, family)}
     for name, (m, cols) in groups.items():
         with torch.no_grad():
@@ -170,12 +183,33 @@ def random_effects_summary(
             prior = m.prior_scale.expand(m.units)[cols]
             spread = m.spread()[cols]
         summary["groups"][name] = {
+            **({"clusters": names[name]} if factors else {}),
             "posterior_mean": loc.cpu().tolist(),
             "posterior_scale": scale.cpu().tolist(),
             "prior_scale": prior.cpu().tolist(),
             "spread": spread.cpu().tolist(),
         }
     return summary
+
+
+def _names_per_factor(cluster_names: object, levels: Mapping[str, int]) -> dict[str, list[str]]:
+    """Each factor's level names (its indices when none are given), checked against its number of levels."""
+    if cluster_names is not None and not isinstance(cluster_names, Mapping) and not hasattr(cluster_names, "n_levels"):
+        raise ValueError(
+            f"the network has the grouping factors {list(levels)}: give cluster_names per factor, e.g. a "
+            "ClusterVocabularies or {factor: names}."
+        )
+    names = {}
+    for factor, n in levels.items():
+        try:
+            given = None if cluster_names is None else cluster_names[factor]
+        except KeyError:
+            given = None
+        given = getattr(given, "clusters", given)
+        names[factor] = [str(i) for i in range(n)] if given is None else [str(v) for v in given]
+        if len(names[factor]) != n:
+            raise ValueError(f"grouping factor {factor!r} has {n} levels but {len(names[factor])} cluster_names.")
+    return names
 
 
 def _variance_components(network: nn.Module, family: nn.Module | None) -> list[dict]:
@@ -189,13 +223,24 @@ def _variance_components(network: nn.Module, family: nn.Module | None) -> list[d
     return rows
 
 
+def _factor_of(module_name: str) -> str | None:
+    """The grouping factor of a random-effects layer of a network with several (``random_effects.<factor>``), else
+    ``None``; FactorModules stores a factor's dots as ``__dot__``."""
+    _, found, factor = module_name.rpartition("random_effects.")
+    return factor.replace("__dot__", ".") if found and factor and "." not in factor else None
+
+
 def load_network_checkpoint(
-    network: nn.Module, path: str, n_clusters: int | None = None, map_location: str | torch.device = "cpu"
+    network: nn.Module,
+    path: str,
+    n_clusters: int | Mapping[str, int] | None = None,
+    map_location: str | torch.device = "cpu",
 ) -> nn.Module:
     """Load a state dict saved by ``CheckpointSaver`` (``weights_only=True``) into ``network``, checking clusters.
 
     A checkpoint whose random-effects tables have another number of clusters than ``network`` (or than
-    ``n_clusters``, e.g. ``len(vocabulary)``) raises a ``ValueError`` naming the file and both numbers, instead of
+    ``n_clusters``, e.g. ``len(vocabulary)``, or a mapping factor -> levels such as ``vocabularies.n_levels`` for a
+    network of several grouping factors) raises a ``ValueError`` naming the file, the factor and both numbers, instead of
     ``load_state_dict``'s size-mismatch message; so does a checkpoint of a network built with other settings (missing,
     unexpected or resized entries, the first of each named). ``{"model": state_dict}`` checkpoints are unwrapped.
 
@@ -211,15 +256,29 @@ def load_network_checkpoint(
         raise ValueError(f"checkpoint {path} could not be read as a PyTorch state dict: {e}") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    expected = {name + ".loc": m.n_clusters for name, m in random_effects_modules(network).items()}
-    for key, clusters in expected.items():
-        if key in state and state[key].shape[0] != clusters:
+    layers = random_effects_modules(network)
+    factors = {_factor_of(name): m.n_clusters for name, m in layers.items()}
+    for (name, m), factor in zip(layers.items(), factors):
+        key = name + ".loc"
+        if key in state and state[key].shape[0] != m.n_clusters:
+            what = f"levels of grouping factor {factor!r}" if factor else "clusters"
             raise ValueError(
-                f"checkpoint {path} was trained with {state[key].shape[0]} clusters but the network has {clusters}: "
-                "use the cluster vocabulary saved with that checkpoint."
+                f"checkpoint {path} was trained with {state[key].shape[0]} {what} but the network has "
+                f"{m.n_clusters}: use the cluster vocabulary saved with that checkpoint."
             )
-    if n_clusters is not None and expected and next(iter(expected.values())) != n_clusters:
-        raise ValueError(f"the network has {next(iter(expected.values()))} clusters but {n_clusters} were expected.")
+    if n_clusters is not None and factors:
+        if isinstance(n_clusters, Mapping):
+            wrong = {f: (factors.get(f), n) for f, n in n_clusters.items() if factors.get(f) != n}
+            if wrong:
+                raise ValueError(
+                    "the network's levels differ from the expected ones: "
+                    + "; ".join(f"grouping factor {f!r}: {have} in the network, {n} expected" for f, (have, n) in wrong.items())
+                    + "."
+                )
+        elif len(factors) > 1:
+            raise ValueError(f"the network has the grouping factors {list(factors)}: give n_clusters per factor (a mapping).")
+        elif next(iter(factors.values())) != n_clusters:
+            raise ValueError(f"the network has {next(iter(factors.values()))} clusters but {n_clusters} were expected.")
     own = network.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

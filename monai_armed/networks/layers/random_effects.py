@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,21 @@ __all__ = ["RandomEffects", "check_cluster_index", "inverse_softplus", "COVARIAN
 COVARIANCES = ("diagonal", "full")
 
 _MIN_SCALE = 1e-5
+
+
+def _check_cluster_type(cluster: object) -> None:
+    """A readable error for clusters given as something other than one tensor (a network of one grouping factor)."""
+    if isinstance(cluster, torch.Tensor):
+        return
+    if isinstance(cluster, Mapping):
+        raise TypeError(
+            f"this network has one grouping factor: pass its clusters as one tensor, not a mapping of factors "
+            f"{sorted(cluster)} (a network of several factors is MixedModelNet)."
+        )
+    raise TypeError(
+        f"clusters must be a tensor of int64 indices (B,) (-1: unseen) or soft memberships (B, C), got "
+        f"{type(cluster).__name__}: map raw cluster ids with ClusterIndexd / ClusterVocabulary first."
+    )
 
 
 def inverse_softplus(value: float | torch.Tensor) -> torch.Tensor:
@@ -255,6 +270,8 @@ class RandomEffects(nn.Module):
         return chol
 
     def forward(self, cluster: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            _check_cluster_type(cluster)
         if cluster.is_floating_point():
             return self._soft(cluster)
         return self._lookup(cluster)
@@ -268,8 +285,10 @@ class RandomEffects(nn.Module):
         if not torch.jit.is_scripting():
             if not batch_checks_enabled():
                 if index.device.type == "cpu":  # reading a CPU tensor costs no device sync and spares the unseen mask
-                    unseen = index.numel() > 0 and int(index.min()) < 0
-                    return (index.clamp(min=0) if unseen else index), unseen
+                    low = int(index.min()) if index.numel() > 0 else 0
+                    if low < -1:  # read anyway: a negative index other than -1 (unseen) is a mapping error
+                        check_cluster_index(index, self.n_clusters)
+                    return (index.clamp(min=0) if low < 0 else index), low < 0
                 # no read-back: treat every batch as possibly holding unseen (-1) rows
                 return index.clamp(min=0), True
         unseen = check_cluster_index(index, self.n_clusters) < 0

@@ -11,7 +11,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,15 @@ class FactorSpec:
     counts: Sequence[float] | None = None
     correlated: bool = True
     prior_scale: float | Sequence[float] = 1.0
+
+
+@contextmanager
+def _naming_factor(name: str) -> Iterator[None]:
+    """Prefix an input error raised for one grouping factor with the factor's name."""
+    try:
+        yield
+    except (ValueError, IndexError, TypeError) as error:
+        raise type(error)(f"grouping factor {name!r}: {error}") from None
 
 
 class FactorModules(nn.ModuleDict):
@@ -216,8 +226,9 @@ class MixedModelNet(nn.Module):
 
     def _random_part(self, x: torch.Tensor, clusters: list[torch.Tensor]) -> torch.Tensor:
         total = x.new_zeros(x.shape[0], self.out_channels)
-        for layer, z, c in zip(self.random_effects.values(), self._split(x)[1], clusters):
-            u = layer(c).reshape(z.shape[0], z.shape[1], self.out_channels)
+        for (name, layer), z, c in zip(self.random_effects.items(), self._split(x)[1], clusters):
+            with _naming_factor(name):
+                u = layer(c).reshape(z.shape[0], z.shape[1], self.out_channels)
             total = total + torch.einsum("bq,bqo->bo", z, u)
         return total
 
@@ -248,8 +259,9 @@ class MixedModelNet(nn.Module):
             raise ValueError("linear_predictor needs out_channels == 1; sample with forward() for several outputs.")
         pred_fe, _ = self.fixed_effects(x)
         mean, var = pred_fe[:, 0], pred_fe.new_zeros(pred_fe.shape[0])
-        for layer, z, c in zip(self.random_effects.values(), self._split(x)[1], self._clusters(cluster)):
-            m, v = layer.linear_predictor(c, z)
+        for (name, layer), z, c in zip(self.random_effects.items(), self._split(x)[1], self._clusters(cluster)):
+            with _naming_factor(name):
+                m, v = layer.linear_predictor(c, z)
             mean, var = mean + m, var + v
         return mean.unsqueeze(1), var.unsqueeze(1)
 
@@ -258,8 +270,9 @@ class MixedModelNet(nn.Module):
         is an index batch)."""
         total = self.out.weight.new_zeros(())
         clusters = self._clusters(cluster) if cluster is not None else [None] * len(self.factor_names)
-        for layer, c in zip(self.random_effects.values(), clusters):
-            total = total + total_kl_divergence(self, c, [layer])
+        for (name, layer), c in zip(self.random_effects.items(), clusters):
+            with _naming_factor(name):
+                total = total + total_kl_divergence(self, c, [layer])
         return total
 
     def variance_components(self) -> list[dict]:
