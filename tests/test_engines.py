@@ -399,6 +399,52 @@ class TestELBO(unittest.TestCase):
         self.assertEqual(float(zero.state.output[0]["loss"]), 0.0)  # weights multiply every row's likelihood
 
 
+class TestFamilyBatchChecks(unittest.TestCase):
+    """A run's first batch is checked against the likelihood family: values it cannot take fail there, naming the
+    batch key and row, instead of training to a NaN or unbounded loss."""
+
+    def _trainer(self, label: torch.Tensor, family, weight: torch.Tensor | None = None, **kwargs) -> ARMEDTrainer:
+        torch.manual_seed(0)
+        x, c = torch.randn(16, 2), torch.randint(0, 4, (16,))
+        data = {"features": x, "label": label, "cluster": c, **({"w": weight} if weight is not None else {})}
+        net = MixedEffectsMLP(2, 1, n_clusters=4, hidden_channels=(), random_slopes="none")
+        return ARMEDTrainer("cpu", 1, TensorBatchLoader(data, batch_size=8), net, torch.optim.Adam(net.parameters()),
+                            loss_function=family, prepare_batch=PrepareBatchCluster("features"), decollate=False,
+                            weight_key="w" if weight is not None else None, **kwargs)  # fmt: skip
+
+    def test_values_the_family_cannot_take_fail_on_the_first_batch(self):
+        from monai_armed.losses import likelihood
+
+        nan = torch.zeros(16)
+        nan[3] = float("nan")
+        counts = torch.full((16,), 2.0)
+        counts[5] = -2.0
+        binary = torch.zeros(16)
+        binary[1] = 2.0
+        for label, family, message in (
+            (nan, likelihood("gaussian"), "column 'label' row 3 has nan"),
+            (counts, likelihood("poisson"), "column 'label' row 5 has -2"),
+            (binary, likelihood("bernoulli"), "column 'label' row 1 has 2"),
+        ):
+            with self.assertRaisesRegex(ValueError, "a training batch's values .*" + message):
+                self._trainer(label, family).run()
+        weight = torch.ones(16)
+        weight[2] = -1.0
+        with self.assertRaisesRegex(ValueError, "column 'w' row 2 has -1.0; row weights must be finite and >= 0"):
+            self._trainer(torch.zeros(16), likelihood("gaussian"), weight).run()
+        self._trainer(torch.zeros(16), likelihood("gaussian"), torch.zeros(16)).run()  # zero weights: masked rows
+
+    def test_batch_keys_for_the_loss_need_a_likelihood_family(self):
+        with self.assertRaisesRegex(ValueError, "weight_key need a likelihood-family loss_function"):
+            self._trainer(torch.zeros(16).long(), LogitClassificationLoss(), torch.ones(16))
+
+    def test_classification_metrics_of_a_continuous_outcome_say_to_use_regression(self):
+        from monai_armed.metrics import classification_summary
+
+        with self.assertRaisesRegex(ValueError, "need class indices as labels, got non-integer values .*task='regression'"):
+            classification_summary(torch.randn(4, 1), torch.tensor([31.5, 40.0, 52.2, 60.0]), torch.zeros(4).long(), 1)
+
+
 class TestBatchErrors(unittest.TestCase):
     def _run(self, data: dict):
         net, adv = _models()

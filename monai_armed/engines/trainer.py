@@ -29,9 +29,10 @@ from monai_armed.engines.players import AdversaryPlayer, Player
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
 from monai_armed.inferers import armed_inference, is_windowed
 from monai_armed.losses import LogitClassificationLoss
+from monai_armed.losses.families import LikelihoodFamily
 from monai_armed.networks.layers.random_effects import RandomEffects
 from monai_armed.optimizers import LazyAdam
-from monai_armed.utils import batch_checks
+from monai_armed.utils import batch_checks, batch_checks_enabled
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -302,6 +303,11 @@ class ARMEDTrainer(SupervisedTrainer):
         self.me_weight, self.fe_weight, self.kl_weight = me_weight, fe_weight, kl_weight
         self.n_train, self.adversary_factor = n_train, adversary_factor
         self.loss_keys = {k: v for k, v in (("weight", weight_key), ("trials", trials_key)) if v is not None}
+        if self.loss_keys and not isinstance(self.loss_function, LikelihoodFamily):
+            raise ValueError(
+                f"{' and '.join(f'{k}_key' for k in self.loss_keys)} need a likelihood-family loss_function (e.g. "
+                f"GaussianLikelihood(), likelihood('binomial')) that takes them; got {type(self.loss_function).__name__}."
+            )
         _optimize_loss_parameters(self.loss_function, optimizer)
         self.validate_batches = validate_batches
         self._first_batch_checked = False
@@ -344,6 +350,8 @@ class ARMEDTrainer(SupervisedTrainer):
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: cluster}
         engine._record_logging_values = engine._logging_values_read()
         engine._loss_kwargs = engine._batch_loss_kwargs(batchdata)
+        if batch_checks_enabled() and isinstance(engine.loss_function, LikelihoodFamily):
+            engine._check_family_inputs(targets)
         zero_grad, step = _accumulation_state(engine)
         if not step and engine._ddp_modules:  # accumulate locally: DDP all-reduces once, in the step's backward
             with ExitStack() as stack:
@@ -430,6 +438,27 @@ class ARMEDTrainer(SupervisedTrainer):
                 raise KeyError(f"batch has no {name} key {key!r}; keys present: {sorted(batchdata)}.")
             kwargs[name] = torch.as_tensor(batchdata[key]).to(self.state.device, non_blocking=self.non_blocking)
         return kwargs
+
+    def _check_family_inputs(self, targets: torch.Tensor) -> None:
+        """The batch's response, trials and weights against what the likelihood family takes (a batch whose values
+        are checked: the run's first, or every one with ``validate_batches``)."""
+        label = getattr(self.prepare_batch, "label_key", None) or "label"
+        trials, weight = self._loss_kwargs.get("trials"), self._loss_kwargs.get("weight")
+        try:
+            self.loss_function.validate_target(
+                targets.detach(), trials=None if trials is None else trials.detach(), name=label,
+                trials_name=str(self.loss_keys.get("trials")),
+            )  # fmt: skip
+            if weight is not None:  # a batch of zero weights is fine (masked rows): finite and >= 0 per row
+                bad = (~torch.isfinite(weight) | (weight < 0)).reshape(-1)
+                if bool(bad.any()):
+                    row = int(bad.nonzero()[0])
+                    raise ValueError(
+                        f"column '{self.loss_keys['weight']}' row {row} has {float(weight.reshape(-1)[row])}; row "
+                        "weights must be finite and >= 0."
+                    )
+        except ValueError as error:
+            raise ValueError(f"a training batch's values (batch keys, rows within the batch): {error}") from None
 
     def _logging_values_read(self) -> bool:
         """Whether this iteration computes the values that only logging reads (the adversary's accuracy): when a

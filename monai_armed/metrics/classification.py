@@ -88,7 +88,14 @@ def classification_summary(
         summary = classification_summary(logits, labels, clusters, n_clusters=10)
         summary["accuracy"], summary["per_cluster"]["3"]["accuracy"]
     """
-    label = label.reshape(-1).long().cpu()
+    label = label.reshape(-1).cpu()
+    if label.is_floating_point() and not bool((label == label.round()).all()):
+        raise ValueError(
+            "classification metrics need class indices as labels, got non-integer values (e.g. "
+            f"{float(label[label != label.round()][0])}): for a continuous outcome evaluate with task='regression' "
+            "(ClusterModeReport: metrics='regression')."
+        )
+    label = label.long()
     logits = logits.detach().cpu()
     pred = predicted_class(logits)
     prob = positive_probability(logits).numpy()
