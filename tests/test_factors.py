@@ -362,3 +362,20 @@ def test_random_effects_summary_names_each_factors_levels():
         random_effects_summary(net, [f"p{i}" for i in range(N_SUBJECTS)])
     with pytest.raises(ValueError, match="grouping factor 'site' has 4 levels but 3 cluster_names"):
         random_effects_summary(net, {"site": ["a", "b", "c"]})
+
+
+def test_checkpoint_levels_are_checked_for_every_random_effects_layer(tmp_path):
+    """A network with several unnamed random-effects layers (a head and a norm layer, as the ARMED wrapper builds)
+    checks each one's clusters, not only the first's."""
+    from monai_armed.networks.layers import RandomEffects
+    from monai_armed.networks.utils import load_network_checkpoint
+
+    class TwoLayers(torch.nn.Module):
+        def __init__(self, head: int, norm: int) -> None:
+            super().__init__()
+            self.head, self.norm = RandomEffects(head, 2), RandomEffects(norm, 3)
+
+    torch.save(TwoLayers(4, 4).state_dict(), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="trained with 4 clusters but the network has 5"):
+        load_network_checkpoint(TwoLayers(4, 5), str(tmp_path / "model.pt"))
+    load_network_checkpoint(TwoLayers(4, 4), str(tmp_path / "model.pt"), n_clusters=4)

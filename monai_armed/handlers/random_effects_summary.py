@@ -66,9 +66,7 @@ class RandomEffectsSummary:
         family: nn.Module | None = None,
     ) -> None:
         self.network, self.output_file = network, output_file
-        self.cluster_names = (
-            list(cluster_names) if cluster_names is not None and not _per_factor(cluster_names) else cluster_names
-        )
+        self.cluster_names = cluster_names  # a sequence, or names per factor: random_effects_summary reads both
         self.summary_writer, self.interval, self.tag_prefix = summary_writer, interval, tag_prefix
         self.family = family
         self._written_epoch: int | None = None
@@ -93,8 +91,3 @@ class RandomEffectsSummary:
             if callable(getattr(self.summary_writer, "flush", None)):  # a process may end before the writer's own flush
                 self.summary_writer.flush()
         return summary
-
-
-def _per_factor(cluster_names: object) -> bool:
-    """Whether names are given per grouping factor (a mapping, or a ``ClusterVocabularies``)."""
-    return isinstance(cluster_names, Mapping) or hasattr(cluster_names, "n_levels")

@@ -257,15 +257,16 @@ def load_network_checkpoint(
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     layers = random_effects_modules(network)
-    factors = {_factor_of(name): m.n_clusters for name, m in layers.items()}
-    for (name, m), factor in zip(layers.items(), factors):
-        key = name + ".loc"
+    for name, m in layers.items():
+        key, factor = name + ".loc", _factor_of(name)
         if key in state and state[key].shape[0] != m.n_clusters:
             what = f"levels of grouping factor {factor!r}" if factor else "clusters"
             raise ValueError(
                 f"checkpoint {path} was trained with {state[key].shape[0]} {what} but the network has "
                 f"{m.n_clusters}: use the cluster vocabulary saved with that checkpoint."
             )
+    # a network of several grouping factors has one layer per factor; another network's layers share its clusters
+    factors = {_factor_of(name) or name: m.n_clusters for name, m in layers.items()}
     if n_clusters is not None and factors:
         if isinstance(n_clusters, Mapping):
             wrong = {f: (factors.get(f), n) for f, n in n_clusters.items() if factors.get(f) != n}
@@ -275,7 +276,7 @@ def load_network_checkpoint(
                     + "; ".join(f"grouping factor {f!r}: {have} in the network, {n} expected" for f, (have, n) in wrong.items())
                     + "."
                 )
-        elif len(factors) > 1:
+        elif sum(_factor_of(name) is not None for name in layers) > 1:
             raise ValueError(f"the network has the grouping factors {list(factors)}: give n_clusters per factor (a mapping).")
         elif next(iter(factors.values())) != n_clusters:
             raise ValueError(f"the network has {next(iter(factors.values()))} clusters but {n_clusters} were expected.")
