@@ -12,4 +12,5 @@
 from __future__ import annotations
 
 from .formula_outputs import formula_scores, read_formula_csv, split_rows, write_formula_outputs
+from .joint_effects import EffectsLayout, GaussianMarginalLikelihood, JointPosteriorELBO
 from .mixed_model import MixedModelFit, fit_formula, fit_mixed_model, format_varcorr
