@@ -24,7 +24,16 @@ import pytest
 from monai.bundle import ConfigWorkflow
 from monai.utils import path_to_sqlite_uri
 
-__all__ = ["bundle_workflow", "check_tracking", "error_messages", "mlflow_run", "tensorboard_scalars", "torchrun_bundle"]
+__all__ = [
+    "bundle_workflow",
+    "check_tracking",
+    "error_messages",
+    "mlflow_run",
+    "mlflow_runs",
+    "run_log_dirs",
+    "tensorboard_scalars",
+    "torchrun_bundle",
+]
 
 
 def bundle_workflow(
@@ -141,6 +150,29 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def run_log_dirs(root: Path) -> list[Path]:
+    """The TensorBoard folders of the training runs in a bundle root (``eval/tensorboard/run_*``), oldest first.
+
+    Example::
+
+        (only,) = run_log_dirs(root)
+    """
+    return sorted(p for p in (root / "eval" / "tensorboard").glob("run_*") if p.is_dir())
+
+
+def mlflow_runs(tracking_uri: str):
+    """The client and every run of the MLflow store at ``tracking_uri``.
+
+    Example::
+
+        client, runs = mlflow_runs(monai.utils.path_to_sqlite_uri(root / "eval" / "mlruns.db"))
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    return client, client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 def mlflow_run(tracking_uri: str):
     """The client and the one run of the MLflow store at ``tracking_uri`` (a bundle run with ``--tracking mlflow``).
 
@@ -149,21 +181,26 @@ def mlflow_run(tracking_uri: str):
         client, run = mlflow_run(monai.utils.path_to_sqlite_uri(root / "eval" / "mlruns.db"))
         run.data.metrics["epoch_loss"]
     """
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    client, runs = mlflow_runs(tracking_uri)
     assert len(runs) == 1, f"expected one MLflow run in {tracking_uri}, found {len(runs)}"
     return client, runs[0]
 
 
-def check_tracking(root: Path, parts: Collection[str], epochs: int, validation: str | None, report_key: str) -> None:
+def check_tracking(
+    root: Path,
+    parts: Collection[str],
+    epochs: int,
+    validation: str | None,
+    report_key: str,
+    validation_extra: Collection[str] = (),
+) -> None:
     """Asserts what a bundle's training run in ``root`` with ``--tracking mlflow`` recorded.
 
     MLflow (the default store, ``eval/mlruns.db``): the loss every iteration, each loss part's and the learning rate's
     value every epoch, the validation metric, the report (``report/<report_key>`` equal to ``eval/metrics.json``) and
     the report file. TensorBoard (``eval/tensorboard``): the parts every iteration and every epoch, the learning rate,
-    the random-effect spread, the validation metric and the report.
+    the random-effect spread, the validation metric and the report. The validation metric and ``validation_extra``
+    (further metrics the validation handlers compute) have the same value at every epoch in both.
 
     Example::
 
@@ -189,12 +226,15 @@ def check_tracking(root: Path, parts: Collection[str], epochs: int, validation: 
         assert validation in logged
     assert run.data.metrics[f"report/{report_key}"] == pytest.approx(expected)
     assert "metrics.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
-    scalars = tensorboard_scalars(root / "eval" / "tensorboard")
+    (log_dir,) = run_log_dirs(root)
+    assert log_dir.name == run.info.run_name, "TensorBoard's folder is named after the MLflow run"
+    scalars = tensorboard_scalars(log_dir)
     for key in parts:
         assert len(scalars[key]) == len(iterations) and len(scalars[f"epoch_{key}"]) == epochs, key
     assert len(scalars["lr"]) == epochs and any(tag.startswith("random_effects/") for tag in scalars)
-    if validation is not None:
-        assert [step for step, _ in scalars[validation]] == steps(validation)
+    for key in [validation, *validation_extra] if validation is not None else validation_extra:
+        history = [(m.step, pytest.approx(m.value)) for m in client.get_metric_history(run.info.run_id, key)]
+        assert scalars[key] == history, key
     assert scalars[f"report/{report_key}"] == [(epochs, pytest.approx(expected))]
 
 
@@ -214,15 +254,19 @@ def torchrun_bundle(configs: Path, tmp: Path, world_size: int = 2, **override) -
     multi_gpu = json.loads((configs / "multi_gpu_train.json").read_text())
     rank_suffix = "('' if dist.get_rank() == 0 else '_rank' + str(dist.get_rank()))"
     dump = (
-        "$torch.save({n: p.detach().cpu() for n, p in @network.named_parameters()}, "
+        "$torch.save({n: p.detach().cpu() for n, p in @network.state_dict().items()}, "
         f"{str(probe)!r} + '/rank' + str(dist.get_rank()) + '.pt')"
+    )
+    dump_metrics = (
+        f"$torch.save(dict(@validate#evaluator.state.metrics), {str(probe)!r} + '/metrics_rank' + "
+        "str(dist.get_rank()) + '.pt')"
     )
     args = {
         "config_file": [str(configs / "train.json"), str(configs / "multi_gpu_train.json")],
         "bundle_root": str(root),
         "ckpt_dir": f"$@bundle_root + '/models' + {rank_suffix}",
         "output_dir": f"$@bundle_root + '/eval' + {rank_suffix}",
-        "finalize": [dump, *multi_gpu["finalize"]],
+        "finalize": [dump, dump_metrics, *multi_gpu["finalize"]],
         **override,
     }
     args_file = tmp / "args.json"

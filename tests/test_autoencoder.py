@@ -163,17 +163,20 @@ class TestForwardContract(unittest.TestCase):
         with torch.no_grad():
             mixed = net(x, CLUSTER)
             torch.testing.assert_close(mixed, net.forward_autoencoder(x, CLUSTER).pred)
-            torch.testing.assert_close(net(x, _soft(CLUSTER)), mixed)
-            fixed_re = net(x, unseen)
-            self.assertFalse(torch.allclose(mixed[:3], fixed_re[:3]))
-            torch.testing.assert_close(mixed[3], fixed_re[3])  # the unseen row has zero random effects
+            torch.testing.assert_close(net(x, _soft(CLUSTER))[:3], mixed[:3])
+            fixed = net(x)
+            torch.testing.assert_close(net(x, unseen), fixed)  # unseen rows: the fixed-effects head, as no cluster
+            torch.testing.assert_close(net.forward_autoencoder(x, unseen).pred, fixed)
+            self.assertFalse(torch.allclose(mixed[:3], fixed[:3]))
+            torch.testing.assert_close(mixed[3], fixed[3])
+            zero_effects = net(x, torch.zeros(len(CLUSTER), C))  # the mixer with z = 0
             recon = net.reconstruct(x, CLUSTER).me
             self.assertFalse(torch.allclose(recon[:3], net.reconstruct(x, unseen).me[:3]))
             torch.testing.assert_close(net.reconstruct(x).me, net.reconstruct(x, unseen).me)
             for m in net.modules():  # zero posterior means: every cluster is the fixed-effects RE path
                 if isinstance(m, ClusterScaleBias):
                     m.random_effects.loc.zero_()
-            torch.testing.assert_close(net(x, CLUSTER), fixed_re)
+            torch.testing.assert_close(net(x, CLUSTER)[:3], zero_effects[:3])
         self.assertTrue(all(m.cluster is None for m in net.modules() if isinstance(m, ClusterScaleBias)))
 
     def test_bad_input_shape(self):

@@ -24,11 +24,13 @@ import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
+from monai.data import DataLoader, Dataset
 from monai.transforms import LoadImage
 
 from torch import nn
 
 from monai_armed.data import TiffFileReader
+from monai_armed.engines import ARMEDEvaluator, AutoencoderInferer
 from monai_armed.handlers import AutoencoderOutputWriter, fit_ood_threshold, read_ood_threshold, write_autoencoder_outputs
 from monai_armed.networks import ImageClusterClassifier, MixedEffectsAutoencoder, ZPredictor, random_effects_modules
 from monai_armed.networks.nets.autoencoder import AECOutput
@@ -392,3 +394,74 @@ def test_threshold_file_is_written_atomically_and_replaces_only_itself(tmp_path)
     fit_ood_threshold(_net(), _batches([0, 1]), out)
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.pt", "ood_threshold.json"]
     assert hashlib.sha256((out.parent / "model.pt").read_bytes()).hexdigest() == before
+
+
+@torch.no_grad()
+def test_unseen_rows_get_the_fixed_effects_prediction_as_without_a_cluster():
+    net = _net()
+    x = _batches([0])[0]["image"].repeat(3, 1, 1, 1)
+    cluster = torch.tensor([-1, 1, -1])
+    fixed = net(x, None)
+    mixed = net(x, cluster)
+    torch.testing.assert_close(mixed[[0, 2]], fixed[[0, 2]])
+    assert (mixed[1] - fixed[1]).abs().max() > 1e-4, "a seen row goes through the mixer"
+    torch.testing.assert_close(net.forward_autoencoder(x, cluster).pred, mixed)
+
+
+def test_effects_column_names_the_evaluator_cluster_mode(tmp_path):
+    net, batches, z_predictor = _net(), _batches([0, 1, -1]), _z_predictor()
+    x = batches[0]["image"]
+    with torch.no_grad():
+        expected = {"fixed": net(x, None), "inferred": net(x, z_predictor.membership(x))}
+    for mode, logits in expected.items():
+        evaluator = ARMEDEvaluator(
+            "cpu", batches, net, z_predictor=z_predictor, inferer=AutoencoderInferer(), decollate=False,
+            cluster_mode=mode,
+        )  # fmt: skip
+        AutoencoderOutputWriter(tmp_path / mode).attach(evaluator)
+        evaluator.run()
+        rows = _rows(tmp_path / mode)
+        assert [r["effects"] for r in rows] == [mode] * 3
+        want = torch.sigmoid(logits).reshape(-1).numpy()
+        np.testing.assert_allclose([float(r["probability"]) for r in rows], want, rtol=1e-5)
+
+
+def test_an_output_never_replaces_an_input_image(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    batches = _batches([0, 1])
+    for path, image in zip(("cell.tif", "cell_recon_fe.tif"), batches[0]["image"]):
+        tifffile.imwrite(folder / path, image[0].numpy())
+    batches[0]["image_path"] = [str(folder / "cell.tif"), str(folder / "cell_recon_fe.tif")]
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    with pytest.raises(ValueError, match=r"the output '.*cell_recon_fe.tif' would overwrite the input image"):
+        write_autoencoder_outputs(_net(), batches, folder)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} == before
+
+
+def test_a_listed_input_named_like_an_output_is_refused_before_anything_is_written(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    items = []
+    for i, name in enumerate(("a.tif", "b.tif", "a_batch_effect.tif")):
+        tifffile.imwrite(folder / name, np.full((16, 32), i, np.float32))
+        items.append({"image": str(folder / name), "image_path": str(folder / name), "cluster": i})
+    loader = DataLoader(Dataset(items, transform=lambda d: {**d, "image": torch.rand(*IN_SHAPE)}), batch_size=1)
+    with pytest.raises(ValueError, match="a_batch_effect.tif' would overwrite the input image"):
+        write_autoencoder_outputs(_net(), loader, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.tif", "a_batch_effect.tif", "b.tif"], "nothing written"
+
+
+@torch.no_grad()
+def test_every_channel_of_a_multichannel_reconstruction_is_written(tmp_path):
+    torch.manual_seed(0)
+    net = MixedEffectsAutoencoder(
+        2, (3, *IN_SHAPE[1:]), 1, n_clusters=N_CLUSTERS, channels=(4, 8), strides=(2, 2), latent_size=LATENT
+    ).eval()
+    x = torch.rand(2, 3, *IN_SHAPE[1:], generator=torch.Generator().manual_seed(0))
+    batches = [{"image": x, "cluster": torch.tensor([0, 2]), "image_path": ["/d/a.tif", "/d/b.tif"]}]
+    write_autoencoder_outputs(net, batches, tmp_path)
+    recon = net.reconstruct(x, torch.tensor([0, 2]))
+    reader = LoadImage(reader=TiffFileReader(channels=3), image_only=True, ensure_channel_first=True)
+    torch.testing.assert_close(reader(str(tmp_path / "b_recon_fe.tif")).as_tensor(), recon.fe[1])
+    torch.testing.assert_close(reader(str(tmp_path / "a_recon_me.tif")).as_tensor(), recon.me[0])

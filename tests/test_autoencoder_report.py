@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from monai_armed.handlers import AutoencoderReport
-from monai_armed.metrics import binary_metrics, latent_cluster_scores, youden_threshold
+from monai_armed.metrics import (
+    anova_f_by_cluster,
+    binary_metrics,
+    image_quality_metrics,
+    latent_cluster_scores,
+    youden_threshold,
+)
 from monai_armed.networks import ImageClusterClassifier, MixedEffectsAutoencoder, ZPredictor, random_effects_modules
 
 N_CLUSTERS = 3
@@ -273,3 +279,36 @@ def test_batch_without_cluster_names_the_keys_and_restores_the_mode(data):
     net.eval()
     report.run()
     assert not any(m.training for m in net.modules()), "eval mode stays eval mode"
+
+
+def test_anova_compares_the_seen_batches_only(tmp_path):
+    net = _net("conventional")
+    cluster = torch.tensor([0, 1, -1, 0, 1, -1, 0, 1] * 2)
+    data = {"train": _batches(16, 0, cluster=cluster), "seen": _batches(16, 1, cluster=cluster)}
+    results = AutoencoderReport(net, data, modes={"seen": ["fixed"]}).run()
+    x, seen = _stack(data["seen"], "image"), cluster >= 0
+    want = anova_f_by_cluster(image_quality_metrics(x[seen].numpy()), cluster[seen].numpy())
+    assert results["anova_f"]["original"] == pytest.approx(want)
+
+
+def test_a_single_seen_batch_gives_null_batch_scores_with_a_warning(caplog):
+    net = _net("conventional")
+    one = {"train": _batches(16, 0, cluster=torch.zeros(16, dtype=torch.long)), "seen": _batches(8, 1)}
+    with caplog.at_level("WARNING", logger="monai_armed.handlers.autoencoder_report"):
+        results = AutoencoderReport(net, one, modes={"seen": ["fixed"]}).run()
+    assert results["latent"] == {"fe": {"davies_bouldin": None, "calinski_harabasz": None}}
+    assert "'train' has 1 seen batch(es) in 16 images" in caplog.text
+    assert results["seen"]["fixed"]["n"] == 8, "the rest of the report is still written"
+
+
+def test_multichannel_images_are_reported():
+    torch.manual_seed(0)
+    net = MixedEffectsAutoencoder(2, (3, 32, 32), 1, n_clusters=N_CLUSTERS, channels=(4, 8), strides=(2, 2), latent_size=6)
+    batches = _batches(24, 0)
+    for batch in batches:
+        batch["image"] = batch["image"].repeat(1, 3, 1, 1) * torch.tensor([1.0, 0.5, 0.25]).reshape(1, 3, 1, 1)
+    results = AutoencoderReport(net, {"train": batches, "seen": batches}, modes={"seen": ["observed"]}).run()
+    grey = _stack(batches, "image").mean(1).numpy()
+    want = anova_f_by_cluster(image_quality_metrics(grey), _stack(batches, "cluster").numpy())
+    assert results["anova_f"]["original"] == pytest.approx(want)
+    assert set(results["anova_f"]) == {"original", "fe", "me"}

@@ -277,6 +277,24 @@ class TestConfiguration(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, r"variant 'conventional'\) has no random effects"):
             ARMEDAutoencoderTrainer("cpu", 1, [], net, torch.optim.Adam(net.parameters()), image_classifier=judge)
 
+    def test_a_last_batch_of_one_image_is_refused_at_the_first_batch(self):
+        net, adv, judge = _models("armed")
+        before = _flat(net)
+        trainer = _trainer(_images(n=17), net, adv, judge, iterations=2)
+        with self.assertRaisesRegex(ValueError, r"batches of 16 from 17 items leave a last batch of one row.*drop_last"):
+            trainer.run()
+        torch.testing.assert_close(_flat(net), before, msg="refused before any step")
+        loader = torch.utils.data.DataLoader(
+            [{k: v[i] for k, v in _images(n=4).items()} for i in range(4)], batch_size=1
+        )
+        trainer = ARMEDAutoencoderTrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), adversary=adv)
+        with self.assertRaisesRegex(ValueError, "batches of 1 from 4 items"):
+            trainer.run()
+        dropped = _trainer(_images(n=17), net, adv, judge, iterations=1)
+        dropped.data_loader.drop_last = True
+        dropped.run()
+        self.assertEqual(dropped.state.iteration, 1)
+
     def test_missing_labels(self):
         net, adv, judge = _models("armed")
         data = {k: v for k, v in _images().items() if k != "label"}

@@ -289,6 +289,37 @@ def test_image_dtype_uint16_reads_and_scales_uint16_data(tmp_path):
     np.testing.assert_allclose(item["image"][0].numpy(), raw.T / 65535.0, rtol=1e-5, atol=1e-6)
 
 
+def test_twelve_bit_data_warn_until_intensity_max_is_set(tmp_path, caplog):
+    from monai_armed.data import check_intensity_use
+
+    datalist = ensure_microscopy_dataset(
+        tmp_path / "data16", n_seen=2, n_unseen=1, cells_per_batch=6, frames_per_cell=1, size=32, dtype="uint16"
+    )
+    for item in json.loads(Path(datalist).read_text())["training"]:  # a 12-bit camera: values up to 4095
+        path = Path(datalist).parent / item["image"] if not Path(item["image"]).is_absolute() else Path(item["image"])
+        raw = tifffile.imread(path).astype(np.float64)
+        save_tiff(path, (raw / raw.max() * 4095).astype(np.uint16))
+    for override, warned in (({}, True), ({"intensity_max": 4095}, False)):
+        workflow = _workflow(["train.json"], tmp_path, datalist_file=str(datalist), image_dtype="uint16", **NETWORK, **override)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="monai_armed.data.validation"):
+            cache, scale = (workflow.parser.get_parsed_content(key) for key in ("train#cache", "intensity_max"))
+            largest = check_intensity_use(cache, scale)
+        assert ("--intensity_max 4095" in caplog.text) == warned, override
+        assert largest == pytest.approx(4095 / 65535 if warned else 1.0, rel=1e-3)
+    assert "$monai_armed.data.check_intensity_use(@train::cache, @intensity_max)" in workflow.parser["run"]
+
+
+def test_image_classifier_uses_the_bundle_norm_and_a_last_single_image_is_dropped(data_dir, tmp_path):
+    workflow = _workflow(["train.json"], tmp_path, **_train_overrides(data_dir, batch_size=7))
+    norms = [m for m in workflow.parser.get_parsed_content("image_classifier").modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum == 0.1 and m.eps == 1e-3 for m in norms), "the bundle's norm, not Keras' 0.01"
+    n_train = len(workflow.parser.get_parsed_content("sections#train"))
+    loader = workflow.parser.get_parsed_content("train#dataloader")
+    assert loader.drop_last == (n_train % 7 == 1)
+    assert all(len(batch["image"]) > 1 for batch in loader)
+
+
 def test_checkpoint_for_another_number_of_clusters_is_rejected_by_evaluate(trained, data_dir, tmp_path):
     root, _ = trained
     shutil.copytree(root / "models", tmp_path / "models")

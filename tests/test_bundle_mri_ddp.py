@@ -141,7 +141,7 @@ def test_ddp_loss_curve_matches_single_process(runs):
     )
 
 
-def test_ranks_hold_identical_trained_parameters(runs):
+def test_ranks_hold_identical_trained_parameters_and_buffers(runs):
     ranks = [torch.load(runs["probe"] / f"rank{r}.pt") for r in range(WORLD_SIZE)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 10
     for name, value in ranks[0].items():
@@ -152,12 +152,33 @@ def test_ranks_hold_identical_trained_parameters(runs):
         assert torch.equal(saved[name], value), name
 
 
+def test_every_rank_validates_the_saved_model(runs, tmp_path):
+    """The BatchNorm statistics are rank 0's on every rank at the epoch's end, and no validation image is counted
+    twice: the distributed val_auroc (which picks model_best_val_auroc.pt) is the saved model's on the whole set."""
+    metrics = [torch.load(runs["probe"] / f"metrics_rank{r}.pt") for r in range(WORLD_SIZE)]
+    assert metrics[0]["val_auroc"] == metrics[1]["val_auroc"]
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(runs["root"].parent / "data"),
+        **{**SMALL, "epochs": EPOCHS, "batch_size": LOCAL_BATCH},
+    )
+    network = workflow.parser.get_parsed_content("network")
+    network.load_state_dict(torch.load(runs["root"] / "models" / "model.pt", weights_only=True))
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    evaluator.run()
+    assert evaluator.state.metrics["val_auroc"] == pytest.approx(metrics[0]["val_auroc"], abs=1e-6)
+
+
 def test_rank0_writes_the_bundle_outputs_and_rank1_nothing(runs):
     root = runs["root"]
     written = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
     events = {name for name in written if name.startswith("eval/tensorboard/")}
     assert written - events == RANK0_FILES
-    assert len(events) == 1 and next(iter(events)).startswith("eval/tensorboard/events.out.tfevents."), events
+    assert len(events) == 1 and re.fullmatch(r"eval/tensorboard/run_[0-9_]+/events\.out\.tfevents\..*", next(iter(events)))
     assert not list(root.glob("*_rank1")), "rank 1 wrote bundle files"
     vocabulary = json.loads((root / "models" / "clusters.json").read_text())
     assert len(vocabulary["clusters"]) == 8

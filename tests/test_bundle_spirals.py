@@ -103,7 +103,10 @@ def test_train_writes_checkpoints_metrics_and_figures(trained):
 def test_tracking_records_losses_lr_validation_and_report(trained):
     root, overrides = trained
     parts = ("loss", "loss_me", "loss_fe", "loss_adv", "loss_gen", "loss_kl", "adv_accuracy")
-    check_tracking(root, parts, overrides["epochs"], "val_accuracy", "unseen/inferred/accuracy")
+    check_tracking(
+        root, parts, overrides["epochs"], "val_accuracy", "unseen/inferred/accuracy",
+        validation_extra=["min_cluster_accuracy"],
+    )  # fmt: skip
 
 
 def test_evaluate_and_inference_reload_checkpoint(trained):

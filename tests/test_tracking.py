@@ -39,7 +39,14 @@ from monai_armed.engines import (
 from monai_armed.handlers import RandomEffectsSummary, ReportLogger, flatten_report, output_field
 from monai_armed.metrics import predicted_class
 from monai_armed.networks import MixedEffectsMLP
-from tests.bundle_workflow import bundle_workflow, tensorboard_scalars
+from tests.bundle_workflow import (
+    Interrupted,
+    bundle_workflow,
+    interrupt_before_epoch,
+    mlflow_runs,
+    run_log_dirs,
+    tensorboard_scalars,
+)
 from tests.test_autoencoder_trainer import _images
 from tests.test_autoencoder_trainer import _models as _aec_models
 from tests.test_bundle_spirals import CONFIGS as SPIRALS
@@ -372,13 +379,14 @@ def without_mlflow(monkeypatch):
 def _spirals(root: Path, **override):
     _clustered_csv(root / "data.csv")
     data = {"csv_file": str(root / "data.csv"), "generate_default_data": False, "n_unseen_clusters": 1}
-    return bundle_workflow(SPIRALS, ["train.json"], root, epochs=2, **data, **override)
+    return bundle_workflow(SPIRALS, ["train.json"], root, **{"epochs": 2, **data, **override})
 
 
 def test_bundle_trains_and_writes_tensorboard_events_without_mlflow(without_mlflow, tmp_path):
     workflow = _spirals(tmp_path)
     workflow.run()
-    scalars = tensorboard_scalars(tmp_path / "eval" / "tensorboard")
+    (log_dir,) = run_log_dirs(tmp_path)
+    scalars = tensorboard_scalars(log_dir)
     assert ARMED_PARTS - {"adv_accuracy"} <= set(scalars) and {"epoch_loss_gen", "lr", "val_accuracy"} <= set(scalars)
     assert "random_effects/intercept/spread_0" in scalars and "report/seen/observed/accuracy" in scalars
     assert [s for s, _ in scalars["val_accuracy"]] == [1, 2], "only the validation epochs, not the report's runs"
@@ -418,3 +426,26 @@ def test_scalar_sums_keep_sums_and_counts_per_key():
         sums.add("loss", torch.ones(2))  # one value per key and iteration
     sums.reset()
     assert sums.means() == {}
+
+
+def test_runs_in_one_bundle_root_keep_their_tracking_apart_and_a_resumed_run_continues_its_own(tmp_path):
+    """An interrupted run, its resumption and a later fresh run: MLflow and TensorBoard hold two runs, the first with
+    every epoch once (not the fresh run's epochs appended to the interrupted one, as MONAI does without a run name)."""
+    interrupted = _spirals(tmp_path, tracking="mlflow", epochs=3)
+    interrupt_before_epoch(interrupted, 3)
+    with pytest.raises(RuntimeError) as crash:
+        interrupted.run()
+    assert isinstance(crash.value.__cause__, Interrupted)
+    first = run_log_dirs(tmp_path)
+    _spirals(tmp_path, tracking="mlflow", epochs=3, resume=True).run()
+    assert run_log_dirs(tmp_path) == first, "the resumed run logs where the interrupted one did"
+    _spirals(tmp_path, tracking="mlflow", epochs=2).run()
+    logs = run_log_dirs(tmp_path)
+    assert len(logs) == 2 and logs[0] == first[0]
+    client, runs = mlflow_runs(path_to_sqlite_uri(str(tmp_path / "eval" / "mlruns.db")))
+    assert sorted(r.info.run_name for r in runs) == [p.name for p in logs]
+    for run, log_dir, epochs in zip(sorted(runs, key=lambda r: r.info.run_name), logs, (3, 2)):
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch_loss")]
+        assert steps == list(range(1, epochs + 1)), (run.info.run_name, steps)
+        assert [s for s, _ in tensorboard_scalars(log_dir)["epoch_loss"]] == list(range(1, epochs + 1))

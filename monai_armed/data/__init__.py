@@ -61,7 +61,7 @@ from .spirals import (
 )
 from .tabular import TABULAR_TASKS, datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
 from .tiff import TIFF_SUFFIXES, TiffFileReader, TiffImage, save_tiff
-from .validation import validate_datalist, validate_segmentation_datalist
+from .validation import check_intensity_use, validate_datalist, validate_segmentation_datalist
 
 # `python -m monai_armed.data.mri` (or `.microscopy`) runs a module this package has already imported; that is intended, so runpy's
 # "found in sys.modules ... unpredictable behaviour" warning about exactly that module is silenced.

@@ -40,6 +40,7 @@ __all__ = [
     "check_label_names",
     "read_datalist_sections",
     "resolve_image_paths",
+    "check_intensity_use",
 ]
 
 logger = logging.getLogger(__name__)
@@ -517,3 +518,36 @@ def validate_segmentation_datalist(
         if all(empties):
             logger.warning(f"datalist {source}: every mask of cluster {cluster!r} ({len(empties)}) is empty.")
     return checked
+
+
+def check_intensity_use(
+    dataset: Sequence[Mapping[str, Any]], intensity_max: float, key: str = "image", min_fraction: float = 0.25
+) -> float:
+    """Warn when images scaled by a fixed ``intensity_max`` (e.g. a dtype's maximum) use little of ``[0, 1]``.
+
+    A fixed scale keeps each batch's brightness, a batch signature, but 12-bit camera data stored as uint16 and
+    divided by 65535 reach the network as ``[0, 0.06]``: the reconstruction error then weighs little against the
+    other losses. Give the scaling the largest value the camera records instead.
+
+    Args:
+        dataset: preprocessed items (e.g. a ``CacheDataset``) whose ``key`` holds the scaled images.
+        intensity_max: the raw value that was scaled to 1 (named in the warning).
+        key: the image key.
+        min_fraction: warn when the largest scaled value of all images is below this.
+
+    Returns:
+        The largest scaled value.
+
+    Example::
+
+        check_intensity_use(train_cache, intensity_max=65535.0)   # warns for 12-bit data: pass intensity_max=4095
+    """
+    largest = max((float(np.max(np.asarray(item[key]))) for item in dataset), default=math.nan)
+    if largest < min_fraction:
+        logger.warning(
+            f"the training images reach at most {largest:.3g} of the intensity range [0, {intensity_max:g}] that is "
+            f"scaled to [0, 1] (brightest raw value about {largest * intensity_max:.6g}); if the camera records fewer "
+            "bits than the file's dtype, set intensity_max to its largest value (e.g. --intensity_max 4095 for 12-bit "
+            "data)."
+        )
+    return largest

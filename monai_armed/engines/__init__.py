@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .autoencoder_inferer import AutoencoderInferer
 from .autoencoder_trainer import AEC_LOSS_KEYS, AECIterationEvents, AECKeys, ARMEDAutoencoderTrainer, seen_cross_entropy
-from .distributed import ARMEDForward, armed_ddp, unwrap_armed
+from .distributed import ARMEDForward, armed_ddp, broadcast_buffers, unwrap_armed
 from .evaluator import CLUSTER_MODES, TASKS, ARMEDEvaluator, resolve_cluster
 from .mldg import MLDG_DEFAULTS, train_mldg
 from .output import EPOCH_METRIC_PREFIX, EpochMeans, IterationOutput, ScalarSums, iteration_scalars

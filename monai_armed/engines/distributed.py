@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["ARMEDForward", "armed_ddp", "unwrap_armed"]
+__all__ = ["ARMEDForward", "armed_ddp", "broadcast_buffers", "unwrap_armed"]
 
 
 class ARMEDForward(nn.Module):
@@ -106,3 +106,22 @@ def unwrap_armed(module: nn.Module) -> nn.Module:
     if isinstance(module, (DistributedDataParallel, nn.DataParallel)):
         module = module.module
     return module.network if isinstance(module, ARMEDForward) else module
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy process ``src``'s buffers (BatchNorm running statistics) of a ``DistributedDataParallel`` module to every
+    process; nothing for another module, or for one built with ``broadcast_buffers=False``.
+
+    DDP broadcasts rank 0's buffers at the start of each forward pass, so after the last step of an epoch every rank
+    holds the statistics of its own last batch: a distributed validation would then mix as many models as there are
+    ranks, and rank 0 would save another model than the one validated. ``ARMEDTrainer`` calls this at the end of
+    every epoch, before validation and checkpoints.
+
+    Example::
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: broadcast_buffers(ddp_network))
+    """
+    if not isinstance(module, DistributedDataParallel) or not module.broadcast_buffers:
+        return
+    for buffer in module.module.buffers():
+        torch.distributed.broadcast(buffer, src, group=module.process_group)

@@ -23,7 +23,7 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.nn.parallel import DistributedDataParallel
 
-from monai_armed.engines.distributed import ARMEDForward
+from monai_armed.engines.distributed import ARMEDForward, broadcast_buffers
 from monai_armed.engines.output import EpochMeans, IterationOutput, iteration_scalars
 from monai_armed.engines.players import AdversaryPlayer, Player
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
@@ -277,6 +277,7 @@ class ARMEDTrainer(SupervisedTrainer):
         self.register_events(*ARMEDIterationEvents)
         if self._epoch_means is not None:  # once: _register_handlers attached it already when there were handlers
             self._epoch_means.attach(self)
+        self._attach_buffer_broadcast()
         # DDP runs forward_armed through the wrapper's forward; a plain network is called directly
         self._forward_armed = self.network if isinstance(network, DistributedDataParallel) else network.forward_armed
         if isinstance(network, DistributedDataParallel) and is_windowed(self.inferer):
@@ -319,7 +320,13 @@ class ARMEDTrainer(SupervisedTrainer):
     def _register_handlers(self, handlers: Sequence) -> None:
         if self._epoch_means is not None:
             self._epoch_means.attach(self)
+        self._attach_buffer_broadcast()
         super()._register_handlers(handlers)
+
+    def _attach_buffer_broadcast(self) -> None:
+        """At every epoch's end, before any handler (validation, checkpoints), DDP ranks take rank 0's buffers."""
+        if not self.has_event_handler(_broadcast_ddp_buffers, Events.EPOCH_COMPLETED):
+            self.add_event_handler(Events.EPOCH_COMPLETED, _broadcast_ddp_buffers)
 
     def run(self) -> None:  # type: ignore[override]
         if self.n_train is None and self.kl_weight:
@@ -347,6 +354,9 @@ class ARMEDTrainer(SupervisedTrainer):
             raise KeyError("ARMEDTrainer needs the cluster of every sample; prepare_batch returned none.")
         if targets is None:
             raise KeyError("ARMEDTrainer needs labels; the batch has none.")
+        if not engine._first_batch_checked:
+            modules = (engine.network, *(player.unwrapped for player in engine.players.values()))
+            _check_last_batch_rows(engine.data_loader, len(inputs), modules)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: cluster}
         engine._record_logging_values = engine._logging_values_read()
         engine._loss_kwargs = engine._batch_loss_kwargs(batchdata)
@@ -585,6 +595,40 @@ def _training_rows(loader: Any) -> int | None:
         return len(getattr(loader, "dataset", None))
     except TypeError:
         return None
+
+
+def _broadcast_ddp_buffers(engine: ARMEDTrainer) -> None:
+    for module in engine._ddp_modules:
+        broadcast_buffers(module)
+
+
+def _check_last_batch_rows(loader: Any, first_rows: int, modules: Sequence[nn.Module]) -> None:
+    """Refuse, at the run's first batch, a loader whose batches will hold a single row when a network normalises
+    over the batch with a ``BatchNorm1d`` (torch raises in training mode, at the end of the first epoch). The rows a
+    batch holds per item come from the first batch (a transform may return several crops per image)."""
+    batch_size = getattr(loader, "batch_size", None)
+    if not isinstance(batch_size, int) or getattr(loader, "drop_last", False):
+        return
+    try:  # a DistributedSampler's length is the rank's share
+        items = loader.n_samples if hasattr(loader, "n_samples") else len(loader.sampler)
+    except TypeError:
+        return
+    rows_per_item = first_rows // max(min(batch_size, items), 1)
+    last_rows = (items % batch_size or batch_size) * rows_per_item
+    if last_rows != 1:
+        return
+    norms = [
+        f"{type(module).__name__} layer {name!r}" if name else type(module).__name__
+        for module in modules
+        for name, sub in module.named_modules()
+        if isinstance(sub, nn.BatchNorm1d)
+    ]
+    if norms:
+        raise ValueError(
+            f"the training loader's batches of {batch_size} from {items} items leave a last batch of one row, which "
+            f"the {norms[0]} (BatchNorm1d) cannot normalise in training: pass drop_last=True to the data loader or "
+            "choose a batch size that does not leave one item."
+        )
 
 
 def _optimize_loss_parameters(loss_function: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -185,15 +185,17 @@ class AutoencoderOutputWriter(ImageOutputWriter):
     it, after preprocessing), ``ood`` (1 when ``recon_mse_fe`` is above the out-of-distribution threshold, else 0;
     empty when there is no threshold) and the fixed-effects latent (``latent_fe_0``, ...). Numbers are written as
     numbers; text cells that a spreadsheet would run as a formula are escaped (:func:`~monai_armed.utils.csv_cell`).
-    The number of flagged images is logged (a warning when there are any). Arrays are written in the
-    loader's ``(C, W, H)`` order, channel dropped, transposed back to the TIFF's ``(H, W)`` as
-    :class:`~monai_armed.data.TiffFileReader` reads it (``reverse_indexing=True``). Every file is written atomically.
+    The number of flagged images is logged (a warning when there are any). Arrays in the loader's ``(C, W, H)`` order
+    are transposed back to the TIFF's ``(H, W)`` as :class:`~monai_armed.data.TiffFileReader` reads it
+    (``reverse_indexing=True``); one channel is dropped, several are kept as the TIFF's ``C`` axis. Every file is
+    written atomically, and none may replace an image that is read (an error before the first file is written when
+    the evaluator's dataset lists its images).
 
     Attach it to an :class:`~monai_armed.engines.ARMEDEvaluator` in ``observed`` mode with an
     :class:`~monai_armed.engines.AutoencoderInferer` and ``decollate=False``: the evaluator resolves each image's
     batch, and one that was never seen in training (``-1``) or has no ``cluster`` gets the evaluator's Z-predictor
     membership when it has one, else fixed effects (``effects`` says ``inferred`` or ``fixed``; a warning counts the
-    fallbacks).
+    fallbacks). In another ``cluster_mode`` every image gets that mode's effects, and ``effects`` names it.
 
     Args:
         output_dir: folder of the TIFFs and of ``predictions.csv``.
@@ -218,6 +220,7 @@ class AutoencoderOutputWriter(ImageOutputWriter):
     """
 
     cluster_word = "batch"
+    output_suffixes = ("_recon_fe.tif", "_recon_me.tif", "_batch_effect.tif")
 
     def __init__(
         self,
@@ -257,16 +260,13 @@ class AutoencoderOutputWriter(ImageOutputWriter):
         prob = positive_probability(result.pred.float()).reshape(-1).cpu().numpy()
         latent = result.latent_fe.float().cpu().numpy()
         mse = _recon_mse_fe(engine.state.output[Keys.IMAGE], result)
-        for i, path in enumerate(paths):
-            stem = self.claim_stem(path)
+        stems = [self.claim_stem(path) for path in paths]  # all of the batch's inputs are known before a write
+        for i, (path, stem) in enumerate(zip(paths, stems)):
             maps = {"recon_fe": result.recon_fe[i]}
             if result.recon_re is not None:
                 maps.update(recon_me=result.recon_re[i], batch_effect=result.recon_re[i] - result.recon_fe[i])
             for name, value in maps.items():
-                array = value[0].float().cpu().numpy().astype(np.float32)
-                save_tiff(
-                    self.output_dir / f"{stem}_{name}.tif", array.T if array.ndim == 2 else array.transpose(2, 1, 0)
-                )
+                save_tiff(self.output_path(stem, f"_{name}.tif"), **_tiff_layout(value.float().cpu().numpy()))
             ood = None if self.threshold is None else int(mse[i] > self.threshold)
             row = {
                 "image": path,
@@ -287,6 +287,15 @@ class AutoencoderOutputWriter(ImageOutputWriter):
                 f"{flagged} of {len(self.rows)} images are out of distribution (ood = 1): their fixed-effects "
                 f"reconstruction MSE is above {self.threshold:.6g}; their predictions are unreliable."
             )
+
+
+def _tiff_layout(array: np.ndarray) -> dict[str, Any]:
+    """``save_tiff`` arguments of a ``(C, *spatial)`` map in the loader's order: spatial axes reversed to the TIFF's
+    ``([Z,] Y, X)``, one channel dropped, several kept as the axis ``C`` that :class:`TiffFileReader` reads back."""
+    array = np.ascontiguousarray(np.transpose(array.astype(np.float32), (0, *range(array.ndim - 1, 0, -1))))
+    if array.shape[0] == 1:
+        return {"array": array[0]}
+    return {"array": array, "metadata": {"axes": "C" + "ZYX"[-(array.ndim - 1) :]}}
 
 
 def write_autoencoder_outputs(

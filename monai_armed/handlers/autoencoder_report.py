@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +44,8 @@ else:
 
 __all__ = ["AutoencoderReport"]
 
+logger = logging.getLogger(__name__)
+
 
 class AutoencoderReport:
     """Metrics of a trained (mixed-effects) autoencoder-classifier on several datasets and cluster modes.
@@ -57,8 +60,11 @@ class AutoencoderReport:
     - ``latent``: Davies-Bouldin and Calinski-Harabasz scores of the z-scored fixed-effects (and random-effects)
       latents of ``latent_dataset``'s seen clusters; for a fixed-effects latent higher DB / lower CH means less batch
       clustering;
-    - ``anova_f``: one-way ANOVA F across batches of the brightness, contrast, sharpness and SNR of the originals and of
-      the fixed- and mixed-effects reconstructions of ``anova_dataset`` (lower F: less batch effect).
+    - ``anova_f``: one-way ANOVA F across the seen batches of the brightness, contrast, sharpness and SNR of the
+      originals and of the fixed- and mixed-effects reconstructions of ``anova_dataset`` (lower F: less batch
+      effect; the channels of a multi-channel image are averaged first).
+
+    Both are null (with a warning) when there are fewer than two seen batches to compare.
 
     ``save_figures`` writes the reconstruction grid (original / fixed / mixed / difference per batch) and the 2-D
     embedding of the latents coloured by batch and by label. Batches hold ``image``, ``label`` and ``cluster`` (index,
@@ -252,17 +258,27 @@ class AutoencoderReport:
         summary["mse_fe"] = reconstruction_mse(data["image"], data["recon_fe"], reduction="mean")
         return summary
 
-    @staticmethod
-    def _latent_scores(data: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    def _latent_scores(self, data: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
         seen = data["cluster"] >= 0
-        scores = {"fe": latent_cluster_scores(data["latent_fe"][seen], data["cluster"][seen])}
-        if "latent_re" in data:
-            scores["re"] = latent_cluster_scores(data["latent_re"][seen], data["cluster"][seen])
-        return scores
+        clusters = data["cluster"][seen]
+        latents = {"fe": data["latent_fe"]} | ({"re": data["latent_re"]} if "latent_re" in data else {})
+        n_seen = np.unique(clusters).size
+        if not 2 <= n_seen < clusters.size:  # the scores compare batches, each with more than one image
+            logger.warning(
+                f"AutoencoderReport: dataset {self.latent_dataset!r} has {n_seen} seen batch(es) in {clusters.size} "
+                "images; the latent batch scores need at least 2 batches and more images than batches: null."
+            )
+            return {name: {"davies_bouldin": math.nan, "calinski_harabasz": math.nan} for name in latents}
+        return {name: latent_cluster_scores(latent[seen], clusters) for name, latent in latents.items()}
 
     @staticmethod
     def _anova(data: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
         images = {"original": data["image"], "fe": data["recon_fe"]}
         if "recon_me_observed" in data:
             images["me"] = data["recon_me_observed"]
-        return {name: anova_f_by_cluster(image_quality_metrics(x), data["cluster"]) for name, x in images.items()}
+        seen = data["cluster"] >= 0
+        # the image metrics are those of one channel: several are averaged first (a grey-level version)
+        return {
+            name: anova_f_by_cluster(image_quality_metrics(x[seen].mean(axis=1)), data["cluster"][seen])
+            for name, x in images.items()
+        }

@@ -79,6 +79,10 @@ class ImageOutputWriter:
         self.output_dir, self.path_key, self.csv_name = Path(output_dir), path_key, csv_name
         self.rows: list[dict[str, Any]] = []
         self._source_of: dict[str, str] = {}  # output stem -> the image it was written for
+        self._inputs: set[Path] = set()  # the images read, which no output may replace
+
+    #: the suffixes of the files written per image (after its stem), checked against the inputs before writing
+    output_suffixes: tuple[str, ...] = ()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
@@ -90,15 +94,19 @@ class ImageOutputWriter:
         raise NotImplementedError
 
     def _reset(self, engine: Engine) -> None:
-        self.rows, self._source_of = [], {}
+        self.rows, self._source_of, self._inputs = [], {}, set()
         # the dataset's image paths, when it lists them, are checked before the first file is written
         items = getattr(getattr(engine.data_loader, "dataset", None), "data", None)
         if isinstance(items, (list, tuple)):
-            for item in items:
-                path = item.get("image") if isinstance(item, Mapping) else None
-                if isinstance(path, (str, os.PathLike)):
-                    self.claim_stem(os.fspath(path))
+            paths = [item.get("image") if isinstance(item, Mapping) else None for item in items]
+            paths = [os.fspath(path) for path in paths if isinstance(path, (str, os.PathLike))]
+            for path in paths:
+                self.claim_stem(path)
+            for stem in self._source_of:
+                for suffix in self.output_suffixes:
+                    self.output_path(stem, suffix)
             self._source_of = {}
+        self.output_path(Path(self.csv_name).stem, Path(self.csv_name).suffix)
 
     def _check_batch(self, engine: Engine) -> None:
         batch = engine.state.batch
@@ -113,7 +121,11 @@ class ImageOutputWriter:
         return "inferred" if getattr(engine, "z_predictor", None) is not None else "fixed"
 
     def effects(self, engine: Engine, n: int) -> list[str]:
-        """Per image of the iteration: ``observed`` (its seen cluster) or the evaluator's :meth:`fallback`."""
+        """Per image of the iteration: ``observed`` (its seen cluster) or the evaluator's :meth:`fallback`; every
+        image gets the evaluator's ``cluster_mode`` when that is not ``observed``."""
+        mode = getattr(engine, "cluster_mode", "observed")
+        if mode != "observed":
+            return [mode] * n
         observed = engine.state.output.get(ARMEDKeys.CLUSTER)
         if isinstance(observed, Mapping):
             raise TypeError(
@@ -133,9 +145,23 @@ class ImageOutputWriter:
                 "unique names."
             )
         self._source_of[stem] = path
+        self._inputs.add(Path(path).resolve())
         return stem
 
+    def output_path(self, stem: str, suffix: str) -> Path:
+        """``output_dir / (stem + suffix)``; an error when that file is one of the images read (an output folder that
+        holds the inputs, and an input named like another's output)."""
+        path = self.output_dir / f"{stem}{suffix}"
+        if path.resolve() in self._inputs:
+            raise ValueError(
+                f"{type(self).__name__}: the output '{path}' would overwrite the input image of that name; write the "
+                "outputs to a folder that does not hold the inputs (output_dir), or rename the image."
+            )
+        return path
+
     def _summarize(self, engine: Engine) -> None:
+        if getattr(engine, "cluster_mode", "observed") != "observed":  # every row says the mode; nothing fell back
+            return
         fallbacks = sum(r["effects"] != "observed" for r in self.rows)
         if fallbacks:
             logger.warning(

@@ -64,6 +64,7 @@ class SegmentationWriter(ImageOutputWriter):
     def __init__(self, output_dir: str | os.PathLike, path_key: str = "image_path", suffix: str = "_seg") -> None:
         super().__init__(output_dir, path_key, "segmentation.csv")
         self.suffix = suffix
+        self.output_suffixes = (f"{suffix}.tif",)
 
     def __call__(self, engine: Engine) -> None:
         pred = engine.state.output[Keys.PRED]
@@ -76,11 +77,11 @@ class SegmentationWriter(ImageOutputWriter):
         effects = self.effects(engine, len(paths))
         classes = label_map(pred)[:, 0].cpu().numpy()
         n_classes = max(int(pred.shape[1]), int(classes.max(initial=0)) + 1, 2)
-        for i, path in enumerate(paths):
-            stem = self.claim_stem(path)
+        stems = [self.claim_stem(path) for path in paths]  # all of the batch's inputs are known before a write
+        for i, (path, stem) in enumerate(zip(paths, stems)):
             image_classes = classes[i]
             stored = image_classes.T if image_classes.ndim == 2 else image_classes.transpose(2, 1, 0)
-            save_tiff(self.output_dir / f"{stem}{self.suffix}.tif", np.ascontiguousarray(stored))
+            save_tiff(self.output_path(stem, f"{self.suffix}.tif"), np.ascontiguousarray(stored))
             row = {"image": path, "effects": effects[i]}
             row.update(zip(("depth", "height", "width")[-stored.ndim :], stored.shape))
             for c in range(1, n_classes):

@@ -20,6 +20,8 @@ from .nets import (
     ARMED_VARIANTS,
     ARMEDCNN,
     MLP_VARIANTS,
+    PAPER_AEC_CONFIG,
+    PAPER_IMAGE_CLASSIFIER_CONFIG,
     AECOutput,
     AutoencoderClassifier,
     ImageClusterClassifier,

@@ -58,9 +58,11 @@ AEC_VARIANTS: dict[str, dict] = {
 #: on small data) and the mixer's is 1 (it only trains the mixing head when its inputs are detached). The small
 #: random-effects head weights matter: with 0.1 / 0.01 / 0.01 the random-effects reconstruction error on the
 #: microscopy data was 1.2x the conventional AEC's, with the paper's 0.01 / 0.001 / 0.001 it is 0.8x. The KL weight
-#: multiplies ``KL / n_train`` (the trainer divides by the training images), so the paper's 1e-5 on the summed KL is
-#: ``1e-5 * n_train`` here: the default 0.005 is the paper's at about 500 images (the microscopy bundle's 0.00536 at
-#: 536). It is not 1 (the ELBO) because the reconstruction loss is a per-pixel mean, not an image's log-likelihood.
+#: multiplies ``KL / n_train`` (the trainer divides by the training images), so 1e-5 on the KL summed over the
+#: random-effects layers is ``1e-5 * n_train`` here: the default 0.005 is that at about 500 images (the microscopy
+#: bundle's 0.00536 at 536). The reference weights the *mean* of its encoder's and of its decoder's layer terms by
+#: 1e-5 (1e-7 in its RE-AEC script), so this shrinks the random effects more (about 3.5x with 7 layers). It is not 1
+#: (the ELBO) because the reconstruction loss is a per-pixel mean, not an image's log-likelihood.
 AEC_LOSS_WEIGHTS: dict[str, float] = {
     "recon_weight": 1.0,
     "cls_weight": 0.1,
@@ -500,9 +502,10 @@ class RandomEffectsAutoencoder(nn.Module):
 
     The structure of :class:`AutoencoderClassifier`, but every norm is a
     :class:`~monai_armed.networks.blocks.ClusterScaleBias` (instance norm, then ``(1 + g(z)) x + b(z)`` with
-    per-cluster random scales and biases), including the 1-channel one before the sigmoid, and the latent has no
-    BatchNorm. A :class:`LatentClassifier` reads the latent. Trained so that its latent and reconstruction *keep* the
-    batch information. The cluster (index ``(B,)`` with ``-1`` = unseen, soft ``(B, n_clusters)``, or ``None``: zero
+    per-cluster random scales and biases), and the latent has no BatchNorm. The output layer has no norm (the
+    paper's one-channel ``ClusterScaleBias`` before the sigmoid took away each image's own brightness). A
+    :class:`LatentClassifier` reads the latent. Trained so that its latent and reconstruction *keep* the batch
+    information. The cluster (index ``(B,)`` with ``-1`` = unseen, soft ``(B, n_clusters)``, or ``None``: zero
     random effects) is an argument of :meth:`encode`, :meth:`decode` and ``forward``.
 
     Args:
@@ -577,7 +580,9 @@ class ImageClusterClassifier(nn.Module):
         strides: one stride for all blocks or one per block.
         kernel_size: odd kernel size.
         norm: norm of the blocks; keep one that does not remove per-image intensity (not instance norm), since
-            intensity is a typical batch signature.
+            intensity is a typical batch signature. The default is the paper's Keras BatchNorm (momentum 0.01 in
+            torch's convention), whose running statistics lag a training of a few hundred steps, so that evaluation
+            sees out-of-date statistics; the microscopy bundle passes ``("batch", {"eps": 1e-3, "momentum": 0.1})``.
 
     Example::
 
@@ -643,9 +648,11 @@ class MixedEffectsAutoencoder(nn.Module):
 
     ``forward(x, cluster=None)`` returns plain logits (what inference, export and evaluators see): the mixer's when a
     cluster is given and the variant has random effects, else the fixed-effects logits. Rows with cluster ``-1``
-    (unseen) go through the mixer with zero random effects, as the paper evaluates unseen batches; ``cluster=None``
-    gives the fixed-effects head. :meth:`forward_autoencoder` returns an :class:`AECOutput` with everything training
-    needs from one pass (``forward_armed`` is the same pass, the name ``ARMEDTrainer``'s DDP adapter calls).
+    (unseen) get the fixed-effects logits as well, as ``cluster=None`` and every other network of the package (the
+    paper's ``z = 0`` would feed the mixer a random-effects latent it never saw in training; their reconstruction,
+    :meth:`reconstruct`, is the one with zero random effects). :meth:`forward_autoencoder` returns an
+    :class:`AECOutput` with everything training needs from one pass (``forward_armed`` is the same pass, the name
+    ``ARMEDTrainer``'s DDP adapter calls).
 
     Differences from the released reference code, on purpose (armed_method.md section 10): its ``MixedEffectsAEC``
     shares the FE encoder, has no mixing subnetwork and adds the adversarial term; here, as in the paper, the RE
@@ -772,11 +779,19 @@ class MixedEffectsAutoencoder(nn.Module):
             latent_fe, latent_re = latent_fe.detach(), latent_re.detach()
         return self.mixer(torch.cat([latent_fe, latent_re], dim=1))
 
+    @staticmethod
+    def _unseen_rows_fixed(cluster: torch.Tensor, pred_fe: torch.Tensor, pred_me: torch.Tensor) -> torch.Tensor:
+        """The mixed-effects logits, with the fixed-effects ones in the rows of unseen clusters (index ``-1``)."""
+        if cluster.is_floating_point():  # soft membership: every row has its mixture of seen clusters
+            return pred_me
+        return torch.where((cluster < 0).reshape(-1, 1), pred_fe, pred_me)
+
     def forward(self, x: torch.Tensor, cluster: torch.Tensor | None = None) -> torch.Tensor:
         latent_fe = self.fixed_effects.encode(x)
+        pred_fe = self.fixed_effects.classify(latent_fe)
         if cluster is None or self.random_effects is None:
-            return self.fixed_effects.classify(latent_fe)
-        return self._mix(latent_fe, self.random_effects.encode(x, cluster))
+            return pred_fe
+        return self._unseen_rows_fixed(cluster, pred_fe, self._mix(latent_fe, self.random_effects.encode(x, cluster)))
 
     def forward_autoencoder(self, x: torch.Tensor, cluster: torch.Tensor | None = None) -> AECOutput:
         """Predictions, reconstructions, latents, adversary features and KL from one forward pass.
@@ -796,8 +811,10 @@ class MixedEffectsAutoencoder(nn.Module):
             latent_re = re_aec.encoder(x)[1]
             recon_re = re_aec.decoder(latent_re)
         pred_re, cluster_logits = re_aec.latent_classifier(latent_re)
+        # unseen rows of the mixed prediction are the fixed-effects head's, which the mixer's loss must not train
+        unseen_fe = pred_fe.detach() if self.detach_mixer_inputs else pred_fe
         return AECOutput(
-            pred=pred_fe if cluster is None else self._mix(latent_fe, latent_re),
+            pred=pred_fe if cluster is None else self._unseen_rows_fixed(cluster, unseen_fe, self._mix(latent_fe, latent_re)),
             pred_re=pred_re,
             recon_re=recon_re,
             latent_re=latent_re,
