@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,13 +22,15 @@ from collections.abc import Collection
 from pathlib import Path
 
 import pytest
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigWorkflow, ckpt_export
+from monai.data import load_net_with_metadata
 from monai.utils import path_to_sqlite_uri
 
 __all__ = [
     "bundle_workflow",
     "check_tracking",
     "error_messages",
+    "export_network",
     "mlflow_run",
     "mlflow_runs",
     "run_log_dirs",
@@ -148,6 +151,30 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def export_network(configs: Path, models: Path, tmp: Path, **kwargs):
+    """Runs ``ckpt_export network_def`` from ``inference.json`` alone, as the READMEs do, on a copy of ``models`` in a
+    new bundle root; returns the loaded TorchScript network and that root, which must still hold nothing else.
+
+    Example::
+
+        exported, export_root = export_network(CONFIGS, root / "models", tmp_path, use_trace=True)
+    """
+    export_root = tmp / "exported"
+    shutil.copytree(models, export_root / "models")
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(tmp / "model.ts"),
+        ckpt_file=str(export_root / "models" / "model.pt"),
+        meta_file=str(configs / "metadata.json"),
+        config_file=str(configs / "inference.json"),
+        bundle_root=str(export_root),
+        **kwargs,
+    )
+    exported, _, _ = load_net_with_metadata(str(tmp / "model.ts"))
+    assert sorted(p.name for p in export_root.iterdir()) == ["models"], "export writes nothing into the bundle root"
+    return exported, export_root
 
 
 def run_log_dirs(root: Path) -> list[Path]:

@@ -23,13 +23,12 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from monai.bundle import ConfigWorkflow, ckpt_export
-from monai.data import load_net_with_metadata
+from monai.bundle import ConfigWorkflow
 from monai.transforms import LoadImage
 
 from monai_armed.data import TiffFileReader, ensure_microscopy_dataset, save_tiff
 from monai_armed.engines import AEC_LOSS_KEYS
-from tests.bundle_workflow import bundle_workflow, check_tracking, error_messages
+from tests.bundle_workflow import bundle_workflow, check_tracking, error_messages, export_network
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "armed_microscopy_autoencoder" / "configs"
 #: the network's size, shared by train / evaluate / inference
@@ -336,23 +335,10 @@ def test_checkpoint_for_another_number_of_clusters_is_rejected_by_evaluate(train
 
 def test_network_exports_with_ckpt_export_from_inference_json_alone(trained, tmp_path):
     root, _ = trained
-    export_root = tmp_path / "exported"
-    shutil.copytree(root / "models", export_root / "models")
-    ckpt_export(
-        net_id="network_def",
-        filepath=str(tmp_path / "model.ts"),
-        ckpt_file=str(export_root / "models" / "model.pt"),
-        key_in_ckpt="model",
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=str(CONFIGS / "inference.json"),
-        bundle_root=str(export_root),
-        use_trace=True,
-        input_shape=[1, 1, NETWORK["image_size"], NETWORK["image_size"]],
-        **NETWORK,
-    )
-    exported, _, _ = load_net_with_metadata(str(tmp_path / "model.ts"))
+    shape = [1, 1, NETWORK["image_size"], NETWORK["image_size"]]
+    export = {"key_in_ckpt": "model", "use_trace": True, "input_shape": shape, **NETWORK}
+    exported, export_root = export_network(CONFIGS, root / "models", tmp_path, **export)
     network = _workflow(["inference.json"], export_root, "inference", **NETWORK).parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(export_root / "models" / "model.pt", weights_only=True)["model"])
     x = torch.rand(3, 1, NETWORK["image_size"], NETWORK["image_size"])
     torch.testing.assert_close(exported(x), network.eval()(x))  # the fixed-effects phenotype logit
-    assert sorted(p.name for p in export_root.iterdir()) == ["models"]

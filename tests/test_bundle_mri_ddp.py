@@ -74,10 +74,9 @@ def _ddp(tmp: Path) -> tuple[Path, str, float]:
     return root, output, seconds
 
 
-def _single(tmp: Path, name: str, data_dir: Path, batch_size: int, **override) -> dict:
-    """Trains train.json in this process with the DDP run's settings; returns its loss history."""
-    root = tmp / name
-    workflow = ConfigWorkflow(
+def _train_workflow(root: Path, data_dir: Path, batch_size: int, **override) -> ConfigWorkflow:
+    """train.json in this process with the DDP run's settings."""
+    return ConfigWorkflow(
         config_file=str(CONFIGS / "train.json"),
         meta_file=str(CONFIGS / "metadata.json"),
         logging_file=False,
@@ -85,9 +84,15 @@ def _single(tmp: Path, name: str, data_dir: Path, batch_size: int, **override) -
         bundle_root=str(root),
         dataset_dir=str(data_dir),
         **{**SMALL, "epochs": EPOCHS, "batch_size": batch_size},
-        run=["$@train#trainer.run()"],  # train.json's handlers include LossHistory
         **override,
     )
+
+
+def _single(tmp: Path, name: str, data_dir: Path, batch_size: int, **override) -> dict:
+    """Trains train.json in this process with the DDP run's settings; returns its loss history."""
+    root = tmp / name
+    # train.json's handlers include LossHistory
+    workflow = _train_workflow(root, data_dir, batch_size, run=["$@train#trainer.run()"], **override)
     workflow.initialize()
     workflow.run()
     workflow.finalize()
@@ -157,15 +162,7 @@ def test_every_rank_validates_the_saved_model(runs, tmp_path):
     twice: the distributed val_auroc (which picks model_best_val_auroc.pt) is the saved model's on the whole set."""
     metrics = [torch.load(runs["probe"] / f"metrics_rank{r}.pt") for r in range(WORLD_SIZE)]
     assert metrics[0]["val_auroc"] == metrics[1]["val_auroc"]
-    workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "train.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False,
-        workflow_type="train",
-        bundle_root=str(tmp_path),
-        dataset_dir=str(runs["root"].parent / "data"),
-        **{**SMALL, "epochs": EPOCHS, "batch_size": LOCAL_BATCH},
-    )
+    workflow = _train_workflow(tmp_path, runs["root"].parent / "data", LOCAL_BATCH)
     network = workflow.parser.get_parsed_content("network")
     network.load_state_dict(torch.load(runs["root"] / "models" / "model.pt", weights_only=True))
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")

@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from monai.bundle import ConfigWorkflow, ckpt_export
-from monai.data import load_net_with_metadata
+from monai.bundle import ConfigWorkflow
 
 from monai_armed.data import ensure_nucleus_dataset, save_tiff
-from tests.bundle_workflow import bundle_workflow, check_tracking, error_messages
+from tests.bundle_workflow import bundle_workflow, check_tracking, error_messages, export_network
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "armed_microscopy_segmentation" / "configs"
 #: the network's size, shared by train / evaluate / inference
@@ -265,20 +264,8 @@ def test_network_exports_with_ckpt_export_as_documented(trained, tmp_path):
     """The README's traced export: the TorchScript UNet gives the fixed-effects logits at the patch size and at a
     whole field's size."""
     root, _ = trained
-    export_root = tmp_path / "exported"
-    shutil.copytree(root / "models", export_root / "models")
-    ckpt_export(
-        net_id="network_def",
-        filepath=str(tmp_path / "model.ts"),
-        ckpt_file=str(export_root / "models" / "model.pt"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=str(CONFIGS / "inference.json"),
-        bundle_root=str(export_root),
-        use_trace=True,
-        input_shape=[1, 1, *NETWORK["patch_size"]],
-        **NETWORK,
-    )
-    exported, _, _ = load_net_with_metadata(str(tmp_path / "model.ts"))
+    export = {"use_trace": True, "input_shape": [1, 1, *NETWORK["patch_size"]], **NETWORK}
+    exported, export_root = export_network(CONFIGS, root / "models", tmp_path, **export)
     network = _workflow(["inference.json"], export_root, "inference", **NETWORK).parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(export_root / "models" / "model.pt", weights_only=True))
     for size in (NETWORK["patch_size"], [48, 64]):

@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow, ckpt_export
-from monai.data import load_net_with_metadata
+from monai.bundle import ConfigWorkflow
 
 from monai_armed.data import save_csv_datalist
 from monai_armed.networks import MixedEffectsMLP, load_network_checkpoint
-from tests.bundle_workflow import Interrupted, assert_same_training, check_tracking, interrupt_before_epoch
+from tests.bundle_workflow import (
+    Interrupted,
+    assert_same_training,
+    check_tracking,
+    export_network,
+    interrupt_before_epoch,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "armed_spirals" / "configs"
 
@@ -320,21 +324,10 @@ def test_a_users_csv_file_is_used_without_generating_anything(tmp_path):
 
 def test_network_scripts_with_ckpt_export_from_inference_json_alone(trained, tmp_path):
     root, _ = trained
-    export_root = tmp_path / "exported"
-    shutil.copytree(root / "models", export_root / "models")
-    ckpt_export(
-        net_id="network_def",
-        filepath=str(tmp_path / "model.ts"),
-        ckpt_file=str(export_root / "models" / "model.pt"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=str(CONFIGS / "inference.json"),
-        bundle_root=str(export_root),
-    )
-    exported, _, _ = load_net_with_metadata(str(tmp_path / "model.ts"))
+    exported, export_root = export_network(CONFIGS, root / "models", tmp_path)
     network = _workflow(["inference.json"], export_root).parser.get_parsed_content("network_def")
     load_network_checkpoint(network, str(export_root / "models" / "model.pt"))
     x = torch.randn(16, 2)
     torch.testing.assert_close(exported(x), network.eval()(x))
     cluster = torch.tensor([0, 1, -1, 2] * 4)
     torch.testing.assert_close(exported(x, cluster), network(x, cluster))  # scripted: mixed effects too
-    assert sorted(p.name for p in export_root.iterdir()) == ["models"]
