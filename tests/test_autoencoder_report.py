@@ -312,3 +312,21 @@ def test_multichannel_images_are_reported():
     want = anova_f_by_cluster(image_quality_metrics(grey), _stack(batches, "cluster").numpy())
     assert results["anova_f"]["original"] == pytest.approx(want)
     assert set(results["anova_f"]) == {"original", "fe", "me"}
+
+
+def test_volumes_and_an_anova_dataset_without_seen_batches_are_reported(caplog):
+    torch.manual_seed(0)
+    net = MixedEffectsAutoencoder(3, (1, 16, 16, 16), 1, n_clusters=N_CLUSTERS, channels=(4, 8), strides=(2, 2), latent_size=6)
+    g = torch.Generator().manual_seed(0)
+    volumes = [
+        {"image": torch.rand(6, 1, 16, 16, 16, generator=g), "label": torch.tensor([0, 1] * 3), "cluster": torch.arange(6) % 3}
+        for _ in range(2)
+    ]
+    unseen = [{**volumes[0], "cluster": torch.full((6,), -1)}]
+    results = AutoencoderReport(net, {"train": volumes, "seen": volumes}, modes={"seen": ["observed"]}).run()
+    want = anova_f_by_cluster(image_quality_metrics(_stack(volumes, "image").numpy()), _stack(volumes, "cluster").numpy())
+    assert results["anova_f"]["original"] == pytest.approx(want)
+    with caplog.at_level("WARNING", logger="monai_armed.handlers.autoencoder_report"):
+        results = AutoencoderReport(net, {"train": volumes, "unseen": unseen}, anova_dataset="unseen").run()
+    assert results["anova_f"]["fe"] == dict.fromkeys(("brightness", "contrast", "sharpness", "snr"))
+    assert "dataset 'unseen' has 0 seen batch(es)" in caplog.text

@@ -20,12 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
+from monai.networks.nets import DenseNet121
 from parameterized import parameterized
 
 from monai_armed.data import TensorBatchLoader
 from monai_armed.engines import ARMEDEvaluator, ARMEDKeys, ARMEDTrainer, PrepareBatchCluster
 from monai_armed.losses import LogitClassificationLoss, balanced_class_weights, cluster_confusion_loss
-from monai_armed.networks import ClusterAdversary, MixedEffectsMLP, ZPredictor
+from monai_armed.networks import ARMED, ClusterAdversary, MixedEffectsMLP, ZPredictor
 from monai_armed.transforms import ClusterIndexd, ClusterVocabulary
 
 N_CLUSTERS = 4
@@ -805,3 +806,33 @@ class TestTensorBatchLoader(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestSingleRowBatches(unittest.TestCase):
+    """A last batch of one row is refused at the first batch only where torch would fail on it: a BatchNorm1d that
+    normalises over the batch alone (2-D input), in a batch the run reaches."""
+
+    def test_a_batch_norm_over_the_batch_alone_is_refused_before_any_step(self):
+        net, _ = _models()
+        adv = ClusterAdversary(net.feature_channels, n_clusters=N_CLUSTERS, hidden_channels=(8,), input_norm=True)
+        before = [p.detach().clone() for p in (*net.parameters(), *adv.parameters())]
+        trainer = _trainer(_loader(n=33, batch_size=32), net, adv, epochs=1)
+        with self.assertRaisesRegex(ValueError, r"batches of 32 from 33 items .* BatchNorm1d 'adversary.input_norm'"):
+            trainer.run()
+        for old, new in zip(before, (*net.parameters(), *adv.parameters())):
+            torch.testing.assert_close(old, new)
+        self.assertEqual(trainer._single_row_guards, [], "the hooks are removed")
+        self.assertFalse(any(m._forward_pre_hooks for m in adv.modules()))
+
+    def test_a_batch_norm_over_length_and_a_run_that_stops_before_the_last_batch_train(self):
+        torch.manual_seed(0)
+        net = ARMED(DenseNet121(spatial_dims=1, in_channels=1, out_channels=2, init_features=4, growth_rate=4,
+                                block_config=(1, 1)), n_clusters=2, in_shape=(1, 32))  # fmt: skip
+        data = {"image": torch.rand(5, 1, 32), "label": torch.tensor([0, 1, 0, 1, 0]), "cluster": torch.tensor([0, 1] * 2 + [0])}
+        loader = TensorBatchLoader(data, batch_size=4)
+        ARMEDTrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), decollate=False).run()  # (1, C, L) rows
+        mlp, adv = _models()
+        adv = ClusterAdversary(mlp.feature_channels, n_clusters=N_CLUSTERS, hidden_channels=(8,), input_norm=True)
+        trainer = _trainer(_loader(n=33, batch_size=32), mlp, adv, epochs=1, epoch_length=1)
+        trainer.run()  # the one-row batch is never drawn
+        self.assertEqual(trainer.state.iteration, 1)

@@ -429,23 +429,24 @@ def test_scalar_sums_keep_sums_and_counts_per_key():
 
 
 def test_runs_in_one_bundle_root_keep_their_tracking_apart_and_a_resumed_run_continues_its_own(tmp_path):
-    """An interrupted run, its resumption and a later fresh run: MLflow and TensorBoard hold two runs, the first with
-    every epoch once (not the fresh run's epochs appended to the interrupted one, as MONAI does without a run name)."""
-    interrupted = _spirals(tmp_path, tracking="mlflow", epochs=3)
-    interrupt_before_epoch(interrupted, 3)
-    with pytest.raises(RuntimeError) as crash:
-        interrupted.run()
-    assert isinstance(crash.value.__cause__, Interrupted)
-    first = run_log_dirs(tmp_path)
-    _spirals(tmp_path, tracking="mlflow", epochs=3, resume=True).run()
-    assert run_log_dirs(tmp_path) == first, "the resumed run logs where the interrupted one did"
-    _spirals(tmp_path, tracking="mlflow", epochs=2).run()
+    """Two fresh runs interrupted one after the other, then a resumed one: MLflow and TensorBoard hold two runs; the
+    resumed run continues the newest (whose checkpoints it resumes), not the oldest unfinished one that MONAI's
+    MLFlowHandler picks without a run name, and no fresh run appends to an interrupted one."""
+    for _ in range(2):
+        interrupted = _spirals(tmp_path, tracking="mlflow", epochs=3)
+        interrupt_before_epoch(interrupted, 3)
+        with pytest.raises(RuntimeError) as crash:
+            interrupted.run()
+        assert isinstance(crash.value.__cause__, Interrupted)
     logs = run_log_dirs(tmp_path)
-    assert len(logs) == 2 and logs[0] == first[0]
+    assert len(logs) == 2
+    _spirals(tmp_path, tracking="mlflow", epochs=3, resume=True).run()
+    assert run_log_dirs(tmp_path) == logs, "the resumed run logs where the newest interrupted one did"
     client, runs = mlflow_runs(path_to_sqlite_uri(str(tmp_path / "eval" / "mlruns.db")))
-    assert sorted(r.info.run_name for r in runs) == [p.name for p in logs]
-    for run, log_dir, epochs in zip(sorted(runs, key=lambda r: r.info.run_name), logs, (3, 2)):
-        assert run.info.status == "FINISHED"
+    runs = sorted(runs, key=lambda r: r.info.run_name)
+    assert [r.info.run_name for r in runs] == [p.name for p in logs]
+    for run, log_dir, epochs, status in zip(runs, logs, (2, 3), ("RUNNING", "FINISHED")):
+        assert run.info.status == status, run.info.run_name
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch_loss")]
         assert steps == list(range(1, epochs + 1)), (run.info.run_name, steps)
         assert [s for s, _ in tensorboard_scalars(log_dir)["epoch_loss"]] == list(range(1, epochs + 1))

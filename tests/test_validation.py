@@ -208,3 +208,19 @@ def test_in_memory_sections_and_optional_cluster(tmp_path):
 def test_missing_datalist_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="datalist file not found: .*none.json"):
         validate_datalist(tmp_path / "none.json", SECTIONS)
+
+
+def test_a_section_that_must_hold_every_class_names_the_labels_it_has(tmp_path):
+    path = _datalist(tmp_path)
+    assert validate_datalist(path, SECTIONS, n_classes=2, all_classes=["validation"])["validation"]
+    sections = _sections(path)
+    for item in sections["validation"]:
+        item["label"] = 1
+    path.write_text(json.dumps(sections))
+    with pytest.raises(ValueError) as error:
+        validate_datalist(path, SECTIONS, n_classes=2, all_classes=["validation"])
+    assert _problems(error) == [
+        f"datalist {path}, section 'validation': its labels are only [1]; it must hold every one of the 2 classes (its "
+        "AUROC decides which model is kept)."
+    ]
+    validate_datalist(path, SECTIONS, n_classes=2)  # only where asked

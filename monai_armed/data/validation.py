@@ -320,6 +320,7 @@ def validate_datalist(
     label_key: str | None = "label",
     cluster_key: str = "cluster",
     max_problems: int = 50,
+    all_classes: Sequence[str] = (),
 ) -> dict[str, list[dict]]:
     """
     Check every datalist section a run will use before the run starts, and report all problems in one error.
@@ -353,6 +354,8 @@ def validate_datalist(
         image_key, label_key, cluster_key: keys of the image path(s), label and cluster id (``label_key=None``: the
             labels are not parsed, e.g. mask paths, see :func:`validate_segmentation_datalist`).
         max_problems: at most this many problems are listed (the rest are counted).
+        all_classes: sections that must hold every class (``n_classes`` of them), e.g. the validation section whose
+            AUROC picks the best model: with one class it is undefined and no model would ever be kept.
 
     Returns:
         the checked sections: items with image paths joined to ``base_dir``, labels as class indices and cluster ids
@@ -396,6 +399,15 @@ def validate_datalist(
             if item is not None and image_key in item:
                 where = f"datalist {source}, section {section!r}, item {i}, key {image_key!r}"
                 problems += _file_problems(where, item[image_key], loader, read)
+    for section in all_classes if n_classes is not None and label_key is not None else ():
+        found = sorted({item[label_key] for item in checked.get(section, []) if label_key in item})
+        if checked.get(section) and len(found) < n_classes:
+            problems.append(
+                ValueError(
+                    f"datalist {source}, section {section!r}: its labels are only {found}; it must hold every one of "
+                    f"the {n_classes} classes (its AUROC decides which model is kept)."
+                )
+            )
     if problems:
         listed = "\n".join(f"  - {p.args[0]}" for p in problems[:max_problems])
         more = f"\n  ... and {len(problems) - max_problems} more." if len(problems) > max_problems else ""

@@ -109,7 +109,7 @@ def unwrap_armed(module: nn.Module) -> nn.Module:
 
 
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
-    """Copy process ``src``'s buffers (BatchNorm running statistics) of a ``DistributedDataParallel`` module to every
+    """Copy process ``src``'s (a rank in the module's process group) buffers (BatchNorm running statistics) of a ``DistributedDataParallel`` module to every
     process; nothing for another module, or for one built with ``broadcast_buffers=False``.
 
     DDP broadcasts rank 0's buffers at the start of each forward pass, so after the last step of an epoch every rank
@@ -123,5 +123,7 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
     """
     if not isinstance(module, DistributedDataParallel) or not module.broadcast_buffers:
         return
+    group = module.process_group
+    source = torch.distributed.get_global_rank(group, src) if group is not None else src  # src is the group's rank
     for buffer in module.module.buffers():
-        torch.distributed.broadcast(buffer, src, group=module.process_group)
+        torch.distributed.broadcast(buffer, source, group=group)

@@ -312,6 +312,7 @@ class ARMEDTrainer(SupervisedTrainer):
         _optimize_loss_parameters(self.loss_function, optimizer)
         self.validate_batches = validate_batches
         self._first_batch_checked = False
+        self._single_row_guards: list[torch.utils.hooks.RemovableHandle] = []
         #: the scalar entries of the last iteration's output (loss parts), whatever ``decollate`` is
         self.output_scalars: dict[str, torch.Tensor] = {}
         self._loss_kwargs: dict[str, torch.Tensor] = {}
@@ -343,7 +344,12 @@ class ARMEDTrainer(SupervisedTrainer):
     def _iteration(self, engine: ARMEDTrainer, batchdata: dict[str, torch.Tensor]) -> IterationOutput | list:
         # the values of the run's first batch are checked; later ones only with validate_batches
         with batch_checks(engine.validate_batches or not engine._first_batch_checked):
-            output = engine._checked_iteration(batchdata)
+            try:
+                output = engine._checked_iteration(batchdata)
+            finally:
+                for guard in engine._single_row_guards:
+                    guard.remove()
+                engine._single_row_guards = []
         engine._first_batch_checked = True
         return output
 
@@ -355,8 +361,7 @@ class ARMEDTrainer(SupervisedTrainer):
         if targets is None:
             raise KeyError("ARMEDTrainer needs labels; the batch has none.")
         if not engine._first_batch_checked:
-            modules = (engine.network, *(player.unwrapped for player in engine.players.values()))
-            _check_last_batch_rows(engine.data_loader, len(inputs), modules)
+            engine._single_row_guards = _guard_single_row_batches(engine, len(inputs))
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: cluster}
         engine._record_logging_values = engine._logging_values_read()
         engine._loss_kwargs = engine._batch_loss_kwargs(batchdata)
@@ -602,33 +607,50 @@ def _broadcast_ddp_buffers(engine: ARMEDTrainer) -> None:
         broadcast_buffers(module)
 
 
-def _check_last_batch_rows(loader: Any, first_rows: int, modules: Sequence[nn.Module]) -> None:
-    """Refuse, at the run's first batch, a loader whose batches will hold a single row when a network normalises
-    over the batch with a ``BatchNorm1d`` (torch raises in training mode, at the end of the first epoch). The rows a
-    batch holds per item come from the first batch (a transform may return several crops per image)."""
+def _single_row_batch(loader: Any, first_rows: int, iterations: int | None) -> str | None:
+    """Why a batch of this run will hold a single row (the loader's last one, when the run reaches it), else None. The
+    rows a batch holds per item come from the first batch (a transform may return several crops per image)."""
     batch_size = getattr(loader, "batch_size", None)
     if not isinstance(batch_size, int) or getattr(loader, "drop_last", False):
-        return
+        return None
     try:  # a DistributedSampler's length is the rank's share
         items = loader.n_samples if hasattr(loader, "n_samples") else len(loader.sampler)
+        batches = len(loader)
     except TypeError:
-        return
+        return None
     rows_per_item = first_rows // max(min(batch_size, items), 1)
-    last_rows = (items % batch_size or batch_size) * rows_per_item
-    if last_rows != 1:
-        return
-    norms = [
-        f"{type(module).__name__} layer {name!r}" if name else type(module).__name__
-        for module in modules
+    if (items % batch_size or batch_size) * rows_per_item != 1 or (iterations is not None and iterations < batches):
+        return None
+    return f"the training loader's batches of {batch_size} from {items} items leave a last batch of one row"
+
+
+def _guard_single_row_batches(engine: ARMEDTrainer, first_rows: int) -> list[torch.utils.hooks.RemovableHandle]:
+    """At the run's first batch: when a later batch will hold a single row, hooks that refuse, during this batch's
+    forward passes (before any step), every ``BatchNorm1d`` that normalises over the batch alone (2-D input), which
+    torch would refuse in training mode at that batch, at the end of an epoch."""
+    state = engine.state
+    iterations = state.epoch_length * state.max_epochs if state.epoch_length and state.max_epochs else None
+    reason = _single_row_batch(engine.data_loader, first_rows, iterations)
+    if reason is None:
+        return []
+
+    def refuse(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+                raise ValueError(
+                    f"{reason}, which the BatchNorm1d {name!r} cannot normalise in training: pass drop_last=True to "
+                    "the data loader or choose a batch size that does not leave one item."
+                )
+
+        return hook
+
+    modules = {"network": engine.network, **{n: p.unwrapped for n, p in engine.players.items()}}
+    return [
+        sub.register_forward_pre_hook(refuse(f"{owner}.{name}"))
+        for owner, module in modules.items()
         for name, sub in module.named_modules()
         if isinstance(sub, nn.BatchNorm1d)
     ]
-    if norms:
-        raise ValueError(
-            f"the training loader's batches of {batch_size} from {items} items leave a last batch of one row, which "
-            f"the {norms[0]} (BatchNorm1d) cannot normalise in training: pass drop_last=True to the data loader or "
-            "choose a batch size that does not leave one item."
-        )
 
 
 def _optimize_loss_parameters(loss_function: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -64,7 +64,7 @@ class AutoencoderReport:
       originals and of the fixed- and mixed-effects reconstructions of ``anova_dataset`` (lower F: less batch
       effect; the channels of a multi-channel image are averaged first).
 
-    Both are null (with a warning) when there are fewer than two seen batches to compare.
+    Each is null (with a warning naming its dataset) when that dataset has fewer than two seen batches to compare.
 
     ``save_figures`` writes the reconstruction grid (original / fixed / mixed / difference per batch) and the 2-D
     embedding of the latents coloured by batch and by label. Batches hold ``image``, ``label`` and ``cluster`` (index,
@@ -271,14 +271,20 @@ class AutoencoderReport:
             return {name: {"davies_bouldin": math.nan, "calinski_harabasz": math.nan} for name in latents}
         return {name: latent_cluster_scores(latent[seen], clusters) for name, latent in latents.items()}
 
-    @staticmethod
-    def _anova(data: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    def _anova(self, data: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
         images = {"original": data["image"], "fe": data["recon_fe"]}
         if "recon_me_observed" in data:
             images["me"] = data["recon_me_observed"]
         seen = data["cluster"] >= 0
+        n_seen = np.unique(data["cluster"][seen]).size
+        if n_seen < 2:
+            logger.warning(
+                f"AutoencoderReport: dataset {self.anova_dataset!r} has {n_seen} seen batch(es); the ANOVA across "
+                "batches needs at least 2: null."
+            )
+            return {name: dict.fromkeys(("brightness", "contrast", "sharpness", "snr"), math.nan) for name in images}
         # the image metrics are those of one channel: several are averaged first (a grey-level version)
         return {
-            name: anova_f_by_cluster(image_quality_metrics(x[seen].mean(axis=1)), data["cluster"][seen])
+            name: anova_f_by_cluster(image_quality_metrics(x[seen].mean(axis=1, keepdims=True)), data["cluster"][seen])
             for name, x in images.items()
         }

@@ -21,35 +21,33 @@ __all__ = ["tracking_run_name", "run_log_dir"]
 RUN_PREFIX = "run_"
 
 
-def tracking_run_name(resume: bool = False) -> str | None:
-    """The MLflow run name and TensorBoard folder of a bundle run: ``run_<YYYYmmdd_HHMMSS_microseconds>`` for a new
-    run, ``None`` for a resumed one.
+def tracking_run_name(log_root: str | os.PathLike, resume: bool = False) -> str | None:
+    """The MLflow run name and TensorBoard folder name of a bundle run: ``run_<YYYYmmdd_HHMMSS_microseconds>`` for a
+    new run; for a resumed one the name of the newest ``run_*`` folder in ``log_root``, the run it continues (``None``
+    when there is none, e.g. without TensorBoard: MONAI's ``MLFlowHandler`` then continues an unfinished run).
 
-    MONAI's ``MLFlowHandler`` without a run name continues the newest unfinished run of the experiment, which is what a
-    resumed run wants and what a new run must not do: after an interrupted run, a fresh one would append its losses to
-    the interrupted one's.
+    A new name per run keeps MONAI's ``MLFlowHandler`` from continuing the newest unfinished run when a fresh run
+    starts: after an interrupted run, the fresh one would have appended its losses to the interrupted one's.
 
     Example::
 
-        tracking_run_name()              # "run_20261207_193012_048213"
-        tracking_run_name(resume=True)   # None: MLflow continues the interrupted run
+        tracking_run_name("runs/mine/eval/tensorboard")               # "run_20261207_193012_048213"
+        tracking_run_name("runs/mine/eval/tensorboard", resume=True)  # the newest run_* folder's name
     """
-    return None if resume else RUN_PREFIX + datetime.now().strftime("%Y%m%d_%H%M%S_%f")
+    if not resume:
+        return RUN_PREFIX + datetime.now().strftime("%Y%m%d_%H%M%S_%f")
+    root = Path(log_root)
+    earlier = sorted(p.name for p in root.glob(f"{RUN_PREFIX}*") if p.is_dir()) if root.is_dir() else []
+    return earlier[-1] if earlier else None
 
 
 def run_log_dir(log_root: str | os.PathLike, run_name: str | None) -> str:
     """The TensorBoard folder of a run: ``log_root/run_name``, so that TensorBoard shows the runs of one bundle root
-    side by side rather than drawing one run's curves over another's.
-
-    ``run_name=None`` (a resumed run) gives the newest ``run_*`` folder in ``log_root``, where the interrupted run
-    logged, or ``log_root`` itself when there is none.
+    side by side rather than drawing one run's curves over another's; ``log_root`` itself for ``run_name=None`` (a
+    resumed run of an older version, which logged there).
 
     Example::
 
-        run_log_dir("runs/mine/eval/tensorboard", tracking_run_name())   # ".../tensorboard/run_20261207_193012_048213"
+        run_log_dir("runs/mine/eval/tensorboard", "run_20261207_193012_048213")
     """
-    root = Path(log_root)
-    if run_name is not None:
-        return str(root / run_name)
-    earlier = sorted(p for p in root.glob(f"{RUN_PREFIX}*") if p.is_dir()) if root.is_dir() else []
-    return str(earlier[-1] if earlier else root)
+    return str(Path(log_root) / run_name) if run_name is not None else str(log_root)

@@ -146,7 +146,8 @@ class AECOutput(NamedTuple):
     Fields that a variant does not have are ``None`` (the random-effects ones for fixed-effects-only variants).
 
     Attributes:
-        pred: mixed-effects logits (mixing classifier), or the fixed-effects logits for fixed-effects-only variants.
+        pred: mixed-effects logits (mixing classifier); the fixed-effects logits for fixed-effects-only variants, for
+            ``cluster=None`` and in the rows of unseen clusters (``-1``).
         pred_fe: fixed-effects logits (auxiliary classifier on the FE latent).
         pred_re: logits of the target head on the random-effects latent.
         recon_fe: fixed-effects reconstruction ``(B, *in_shape)`` in ``[0, 1]``.
@@ -811,7 +812,8 @@ class MixedEffectsAutoencoder(nn.Module):
             latent_re = re_aec.encoder(x)[1]
             recon_re = re_aec.decoder(latent_re)
         pred_re, cluster_logits = re_aec.latent_classifier(latent_re)
-        # unseen rows of the mixed prediction are the fixed-effects head's, which the mixer's loss must not train
+        # unseen rows of the mixed prediction are the fixed-effects head's: with detached mixer inputs the mixer's
+        # loss trains nothing through them, as it trains nothing of the autoencoders
         unseen_fe = pred_fe.detach() if self.detach_mixer_inputs else pred_fe
         return AECOutput(
             pred=pred_fe if cluster is None else self._unseen_rows_fixed(cluster, unseen_fe, self._mix(latent_fe, latent_re)),
