@@ -18,6 +18,7 @@ import tempfile
 import unittest
 import warnings
 
+import pytest
 import torch
 import torch.nn as nn
 from monai.networks.nets import (
@@ -25,12 +26,15 @@ from monai.networks.nets import (
     DenseNet121,
     EfficientNetBN,
     SEResNet50,
+    UNet,
     resnet18,
 )
+from monai.inferers import SlidingWindowInferer
 from parameterized import parameterized
 
 from monai_armed.data import TensorBatchLoader
 from monai_armed.engines import ARMEDTrainer, PrepareBatchCluster
+from monai_armed.inferers import armed_inference
 from monai_armed.losses import GaussianLikelihood
 from monai_armed.networks import (
     ARMED,
@@ -626,3 +630,36 @@ def test_level_counts_give_the_batch_estimate_of_the_kl_at_the_cost_of_the_batch
     torch.testing.assert_close(net.forward_armed(x, None).kl, exact, msg="no cluster: the exact KL, not 0")
     plain = _small()
     torch.testing.assert_close(plain.forward_armed(x, torch.zeros(2 * C, dtype=torch.long)).kl, plain.kl_divergence())
+
+
+def test_a_windowed_batch_gives_the_batch_estimate_of_the_kl():
+    """A sliding window runs one sample at a time; with level_counts the batch's KL estimate is the mean of the seen
+    samples' own (it was the last sample's)."""
+    torch.manual_seed(0)
+    unet = UNet(2, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0)
+    net = ARMED(unet, n_clusters=3, in_shape=(1, 16, 16), re_kwargs={"level_counts": [10, 10, 80]}).train()
+    x, cluster = torch.rand(3, 1, 16, 16), torch.tensor([0, 2, -1])
+    windowed = armed_inference(SlidingWindowInferer((16, 16), sw_batch_size=1), x, net.forward_armed, cluster)
+    torch.testing.assert_close(windowed.kl, net.kl_divergence(cluster))
+    assert float(net.kl_divergence(cluster)) != pytest.approx(float(net.kl_divergence(cluster[1:2])))
+
+
+def test_mask_dtypes_and_unchecked_out_of_range_indices_are_named():
+    from monai_armed.utils import batch_checks
+
+    net, x = _small(), _x(C)
+    for dtype in (torch.uint8, torch.bool):
+        with pytest.raises(TypeError, match=f"cluster indices must be an int64 tensor .*got {dtype}.*as a mask"):
+            net(x, torch.ones(C, dtype=dtype))
+    with batch_checks(False):  # a later batch of a run, whose values are not read
+        with pytest.raises(IndexError, match=r"cluster index 3 is out of range: expected -1 \(unseen\) or 0..2"):
+            net(x, torch.tensor([0, 1, 3]))
+
+
+def test_report_names_the_cluster_input_offsets_and_a_plain_pass():
+    lines = _small(**ARMED_VARIANTS["cluster_input"]).report()
+    assert "learned logit offset per cluster" in lines
+    assert "forward_armed: one backbone pass, head rows [head(h) + offset(z); head(h)]" in lines
+    plain = _small(**ARMED_VARIANTS["domain_adversarial"]).report()
+    assert "forward_armed: one plain pass (no cluster effects: mixed = fixed prediction)" in plain
+    assert "head rows [head(h * (1 + u_s)) + u_int; head(h)]" in _small().report()

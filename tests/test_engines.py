@@ -836,3 +836,12 @@ class TestSingleRowBatches(unittest.TestCase):
         trainer = _trainer(_loader(n=33, batch_size=32), mlp, adv, epochs=1, epoch_length=1)
         trainer.run()  # the one-row batch is never drawn
         self.assertEqual(trainer.state.iteration, 1)
+
+    def test_a_loader_without_a_sampler_trains(self):
+        class Batches(list):  # batch_size and a length, but no sampler or dataset to count items
+            batch_size = 32
+
+        net, adv = _models()
+        trainer = _trainer(Batches(_loader(n=64, batch_size=32)), net, adv, epochs=1, n_train=64)
+        trainer.run()
+        self.assertEqual(trainer.state.iteration, 2)

@@ -109,8 +109,9 @@ def unwrap_armed(module: nn.Module) -> nn.Module:
 
 
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
-    """Copy process ``src``'s (a rank in the module's process group) buffers (BatchNorm running statistics) of a ``DistributedDataParallel`` module to every
-    process; nothing for another module, or for one built with ``broadcast_buffers=False``.
+    """Copy the buffers (BatchNorm running statistics) of a ``DistributedDataParallel`` module from process ``src`` (a
+    rank within the module's process group) to every process; nothing for another module, or for one built with
+    ``broadcast_buffers=False``.
 
     DDP broadcasts rank 0's buffers at the start of each forward pass, so after the last step of an epoch every rank
     holds the statistics of its own last batch: a distributed validation would then mix as many models as there are

@@ -165,7 +165,9 @@ class ARMEDTrainer(SupervisedTrainer):
         adversary: cluster classifier over the network's features, or ``None`` (no adversarial term);
             ``armed_ddp(adversary, ...)`` when the network is distributed.
         adv_optimizer: optimizer of the adversary; default ``Adam(lr=1e-3)``.
-        adv_loss_function: adversary loss; default cross-entropy that ignores cluster ``-1``.
+        adv_loss_function: adversary loss; default cross-entropy that ignores cluster ``-1`` (NaN for a batch of
+            unseen rows only, which the weights survive but the logged losses do not; pass
+            :func:`~monai_armed.engines.seen_cross_entropy`, 0 there, at the cost of a few more operations per step).
         me_weight: weight of the mixed-effects task loss.
         fe_weight: weight of the fixed-effects task loss.
         adv_weight: weight of the adversarial (generalisation) term, subtracted from the loss.
@@ -203,7 +205,7 @@ class ARMEDTrainer(SupervisedTrainer):
         adversary = ClusterAdversary(net.feature_channels, n_clusters=10, hidden_channels=(4, 4))
         trainer = ARMEDTrainer(
             device="cpu", max_epochs=10, train_data_loader=loader, network=net,
-            optimizer=torch.optim.Adam(net.parameters(), 1e-3), adversary=adversary, adv_weight=0.5, kl_weight=1e-5,
+            optimizer=torch.optim.Adam(net.parameters(), 1e-3), adversary=adversary, adv_weight=0.5, kl_weight=1.0,
         )
         trainer.run()
     """
@@ -616,7 +618,7 @@ def _single_row_batch(loader: Any, first_rows: int, iterations: int | None) -> s
     try:  # a DistributedSampler's length is the rank's share
         items = loader.n_samples if hasattr(loader, "n_samples") else len(loader.sampler)
         batches = len(loader)
-    except TypeError:
+    except (TypeError, AttributeError):  # a loader that does not say how many items it holds
         return None
     rows_per_item = first_rows // max(min(batch_size, items), 1)
     if (items % batch_size or batch_size) * rows_per_item != 1 or (iterations is not None and iterations < batches):

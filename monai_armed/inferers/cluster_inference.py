@@ -116,7 +116,8 @@ def armed_inference(
     batch of windows goes through ``forward_armed`` with the sample's cluster, the inferer
     stitches the mixed- and fixed-effects predictions (stacked on the channel dimension, so both need a channel
     dimension that the inferer keeps, as dense predictions have), each tapped feature is pooled globally and averaged
-    over the sample's windows, and the KL is the network's (it does not depend on the input).
+    over the sample's windows, and the KL is the mean of the samples' KLs over those of seen clusters (the network's
+    KL when it sums every level; the batch estimate when it uses ``level_counts``).
 
     Example::
 
@@ -127,15 +128,26 @@ def armed_inference(
         return forward_armed(inputs, cluster)
     if not is_windowed(inferer):
         return inferer(inputs, forward_armed, cluster=cluster)
-    preds, preds_fe, features = [], [], []
-    kl = None
+    preds, preds_fe, features, kls, seen = [], [], [], [], []
     for i in range(inputs.shape[0]):
-        predictor = _WindowPredictor(forward_armed, _row(cluster, i))
+        row = _row(cluster, i)
+        predictor = _WindowPredictor(forward_armed, row)
         both = inferer(inputs[i : i + 1], predictor)
         half = both.shape[1] // 2
         preds.append(both[:, :half])
         preds_fe.append(both[:, half:])
         features.append(predictor.sample_features())
-        kl = predictor.kl
+        kls.append(predictor.kl)
+        seen.append(not isinstance(row, torch.Tensor) or row.is_floating_point() or bool((row >= 0).all()))
     pooled = [torch.cat(per_sample) for per_sample in zip(*features)]
-    return ARMEDOutput(torch.cat(preds), torch.cat(preds_fe), pooled, kl)
+    return ARMEDOutput(torch.cat(preds), torch.cat(preds_fe), pooled, _batch_kl(kls, seen))
+
+
+def _batch_kl(kls: list[Any], seen: list[bool]) -> Any:
+    """The batch's KL from each sample's: the mean over the samples of seen clusters. A KL over every level is the
+    same for each sample; a batch estimate from ``level_counts`` (``N / B_seen * sum_i KL_c(i) / n_c(i)``) is the
+    mean of the samples' own estimates over the seen ones (an unseen sample's is 0)."""
+    if not isinstance(kls[0], torch.Tensor):
+        return kls[-1]
+    chosen = [kl for kl, is_seen in zip(kls, seen) if is_seen] or kls
+    return torch.stack(chosen).mean()

@@ -27,8 +27,14 @@ _MIN_SCALE = 1e-5
 
 
 def _check_cluster_type(cluster: object) -> None:
-    """A readable error for clusters given as something other than one tensor (a network of one grouping factor)."""
+    """A readable error for clusters given as something other than one tensor (a network of one grouping factor), or
+    as a bool / uint8 tensor, which torch would take as a mask rather than as indices."""
     if isinstance(cluster, torch.Tensor):
+        if cluster.dtype in (torch.bool, torch.uint8):
+            raise TypeError(
+                f"cluster indices must be an int64 tensor (-1: unseen), got {cluster.dtype}: torch indexes with a "
+                f"{cluster.dtype} tensor as a mask, not by value; convert it with cluster.long()."
+            )
         return
     if isinstance(cluster, Mapping):
         raise TypeError(
@@ -298,16 +304,26 @@ class RandomEffects(nn.Module):
         if index.dim() == 1 and index.numel() == 0:
             return self.loc.new_zeros(0, self.units)
         safe, unseen = self._safe_index(index)
-        if not self.training:
-            effects = self._gather(self.loc, safe)
-        elif self.sample_per_row:  # gather first: the cost is O(batch * units) whatever the number of clusters
-            loc = self._gather(self.loc, safe)
-            effects = loc + self._noise(safe, loc)
-        else:
-            effects = self._draw()[safe]
+        effects = self._effects(safe) if torch.jit.is_scripting() else self._checked_effects(index, safe)
         if unseen:
             effects = effects * (index >= 0).unsqueeze(1).to(effects.dtype)
         return effects
+
+    def _effects(self, safe: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self._gather(self.loc, safe)
+        if self.sample_per_row:  # gather first: the cost is O(batch * units) whatever the number of clusters
+            loc = self._gather(self.loc, safe)
+            return loc + self._noise(safe, loc)
+        return self._draw()[safe]
+
+    @torch.jit.unused
+    def _checked_effects(self, index: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._effects(safe)
+        except IndexError:  # a batch whose values were not checked (see validate_batches): say what torch does not
+            check_cluster_index(index, self.n_clusters)
+            raise
 
     def _noise(self, index: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
         eps = torch.randn_like(loc)

@@ -149,7 +149,9 @@ class ARMED(nn.Module):
     order in which layers with parameters are called; the head is the last ``nn.Linear`` or convolution called (for
     UNETR and SwinUNETR the output convolution, not an attention projection). Only parameter-free operations may follow
     it (an activation, a reshape, a tuple of outputs: MONAI's ``Classifier``, ``Regressor``, ViT), and they must work
-    row by row: a second pass runs the head on a doubled batch and checks that the prediction doubles too. A layer
+    row by row: a second pass runs the head on a doubled batch and checks that the prediction doubles too (its number
+    of rows: an operation that mixes rows, such as subtracting the batch mean, is not detected and is yours to avoid,
+    since ``forward_armed`` stacks the mixed and fixed rows in one batch). A layer
     with parameters after the head (HighResNet's last BatchNorm), an output without a tensor, a found head whose output
     is one of several per-sample outputs (a segmentation map and an auxiliary one: which is the prediction is yours to
     say with ``head=``), a DynUNet with deep supervision, or a tapped layer that is not called gives a ``ValueError`` /
@@ -471,6 +473,11 @@ class ARMED(nn.Module):
             + ("yes" if self.random_slope is not None else "no"),
             f"  random intercept on its {self.out_channels} outputs: "
             + ("yes" if self.random_intercept is not None else "no"),
+            *(
+                [f"  learned logit offset per cluster (cluster as input, unregularised): {self.out_channels} outputs"]
+                if self.cluster_logit is not None
+                else []
+            ),
             f"tapped layers for the adversary ({len(self.tapped_layers)}, {sum(widths)} channels):",
         ]
         lines += [
@@ -485,8 +492,13 @@ class ARMED(nn.Module):
         if self._norm_names or not self._split_head:
             reason = "cluster norms present" if self._norm_names else "the output does not follow the head row by row"
             lines.append(f"forward_armed: doubled batch [x; x] ({reason})")
+        elif not self._has_head_effects:
+            lines.append("forward_armed: one plain pass (no cluster effects: mixed = fixed prediction)")
         else:
-            lines.append("forward_armed: one backbone pass, head rows [head(h * (1 + u_s)) + u_int; head(h)]")
+            mixed = "head(h * (1 + u_s))" if self.random_slope is not None else "head(h)"
+            mixed += " + u_int" if self.random_intercept is not None else ""
+            mixed += " + offset(z)" if self.cluster_logit is not None else ""
+            lines.append(f"forward_armed: one backbone pass, head rows [{mixed}; head(h)]")
         if self._output_index is not None:
             lines.append(f"prediction: item {self._output_index} of the network's output (a tuple / list)")
         return "\n".join(lines)

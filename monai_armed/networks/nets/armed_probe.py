@@ -56,7 +56,7 @@ __all__ = [
 HEAD_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 #: A tap named ``"<module>:input"`` reads the first positional input of ``<module>`` instead of its output.
 INPUT_SUFFIX = ":input"
-#: rows of the dry-run input: two, so that an operation after the head that mixes the batch shows up
+#: rows of the dry-run input: two, so that an operation after the head that changes the number of rows shows up
 PROBE_BATCH = 2
 #: spatial size of the dry run when ``in_shape`` is not given, per number of spatial dimensions
 _PROBE_SIZE = {1: 256, 2: 64, 3: 32}
