@@ -16,6 +16,7 @@ import math
 import unittest
 
 import numpy
+import pytest
 
 import torch
 import torch.nn as nn
@@ -424,3 +425,11 @@ class TestThreeDimensional(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def test_a_one_channel_logit_map_is_not_taken_for_a_class_map():
+    logits = torch.tensor([[[[-2.3, 3.1], [0.2, -0.6]]]])
+    label = torch.tensor([[[[0, 1], [0, 0]]]])
+    with pytest.raises(ValueError, match=r"values from -2.3 to 3.1 that are not class indices.*\(logits > 0\).long\(\)"):
+        per_image_segmentation_scores(logits, label)
+    numpy.testing.assert_allclose(per_image_segmentation_scores((logits > 0).long(), label, hd95=False)["dice"], [2 / 3])

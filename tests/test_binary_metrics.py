@@ -16,11 +16,18 @@ import math
 import unittest
 
 import numpy as np
+import pytest
 import torch
 from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from monai_armed.metrics import binary_metrics, mean_ci95, per_cluster_binary_metrics, youden_threshold
+from monai_armed.metrics import (
+    binary_metrics,
+    classification_summary,
+    mean_ci95,
+    per_cluster_binary_metrics,
+    youden_threshold,
+)
 
 KEYS = {"auroc", "balanced_accuracy", "sensitivity", "specificity", "threshold", "n", "n_positive"}
 
@@ -195,3 +202,17 @@ class TestMeanCI95(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def test_youden_ties_within_rounding_take_the_highest_threshold():
+    # J = 0.4 at both 0.5 and 0.3 in exact arithmetic; in floating point they differ by ~1e-17
+    y, p = [1, 1, 1, 0, 0, 0, 0, 0, 1, 1], [0.3, 0.4, 0.8, 0.3, 0.2, 0.4, 0.8, 0.0, 0.5, 0.7]
+    assert youden_threshold(y, p) == 0.5
+
+
+def test_classification_summary_of_two_softmax_channels_and_an_index_beyond_the_clusters():
+    logits, y = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0, 1, 1, 0, 1, 0])
+    summary = classification_summary(logits, y)
+    assert summary["auroc"] == roc_auc_score(y.numpy(), torch.softmax(logits, 1)[:, 1].numpy())
+    with pytest.raises(ValueError, match="cluster index 3 is out of range for 2 clusters"):
+        classification_summary(logits[:6], y[:6], torch.tensor([0, 0, 1, 1, 2, 3]), n_clusters=2)

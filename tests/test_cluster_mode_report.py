@@ -135,3 +135,22 @@ def test_regression_report_from_the_evaluator_task(tmp_path, caplog):
         assert seen["per_cluster"]["unseen"]["r2"] is None, "one row: R² undefined, written as null"
     assert results["seen"]["observed"]["mse"] != pytest.approx(results["seen"]["fixed"]["mse"])
     assert json.loads(out.read_text()) == results
+
+
+def _one_class_loader(n: int, seed: int) -> TensorBatchLoader:
+    loader = _loader(n, seed)
+    loader.data["label"] = torch.ones_like(loader.data["label"])
+    return loader
+
+
+def test_binary_report_of_a_single_class_dataset_is_null_or_a_named_error(evaluator):
+    report = ClusterModeReport(evaluator, {"seen": _one_class_loader(24, 3)}, {"seen": ["fixed"]}, metrics="binary")
+    summary = report.run()["seen"]["fixed"]
+    assert summary["auroc"] is None and summary["n"] == 24
+    assert set(summary["per_cluster"]) == {"0", "1", "2"} and summary["per_cluster"]["0"]["auroc"] is None
+    report = ClusterModeReport(
+        evaluator, {"train": _one_class_loader(24, 3), "seen": _loader(24, 4)}, {"seen": ["fixed"]}, metrics="binary",
+        threshold_dataset="train",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="the threshold dataset 'train' holds a single class"):
+        report.run()

@@ -161,3 +161,11 @@ def test_per_cluster_regression_handler(tmp_path, decollate):
     written = json.loads((tmp_path / "per_cluster.json").read_text())
     assert {k: pytest.approx(v) for k, v in written.items()} == table
     assert np.isfinite(evaluator.state.metrics["r2"])
+
+
+def test_float64_targets_with_a_large_offset_keep_their_digits():
+    p = torch.tensor([1e6 + 0.3, 1e6 + 0.7, 1e6 + 0.1], dtype=torch.float64)
+    y = torch.tensor([1e6 + 0.2, 1e6 + 0.9, 1e6], dtype=torch.float64)
+    metrics = regression_metrics(p, y)
+    assert metrics["mse"] == pytest.approx(mean_squared_error(y.numpy(), p.numpy()), rel=1e-9)
+    assert metrics["r2"] == pytest.approx(r2_score(y.numpy(), p.numpy()), rel=1e-9)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -166,6 +167,12 @@ class ClusterModeReport:
                     threshold = None
                     if self.threshold_dataset is not None and name != self.threshold_dataset:
                         threshold = results[self.threshold_dataset][mode]["threshold"]
+                        if not math.isfinite(threshold):  # binary_metrics would only say "threshold must be finite"
+                            raise ValueError(
+                                f"ClusterModeReport: the threshold dataset {self.threshold_dataset!r} holds a single "
+                                f"class, so no decision threshold can be fitted for {name!r}; give it both classes "
+                                "or pass threshold_dataset=None to fit each dataset's own threshold."
+                            )
                     results[name][mode] = self._summary(threshold)
         finally:
             evaluator.data_loader, evaluator.state.epoch_length = previous
@@ -196,8 +203,9 @@ class ClusterModeReport:
         summary = binary_metrics(label, prob, threshold=threshold)  # None: the Youden point of these predictions
         if c.cluster is not None:
             summary["per_cluster"] = per_cluster_binary_metrics(
-                label, prob, c.cluster.cpu().numpy(), summary["threshold"], self.cluster_names
-            )
+                label, prob, c.cluster.cpu().numpy(),
+                summary["threshold"] if math.isfinite(summary["threshold"]) else None, self.cluster_names,
+            )  # fmt: skip (a single-class dataset has a nan threshold: its clusters' metrics are then null)
         return summary
 
 

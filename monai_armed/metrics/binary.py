@@ -73,7 +73,9 @@ def _fit_youden(y: np.ndarray, p: np.ndarray) -> float:
     """Youden threshold of validated inputs with both classes present."""
     fpr, tpr, thresholds = roc_curve(y, p)
     # thresholds[0] is +inf (nothing predicted positive); it can tie with J = 0 and is never a useful cut-off.
-    best = 1 + int(np.argmax(tpr[1:] - fpr[1:]))
+    youden = tpr[1:] - fpr[1:]
+    # the first (highest) threshold among ties; J values equal in exact arithmetic can differ by rounding (1e-17)
+    best = 1 + int(np.flatnonzero(youden >= youden.max() - 1e-12)[0])
     return float(thresholds[best])
 
 

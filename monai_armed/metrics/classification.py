@@ -54,6 +54,11 @@ def per_cluster_accuracy(
 
         acc, n = per_cluster_accuracy(pred_class, label, cluster, n_clusters=10)   # acc[10]: unseen samples
     """
+    if cluster.numel() and int(cluster.max()) >= n_clusters:
+        raise ValueError(
+            f"cluster index {int(cluster.max())} is out of range for {n_clusters} clusters (0..{n_clusters - 1}, -1: "
+            "unseen); give n_clusters the number of seen clusters."
+        )
     slot = torch.where(cluster < 0, torch.full_like(cluster, n_clusters), cluster).long()
     correct = (pred_class.reshape(-1) == label.reshape(-1).long()).double()
     counts = torch.bincount(slot, minlength=n_clusters + 1).double()
@@ -105,6 +110,8 @@ def classification_summary(
         auroc = None
     elif prob.ndim == 1:
         auroc = float(roc_auc_score(y, prob))
+    elif prob.shape[1] == 2:  # two softmax channels: the positive class's probability (sklearn's binary AUROC)
+        auroc = float(roc_auc_score(y, prob[:, 1]))
     else:
         auroc = float(roc_auc_score(y, prob, multi_class="ovr", labels=np.arange(prob.shape[1])))
     summary = {

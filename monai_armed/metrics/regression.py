@@ -30,7 +30,7 @@ REGRESSION_METRICS = ("mse", "mae", "r2")
 def _rows(values: Any, name: str) -> np.ndarray:
     """A prediction or target column as float64 ``(N,)`` (one output) or ``(N, K)`` (several)."""
     if isinstance(values, torch.Tensor):
-        values = values.detach().float().cpu().numpy()
+        values = values.detach().double().cpu().numpy()  # float64 without a float32 pass: large offsets keep digits
     array = np.asarray(values, dtype=np.float64)
     if array.ndim == 0 or array.shape[0] == 0:
         raise ValueError(f"{name} must hold one row per sample, got shape {array.shape}.")

@@ -26,14 +26,29 @@ __all__ = ["label_map", "per_image_segmentation_scores", "segmentation_summary"]
 
 def label_map(pred: torch.Tensor) -> torch.Tensor:
     """Class map ``(N, 1, *spatial)`` (uint8) of logits ``(N, K, *spatial)`` with ``K >= 2``; a one-channel input is a
-    class map already (integer, or float as MONAI's ``AsDiscrete(argmax=True)`` gives it) and is only rounded.
+    class map already (integer, or float as MONAI's ``AsDiscrete(argmax=True)`` gives it).
+
+    Raises:
+        ValueError: a one-channel input that is not a class map (values that are not whole numbers in 0..255, e.g. a
+            sigmoid network's logits: pass ``(logits > 0).long()``, or two channels).
 
     Example::
 
         label_map(logits)           # argmax over the channels, kept as a channel
     """
     if pred.shape[1] == 1:
-        return (pred.round() if pred.is_floating_point() else pred).to(torch.uint8)
+        values = pred.detach()
+        if values.numel() and (
+            (values.is_floating_point() and not bool((values == values.round()).all()))
+            or int(values.min()) < 0
+            or int(values.max()) > 255
+        ):
+            raise ValueError(
+                f"a one-channel prediction is taken as a class map, but it holds values from {float(values.min()):.4g} "
+                f"to {float(values.max()):.4g} that are not class indices: for a sigmoid network's logit map pass "
+                "(logits > 0).long(), or give the logits of every class (K >= 2 channels)."
+            )
+        return pred.to(torch.uint8)
     return pred.argmax(1, keepdim=True).to(torch.uint8)
 
 
