@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from monai_armed.networks import random_effects_summary
+from monai_armed.networks import MixedEffectsMLP, random_effects_summary
 from monai_armed.networks.layers.random_effects import RandomEffects
 from monai_armed.visualize import (
+    write_tabular_figures,
     cluster_intercepts,
     plot_intercept_vs_patient_fraction,
     plot_random_scale_spread,
@@ -77,6 +78,18 @@ class TestSiteFigures(FigureTestCase):
         with self.assertRaisesRegex(ValueError, "index 2 has no name"):
             positive_fraction([1, 0], [0, 2], cluster_names=["A", "B"])
 
+    def test_several_factors_mismatched_rows_and_float_indices(self) -> None:
+        two = {"clusters": {"site": ["A", "B", "C"], "scanner": ["s1", "s2"]},
+               "groups": {"intercept": {"posterior_mean": [[1.0], [2.0], [3.0]]}}}  # fmt: skip
+        self.assertEqual(cluster_intercepts(two, factor="site"), {"A": 1.0, "B": 2.0, "C": 3.0})
+        with self.assertRaisesRegex(ValueError, r"grouping factors \['site', 'scanner'\]: pass factor="):
+            cluster_intercepts(two)
+        short = {"clusters": ["A", "B"], "groups": {"intercept": {"posterior_mean": [[1.0], [2.0], [3.0]]}}}
+        with self.assertRaisesRegex(ValueError, "3 rows but the summary names 2 clusters"):
+            cluster_intercepts(short)
+        floats = positive_fraction([1, 0, 1, 1, 0, 1], torch.tensor([0.0, 0.0, 1.0, 1.0, -1.0, -1.0]), ["A", "B"])
+        self.assertEqual(floats, {"A": 0.5, "B": 1.0})
+
     def test_random_scale_spread(self) -> None:
         path = os.path.join(self.tmp, "spread", "scales.png")
         self.assertEqual(plot_random_scale_spread(torch.tensor([0.1, 0.4, 0.2]), path, ["x", "y", "z"]), path)
@@ -115,3 +128,19 @@ class TestSiteFigures(FigureTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def test_tabular_intercept_figure_leaves_out_unseen_rows_and_empty_clusters(tmp_path):
+    torch.manual_seed(0)
+    net = MixedEffectsMLP(2, 1, n_clusters=5)
+    rng = np.random.RandomState(0)
+    clusters = [0, 1, 2, 3, -1] * 8  # cluster 4 has no rows; -1 rows are unseen
+    datalist = [{"features": rng.randn(2), "label": int(rng.rand() > 0.5), "cluster": c} for c in clusters]
+    with mock.patch("monai_armed.visualize.reports.plot_intercepts_vs_balance", return_value="p.png") as plot:
+        paths = write_tabular_figures(net, datalist, tmp_path, cluster_names=["a", "b", "c", "d", "e"])
+    intercepts, balance, _, names = plot.call_args.args
+    assert names == ["a", "b", "c", "d"] and len(intercepts) == len(balance) == 4
+    labels = np.array([d["label"] for d in datalist])
+    expected = [labels[np.array(clusters) == c].mean() for c in range(4)]
+    np.testing.assert_allclose(balance, expected)
+    assert paths["intercepts_vs_balance"] == "p.png"

@@ -99,12 +99,15 @@ def write_tabular_figures(
         ),
     }
     groups = random_effects_summary(network)["groups"]
-    if "intercept" in groups and n_clusters >= 3:
-        counts = np.maximum(np.bincount(cluster, minlength=n_clusters), 1)
-        balance = np.bincount(cluster, weights=y, minlength=n_clusters) / counts
-        intercepts = np.asarray(groups["intercept"]["posterior_mean"])[:, 0]
+    seen = np.asarray(cluster) >= 0  # unseen rows (-1) have no intercept; clusters without rows have no balance
+    counts = np.bincount(np.asarray(cluster)[seen], minlength=n_clusters)
+    present = np.flatnonzero(counts > 0)
+    if "intercept" in groups and present.size >= 3:
+        balance = np.bincount(np.asarray(cluster)[seen], weights=np.asarray(y)[seen], minlength=n_clusters)[present]
+        intercepts = np.asarray(groups["intercept"]["posterior_mean"])[present, 0]
+        names = [cluster_names[i] for i in present] if cluster_names is not None else [str(i) for i in present]
         paths["intercepts_vs_balance"] = plot_intercepts_vs_balance(
-            intercepts, balance, out / "intercepts_vs_balance.png", cluster_names
+            intercepts, balance / counts[present], out / "intercepts_vs_balance.png", names
         )
     slopes = {k.removeprefix("slope_"): v["spread"] for k, v in groups.items() if k.startswith("slope")}
     if slopes:

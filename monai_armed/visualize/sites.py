@@ -35,7 +35,9 @@ __all__ = [
 ]
 
 
-def cluster_intercepts(summary: Mapping, group: str = "intercept", unit: int = 0) -> dict[str, float]:
+def cluster_intercepts(
+    summary: Mapping, group: str = "intercept", unit: int = 0, factor: str | None = None
+) -> dict[str, float]:
     """
     Posterior-mean random intercept of each cluster from a :func:`monai_armed.networks.random_effects_summary`.
 
@@ -43,13 +45,15 @@ def cluster_intercepts(summary: Mapping, group: str = "intercept", unit: int = 0
         summary: the summary dict (``{"clusters": names, "groups": {group: {"posterior_mean": C x K, ...}}}``).
         group: the random-intercept group (a ``re_groups`` name or the qualified name of a ``RandomEffects`` module).
         unit: which column of the group (the output unit for a multi-output intercept).
+        factor: with several grouping factors (``"clusters"`` a mapping ``factor -> names``), the factor whose levels
+            the group's rows are; default the only one.
 
     Returns:
         ``{cluster name: intercept}`` in vocabulary order.
 
     Raises:
-        KeyError: when ``summary`` lacks ``group`` (the message lists the groups present).
-        ValueError: when ``unit`` is out of range.
+        KeyError: when ``summary`` lacks ``group`` (the message lists the groups present) or ``factor``.
+        ValueError: when ``unit`` is out of range, the factor is ambiguous, or the names and rows differ in number.
 
     Example::
 
@@ -61,7 +65,17 @@ def cluster_intercepts(summary: Mapping, group: str = "intercept", unit: int = 0
     means = np.asarray(groups[group]["posterior_mean"], dtype=np.float64)
     if means.ndim != 2 or not 0 <= unit < means.shape[1]:
         raise ValueError(f"group {group!r} has posterior means of shape {means.shape}; unit {unit} is out of range.")
-    return {str(name): float(v) for name, v in zip(summary["clusters"], means[:, unit])}
+    names = summary["clusters"]
+    if isinstance(names, Mapping):  # several grouping factors
+        if factor is None and len(names) != 1:
+            raise ValueError(f"the summary has the grouping factors {list(names)}: pass factor= to pick one.")
+        key = factor if factor is not None else next(iter(names))
+        if key not in names:
+            raise KeyError(f"grouping factor {key!r} is not in the summary: {list(names)}.")
+        names = names[key]
+    if len(names) != means.shape[0]:
+        raise ValueError(f"group {group!r} has {means.shape[0]} rows but the summary names {len(names)} clusters.")
+    return {str(name): float(v) for name, v in zip(names, means[:, unit])}
 
 
 def positive_fraction(
@@ -93,6 +107,8 @@ def positive_fraction(
         raise ValueError(f"labels and clusters differ in length: {y.size} vs {c.size}.")
     if not np.isin(y, (0.0, 1.0)).all():
         raise ValueError(f"labels must be 0 or 1, found {np.unique(y[~np.isin(y, (0.0, 1.0))])[:5].tolist()}.")
+    if np.issubdtype(c.dtype, np.floating) and c.size and (c == np.round(c)).all():
+        c = c.astype(np.int64)  # indices stored as floats (a float tensor): the same as integer indices
     integer = np.issubdtype(c.dtype, np.integer)
     if integer:
         keep = c >= 0
