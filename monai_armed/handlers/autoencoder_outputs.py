@@ -37,7 +37,7 @@ from torch import nn
 from monai_armed.data.tiff import save_tiff
 from monai_armed.engines.autoencoder_inferer import AutoencoderInferer
 from monai_armed.engines.evaluator import ARMEDEvaluator
-from monai_armed.handlers.image_outputs import ImageOutputWriter
+from monai_armed.handlers.image_outputs import ImageOutputWriter, _tiff_layout
 from monai_armed.metrics import positive_probability, reconstruction_mse
 from monai_armed.networks.nets.autoencoder import AECOutput
 from monai_armed.utils import write_json
@@ -287,15 +287,6 @@ class AutoencoderOutputWriter(ImageOutputWriter):
                 f"{flagged} of {len(self.rows)} images are out of distribution (ood = 1): their fixed-effects "
                 f"reconstruction MSE is above {self.threshold:.6g}; their predictions are unreliable."
             )
-
-
-def _tiff_layout(array: np.ndarray) -> dict[str, Any]:
-    """``save_tiff`` arguments of a ``(C, *spatial)`` map in the loader's order: spatial axes reversed to the TIFF's
-    ``([Z,] Y, X)``, one channel dropped, several kept as the axis ``C`` that :class:`TiffFileReader` reads back."""
-    array = np.ascontiguousarray(np.transpose(array.astype(np.float32), (0, *range(array.ndim - 1, 0, -1))))
-    if array.shape[0] == 1:
-        return {"array": array[0]}
-    return {"array": array, "metadata": {"axes": "C" + "ZYX"[-(array.ndim - 1) :]}}
 
 
 def write_autoencoder_outputs(

@@ -25,6 +25,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
 from monai_armed.engines.evaluator import resolve_cluster
+from monai_armed.metrics.binary import _shared_threshold
 from monai_armed.metrics import (
     anova_f_by_cluster,
     binary_metrics,
@@ -160,13 +161,8 @@ class AutoencoderReport:
             for mode in self.modes[name]:
                 threshold = None
                 if self.threshold_dataset is not None and name != self.threshold_dataset:
-                    threshold = results[self.threshold_dataset][mode]["threshold"]
-                    if math.isnan(threshold):  # binary_metrics could only say "threshold must be finite"
-                        raise ValueError(
-                            f"AutoencoderReport: the threshold dataset {self.threshold_dataset!r} holds a single "
-                            f"class, so no decision threshold can be fitted for {name!r}; give it both classes or "
-                            "pass threshold_dataset=None to fit each dataset's own threshold."
-                        )
+                    fitted = results[self.threshold_dataset][mode]["threshold"]
+                    threshold = _shared_threshold(fitted, self.threshold_dataset, name, "AutoencoderReport")
                 results[name][mode] = self._mode_summary(data, mode, threshold)
         results["latent"] = self._latent_scores(self.collected[self.latent_dataset])
         if self.anova_dataset in self.collected:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_armed.handlers.prediction_collector import PredictionCollector
+from monai_armed.metrics.binary import _shared_threshold
 from monai_armed.metrics import (
     binary_metrics,
     classification_summary,
@@ -166,13 +167,8 @@ class ClusterModeReport:
                     evaluator.run()
                     threshold = None
                     if self.threshold_dataset is not None and name != self.threshold_dataset:
-                        threshold = results[self.threshold_dataset][mode]["threshold"]
-                        if not math.isfinite(threshold):  # binary_metrics would only say "threshold must be finite"
-                            raise ValueError(
-                                f"ClusterModeReport: the threshold dataset {self.threshold_dataset!r} holds a single "
-                                f"class, so no decision threshold can be fitted for {name!r}; give it both classes "
-                                "or pass threshold_dataset=None to fit each dataset's own threshold."
-                            )
+                        fitted = results[self.threshold_dataset][mode]["threshold"]
+                        threshold = _shared_threshold(fitted, self.threshold_dataset, name, "ClusterModeReport")
                     results[name][mode] = self._summary(threshold)
         finally:
             evaluator.data_loader, evaluator.state.epoch_length = previous

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_armed.engines.trainer import ARMEDKeys
@@ -182,3 +183,13 @@ class ImageOutputWriter:
     def csv_path(self) -> str:
         """Path of the CSV."""
         return str(self.output_dir / self.csv_name)
+
+
+def _tiff_layout(array: np.ndarray) -> dict[str, Any]:
+    """``save_tiff`` arguments of a ``(C, *spatial)`` map in the loader's order: spatial axes reversed to the TIFF's
+    ``([Z,] Y, X)`` as :class:`~monai_armed.data.TiffFileReader` reads it, one channel dropped, several kept as the
+    TIFF's axis ``C``; the dtype is kept."""
+    array = np.ascontiguousarray(np.transpose(array, (0, *range(array.ndim - 1, 0, -1))))
+    if array.shape[0] == 1:
+        return {"array": array[0]}
+    return {"array": array, "metadata": {"axes": "C" + "ZYX"[-(array.ndim - 1) :]}}

@@ -21,7 +21,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from scipy import ndimage
 
 from monai_armed.data.tiff import save_tiff
-from monai_armed.handlers.image_outputs import ImageOutputWriter
+from monai_armed.handlers.image_outputs import ImageOutputWriter, _tiff_layout
 from monai_armed.metrics.segmentation import label_map
 
 if TYPE_CHECKING:
@@ -80,8 +80,9 @@ class SegmentationWriter(ImageOutputWriter):
         stems = [self.claim_stem(path) for path in paths]  # all of the batch's inputs are known before a write
         for i, (path, stem) in enumerate(zip(paths, stems)):
             image_classes = classes[i]
-            stored = image_classes.T if image_classes.ndim == 2 else image_classes.transpose(2, 1, 0)
-            save_tiff(self.output_path(stem, f"{self.suffix}.tif"), np.ascontiguousarray(stored))
+            layout = _tiff_layout(image_classes[None])
+            save_tiff(self.output_path(stem, f"{self.suffix}.tif"), **layout)
+            stored = layout["array"]
             row = {"image": path, "effects": effects[i]}
             row.update(zip(("depth", "height", "width")[-stored.ndim :], stored.shape))
             for c in range(1, n_classes):

@@ -229,3 +229,15 @@ def per_cluster_binary_metrics(
             name = str(value)
         result[name] = binary_metrics(y[index], p[index], threshold)
     return result
+
+
+def _shared_threshold(threshold: float, threshold_dataset: str, dataset: str, owner: str) -> float:
+    """The threshold fitted on ``threshold_dataset`` for scoring ``dataset``; a report's error when that dataset held
+    a single class (its threshold is nan, and ``binary_metrics`` could only say "threshold must be finite")."""
+    if not math.isfinite(threshold):
+        raise ValueError(
+            f"{owner}: the threshold dataset {threshold_dataset!r} holds a single class, so no decision threshold can "
+            f"be fitted for {dataset!r}; give it both classes or pass threshold_dataset=None to fit each dataset's own "
+            "threshold."
+        )
+    return threshold

@@ -19,6 +19,8 @@ import torch
 from scipy.stats import t as student_t
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from monai_armed.metrics.clusters import _check_cluster_range
+
 __all__ = ["positive_probability", "predicted_class", "classification_summary", "per_cluster_accuracy", "mean_ci95"]
 
 
@@ -54,11 +56,7 @@ def per_cluster_accuracy(
 
         acc, n = per_cluster_accuracy(pred_class, label, cluster, n_clusters=10)   # acc[10]: unseen samples
     """
-    if cluster.numel() and int(cluster.max()) >= n_clusters:
-        raise ValueError(
-            f"cluster index {int(cluster.max())} is out of range for {n_clusters} clusters (0..{n_clusters - 1}, -1: "
-            "unseen); give n_clusters the number of seen clusters."
-        )
+    _check_cluster_range(int(cluster.max()) if cluster.numel() else -1, n_clusters)
     slot = torch.where(cluster < 0, torch.full_like(cluster, n_clusters), cluster).long()
     correct = (pred_class.reshape(-1) == label.reshape(-1).long()).double()
     counts = torch.bincount(slot, minlength=n_clusters + 1).double()

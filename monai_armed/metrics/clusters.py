@@ -50,7 +50,15 @@ def cluster_groups(
     names = list(cluster_names) if cluster_names is not None else [str(i) for i in range(n_clusters)]
     if len(names) != n_clusters:
         raise ValueError(f"got {len(names)} cluster names for {n_clusters} clusters.")
-    if index.size and int(index.max()) >= n_clusters:
-        raise ValueError(f"cluster index {int(index.max())} is out of range for {n_clusters} clusters.")
+    _check_cluster_range(int(index.max(initial=-1)), n_clusters)
     groups = [(name, index == slot) for slot, name in enumerate(names)] + [("unseen", index < 0)]
     return [(name, rows) for name, rows in groups if rows.any()]
+
+
+def _check_cluster_range(largest: int, n_clusters: int) -> None:
+    """Refuse a largest cluster index beyond the table of ``n_clusters`` seen clusters (negative ones are unseen)."""
+    if largest >= n_clusters:
+        raise ValueError(
+            f"cluster index {largest} is out of range for {n_clusters} clusters (0..{n_clusters - 1}, -1: unseen); "
+            "give n_clusters the number of seen clusters."
+        )
