@@ -435,6 +435,28 @@ class TestFamilyBatchChecks(unittest.TestCase):
             self._trainer(torch.zeros(16), likelihood("gaussian"), weight).run()
         self._trainer(torch.zeros(16), likelihood("gaussian"), torch.zeros(16)).run()  # zero weights: masked rows
 
+    def test_a_summed_likelihood_and_a_scheduled_optimizer_without_the_loss_parameters_are_refused(self):
+        from monai_armed.losses import likelihood
+
+        with self.assertRaisesRegex(ValueError, r"reduction='sum'\) makes the data term batch_size times too heavy"):
+            self._trainer(torch.zeros(16), likelihood("gaussian", reduction="sum"))
+        torch.manual_seed(0)
+        net = MixedEffectsMLP(2, 1, n_clusters=4, hidden_channels=(), random_slopes="none")
+        optimizer = torch.optim.Adam(net.parameters())
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.9**epoch)  # its lambdas: one per group
+        data = {"features": torch.randn(16, 2), "label": torch.zeros(16), "cluster": torch.randint(0, 4, (16,))}
+        common = dict(device="cpu", max_epochs=1, train_data_loader=TensorBatchLoader(data, batch_size=8),
+                      network=net, prepare_batch=PrepareBatchCluster("features"), decollate=False)  # fmt: skip
+        with self.assertRaisesRegex(ValueError, "scheduler already drives the optimizer.*loss_function.parameters"):
+            ARMEDTrainer(optimizer=optimizer, loss_function=likelihood("gaussian"), **common)
+        family = likelihood("gaussian")
+        optimizer = torch.optim.Adam([*net.parameters(), *family.parameters()])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.9**epoch)
+        trainer = ARMEDTrainer(optimizer=optimizer, loss_function=family, **common)
+        trainer.run()
+        scheduler.step()
+        self.assertEqual(len(optimizer.param_groups), 1)
+
     def test_batch_keys_for_the_loss_need_a_likelihood_family(self):
         with self.assertRaisesRegex(ValueError, "weight_key need a likelihood-family loss_function"):
             self._trainer(torch.zeros(16).long(), LogitClassificationLoss(), torch.ones(16))
@@ -718,9 +740,19 @@ class TestLogitClassificationLoss(unittest.TestCase):
         label = torch.tensor([0, 2, 1, 0, 2, 2])
         torch.testing.assert_close(LogitClassificationLoss()(logits, label), nn.CrossEntropyLoss()(logits, label))
         w = torch.tensor([0.5, 1.0, 2.0])
-        torch.testing.assert_close(
-            LogitClassificationLoss(class_weight=w)(logits, label), nn.CrossEntropyLoss(weight=w)(logits, label)
-        )
+        per_row = nn.CrossEntropyLoss(reduction="none")(logits, label)
+        # Keras' class_weight: weighted rows over the batch size (torch divides by the weights' sum)
+        torch.testing.assert_close(LogitClassificationLoss(class_weight=w)(logits, label), (per_row * w[label]).mean())
+        for dtype in (torch.int32, torch.uint8, torch.float64):
+            torch.testing.assert_close(
+                LogitClassificationLoss()(logits, label.to(dtype)), nn.CrossEntropyLoss()(logits, label)
+            )
+
+    def test_one_and_two_logits_weigh_classes_alike(self):
+        z = torch.randn(4, generator=torch.Generator().manual_seed(0))
+        label, w = torch.tensor([0, 0, 0, 1]), torch.tensor([0.25, 1.75])
+        loss = LogitClassificationLoss(class_weight=w)
+        torch.testing.assert_close(loss(z[:, None], label), loss(torch.stack([torch.zeros(4), z], 1), label))
 
     def test_binary_class_weight(self):
         logits = torch.randn(4, 1, generator=torch.Generator().manual_seed(0))
@@ -736,6 +768,12 @@ class TestLogitClassificationLoss(unittest.TestCase):
             LogitClassificationLoss()(torch.randn(2, 1), torch.tensor([-1, 0]))
         with self.assertRaisesRegex(ValueError, "whole numbers"):
             LogitClassificationLoss()(torch.randn(2, 1), torch.tensor([0.5, 1.0]))
+        with self.assertRaisesRegex(ValueError, r"\(batch, classes\), got shape \(2,\)"):
+            LogitClassificationLoss()(torch.randn(2), torch.tensor([0, 1]))
+        with self.assertRaisesRegex(ValueError, "class_weight has 3 values but the logits have 2 classes"):
+            LogitClassificationLoss(class_weight=[1.0, 1.0, 1.0])(torch.randn(2, 1), torch.tensor([0, 1]))
+        with self.assertRaisesRegex(ValueError, "cluster has 1 values for 4 rows"):
+            cluster_confusion_loss(torch.randn(4, 5), torch.tensor([0]))
 
     def test_balanced_class_weights(self):
         w = balanced_class_weights(torch.tensor([0, 0, 0, 1]))
@@ -745,6 +783,8 @@ class TestLogitClassificationLoss(unittest.TestCase):
         torch.testing.assert_close(w3 / w3[2], torch.tensor([4.0, 2.0, 1.0]))
         with self.assertRaisesRegex(ValueError, "at least one"):
             balanced_class_weights(torch.tensor([0, 0]), n_classes=2)
+        with self.assertRaisesRegex(ValueError, r"classes 0\.\.1, got values \[0, 1, 2\]"):
+            balanced_class_weights(torch.tensor([0, 1, 2, 1]), n_classes=2)
 
 
 class TestTensorBatchLoader(unittest.TestCase):

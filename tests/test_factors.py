@@ -344,6 +344,9 @@ def test_sparse_random_effects_need_an_optimizer_that_takes_sparse_gradients():
                   prepare_batch=_prepare(), n_train=N_ROWS)  # fmt: skip
     with pytest.raises(TypeError, match="sparse gradients .* Adam cannot take: use monai_armed.optimizers.LazyAdam"):
         ARMEDTrainer(optimizer=torch.optim.Adam(net.parameters()), **common)
+    # SparseAdam takes the sparse tables but not the dense fixed effects: refused before the run too
+    with pytest.raises(TypeError, match="SparseAdam cannot take: use monai_armed.optimizers.LazyAdam"):
+        ARMEDTrainer(optimizer=torch.optim.SparseAdam(net.parameters()), **common)
     ARMEDTrainer(optimizer=LazyAdam(net.parameters()), **common).run()
 
 

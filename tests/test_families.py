@@ -118,6 +118,13 @@ def test_reduction_and_shape_errors():
         CategoricalLikelihood(n_classes=3)(torch.zeros(B, 4), torch.zeros(B))
     with pytest.raises(ValueError, match="empty batch"):
         family(torch.zeros(0), torch.zeros(0))
+    # one column would give a loss of exactly 0 for class 0 (nothing to train)
+    with pytest.raises(ValueError, match=r"pred must be logits \(batch, n_classes >= 2\), got shape \(7, 1\)"):
+        CategoricalLikelihood()(torch.zeros(B, 1), torch.zeros(B))
+    with pytest.raises(ValueError, match=r"class indices 0\.\.2 for logits of 3 classes, got values \[0, 3\]"):
+        CategoricalLikelihood()(torch.zeros(2, 3), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="pred_var is a variance and must be >= 0"):
+        GaussianLikelihood()(torch.zeros(3), torch.zeros(3), pred_var=torch.tensor([0.0, -5.0, 1.0]))
     with pytest.raises(ValueError, match="the binomial family needs the number of trials"):
         BinomialLikelihood()(_eta(), torch.zeros(B))
     with pytest.raises(ValueError, match=r"pred has shape \(7,\) but trials has shape \(2,\)"):

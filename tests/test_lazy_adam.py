@@ -91,9 +91,58 @@ def test_a_zeroed_sparse_gradient_is_a_no_op():
     assert torch.equal(table.detach(), after_first)
 
 
+def test_dense_float64_parameters_match_adam_to_double_precision():
+    # the bias corrections are computed in float64: in float32, 1 - 0.999 shrank every early step by 1e-5
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    b = torch.nn.Parameter(a.detach().clone())
+    lazy, adam = LazyAdam([a], lr=1e-2), torch.optim.Adam([b], lr=1e-2)
+    for step in range(20):
+        a.grad, b.grad = _quadratic_grads(a.detach(), step), _quadratic_grads(b.detach(), step)
+        lazy.step()
+        adam.step()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_channels_last_parameters_step_like_adam():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    reference = torch.nn.Conv2d(3, 4, 3)
+    reference.load_state_dict(conv.state_dict())
+    lazy, adam = LazyAdam(conv.parameters(), lr=0.1), torch.optim.Adam(reference.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        for net, optimizer, image in ((conv, lazy, x.to(memory_format=torch.channels_last)), (reference, adam, x)):
+            optimizer.zero_grad()
+            net(image).pow(2).sum().backward()
+            optimizer.step()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(conv.weight, reference.weight, rtol=1e-4, atol=1e-6)
+
+
 def test_rejects_bad_settings():
-    with pytest.raises(ValueError, match="lr > 0"):
-        LazyAdam([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    with pytest.raises(ValueError, match="lr >= 0"):
+        LazyAdam([torch.nn.Parameter(torch.zeros(1))], lr=-1.0)
+    frozen = torch.nn.Parameter(torch.ones(2))
+    optimizer = LazyAdam([frozen], lr=0.0)  # a frozen group, or a warm-up's first value
+    frozen.grad = torch.ones(2)
+    optimizer.step()
+    assert torch.equal(frozen.detach(), torch.ones(2))
+
+
+def test_refuses_another_optimizers_state_and_unsupported_sparse_gradients():
+    weight = torch.nn.Parameter(torch.zeros(3, 2))
+    adam = torch.optim.Adam([weight])
+    weight.grad = torch.ones(3, 2)
+    adam.step()
+    lazy = LazyAdam([weight])
+    lazy.load_state_dict(adam.state_dict())
+    with pytest.raises(ValueError, match="another optimizer's state_dict"):
+        lazy.step()
+    vector = torch.nn.Parameter(torch.zeros(5))
+    vector.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.ones(2), (5,), check_invariants=True)
+    with pytest.raises(ValueError, match="rows of a matrix"):
+        LazyAdam([vector]).step()
 
 
 def test_rowwise_second_moment_is_one_value_per_row():

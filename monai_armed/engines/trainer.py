@@ -161,7 +161,9 @@ class ARMEDTrainer(SupervisedTrainer):
         loss_function: task loss on the network's output (the per-sample negative log-likelihood); default
             :class:`LogitClassificationLoss`. A :class:`~monai_armed.losses.LikelihoodFamily` (e.g. Gaussian for
             regression) gets ``weight`` and ``trials`` from the batch keys ``weight_key`` / ``trials_key``; its own
-            parameters (the Gaussian residual scale) are added to ``optimizer`` when it does not hold them.
+            parameters (the Gaussian residual scale) are added to ``optimizer`` when it does not hold them (build the
+            optimizer with them when a learning-rate scheduler drives it); its ``reduction`` is ``"mean"`` or
+            ``"none"`` (a sum would unbalance the ELBO and is refused).
         adversary: cluster classifier over the network's features, or ``None`` (no adversarial term);
             ``armed_ddp(adversary, ...)`` when the network is distributed.
         adv_optimizer: optimizer of the adversary; default ``Adam(lr=1e-3)``.
@@ -311,6 +313,7 @@ class ARMEDTrainer(SupervisedTrainer):
                 f"{' and '.join(f'{k}_key' for k in self.loss_keys)} need a likelihood-family loss_function (e.g. "
                 f"GaussianLikelihood(), likelihood('binomial')) that takes them; got {type(self.loss_function).__name__}."
             )
+        _check_loss_reduction(self.loss_function)
         _optimize_loss_parameters(self.loss_function, optimizer)
         self.validate_batches = validate_batches
         self._first_batch_checked = False
@@ -656,13 +659,32 @@ def _guard_single_row_batches(engine: ARMEDTrainer, first_rows: int) -> list[tor
 
 
 def _optimize_loss_parameters(loss_function: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Add the loss's own parameters (e.g. a Gaussian residual scale) to ``optimizer`` when it does not hold them."""
+    """Add the loss's own parameters (e.g. a Gaussian residual scale) to ``optimizer`` when it does not hold them;
+    refuse when a learning-rate scheduler already drives ``optimizer`` (a new group has no entry in its per-group
+    lists, and e.g. ``LambdaLR`` then fails at the end of the first epoch)."""
     if not isinstance(loss_function, nn.Module):
         return
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [p for p in loss_function.parameters() if p.requires_grad and id(p) not in held]
-    if missing:
-        optimizer.add_param_group({"params": missing})
+    if not missing:
+        return
+    if any("initial_lr" in group for group in optimizer.param_groups):  # set by every torch LR scheduler
+        raise ValueError(
+            f"the loss {type(loss_function).__name__} has parameters the optimizer does not hold, and a learning-rate "
+            "scheduler already drives the optimizer, so they cannot be added as a new group: build the optimizer "
+            "with them, e.g. Adam([*network.parameters(), *loss_function.parameters()])."
+        )
+    optimizer.add_param_group({"params": missing})
+
+
+def _check_loss_reduction(loss_function: Any) -> None:
+    """Refuse a likelihood family that sums over the batch: the ELBO weighs the mean negative log-likelihood per
+    sample against ``KL / n_train``, so a sum would weigh the data ``batch_size`` times too much."""
+    if isinstance(loss_function, LikelihoodFamily) and loss_function.reduction == "sum":
+        raise ValueError(
+            f"{type(loss_function).__name__}(reduction='sum') makes the data term batch_size times too heavy against "
+            "the KL term of the per-sample ELBO: use reduction='mean' (or 'none')."
+        )
 
 
 def _accumulation_state(engine: SupervisedTrainer) -> tuple[bool, bool]:
@@ -700,7 +722,8 @@ def _check_sparse_optimizer(network: nn.Module, optimizer: torch.optim.Optimizer
     """Refuse, before the first step, an optimizer that cannot take the sparse gradients of ``sparse=True`` random
     effects (torch's Adam family raises at the first step and suggests SparseAdam, which refuses the dense ones)."""
     sparse = [name for name, m in network.named_modules() if isinstance(m, RandomEffects) and m.sparse]
-    if sparse and not isinstance(optimizer, (LazyAdam, torch.optim.SGD, torch.optim.Adagrad, torch.optim.SparseAdam)):
+    # SparseAdam is refused too: the network's fixed effects are dense, and it refuses dense gradients
+    if sparse and not isinstance(optimizer, (LazyAdam, torch.optim.SGD, torch.optim.Adagrad)):
         raise TypeError(
             f"the random effects {sparse} have sparse gradients (sparse=True), which {type(optimizer).__name__} "
             "cannot take: use monai_armed.optimizers.LazyAdam (Adam with sparse rows and dense parameters), or "

@@ -30,7 +30,10 @@ def balanced_class_weights(labels: torch.Tensor, n_classes: int = 2) -> torch.Te
         weights = balanced_class_weights(torch.tensor([0, 0, 0, 1]))   # tensor([0.5, 1.5])
         loss = LogitClassificationLoss(class_weight=weights)
     """
-    counts = torch.bincount(labels.long().flatten(), minlength=n_classes).float()
+    labels = labels.long().flatten()
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ValueError(f"labels must be classes 0..{n_classes - 1}, got values {sorted(set(labels.tolist()))}.")
+    counts = torch.bincount(labels, minlength=n_classes).float()
     if bool((counts == 0).any()):
         raise ValueError(f"every class needs at least one label to weight it, got counts {counts.tolist()}.")
     weights = counts.sum() / counts
@@ -41,8 +44,12 @@ class LogitClassificationLoss(nn.Module):
     """Classification loss on logits that fits both binary (one logit) and multi-class networks.
 
     ``(B, 1)`` logits use binary cross-entropy with integer labels ``{0, 1}``; ``(B, n)`` logits with ``n > 1`` use
-    cross-entropy with labels ``0..n-1``. Labels may be ``(B,)`` or ``(B, 1)``. A label outside the classes raises a
-    ``ValueError`` that says which classes were expected.
+    cross-entropy with labels ``0..n-1``. Labels may be ``(B,)`` or ``(B, 1)``, of any integer, bool or whole-valued
+    float type. A label outside the classes raises a ``ValueError`` that says which classes were expected.
+
+    With ``class_weight``, each row's loss is multiplied by its class's weight and the batch takes the plain mean
+    (Keras' ``class_weight``, as in the paper), for one logit and for several alike: torch's weighted cross-entropy
+    divides by the sum of the weights instead, which cancels the weighting of a batch that holds one class.
 
     Args:
         class_weight: optional per-class weights ``(n_classes,)`` (for one logit: the weights of class 0 and 1).
@@ -63,21 +70,30 @@ class LogitClassificationLoss(nn.Module):
         if label.numel() == 0:
             raise ValueError("cannot compute a classification loss on an empty batch.")
         check = batch_checks_enabled()
+        if logits.dim() != 2:
+            raise ValueError(f"classification logits must be (batch, classes), got shape {tuple(logits.shape)}.")
         if label.is_floating_point():
             if check and not bool((label == label.round()).all()):
                 raise ValueError("classification labels must be whole numbers (class indices).")
+        if label.dtype != torch.long:
             label = label.long()
         n = logits.shape[1]
         n_classes = 2 if n == 1 else n
+        if self.class_weight is not None and self.class_weight.numel() != n_classes:
+            raise ValueError(
+                f"class_weight has {self.class_weight.numel()} values but the logits have {n_classes} classes."
+            )
         if check:
             low, high = torch.aminmax(label)
             if int(low) < 0 or int(high) >= n_classes:
                 raise ValueError(
                     f"label outside the classes: expected 0..{n_classes - 1}, got values {sorted(set(label.tolist()))}."
                 )
+        weight = None if self.class_weight is None else self.class_weight.to(logits.device)[label]
         if n > 1:
-            return F.cross_entropy(logits, label, weight=self.class_weight)
-        weight = None if self.class_weight is None else self.class_weight[label]
+            if weight is None:
+                return F.cross_entropy(logits, label)
+            return (F.cross_entropy(logits, label, reduction="none") * weight).mean()
         return F.binary_cross_entropy_with_logits(logits[:, 0], label.to(logits.dtype), weight=weight)
 
 
@@ -99,6 +115,8 @@ def cluster_confusion_loss(logits: torch.Tensor, cluster: torch.Tensor) -> torch
     """
     if logits.dim() != 2:
         raise ValueError(f"cluster_confusion_loss expects logits (batch, n_clusters), got {tuple(logits.shape)}.")
+    if cluster.numel() != logits.shape[0]:
+        raise ValueError(f"cluster has {cluster.numel()} values for {logits.shape[0]} rows of logits.")
     # a weighted mean over the seen rows rather than a boolean selection: no read-back of the mask to the host
     seen = (cluster.reshape(-1) >= 0).to(logits.dtype)
     per_row = -torch.log_softmax(logits, dim=1).mean(1)

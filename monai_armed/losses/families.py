@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monai_armed.utils import batch_checks_enabled
+
 __all__ = [
     "FAMILIES",
     "BernoulliLikelihood",
@@ -181,6 +183,8 @@ class LikelihoodFamily(nn.Module):
         else:
             var = _per_row(pred_var, "pred_var")
             _same_rows(rows, pred, pred_var, "pred_var")
+            if batch_checks_enabled() and bool((var < 0).any()):
+                raise ValueError(f"pred_var is a variance and must be >= 0, got minimum {float(var.min())}.")
             nll = self._expected_nll(eta, var.to(eta), y, n)
         if weight is not None:
             w = _per_row(weight, "weight")
@@ -585,13 +589,20 @@ class CategoricalLikelihood(LikelihoodFamily):
         return torch.softmax(pred, dim=-1)
 
     def _eta(self, pred: torch.Tensor) -> torch.Tensor:
-        if pred.dim() != 2 or (self.n_classes is not None and pred.shape[1] != self.n_classes):
-            classes = "n_classes" if self.n_classes is None else str(self.n_classes)
+        wrong_count = pred.dim() == 2 and (pred.shape[1] < 2 if self.n_classes is None else pred.shape[1] != self.n_classes)
+        if pred.dim() != 2 or wrong_count:
+            classes = "n_classes >= 2" if self.n_classes is None else str(self.n_classes)
             raise ValueError(f"pred must be logits (batch, {classes}), got shape {tuple(pred.shape)}.")
         return pred
 
     def _nll(self, eta: torch.Tensor, y: torch.Tensor, trials: torch.Tensor | None) -> torch.Tensor:
-        return -torch.log_softmax(eta, dim=1).gather(1, y.long().unsqueeze(1)).squeeze(1)
+        y = y.long()
+        if batch_checks_enabled() and bool(((y < 0) | (y >= eta.shape[1])).any()):
+            raise ValueError(
+                f"target must be class indices 0..{eta.shape[1] - 1} for logits of {eta.shape[1]} classes, got values "
+                f"{sorted(set(y.tolist()))}."
+            )
+        return -torch.log_softmax(eta, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
 
     def _expected_nll(
         self, eta: torch.Tensor, var: torch.Tensor, y: torch.Tensor, trials: torch.Tensor | None

@@ -54,8 +54,8 @@ class LazyAdam(Optimizer):
         eps: float = 1e-8,
         rowwise: bool = False,
     ) -> None:
-        if lr <= 0 or eps <= 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"LazyAdam needs lr > 0, eps > 0 and betas in [0, 1), got lr={lr}, betas={betas}, eps={eps}.")
+        if lr < 0 or eps <= 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"LazyAdam needs lr >= 0, eps > 0 and betas in [0, 1), got lr={lr}, betas={betas}, eps={eps}.")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "rowwise": rowwise})
 
     @torch.no_grad()
@@ -72,19 +72,31 @@ class LazyAdam(Optimizer):
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         beta1, beta2 = group["betas"]
-        table = param.view(1, -1) if param.dim() < 2 else param.view(param.shape[0], -1)
+        # a channels_last (non-contiguous) parameter is stepped as a contiguous copy and written back
+        work = param if param.is_contiguous() else param.contiguous()
+        table = work.view(1, -1) if work.dim() < 2 else work.view(work.shape[0], -1)
         state = self.state[param]
         if not state:
             state["step"] = torch.zeros(table.shape[0], dtype=torch.float32, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(work)
             rowwise = group["rowwise"] and param.dim() >= 2
-            state["exp_avg_sq"] = param.new_zeros(table.shape[0], 1) if rowwise else torch.zeros_like(param)
+            state["exp_avg_sq"] = param.new_zeros(table.shape[0], 1) if rowwise else torch.zeros_like(work)
+        if state["step"].dim() != 1:
+            raise ValueError(
+                "LazyAdam: the optimizer state holds a single step count per parameter, as torch.optim.Adam's does; "
+                "LazyAdam keeps one per row and cannot continue from another optimizer's state_dict."
+            )
         if state["step"].device != param.device:  # load_state_dict leaves a per-row tensor where it was saved
             state["step"] = state["step"].to(param.device)
         exp_avg = state["exp_avg"].view(table.shape)
         exp_avg_sq = state["exp_avg_sq"].view(table.shape[0], -1)
         grad = param.grad
         if grad.is_sparse:
+            if grad.sparse_dim() != 1 or param.dim() < 2:
+                raise ValueError(
+                    f"LazyAdam takes sparse gradients over the rows of a matrix (nn.Embedding(sparse=True)); got one "
+                    f"with {grad.sparse_dim()} sparse dimension(s) for a parameter of shape {tuple(param.shape)}."
+                )
             grad = grad.coalesce()
             rows = grad.indices()[0]
             if rows.numel() == 0:  # a zeroed sparse gradient: nothing touched this step
@@ -100,8 +112,10 @@ class LazyAdam(Optimizer):
         if exp_avg_sq.shape[1] != squares.shape[1]:  # row-wise second moment
             squares = squares.mean(1, keepdim=True)
         avg_sq = (exp_avg_sq if rows is None else exp_avg_sq[rows]).mul(beta2).add_(squares, alpha=1 - beta2)
-        correction1 = (1 - beta1**steps).unsqueeze(1)
-        correction2 = (1 - beta2**steps).unsqueeze(1)
+        # in float64, as torch's Adam computes them: beta2 = 0.999 in float32 shrinks the first steps by 1e-5
+        exponent = steps.double().unsqueeze(1)
+        correction1 = (1 - beta1**exponent).to(avg.dtype)
+        correction2 = (1 - beta2**exponent).to(avg.dtype)
         update = (avg / correction1) / ((avg_sq / correction2).sqrt_().add_(group["eps"]))
         if rows is None:
             state["step"].copy_(steps)
@@ -113,3 +127,5 @@ class LazyAdam(Optimizer):
             exp_avg[rows] = avg
             exp_avg_sq[rows] = avg_sq
             table.index_add_(0, rows, update, alpha=-group["lr"])
+        if work is not param:
+            param.copy_(work)
