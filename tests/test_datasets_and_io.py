@@ -52,6 +52,8 @@ def test_split_by_cluster_named_unseen_and_errors():
         split_by_cluster(data, unseen_clusters=["nope"])
     with pytest.raises(ValueError, match="at least 2 seen clusters"):
         split_by_cluster(data, n_unseen=4)
+    with pytest.raises(ValueError, match=r"unseen_clusters must leave at least 2 seen clusters; got 4 of 5"):
+        split_by_cluster(data, unseen_clusters=["s1", "s2", "s3", "s4"])
     with pytest.raises(KeyError, match="datalist item 0 lacks 'cluster'"):
         split_by_cluster([{"features": [0.0], "label": 1}])
 
@@ -74,6 +76,13 @@ def test_split_falls_back_when_a_stratum_has_one_sample():
     data.append({"features": np.zeros(2, np.float32), "label": 0, "cluster": "lonely"})
     split = split_by_cluster(data, n_unseen=0, test_fraction=0.3)
     assert len(split["train"]) + len(split["test"]) == len(data)
+
+
+def test_split_falls_back_when_the_test_part_cannot_hold_every_stratum():
+    # 16 label x cluster strata (8 clusters), 4 test items: stratified on the cluster alone would also need 8
+    data = [{"features": [0.0], "label": i % 2, "cluster": f"c{i // 4}"} for i in range(40)]
+    split = split_by_cluster(data, n_unseen=2, test_fraction=0.1, seed=0)
+    assert len(split["test"]) == 4 and len(split["train"]) + len(split["test"]) + len(split["unseen"]) == 40
 
 
 def test_ensure_spiral_dataset_writes_once_and_keeps_numpy_state(tmp_path):
@@ -101,6 +110,18 @@ def test_spiral_generation_refuses_a_folder_with_the_users_csv(tmp_path):
     with pytest.raises(ForeignFilesError, match="spirals.csv.*--generate_default_data False"):
         ensure_spiral_dataset(tmp_path, clusters=3, points_per_cluster=20)
     assert mine.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["spirals.csv"]
+
+
+def test_an_edited_spirals_csv_is_never_overwritten(tmp_path):
+    from monai_armed.data import ForeignFilesError
+
+    path = ensure_spiral_dataset(tmp_path, clusters=2, points_per_cluster=4)
+    edited = path.read_text().replace(",0,0\n", ",1,0\n", 1)
+    path.write_text(edited)
+    for settings in ({"points_per_cluster": 4}, {"points_per_cluster": 6}):  # the same data set, or another one
+        with pytest.raises(ForeignFilesError, match="spirals.csv was changed since the spirals generator wrote it"):
+            ensure_spiral_dataset(tmp_path, clusters=2, **settings)
+        assert path.read_text() == edited
 
 
 def test_save_predictions_csv(tmp_path):
@@ -164,7 +185,7 @@ def test_spiral_true_boundaries_scale_with_each_cluster_radius(tmp_path):
     path = ensure_spiral_dataset(tmp_path, clusters=3, points_per_cluster=20)
     radii = json.loads(spiral_radii_file(path).read_text())["radii"]
     boundaries = spiral_true_boundaries(path, ["2", "0"])
-    unit = make_spiral_true_boundary(degrees=180)
+    unit = make_spiral_true_boundary(degrees=360)
     assert set(boundaries) == {-1, 0, 1}
     np.testing.assert_allclose(boundaries[-1], unit)
     np.testing.assert_allclose(boundaries[0], unit * radii["2"])

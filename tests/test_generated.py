@@ -90,12 +90,15 @@ def test_ensure_generated_reuses_only_a_complete_intact_run_with_the_same_parame
     (out / "data.txt").unlink()
     ensure_generated(_make, _parameters, out, {"seed": 2}, ["datalist.json"])
     assert _runs(out) == 3, "a file of the manifest is missing: generated again"
-    (out / "data.txt").write_text("2")
+    # a changed data file may be a user's edit: refused, untouched; deleted, it is written again
+    for changed in ("2", "9" * 20):
+        (out / "data.txt").write_text(changed)
+        with pytest.raises(ForeignFilesError, match=r"data.txt was changed since the toy generator wrote it"):
+            ensure_generated(_make, _parameters, out, {"seed": 2}, ["datalist.json"])
+        assert _runs(out) == 3 and (out / "data.txt").read_text() == changed
+    (out / "data.txt").unlink()
     ensure_generated(_make, _parameters, out, {"seed": 2}, ["datalist.json"])
-    assert _runs(out) == 4, "a truncated file: generated again"
-    (out / "data.txt").write_text("9" * 20)
-    ensure_generated(_make, _parameters, out, {"seed": 2}, ["datalist.json"])
-    assert _runs(out) == 5 and (out / "data.txt").read_text() == "8" * 10, "a changed file: generated again"
+    assert _runs(out) == 4 and (out / "data.txt").read_text() == "8" * 10
 
 
 def test_a_folder_with_the_users_files_is_refused_before_anything_is_written(tmp_path):

@@ -99,6 +99,13 @@ def test_string_labels_need_label_names(tmp_path):
         load_image_datalist(path, label_names=["CN", "AD"])
     path = _write(tmp_path, {"training": items + [{"image": "c.nii", "label": 1, "cluster": "s"}]})
     assert [item["label"] for item in load_image_datalist(path, label_names=["CN", "AD"])] == [0, 1, 1]
+    # JSON numbers with a fraction part are class indices too when there are class names
+    path = _write(tmp_path, {"training": items + [{"image": "c.nii", "label": 1.0, "cluster": "s"}]})
+    assert [item["label"] for item in load_image_datalist(path, label_names=["CN", "AD"])] == [0, 1, 1]
+    for bad, message in ((5.0, "label 5 is out of range for label_names"), (0.5, "label 0.5 is not one of label_names")):
+        path = _write(tmp_path, {"training": items + [{"image": "c.nii", "label": bad, "cluster": "s"}]})
+        with pytest.raises(ValueError, match=rf"item 2, key 'label': {message}"):
+            load_image_datalist(path, label_names=["CN", "AD"])
 
 
 def test_no_key_but_the_image_is_read_as_a_path(tmp_path):

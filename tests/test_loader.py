@@ -41,6 +41,12 @@ def test_item_without_a_key_is_named():
     assert "1 datalist item(s) lack key 'cluster', the first is item 3" in message and "missing_as_unseen" in message
 
 
+def test_a_key_that_a_mapping_lacks_is_named():
+    data = {"features": torch.zeros(4, 2), "label": torch.zeros(4)}
+    with pytest.raises(KeyError, match=r"keys \['lable'\] are not in the data; its keys are \['features', 'label'\]"):
+        TensorBatchLoader(data, keys=["features", "lable"])
+
+
 def test_raw_cluster_ids_are_named():
     with pytest.raises(TypeError, match="key 'cluster' holds non-numeric values.*'a'.*ClusterIndexd"):
         TensorBatchLoader(_items())

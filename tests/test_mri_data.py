@@ -159,6 +159,9 @@ def test_cache_reuses_and_regenerates(tmp_path):
     image = tmp_path / "images/site00_sub000_img0.nii.gz"
     content = image.read_bytes()
     image.write_bytes(content[: len(content) // 2])
+    with pytest.raises(ForeignFilesError, match="site00_sub000_img0.nii.gz was changed since the mri generator"):
+        ensure_mri_dataset(tmp_path, **{**params, "subjects_per_site": 1})
+    image.unlink()  # a changed file is never overwritten; a missing one is written again
     ensure_mri_dataset(tmp_path, **{**params, "subjects_per_site": 1})
     assert image.read_bytes() == content
     # a missing file is noticed

@@ -155,3 +155,18 @@ def test_segmentation_datalist_compares_mask_and_image_sizes_for_path_objects(ti
     required = {"training": ["image", "label", "cluster"], "unseen": ["image", "label"]}
     with pytest.raises(ValueError, match=r"small.tif has shape \(24, 20\) \(as loaded\) but the image .* has \("):
         validate_segmentation_datalist(sections, required, n_classes=2, loader=loader)
+
+
+def test_segmentation_datalist_accepts_channel_last_and_channel_first_colour_images(tmp_path):
+    loader = LoadImage(reader=TiffFileReader(), image_only=True)  # RGB loads channel-last: (W, H, 3)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((4, 6, 3), np.uint8), photometric="rgb")
+    tifffile.imwrite(tmp_path / "mask.tif", np.ones((4, 6), np.uint8))
+    tifffile.imwrite(tmp_path / "wrong.tif", np.ones((6, 4), np.uint8))
+    item = {"image": str(tmp_path / "rgb.tif"), "label": str(tmp_path / "mask.tif"), "cluster": "a"}
+    required = {"training": ["image", "label", "cluster"]}
+    for reader in (loader, LoadImage(reader=TiffFileReader(), image_only=True, ensure_channel_first=True)):
+        checked = validate_segmentation_datalist({"training": [item]}, required, n_classes=2, loader=reader)
+        assert checked["training"][0]["label"] == item["label"]
+    with pytest.raises(ValueError, match=r"wrong.tif has shape \(4, 6\) \(as loaded\) but the image .* has \(6, 4, 3\)"):
+        validate_segmentation_datalist({"training": [dict(item, label=str(tmp_path / "wrong.tif"))]}, required,
+                                       n_classes=2, loader=loader)  # fmt: skip

@@ -51,6 +51,12 @@ def test_make_spirals_noise_free_radius():
         assert norms.max() == pytest.approx(2.5)
 
 
+def test_arms_whose_angles_are_all_zero_sit_at_the_centre():
+    np.random.seed(0)
+    X, _ = make_spirals(10, 2, degrees=1, noise=0)  # every angle drawn is 0
+    np.testing.assert_array_equal(X, np.zeros((10, 2)))
+
+
 def test_make_spirals_draws_noise_even_when_zero():
     quiet = _rng_state_after(make_spirals, points=100, noise=0)
     noisy = _rng_state_after(make_spirals, points=100, noise=0.3)
@@ -125,12 +131,26 @@ def test_random_slope_scales_x2():
 
 def test_true_boundary_is_deterministic_and_symmetric():
     before = np.random.get_state()[1].copy()
-    boundary = make_spiral_true_boundary(degrees=360 - 180, radius=1)
+    boundary = make_spiral_true_boundary(degrees=360, radius=1)
     np.testing.assert_array_equal(np.random.get_state()[1], before)
     assert boundary.shape == (2000, 2)
     np.testing.assert_array_equal(boundary[1000:], -boundary[:1000])
     assert np.linalg.norm(boundary, axis=1).max() <= 1.5
-    np.testing.assert_array_equal(boundary, make_spiral_true_boundary(degrees=180))
+    np.testing.assert_array_equal(boundary, make_spiral_true_boundary(degrees=360))
+
+
+def test_true_boundary_runs_midway_between_the_arms():
+    from scipy.spatial import cKDTree
+
+    np.random.seed(0)
+    X, Y = make_spirals(20000, 2, 360, noise=0)
+    arm0, arm1 = cKDTree(X[Y[:, 0] == 1]), cKDTree(X[Y[:, 1] == 1])
+    boundary = make_spiral_true_boundary(degrees=360)
+    boundary = boundary[np.linalg.norm(boundary, axis=1) < 0.9]  # within the data
+    d0, d1 = arm0.query(boundary)[0], arm1.query(boundary)[0]
+    # equidistant from both arms and off them (the notebook's degrees - 180 gives 0.33 and 0.005)
+    assert np.median(np.abs(d0 - d1)) < 0.02
+    assert np.median(np.minimum(d0, d1)) > 0.15
 
 
 def test_spirals_to_datalist_one_hot_and_integer():

@@ -91,6 +91,14 @@ def test_missing_column_lists_missing_and_present(tmp_path):
     assert "['f0', 'f1', 'label']" in message
 
 
+def test_empty_feature_columns_and_the_label_among_the_features_are_refused(tmp_path):
+    path = _write(tmp_path, "f0,f1,label,cluster\n1,2,0,a\n", name="leak.csv")
+    with pytest.raises(ValueError, match="leak.csv: feature_columns is empty"):
+        load_csv_datalist(path, feature_columns=[])
+    with pytest.raises(ValueError, match=r"leak.csv: feature_columns include \['label'\], the label / cluster column"):
+        load_csv_datalist(path, feature_columns=["f0", "label"])
+
+
 @pytest.mark.parametrize(
     "cell,expected",
     [("abc", "not a number"), ("", "NaN features are not allowed"), ("nan", "NaN features are not allowed")],

@@ -288,6 +288,15 @@ def test_single_plane_passes_spatial_dims_2_and_fails_spatial_dims_3(tmp_path):
         LoadImage(reader=TiffFileReader(spatial_dims=3))(path)
 
 
+def test_a_plane_saved_with_a_trailing_length_one_axis_is_a_plane(tmp_path):
+    pixels = _pixels((8, 6), np.uint8)
+    path = save_tiff(tmp_path / "plane1.tif", pixels[..., None])  # tifffile records axes 'YXQ'
+    array, meta = TiffFileReader(spatial_dims=2).get_data(TiffFileReader().read(path))
+    assert meta["axes"] == "XY"
+    np.testing.assert_array_equal(array, pixels.T)
+    assert _load_one_plane(path).shape == (1, 6, 8)
+
+
 @pytest.mark.parametrize(
     "name, content, expected",
     [

@@ -67,6 +67,10 @@ def test_valid_datalist_returns_checked_sections(tmp_path):
     checked = validate_datalist(path, SECTIONS, n_classes=2, loader=CheckedLoadImage(image_only=True))
     assert list(checked) == list(SECTIONS) and len(checked["training"]) == 4
     assert checked["test"][1] == {"image": str(tmp_path / "images" / "test1.nii.gz"), "label": 1, "cluster": "b"}
+    # one section by its name
+    assert list(validate_datalist(path, "training", n_classes=2, loader=CheckedLoadImage(image_only=True))) == [
+        "training"
+    ]
 
 
 def test_truncated_image_in_test_section_is_found(tmp_path):

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -85,10 +86,12 @@ def split_by_cluster(
 ) -> dict[str, list]:
     """Split a datalist into ``train`` / ``test`` (seen clusters) and ``unseen`` (held-out clusters).
 
-    The held-out clusters are ``unseen_clusters`` if given, else ``n_unseen`` clusters drawn with ``seed``. The seen
-    clusters' samples are split into train and test stratified on label x cluster (on the cluster alone when a
-    label x cluster group has a single sample). Cluster ids are compared as text (:func:`monai_armed.utils.cluster_id`:
-    ``3`` and ``"3"`` are one cluster, ``"01"`` and ``"1"`` two); a missing id raises an error naming the item.
+    The held-out clusters are ``unseen_clusters`` if given, else ``n_unseen`` clusters drawn with ``seed``; at least
+    2 seen clusters must remain. The seen clusters' samples are split into train and test stratified on label x
+    cluster (on the cluster alone, or not at all, when a label x cluster group has a single sample or the test part
+    is too small to hold one of every group). Cluster ids are compared as text
+    (:func:`monai_armed.utils.cluster_id`: ``3`` and ``"3"`` are one cluster, ``"01"`` and ``"1"`` two); a missing id
+    raises an error naming the item.
 
     Example::
 
@@ -112,12 +115,17 @@ def split_by_cluster(
         unknown = sorted(unseen - set(names))
         if unknown:
             raise ValueError(f"unseen_clusters {unknown} are not in the datalist (clusters: {names}).")
+        if len(names) - len(unseen) < 2:
+            raise ValueError(
+                f"unseen_clusters must leave at least 2 seen clusters; got {len(unseen)} of {len(names)} clusters."
+            )
     held_out = np.isin(clusters, sorted(unseen))
     seen_index = np.flatnonzero(~held_out)
+    n_test = math.ceil(test_fraction * len(seen_index))  # as scikit-learn rounds a fraction
     train_index, test_index = train_test_split(
         seen_index,
         test_size=test_fraction,
-        stratify=_strata(datalist, seen_index, clusters, label_key),
+        stratify=_strata(datalist, seen_index, clusters, label_key, min(n_test, len(seen_index) - n_test)),
         random_state=seed,
     )
     return {
@@ -127,10 +135,14 @@ def split_by_cluster(
     }
 
 
-def _strata(datalist: Sequence[Mapping], index: np.ndarray, clusters: np.ndarray, label_key: str) -> list[str] | None:
-    """label x cluster strata; cluster alone, or none, when some stratum has fewer than 2 samples."""
+def _strata(
+    datalist: Sequence[Mapping], index: np.ndarray, clusters: np.ndarray, label_key: str, smaller_part: int
+) -> list[str] | None:
+    """label x cluster strata; cluster alone, or none, when some stratum has fewer than 2 samples or there are more
+    strata than the smaller of the train and test parts has samples (each part needs one of every stratum)."""
     for strata in ([f"{datalist[i][label_key]}_{clusters[i]}" for i in index], [clusters[i] for i in index]):
-        if min(np.unique(strata, return_counts=True)[1]) >= 2:
+        counts = np.unique(strata, return_counts=True)[1]
+        if counts.min() >= 2 and len(counts) <= smaller_part:
             return strata
     return None
 
@@ -239,7 +251,7 @@ def spiral_true_boundaries(csv_path: str | os.PathLike, cluster_names: Sequence[
     if not radii_file.is_file():
         raise FileNotFoundError(f"spiral radii file not found: {radii_file} (written by make_spiral_dataset).")
     record = json.loads(radii_file.read_text())
-    unit = make_spiral_true_boundary(degrees=record["degrees"] - 180)  # the authors' notebook uses degrees - 180
+    unit = make_spiral_true_boundary(degrees=record["degrees"])
     boundaries = {-1: unit}
     for index, name in enumerate(cluster_names):
         if str(name) in record["radii"]:

@@ -15,7 +15,8 @@ complete earlier run, and worker processes that die with their parent.
 A generator writes only into a folder it owns: one that was new or empty when it started (it then writes an
 ownership file, :data:`OWNER_FILE`, before anything else), or one that holds its ownership file or an earlier
 manifest of its own. A folder with any file the generator did not write is refused before anything is touched, so a
-user's data set is never deleted or overwritten.
+user's data set is never deleted or overwritten, and neither is a generated file that changed after its generation
+(an edit).
 """
 
 from __future__ import annotations
@@ -195,8 +196,9 @@ def claim_output_dir(out_dir: str | os.PathLike, generator: str, owns: Callable[
     ``out_dir`` may be written when it is new or empty (it is created and marked with :data:`OWNER_FILE`), or when it
     holds the generator's :data:`OWNER_FILE` or manifest, and every file in it is one the generator writes:
     ``owns(relative posix path)`` is true, it is listed in the previous manifest, or it is a temporary file of an
-    interrupted atomic write of such a file. A record the previous manifest lists (e.g. ``datalist.json``) must also
-    still have its recorded hash: a user's edit of it is never overwritten.
+    interrupted atomic write of such a file. Every file the previous manifest lists (the data files and records such as
+    ``datalist.json``) must also still have its recorded size and hash, or be missing: a user's edit (or a damaged
+    file, which cannot be told from one) is never overwritten; a missing file is simply written again.
 
     Args:
         out_dir: the output folder.
@@ -236,13 +238,13 @@ def claim_output_dir(out_dir: str | os.PathLike, generator: str, owns: Callable[
             f"To train on your own data, {_OWN_DATA}; to generate the default data, choose a new or empty --dataset_dir."
         )
     if isinstance(listed, Mapping):
-        for key, name in manifest.items():
-            record = listed.get(name) if key != "files" and isinstance(name, str) else None
+        for name, record in listed.items():
             if isinstance(record, Mapping) and (out / name).is_file() and file_record(out / name) != record:
                 raise ForeignFilesError(
                     f"{out / name} was changed since the {generator} generator wrote it; refusing to overwrite it "
                     f"(nothing in {out} was changed). To train on the edited data, {_OWN_DATA}; to generate the default "
-                    "data, choose a new or empty --dataset_dir."
+                    "data, choose a new or empty --dataset_dir (or delete the changed file: a missing file is written "
+                    "again)."
                 )
     if owner is None:
         write_json({"generator": generator}, out / OWNER_FILE)
@@ -280,7 +282,8 @@ def ensure_generated(
     The earlier run is reused when its manifest's hash equals that of ``parameters(...)`` of the same arguments (all
     but ``out_dir``, ``num_workers`` and ``progress``, which do not change the output), every file in ``required``
     exists and every file the manifest lists has its recorded size and hash (:func:`verify_manifest`); otherwise the
-    reason is logged and ``make`` runs again (it refuses a folder that is not its own, see :func:`claim_output_dir`).
+    reason is logged and ``make`` runs again (it refuses a folder that is not its own, or a file changed since it wrote
+    it, see :func:`claim_output_dir`).
 
     Args:
         make: the generator, ``make(out_dir, **params) -> path of its datalist``; it writes the manifest last.

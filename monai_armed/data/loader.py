@@ -52,6 +52,9 @@ class TensorBatchLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         columns = data if isinstance(data, Mapping) else _datalist_columns(data, keys)
+        absent = [k for k in keys or () if k not in columns]
+        if absent:
+            raise KeyError(f"keys {absent} are not in the data; its keys are {sorted(columns)}.")
         self.data = {k: _column_tensor(k, v) for k, v in columns.items() if keys is None or k in keys}
         lengths = {k: len(v) for k, v in self.data.items()}
         if len(set(lengths.values())) != 1:

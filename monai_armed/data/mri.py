@@ -183,9 +183,10 @@ def make_mri_sites(
         site_fraction_sd: scatter of the sites' patient fractions around their vendor's.
         site_effect: strength of every scanner effect; 0 makes all scanners identical (RAS, 1 mm, no bias or
             noise), 1 is the default strength.
-        unseen_ad_fraction: patient fraction of every unseen site, whatever its vendor (0.5: as in the paper, where
-            the training sites were chosen for their vendor/diagnosis confound and the other sites were not), or
-            ``None`` for the vendors' fractions (unseen sites confounded like the seen ones).
+        unseen_ad_fraction: target patient fraction of every unseen site, whatever its vendor (0.5: as in the paper,
+            where the training sites were chosen for their vendor/diagnosis confound and the other sites were not),
+            or ``None`` for the vendors' fractions (unseen sites confounded like the seen ones); each site scatters
+            around its target by ``site_fraction_sd``, unseen sites too.
 
     Returns:
         one dict per site: ``site`` (id such as ``"site03"``), ``vendor``, ``seen``, ``ad_fraction_target``,

@@ -33,8 +33,12 @@ __all__ = [
 
 
 def _spiral_arm(t: np.ndarray, phase: float, radius: float) -> np.ndarray:
-    """Noise-free spiral coordinates for angles ``t`` (radians), rotated by ``phase``, scaled to ``radius``."""
-    scale = t * radius / np.max(t)
+    """Noise-free spiral coordinates for angles ``t`` (radians), rotated by ``phase``, scaled to ``radius``.
+
+    Angles that are all 0 (a class of one point drew the arm's start) put the points at the centre, not at 0 / 0.
+    """
+    top = np.max(t)
+    scale = t * radius / top if top > 0 else np.zeros_like(t)
     return np.stack([-np.cos(t - phase) * scale, np.sin(t - phase) * scale], axis=1)
 
 
@@ -241,6 +245,10 @@ def make_spiral_true_boundary(classes: int = 2, degrees: float = 360, radius: fl
     point lies on the boundary; the point reflections of these midpoints trace the boundary's other
     branch. No random numbers are drawn.
 
+    Pass the data's own ``degrees``: the traced arms then wind as the data's do, and the boundary runs midway
+    between them. The authors' notebook passes ``degrees - 180``, whose arms wind twice as fast, so its "boundary"
+    lies on the class-0 arm and crosses the class-1 arm; that call is not copied here.
+
     Args:
         classes: number of classes the arms are spaced for (the arm phase is ``2 * pi * k / classes``).
         degrees: angular extent of the data's arms in degrees; the traced arms extend to ``1.5 * degrees``.
@@ -251,7 +259,7 @@ def make_spiral_true_boundary(classes: int = 2, degrees: float = 360, radius: fl
 
     Example::
 
-        boundary = make_spiral_true_boundary(degrees=360 - 180)
+        boundary = make_spiral_true_boundary(degrees=360)   # the degrees of make_spirals
         boundary.shape  # (2000, 2)
     """
     t = np.deg2rad(np.linspace(0, 1.5 * degrees, 1000))

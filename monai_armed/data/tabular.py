@@ -66,6 +66,11 @@ def _resolve_feature_columns(
         feature_columns = [name for name in header if name not in (label_column, cluster_column)]
         if not feature_columns:
             raise ValueError(f"{path}: no feature columns besides {label_column!r} and {cluster_column!r}.")
+    if not feature_columns:
+        raise ValueError(f"{path}: feature_columns is empty; name at least one feature column.")
+    leaking = [c for c in (label_column, cluster_column) if c is not None and c in feature_columns]
+    if leaking:
+        raise ValueError(f"{path}: feature_columns include {leaking}, the label / cluster column(s) of the rows.")
     wanted = [*feature_columns, *(c for c in (label_column, cluster_column) if c is not None)]
     missing = [name for name in wanted if name not in header]
     if missing:

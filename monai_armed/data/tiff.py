@@ -351,6 +351,11 @@ class TiffFileReader(ImageReader):
         name, array, axes = image.filename, image.array, image.axes
         if array.size == 0:
             raise ValueError(f"'{name}' is empty: its image has shape {tuple(array.shape)}.")
+        # tifffile names a length-1 axis of the shape it recorded 'Q' (an (H, W, 1) plane is 'YXQ'): not a plane axis
+        singleton = [i for i, code in enumerate(axes) if code == "Q" and array.shape[i] == 1]
+        if singleton and array.ndim - len(singleton) >= 2:
+            array = np.squeeze(array, axis=tuple(singleton))
+            axes = "".join(code for i, code in enumerate(axes) if i not in singleton)
         dtype = array.dtype.name
         if self.dtypes is not None and dtype not in self.dtypes:
             raise ValueError(f"'{name}' holds {dtype} pixels; allowed dtypes are {', '.join(self.dtypes)}.")

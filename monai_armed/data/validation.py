@@ -70,10 +70,12 @@ def check_label_names(label_names: Sequence[str] | None, source: str) -> list[st
 
 def parse_label(value: Any, where: str, label_names: Sequence[str] | None = None) -> Any:
     """A class label as a class index: a name in ``label_names`` becomes its position, a text integer (a CSV cell
-    ``"1"`` or ``"1.0"``) an ``int``; other numbers are returned as they are.
+    ``"1"`` or ``"1.0"``) an ``int``, and with ``label_names`` a whole number (a JSON ``1.0``) too; other numbers are
+    returned as they are (a regression target).
 
     Raises a ``ValueError`` starting with ``where`` for a bool, a name that is not in ``label_names`` (or any name
-    when there are none: then it says to pass ``label_names``), and an index outside ``label_names``.
+    when there are none: then it says to pass ``label_names``), and, with ``label_names``, a number that is not an
+    index of them.
 
     Example::
 
@@ -100,6 +102,12 @@ def parse_label(value: Any, where: str, label_names: Sequence[str] | None = None
                 f"{where}: label {value!r} is not one of label_names {list(label_names)} nor an integer class index."
             )
         value = int(number)
+    if label_names is not None and isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        if not float(value).is_integer():  # with class names, a number is a class index (a JSON 1.0 included)
+            raise ValueError(
+                f"{where}: label {value!r} is not one of label_names {list(label_names)} nor an integer class index."
+            )
+        value = int(value)
     if label_names is not None and isinstance(value, numbers.Integral) and not 0 <= value < len(label_names):
         raise ValueError(
             f"{where}: label {value} is out of range for label_names {list(label_names)}; "
@@ -386,6 +394,8 @@ def validate_datalist(
         n_classes = len(names)
     if names is not None and n_classes != len(names):
         raise ValueError(f"{source}: n_classes={n_classes} but label_names has {len(names)} names {names}.")
+    if isinstance(sections, str):  # one section's name, not a sequence of one-letter names
+        sections = [sections]
     required = dict(sections) if isinstance(sections, Mapping) else {s: DEFAULT_REQUIRED_KEYS for s in sections}
     problems: list[Exception] = []
     checked: dict[str, list[dict]] = {}
@@ -434,7 +444,8 @@ def _mask_problem(
     except Exception as err:
         return f"{where}: could not read {mask_path} ({_summary(err)}).", False
     spatial = np.squeeze(mask).shape
-    if image_shape is not None and image_shape[-len(spatial) :] != spatial:  # multichannel: the spatial axes
+    # a multichannel image: its spatial axes lead (channel-last, as TiffFileReader loads) or trail (channel-first)
+    if image_shape is not None and spatial not in (image_shape[: len(spatial)], image_shape[-len(spatial) :]):
         return (
             f"{where}: the mask {mask_path} has shape {spatial} (as loaded) but the image {image_path} "
             f"has {image_shape}; a mask must label every pixel of its image."
@@ -464,8 +475,9 @@ def validate_segmentation_datalist(
     """:func:`validate_datalist` for segmentation, where an item's ``label`` is the path of its mask.
 
     Besides the images and clusters (:func:`validate_datalist`), every mask must exist, be readable with ``loader``,
-    have its image's shape and hold class indices ``0..n_classes-1`` only; all problems are reported in one error,
-    each naming the datalist, section, item and both files. Empty masks are allowed (an image without any object,
+    have its image's shape (the spatial axes of a channel-first or channel-last image) and hold class indices
+    ``0..n_classes-1`` only; all problems are reported in one error, each naming the datalist, section, item and both
+    files. Empty masks are allowed (an image without any object,
     where an empty prediction scores Dice 1); a cluster whose masks are all empty is logged as a warning, since it
     teaches the random effects only the background.
 

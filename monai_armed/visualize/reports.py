@@ -62,7 +62,7 @@ def write_tabular_figures(
     Example::
 
         write_tabular_figures(net, indexed_train_datalist, "eval/figures", cluster_names=vocab.clusters,
-                              true_boundary=make_spiral_true_boundary(degrees=180))
+                              true_boundary=make_spiral_true_boundary(degrees=360))
     """
     out = Path(output_dir)
     x = np.stack([np.asarray(d[features_key], dtype=np.float32) for d in datalist])
