@@ -74,8 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--subjects-per-site", type=int, default=48, help="generated subjects per site")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated data set")
     parser.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=JSON", help="other bundle options, e.g. image_size=64 'filters=[8,16]'"
-    )
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=JSON",
+        help="other bundle options, e.g. image_size=64 'filters=[8,16]' (may be repeated)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     root = Path(args.root)
     start = time.perf_counter()
@@ -87,10 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides["subjects_per_site"] = args.subjects_per_site
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    own_options = {"variant": "--variants", "dataset_dir": "--root", "data_seed": "--data-seed",
+                   "subjects_per_site": "--subjects-per-site", "epochs": "--epochs"}  # fmt: skip
     for option in args.set:
         key, sep, value = option.partition("=")
         if not sep:
             parser.error(f"--set takes KEY=JSON pairs such as image_size=64, got {option!r}.")
+        if key in own_options:
+            parser.error(f"--set {key}=... : the quick start sets {key} itself; use {own_options[key]}.")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -8,8 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Print a seen/unseen accuracy table (MSE and R² tables for regression reports) from ``metrics.json`` files written
-by the bundles' cluster-mode report.
+"""Print a seen/unseen table of the headline metric (AUROC, Dice and HD95, accuracy, or MSE and R²) from the
+``metrics.json`` files written by the bundles' cluster-mode report.
 
 Usage: ``python -m monai_armed.report conventional=runs/conventional/eval/metrics.json armed=runs/armed/eval/metrics.json``
 """
@@ -24,9 +24,13 @@ from monai_armed.handlers.cluster_mode_report import format_report_table
 __all__ = ["main"]
 
 
+#: the metrics a table is printed for, by task: the first group with a metric the reports hold is printed
+_HEADLINE_METRICS = (("auroc",), ("dice", "hd95"), ("accuracy",), ("mse", "r2"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Read ``NAME=PATH`` pairs and print one row per model (accuracy per dataset/cluster mode; MSE and R² when the
-    reports hold regression metrics and no accuracy).
+    """Read ``NAME=PATH`` pairs and print one row per model: the AUROC per dataset / cluster mode for binary
+    classifiers, Dice and HD95 for segmentation, accuracy for other classifiers, MSE and R² for regression.
 
     Example::
 
@@ -45,10 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, json.JSONDecodeError) as e:
             print(f"cannot read metrics of {name!r} from {path}: {e}", file=sys.stderr)
             return 1
-    cells = [cell for report in reports.values() for modes in report.values() for cell in modes.values()]
-    regression = not any("accuracy" in c for c in cells) and any("mse" in c for c in cells)
-    for i, metric in enumerate(("mse", "r2") if regression else ("accuracy",)):
-        print(("\n" if i else "") + f"{metric} (seen = test split of the training clusters; unseen = held-out clusters)")
+    cells = [cell for report in reports.values() for modes in report.values() if isinstance(modes, dict)
+             for cell in modes.values() if isinstance(cell, dict)]  # fmt: skip
+    present = {key for cell in cells for key in cell}
+    metrics = next((group for group in _HEADLINE_METRICS if any(m in present for m in group)), None)
+    if metrics is None:
+        print(f"the reports hold none of the metrics {[m for g in _HEADLINE_METRICS for m in g]}; they hold "
+              f"{sorted(present)}.", file=sys.stderr)  # fmt: skip
+        return 1
+    for i, metric in enumerate(metrics):
+        print(("\n" if i else "") + f"{metric} (seen = test split of the training clusters; unseen = held-out "
+              "clusters; train = the training data)")  # fmt: skip
         print(format_report_table(reports, metric))
     return 0
 

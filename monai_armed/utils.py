@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -143,6 +144,8 @@ def csv_cell(value: Any) -> Any:
 
         writer.writerow([csv_cell(v) for v in ("=1+2", "-site", "01", -0.5, 3)])   # '=1+2,'-site,01,-0.5,3
     """
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 0:  # the number (or text) it holds
+        value = value.item()
     if value is None or isinstance(value, numbers.Number):
         return value
     text = str(value)
@@ -172,7 +175,8 @@ def write_json(content: Any, path: str | os.PathLike) -> str:
 
 
 def nan_to_none(value: Any) -> Any:
-    """Replace float NaN (and infinities) by ``None`` in nested dicts and lists, so a report is strict JSON.
+    """Replace float NaN (and infinities) by ``None`` in nested dicts, lists and tuples (numpy floats included), so a
+    report is strict JSON.
 
     Example::
 
@@ -180,9 +184,10 @@ def nan_to_none(value: Any) -> Any:
     """
     if isinstance(value, dict):
         return {k: nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [nan_to_none(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    real = isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)  # numpy floats too
+    return None if real and not math.isfinite(value) else value
 
 
 def meta_schema_path() -> str:
@@ -214,14 +219,15 @@ def _scalar(raw: Any) -> Any:
 
 
 def is_missing_value(raw: Any) -> bool:
-    """Whether ``raw`` stands for a missing value: ``None``, a float NaN, or (stripped) one of ``MISSING_VALUE_TEXTS``.
+    """Whether ``raw`` stands for a missing value: ``None``, a float NaN, pandas' ``NA`` / ``NaT``, or (stripped) one
+    of ``MISSING_VALUE_TEXTS``.
 
     Example::
 
         is_missing_value(" NA "), is_missing_value(float("nan")), is_missing_value("site01")   # True, True, False
     """
     raw = _scalar(raw)
-    if raw is None:
+    if raw is None or type(raw).__name__ in ("NAType", "NaTType"):  # pandas' missing markers, without importing it
         return True
     if isinstance(raw, float):
         return math.isnan(raw)

@@ -237,7 +237,16 @@ class TestClusterIndexd(unittest.TestCase):
         outs = [t(d) for d in ({"x": 1}, {"x": 2, "cluster": "siteB"}, {"x": 3, "cluster": float("nan")}, {"x": 4})]
         self.assertEqual([int(o["cluster"]) for o in outs], [-1, 1, -1, -1])
         self.assertTrue(all(o["cluster"].dtype == torch.int64 for o in outs))
-        self.assertEqual([o.get("cluster_id") for o in outs], [None, "siteB", None, None])
+        self.assertEqual([o.get("cluster_id") for o in outs], ["", "siteB", "", ""])
+        # items with and without a cluster collate into one batch, the raw ids as text
+        from monai.data import DataLoader, Dataset
+
+        index = ClusterIndexd("cluster", ClusterVocabulary(["A", "B"]), missing_as_unseen=True, raw_key_suffix="_id")
+        for order in (["A", None], [None, "A"]):
+            items = [{"cluster": c} if c else {} for c in order]
+            batch = next(iter(DataLoader(Dataset(items, index), batch_size=2)))
+            self.assertEqual(batch["cluster"].tolist(), [0 if c else -1 for c in order])
+            self.assertEqual(batch["cluster_id"], [c or "" for c in order])
         self.assertEqual((t.n_missing, t.n_unseen), (3, 0))
         site = ClusterIndexd("site", self.vocab, output_key="cluster", missing_as_unseen=True)
         self.assertEqual(int(site({"x": 1})["cluster"]), -1)
@@ -247,6 +256,15 @@ class TestClusterIndexd(unittest.TestCase):
         out = t({"cluster": "siteC"})
         self.assertEqual(out["cluster_id"], "siteC")
         self.assertEqual(int(out["cluster"]), 2)
+        numbers = ClusterIndexd("cluster", ClusterVocabulary([3, 7]), raw_key_suffix="_id")
+        self.assertEqual(numbers({"cluster": 7})["cluster_id"], "7")
+
+    def test_pandas_missing_markers_are_missing(self):
+        import pandas as pd
+
+        t = ClusterIndexd("cluster", self.vocab, missing_as_unseen=True)
+        self.assertEqual(int(t({"cluster": pd.NA})["cluster"]), -1)
+        self.assertEqual(int(t({"cluster": pd.Series(["siteA", None], dtype="string").tolist()[1]})["cluster"]), -1)
 
     def test_output_key(self):
         t = ClusterIndexd("site", self.vocab, output_key="cluster")

@@ -164,6 +164,18 @@ def test_three_dimensional_slab(generated, tmp_path):
         CoronalSlice(spatial_dims=1)
 
 
+def test_a_slab_whose_brain_ends_inside_it_keeps_its_planes_in_place():
+    # a 2 mm grid from -40 mm; the brain ends at y = -8 mm, inside the slab of planes y = -14, -12, ..., 0 mm
+    x, y, z = np.meshgrid(*[np.arange(40) * 2.0 - 40] * 3, indexing="ij")
+    volume = ((x**2 + z**2 < 900) & (y <= -8)).astype(np.float32)
+    affine = torch.diag(torch.tensor([2.0, 2, 2, 1]))
+    affine[:3, 3] = -40
+    slab = CoronalSlice((0, -6, 0), spatial_size=16, spatial_dims=3, num_slices=8, min_size=4)(
+        MetaTensor(torch.from_numpy(volume)[None], affine=affine)
+    )
+    assert [bool((slab[0, ..., k] > 0).any()) for k in range(8)] == [True] * 4 + [False] * 4
+
+
 def test_truncated_nifti_names_the_file(generated, tmp_path):
     good = tmp_path / "good.nii.gz"
     nib.save(generated, good)

@@ -53,3 +53,24 @@ def test_quickstart_reports_a_failed_run_with_its_log(root, capsys):
     log = root / "no_such_variant" / "train.log"
     assert "the bundle run failed" in err and str(log) in err
     assert "unknown ARMED variant 'no_such_variant'" in log.read_text()
+
+
+def test_repeated_set_options_all_reach_the_bundle_and_its_own_options_are_refused(tmp_path, monkeypatch, capsys):
+    import monai_armed.quickstart as quickstart
+
+    seen = []
+
+    def run_bundle(bundle, run_root, log_file, **overrides):
+        seen.append(overrides)
+        (run_root / "eval").mkdir(parents=True)
+        (run_root / "eval" / "metrics.json").write_text("{}")
+
+    monkeypatch.setattr(quickstart, "ensure_mri_dataset", lambda *args, **kwargs: None)
+    monkeypatch.setattr(quickstart, "run_bundle", run_bundle)
+    monkeypatch.setattr(quickstart, "format_report_table", lambda *args, **kwargs: "")
+    argv = ["--root", str(tmp_path), "--variants", "armed", "--set", "image_size=32", "--set", "filters=[8,16]"]
+    assert main(argv) == 0
+    assert seen[0]["image_size"] == 32 and seen[0]["filters"] == [8, 16] and seen[0]["variant"] == "armed"
+    with pytest.raises(SystemExit):
+        main(["--root", str(tmp_path), "--set", "variant=armed"])
+    assert "the quick start sets variant itself; use --variants" in capsys.readouterr().err

@@ -305,6 +305,15 @@ def test_csv_cell_keeps_numbers_as_numbers(number):
     assert csv_cell(number) is number
 
 
+def test_csv_cell_and_nan_to_none_read_zero_dimensional_arrays_tuples_and_numpy_floats():
+    from monai_armed.utils import nan_to_none
+
+    assert csv_cell(np.array(-1.0)) == -1.0 and csv_cell(torch.tensor(-0.5)) == -0.5
+    assert csv_cell(np.array("=a")) == "'=a"
+    report = nan_to_none({"ci": (0.5, float("nan")), "auroc": np.float32("nan"), "f": [np.float64("inf"), 2]})
+    assert report == {"ci": [0.5, None], "auroc": None, "f": [None, 2]}
+
+
 def test_save_predictions_csv_escapes_text_cells_and_keeps_numbers(tmp_path):
     datalist = [
         {"image": '=HYPERLINK("http://evil","x")', "subject": -3, "cluster": "+1"},

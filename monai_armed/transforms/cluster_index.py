@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -81,7 +82,7 @@ class ClusterVocabulary:
         names = [cluster_id(c, f"cluster vocabulary entry {i}") for i, c in enumerate(clusters)]
         if not names:
             raise ValueError("a cluster vocabulary needs at least one cluster.")
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
         if duplicates:
             raise ValueError(f"duplicate cluster ids in vocabulary: {duplicates}.")
         self.clusters = names
@@ -259,7 +260,8 @@ class ClusterIndexd(MapTransform):
     ``key -> vocabulary`` (e.g. :class:`ClusterVocabularies`); a single vocabulary serves every key. Every distinct
     unknown id of a key is logged once (a warning: those samples get a zero random effect for that factor only, or the
     Z-predictor's inferred membership; the warning names a vocabulary id that writes the same number differently, such
-    as ``"03"`` for ``"3"``); ``n_unseen`` counts the unseen ids over all keys, ``n_unseen_by_key`` per key. A missing
+    as ``"03"`` for ``"3"``); ``n_unseen`` counts the unseen ids over all keys, ``n_unseen_by_key`` per key (the
+    calls in this process: data-loader workers count on their own copies, and a cached dataset counts once). A missing
     key raises a ``KeyError`` naming it, and a missing value (``None``, NaN, empty) a ``ValueError``, unless
     ``missing_as_unseen`` (or ``allow_missing_keys``, which skips the key: then a batch that mixes items with and
     without it cannot be collated).
@@ -270,7 +272,8 @@ class ClusterIndexd(MapTransform):
             ``key -> vocabulary`` (:class:`ClusterVocabularies`, or a dict of vocabularies or paths) with an entry for
             every key; a path to a file saved by :meth:`ClusterVocabularies.save` reads as that mapping.
         output_key: where to write the index (default: replace the raw id in place); only with a single key.
-        raw_key_suffix: if set, keep the raw id under ``key + raw_key_suffix`` (e.g. ``"_id"``).
+        raw_key_suffix: if set, keep the raw id, as the text the vocabulary compares (``3`` becomes ``"3"``), under
+            ``key + raw_key_suffix`` (e.g. ``"_id"``); an item without one (``missing_as_unseen``) gets ``""``.
         allow_missing_keys: skip samples without the key instead of raising.
         missing_as_unseen: give an item without a cluster id (no key, or a missing value) the index ``-1``, like an
             unseen cluster, so a batch may mix items with and without one (inference). ``ARMEDEvaluator``'s
@@ -327,14 +330,15 @@ class ClusterIndexd(MapTransform):
         for key in keys:
             if self.missing_as_unseen and (key not in d or is_missing_value(d[key])):
                 self._report_missing(key)
-                index = -1
+                index, name = -1, ""
             else:
                 raw = d[key]
-                index = self._vocabularies[key].index(cluster_id(raw, f"key {key!r}"))
+                name = cluster_id(raw, f"key {key!r}")
+                index = self._vocabularies[key].index(name)
                 if index < 0:
                     self._report_unseen(key, raw)
-                if self.raw_key_suffix:
-                    d[f"{key}{self.raw_key_suffix}"] = raw
+            if self.raw_key_suffix:  # text for every item, so that a batch of them collates
+                d[f"{key}{self.raw_key_suffix}"] = name
             d[self.output_key or key] = torch.tensor(index, dtype=torch.int64)
         return d
 

@@ -36,6 +36,7 @@ from monai.transforms import (
     SpatialResample,
     Transform,
 )
+from monai.transforms.utils import generate_spatial_bounding_box
 from monai.utils import TransformBackends, ensure_tuple_rep
 from nibabel.affines import obliquity
 
@@ -254,6 +255,7 @@ class CoronalSlice(Transform):
         self.mode = mode or ("bilinear" if spatial_dims == 2 else "trilinear")
         self.orient = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
         self.resample = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)
+        self.margin = margin
         self.crop = CropForeground(margin=margin, allow_smaller=True)
         self.scale = ScaleIntensityRangePercentiles(lower, upper, b_min=0.0, b_max=1.0, clip=True)
         self._checked: set[str] = set()  # file names already checked for MNI152 space
@@ -275,7 +277,11 @@ class CoronalSlice(Transform):
                 f"{where}: the coronal slice through y = {self.world_coordinate[1]} mm has no positive voxel; "
                 "expected a skull-stripped brain image with the brain at that position."
             )
-        cropped = self.crop(planes)
+        if self.spatial_dims == 3:  # in plane only: the slab keeps its planes at their coordinates
+            start, end = generate_spatial_bounding_box(planes.amax(-1), margin=self.margin, allow_smaller=True)
+            cropped = planes[:, start[0] : end[0], start[1] : end[1]]
+        else:
+            cropped = self.crop(planes)
         height, width = cropped.shape[1:3]
         if max(height, width) < self.min_size:
             raise ValueError(
