@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from monai.bundle import ConfigWorkflow
+from cli import json_output, name_list, seed_list  # noqa: E402
 from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from monai_armed.utils import write_json
@@ -30,21 +31,32 @@ from monai_armed.utils import write_json
 __all__ = ["benchmark_parser", "bundle_wall_seconds", "parse_benchmark_args", "run_benchmark", "run_train_config"]
 
 WALL_FILE = "benchmark_wall_seconds.json"
+SETTINGS_FILE = "benchmark_settings.json"
 
 
 def run_train_config(configs: Path, root: Path, run: Sequence[str], **overrides: Any) -> dict:
     """Run ``configs/train.json`` with ``run`` expressions in ``root``; returns ``root/eval/metrics.json``.
 
-    A model whose ``metrics.json`` already exists is not trained again (benchmarks resume after an interruption);
-    the wall time of the run is kept beside it (:func:`bundle_wall_seconds`).
+    A model whose ``metrics.json`` already exists is not trained again (benchmarks resume after an interruption) when
+    it was trained with the same ``run`` and ``overrides``, which are recorded beside it; a run with other settings,
+    or without a record, is refused (a cached model of other settings or other data would enter the table silently).
+    The wall time of the run is kept beside it too (:func:`bundle_wall_seconds`).
 
     Example::
 
         metrics = run_train_config(CONFIGS, Path("out/seed0/armed"), ["$@train#trainer.run()", "$@report.run()"],
                                    variant="armed", seed=0)
     """
-    metrics_file = root / "eval" / "metrics.json"
+    metrics_file, settings_file = root / "eval" / "metrics.json", root / "eval" / SETTINGS_FILE
+    settings = json.loads(json.dumps({"run": list(run), **overrides}, sort_keys=True, default=str))
     if metrics_file.exists():
+        recorded = json.loads(settings_file.read_text()) if settings_file.exists() else None
+        if recorded != settings:
+            changed = sorted(k for k in {*settings, *(recorded or {})} if (recorded or {}).get(k) != settings.get(k))
+            raise RuntimeError(
+                f"{root} holds a trained model of other settings ({'no record of them' if recorded is None else changed}"
+                "); delete that folder or choose another --work-dir."
+            )
         return json.loads(metrics_file.read_text())
     start = time.perf_counter()
     workflow = ConfigWorkflow(
@@ -60,6 +72,7 @@ def run_train_config(configs: Path, root: Path, run: Sequence[str], **overrides:
     workflow.run()
     workflow.finalize()
     write_json({"seconds": time.perf_counter() - start}, root / "eval" / WALL_FILE)
+    write_json(settings, settings_file)
     return json.loads(metrics_file.read_text())
 
 
@@ -104,9 +117,9 @@ def benchmark_parser(
         parser = benchmark_parser(__doc__, MODELS, "0,1,2", ROOT / "benchmarks/out/mri_sites", "mri-sites")
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, required=True, help="output JSON")
-    parser.add_argument("--seeds", default=seeds, type=lambda t: [int(v) for v in t.split(",")])
-    parser.add_argument("--models", default=",".join(models), type=lambda t: t.split(","))
+    parser.add_argument("--json", type=json_output, required=True, help="output JSON")
+    parser.add_argument("--seeds", default=seeds, type=seed_list)
+    parser.add_argument("--models", default=",".join(models), type=name_list)
     parser.add_argument("--work-dir", type=Path, default=work_dir)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust timings on a shared CPU)")
     parser.add_argument("--section", default=section)

@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Events
+from cli import json_output, positive_int  # noqa: E402
 from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from monai_armed.data import TensorBatchLoader
@@ -318,10 +319,10 @@ def render_section(results: dict) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", required=True, help="output JSON path")
+    parser.add_argument("--json", type=json_output, required=True, help="output JSON path")
     parser.add_argument("--levels", default="10,10000,100000,1000000",
                         type=lambda t: [int(float(v)) for v in t.split(",") if v.strip()])
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each round's timed ones")
     parser.add_argument("--batch-size", type=int, default=256)

@@ -43,6 +43,7 @@ from monai.data import CacheDataset, ThreadDataLoader
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from monai.transforms import RandFlipd
+from cli import json_output, positive_int  # noqa: E402
 from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from monai_armed.engines import ARMEDTrainer, PrepareBatchCluster
@@ -225,14 +226,14 @@ def render_section(results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--json", type=json_output, required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default="bf16")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--size", type=int, default=96, help="image side (the bundles train on 96 x 96)")
     parser.add_argument("--images", type=int, default=2048, help="synthetic images per candidate and epoch")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help=f"subset of {', '.join(CANDIDATES)}")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the code path, not the speed")
     parser.add_argument("--section", default="gpu-throughput")
@@ -248,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error("--amp needs a CUDA device (the trainers' autocast is CUDA's).")
     if args.smoke:
         args.batch_size, args.size, args.images, args.repeats = 4, 64, 8, 1
+    if args.images < args.batch_size:
+        parser.error(f"--images {args.images} is fewer than one batch of --batch-size {args.batch_size}.")
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
     results = measure(args)

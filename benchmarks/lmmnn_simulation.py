@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from cli import json_output  # noqa: E402
 from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from monai_armed.apps import fit_formula
@@ -241,7 +242,7 @@ def _floats(text: str) -> list[float]:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", required=True, help="output JSON path")
+    parser.add_argument("--json", type=json_output, required=True, help="output JSON path")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--q", default="100,1000,10000", type=lambda t: [int(float(v)) for v in _floats(t)])
     parser.add_argument("--sigma2-b", default="0.1,1,10", type=_floats)

@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import KFold
 
+from cli import json_output  # noqa: E402
 from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from monai_armed.apps import fit_formula, format_varcorr, formula_scores, read_formula_csv
@@ -167,6 +168,10 @@ def render_section(result: dict) -> str:
         lines.append(f"| {label} | {row[field]:.4g} | {others[0]} | {others[1]} |")
     folds = f"; {len(result['folds'])}-fold test MSE {result['test_mse_mean']:.4g}" if "test_mse_mean" in result else ""
     lines.append(f"\nFit time {result['fit_seconds']:.2f} s{folds}.")
+    if "error" in lme4:
+        lines.append(f"\nlme4 was asked for but failed ({lme4['error']}): its columns are empty.")
+    elif "lme4" in result and not lme4:
+        lines.append("\nlme4 was asked for but Rscript was not found: its columns are empty.")
     return "\n".join(lines)
 
 
@@ -183,6 +188,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             break
     if args.folds is not None and args.folds < 2:
         parser.error(f"--folds must be at least 2, got {args.folds}.")
+    if args.compare_lme4 and shutil.which("Rscript") is None:
+        parser.error("--compare-lme4 needs Rscript with lme4 (apt-get install r-cran-lme4), which is not installed.")
     if args.compare_lme4 and args.weights:
         parser.error(
             "--compare-lme4 with --weights: these weights multiply each row's log-likelihood (frequency weights), "
@@ -208,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compare-lme4", action="store_true")
-    parser.add_argument("--json", required=True)
+    parser.add_argument("--json", type=json_output, required=True)
     parser.add_argument("--section", default=None, help="also write this section of benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     check_arguments(parser, args)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigWorkflow
 from mri_sites import CONFIGS, RESULTS_MD, ROOT, log  # noqa: E402  (benchmarks/ is on sys.path as a script)
+from cli import json_output, seed_list  # noqa: E402
 from results_md import replace_section  # noqa: E402
 from sklearn.metrics import roc_auc_score
 
@@ -125,8 +126,8 @@ def render_section(results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, required=True)
-    parser.add_argument("--seeds", default="0,1,2", type=lambda t: [int(v) for v in t.split(",")])
+    parser.add_argument("--json", type=json_output, required=True)
+    parser.add_argument("--seeds", default="0,1,2", type=seed_list)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / "out" / "mri_site_headroom")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-results-md", action="store_true")

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from monai.utils import CommonKeys
 from bundle_runner import interleaved_step_seconds  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from cli import json_output, positive_int  # noqa: E402
 from results_md import replace_section  # noqa: E402
 from spirals import BATCH_SIZE, EPOCHS, KL_WEIGHT, MODELS, N_CLUSTERS, adam, build_model, fold_splits, make_data, subset
 
@@ -319,9 +320,9 @@ def render_section(results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--json", type=json_output, required=True)
     parser.add_argument("--seed", type=int, default=283, help="model seed (the authors' notebook's)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--mri", action="store_true", help="also time the MRI bundle's CNN step")
     parser.add_argument("--section", default="overhead")
     parser.add_argument("--no-results-md", action="store_true")

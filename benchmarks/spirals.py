@@ -51,6 +51,7 @@ from monai_armed.engines import MLDG_DEFAULTS, ARMEDEvaluator, ARMEDTrainer, Pre
 from monai_armed.metrics import mean_ci95, predicted_class
 from monai_armed.networks import ClusterAdversary, MixedEffectsMLP, ZPredictor, variant_loss_weights
 from monai_armed.utils import write_json
+from cli import json_output, name_list, seed_list  # noqa: E402
 from results_md import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 DEVICE = torch.device("cpu")
@@ -431,10 +432,10 @@ def print_table(results: dict) -> None:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--json", required=True, type=Path, help="output JSON file")
+    parser.add_argument("--json", required=True, type=json_output, help="output JSON file")
     parser.add_argument("--folds", type=int, default=N_SPLITS, help="run the first N of the 10 folds (default 10)")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
-    parser.add_argument("--seeds", default=str(MODEL_SEED), help="comma-separated model seeds (default 283)")
+    parser.add_argument("--models", default=",".join(MODELS), type=name_list, help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--seeds", default=str(MODEL_SEED), type=seed_list, help="comma-separated model seeds (default 283)")
     parser.add_argument(
         "--unseen-clusters", type=int, default=N_CLUSTERS, help="leave out each of the first N clusters (default 10)"
     )
@@ -444,7 +445,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--section", default=None, help=f"name of the {RESULTS_MD.name} section to rewrite")
     parser.add_argument("--no-results-md", action="store_true", help=f"do not rewrite {RESULTS_MD.name}")
     args = parser.parse_args(argv)
-    args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}.")
@@ -452,7 +452,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"--folds must be in 1..{N_SPLITS}.")
     if not 0 <= args.unseen_clusters <= N_CLUSTERS:
         parser.error(f"--unseen-clusters must be in 0..{N_CLUSTERS}.")
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     return args
 
 

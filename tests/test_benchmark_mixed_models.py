@@ -57,7 +57,7 @@ def test_mixed_models_benchmark_refuses_options_that_would_fail_after_the_fit(tm
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
     base = [sys.executable, str(SCRIPT), "--csv", str(csv), "--formula", "y ~ 1 + (1 | g)", "--threads", "1"]
     for extra, message in (
-        (["--json", str(csv)], "is the input CSV"),
+        (["--json", str(csv)], "the JSON output must be a .json file"),
         (["--json", str(tmp_path / "out.json"), "--folds", "1"], "--folds must be at least 2"),
         (["--json", str(tmp_path / "out.json"), "--folds", "7"], "more than the 6 rows"),
         (["--json", str(tmp_path / "out.json"), "--weights", "w", "--compare-lme4"], "precision weights"),
@@ -66,6 +66,10 @@ def test_mixed_models_benchmark_refuses_options_that_would_fail_after_the_fit(tm
         run = subprocess.run(base + extra, capture_output=True, text=True, timeout=120, env=env)
         assert run.returncode == 2 and message in run.stderr, (extra, run.stderr[-500:])
         assert csv.read_bytes() == original
+    without_r = {**env, "PATH": str(tmp_path)}  # no Rscript: refused before the fit, not an empty lme4 column after
+    run = subprocess.run(base + ["--json", str(tmp_path / "out.json"), "--compare-lme4"], capture_output=True,
+                         text=True, timeout=120, env=without_r)  # fmt: skip
+    assert run.returncode == 2 and "--compare-lme4 needs Rscript" in run.stderr, run.stderr[-500:]
     assert not (tmp_path / "out.json").exists()
 
 
