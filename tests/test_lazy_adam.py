@@ -80,6 +80,31 @@ def test_sparse_random_effects_train_with_lazy_adam():
     assert changed == [3, 17]
 
 
+@pytest.mark.parametrize("covariance", ["diagonal", "full"])
+def test_unseen_rows_of_a_sparse_table_touch_no_level(covariance):
+    # a -1 row was gathered as level 0 (then zeroed): the sparse gradient listed level 0, and LazyAdam stepped it
+    torch.manual_seed(0)
+    re = RandomEffects(5, 2, covariance=covariance, level_counts=torch.full((5,), 4.0), sparse=True)
+    optimizer = LazyAdam(re.parameters(), lr=0.1)
+    index = torch.tensor([3, -1, 3, -1])
+    design = torch.ones(4, 2)
+    for train in (True, False):
+        re.train(train)
+        optimizer.zero_grad()
+        mean, var = re.linear_predictor(index, design)
+        effects = re(index)
+        assert effects[[1, 3]].abs().sum() == 0 and mean[1] == 0 and var[3] == 0
+        (effects.sum() + mean.sum() + var.sum() + re.kl_divergence(index)).backward()
+        for table in (re.loc, re.rho) + ((re.tril,) if covariance == "full" else ()):
+            assert table.grad.coalesce().indices().unique().tolist() == [3]
+    before = re.loc.detach().clone()
+    optimizer.step()
+    assert (re.loc.detach() != before).any(1).nonzero().flatten().tolist() == [3]
+    assert optimizer.state[re.loc]["step"].tolist() == [0, 0, 0, 1, 0]
+    with torch.no_grad():  # a batch of unseen rows alone: zero effects and KL, nothing gathered
+        assert re(torch.tensor([-1, -1])).abs().sum() == 0 and re.kl_divergence(torch.tensor([-1])) == 0
+
+
 def test_a_zeroed_sparse_gradient_is_a_no_op():
     table = torch.nn.Parameter(torch.randn(4, 3))
     optimizer = LazyAdam([table], lr=0.1)

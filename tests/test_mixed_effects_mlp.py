@@ -330,6 +330,8 @@ class TestUtils(unittest.TestCase):
         self.assertEqual(len(ic["posterior_mean"][0]), 1)
         torch.testing.assert_close(torch.tensor(ic["spread"]), means["intercept"].std(0))
         self.assertIsInstance(sh["spread"][0], float)
+        with self.assertRaisesRegex(ValueError, "the network has 4 clusters but 3 cluster_names"):
+            random_effects_summary(net, names[:3])  # another run's vocabulary would label the rows wrongly
 
     def test_random_effects_summary_default_names_and_none(self):
         summary = random_effects_summary(_net())

@@ -92,6 +92,9 @@ class TestRandomEffectsForward(unittest.TestCase):
         loc = re.loc.detach()
         torch.testing.assert_close(out[0], (loc[0] + loc[1]) / 2)
         self.assertTrue(torch.equal(out[1], torch.zeros(3)))
+        for row in ([1.0, 1.0, 0.0, 0.0], [-1.0, 2.0, 0.0, 0.0], [float("nan"), 0.0, 1.0, 0.0]):
+            with self.assertRaisesRegex(ValueError, "soft cluster membership row 0 is .* expected probabilities"):
+                re(torch.tensor([row]))
 
     def test_soft_zero_row_in_train(self):
         re = _re(4, 3).train()
@@ -139,6 +142,7 @@ class TestRandomEffectsInit(unittest.TestCase):
             ({"n_clusters": 0}, "n_clusters"),
             ({"units": 0}, "units"),
             ({"prior_scale": 0.0}, "prior_scale"),
+            ({"prior_scale": float("nan")}, "prior_scale must be > 0 \\(not NaN\\)"),
             ({"post_scale_init_min": -0.1}, "post_scale_init_min"),
             ({"kl_estimator": "exact"}, "kl_estimator"),
         ]

@@ -144,7 +144,10 @@ def random_effects_summary(
 
     ``variance_components`` holds the prior (co)variances as lme4's ``VarCorr`` rows (the network's own
     ``variance_components()`` when it has one, e.g. ``MixedModelNet`` by factor, else one group per layer), with the
-    residual row of a Gaussian ``family`` last.
+    residual row of a Gaussian ``family`` last. They are estimates only where the prior scales are learned
+    (``learn_prior_scale=True``, as ``MixedModelNet`` does); with a fixed prior (the default of ``MixedEffectsMLP`` and
+    the image networks) they repeat the chosen ``prior_scale``, and each group's ``spread`` (the across-cluster s.d.
+    of the posterior means) says how much the clusters differ.
 
     A network of several grouping factors (``MixedModelNet``) has one group per factor, named by the factor, and
     ``cluster_names`` is then a mapping ``factor -> names`` (e.g. a ``ClusterVocabularies``); each group carries its
@@ -176,6 +179,8 @@ def random_effects_summary(
             raise ValueError("cluster_names per factor (a mapping) are for a network of several grouping factors.")
         n_clusters = next(iter(layers.values())).n_clusters if layers else int(getattr(network, "n_clusters", 0))
         names = list(cluster_names) if cluster_names is not None else [str(i) for i in range(n_clusters)]
+        if layers and len(names) != n_clusters:  # names of another run's vocabulary would label the rows wrongly
+            raise ValueError(f"the network has {n_clusters} clusters but {len(names)} cluster_names.")
     summary: dict = {"clusters": names, "groups": {}, "variance_components": _variance_components(network, family)}
     for name, (m, cols) in groups.items():
         with torch.no_grad():

@@ -114,6 +114,6 @@ class ClusterAdversary(nn.Module):
         if x.shape[1] != self.in_features:
             raise ValueError(
                 f"ClusterAdversary expected {self.in_features} concatenated features, got {x.shape[1]} "
-                f"(from shapes {[tuple(f.shape) for f in features]})."
+                f"(from shapes {[tuple(f.shape) for f in ([features] if isinstance(features, torch.Tensor) else features)]})."
             )
         return self.out(self.hidden(self.input_norm(x) if self.input_norm is not None else x))

@@ -96,6 +96,24 @@ def _per_unit(value: float | Sequence[float], units: int, name: str) -> torch.Te
     return tensor
 
 
+def _check_membership(membership: torch.Tensor) -> None:
+    """Soft memberships are probabilities: finite, >= 0, each row summing to 1 (or all 0: no cluster)."""
+    totals = membership.sum(1)
+    bad = ~torch.isfinite(membership).all(1) | (membership < 0).any(1)
+    bad |= ((totals - 1).abs() > 1e-3) & (totals.abs() > 1e-3)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(
+            f"soft cluster membership row {row} is {membership[row].tolist()}; expected probabilities (finite, >= 0, "
+            "summing to 1, or all 0 for no cluster), e.g. a Z-predictor's softmax."
+        )
+
+
+def _seen_positions(index: torch.Tensor) -> torch.Tensor:
+    """Positions of the rows of seen levels (``index >= 0``) in a batch of cluster indices."""
+    return (index >= 0).nonzero().squeeze(1)
+
+
 class RandomEffects(nn.Module):
     """Per-cluster Bayesian random effects of one grouping factor: a Gaussian posterior per level over ``units`` values.
 
@@ -118,7 +136,8 @@ class RandomEffects(nn.Module):
           (fixed effects only). The cost is ``O(B * units)`` (``O(B * units^2)`` with full covariance) whatever the
           number of clusters.
         - a float tensor ``(B, n_clusters)`` of soft memberships (rows sum to 1, e.g. from a Z-predictor): the
-          membership-weighted mean of the clusters' effects. An all-zero row gives a zero effect.
+          membership-weighted mean of the clusters' effects. An all-zero row gives a zero effect. Other rows
+          (negative, NaN, or not summing to 1) raise a ``ValueError`` on checked batches.
 
     In training mode the output is a posterior draw (reparameterised, so gradients reach the posterior); in
     evaluation mode it is the posterior mean. With index input, ``sample_per_row=True`` (default) draws independent
@@ -130,9 +149,10 @@ class RandomEffects(nn.Module):
     :class:`~monai_armed.optimizers.LazyAdam` a step then touches only the levels in its batch, so a million levels
     cost memory, not time.
 
-    The posterior scales are initialised uniformly in ``[post_scale_init_min, post_scale_init_min +
-    post_scale_init_range]`` as the paper intends. ``reference_scale_init=True`` reproduces the authors' code, which
-    sums two inverse-softplus values and so starts the scales in about ``[0.003, 0.05]`` for the defaults.
+    The posterior scales are initialised in ``[post_scale_init_min, post_scale_init_min + post_scale_init_range]`` as
+    the paper intends (uniformly in their inverse softplus, so a little more of them lie in the lower half).
+    ``reference_scale_init=True`` reproduces the authors' code, which sums two inverse-softplus values and so starts
+    the scales in about ``[0.003, 0.05]`` for the defaults.
 
     Args:
         n_clusters: number of seen clusters (levels) ``C``.
@@ -185,9 +205,9 @@ class RandomEffects(nn.Module):
             raise ValueError(f"n_clusters and units must be >= 1, got n_clusters={n_clusters}, units={units}.")
         prior = _per_unit(prior_scale, units, "prior_scale")
         loc_init = _per_unit(post_loc_init_scale, units, "post_loc_init_scale")
-        if bool((prior <= 0).any()) or post_scale_init_min <= _MIN_SCALE or post_scale_init_range < 0:
+        if not bool((prior > 0).all()) or post_scale_init_min <= _MIN_SCALE or post_scale_init_range < 0:
             raise ValueError(
-                f"prior_scale must be > 0, post_scale_init_min > {_MIN_SCALE} (the posterior's smallest scale) and "
+                f"prior_scale must be > 0 (not NaN), post_scale_init_min > {_MIN_SCALE} (the posterior's smallest scale) and "
                 "post_scale_init_range >= 0."
             )
         if kl_estimator not in ("analytic", "mc"):
@@ -283,6 +303,8 @@ class RandomEffects(nn.Module):
         return self._lookup(cluster)
 
     def _gather(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        # sparse tables see only seen levels (see _seen_positions): a clamped -1 row would list level 0 in the
+        # sparse gradient, with zeros, and LazyAdam steps every row a sparse gradient lists
         return F.embedding(index, table, sparse=True) if self.sparse else table[index]
 
     def _safe_index(self, index: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -304,6 +326,10 @@ class RandomEffects(nn.Module):
         if index.dim() == 1 and index.numel() == 0:
             return self.loc.new_zeros(0, self.units)
         safe, unseen = self._safe_index(index)
+        if unseen and self.sparse and not torch.jit.is_scripting():
+            rows = _seen_positions(index)
+            seen = self._checked_effects(index[rows], index[rows])
+            return seen.new_zeros(index.shape[0], self.units).index_copy(0, rows, seen)
         effects = self._effects(safe) if torch.jit.is_scripting() else self._checked_effects(index, safe)
         if unseen:
             effects = effects * (index >= 0).unsqueeze(1).to(effects.dtype)
@@ -336,6 +362,9 @@ class RandomEffects(nn.Module):
             raise ValueError(
                 f"soft cluster membership must have shape (batch, {self.n_clusters}), got {shape_str(membership)}."
             )
+        if not torch.jit.is_scripting():  # a condition of its own: TorchScript then skips the block
+            if batch_checks_enabled():
+                _check_membership(membership)
         effects = self._draw() if self.training else self.loc
         return membership.to(effects.dtype) @ effects
 
@@ -358,6 +387,11 @@ class RandomEffects(nn.Module):
         if design.dim() != 2 or design.shape != (cluster.shape[0], self.units):
             raise ValueError(f"design must have shape ({cluster.shape[0]}, {self.units}), got {shape_str(design)}.")
         safe, unseen = self._safe_index(cluster)
+        if unseen and self.sparse and not torch.jit.is_scripting():
+            rows = _seen_positions(cluster)
+            mean, var = self.linear_predictor(cluster[rows], design[rows])
+            zeros = mean.new_zeros(cluster.shape[0])
+            return zeros.index_copy(0, rows, mean), zeros.index_copy(0, rows, var)
         mean = (self._gather(self.loc, safe) * design).sum(1)
         if self.covariance == "diagonal":
             var = ((F.softplus(self._gather(self.rho, safe)) + 1e-5) * design).pow(2).sum(1)
@@ -391,8 +425,13 @@ class RandomEffects(nn.Module):
         if cluster.numel() == 0:
             return self.loc.new_zeros(())
         safe, unseen = self._safe_index(cluster)
-        per_row = self._analytic_kl(self._gather(self.loc, safe), safe) / self.level_counts[safe]
         rows: torch.Tensor | int = cluster.shape[0]
+        if unseen and self.sparse and not torch.jit.is_scripting():
+            safe = cluster[_seen_positions(cluster)]
+            if safe.numel() == 0:
+                return self.loc.new_zeros(())
+            rows, unseen = safe.shape[0], False
+        per_row = self._analytic_kl(self._gather(self.loc, safe), safe) / self.level_counts[safe]
         if unseen:
             # N counts the rows of seen levels, so the mean runs over the batch's seen rows (a tensor: no host read)
             seen = (cluster >= 0).to(per_row.dtype)
