@@ -23,7 +23,7 @@ from ignite.engine import Events
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from monai_armed.engines import ARMEDForward, ARMEDTrainer, PrepareBatchCluster, armed_ddp, unwrap_armed
+from monai_armed.engines import ARMEDEvaluator, ARMEDForward, ARMEDTrainer, PrepareBatchCluster, armed_ddp, unwrap_armed
 from monai_armed.networks import ClusterAdversary, MixedEffectsMLP
 from tests.test_engines import N_CLUSTERS, _problem
 
@@ -78,11 +78,26 @@ def _train(world_size: int, rank: int, adversary_update: str, accumulation_steps
     return {"losses": torch.tensor(losses), "network": flat[0], "adversary": flat[1], "sampler_epoch": sampler.epoch}
 
 
+def _sharded_regression_mse(rank: int) -> float:
+    """The validation MSE of a zero prediction where rank 0 holds the labels [1, 1] and rank 1 [3, 3] (each its shard,
+    as a DistributedSampler splits a validation set): 5.0 over the whole set."""
+    net = MixedEffectsMLP(2, 1, n_clusters=N_CLUSTERS)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    label = torch.full((2,), 1.0 + 2 * rank)
+    batch = {"features": torch.zeros(2, 2), "label": label, "cluster": torch.tensor([0, 1])}
+    evaluator = ARMEDEvaluator("cpu", [batch], net, prepare_batch=PrepareBatchCluster("features"), task="regression")
+    evaluator.run()
+    return float(evaluator.state.metrics["mse"])
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (and the ranks share 2 cores)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     try:
         results = {config: _train(WORLD_SIZE, rank, *config) for config in CONFIGS}
+        results["regression_mse"] = _sharded_regression_mse(rank)
     finally:
         dist.destroy_process_group()
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -114,6 +129,9 @@ class TestDDPMatchesSingleProcess(unittest.TestCase):
             # fork: the workers inherit the imported modules instead of importing torch, MONAI and sklearn again
             mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD_SIZE, join=True, start_method="fork")
             cls.ranks = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+
+    def test_regression_metrics_cover_every_ranks_shard(self):
+        self.assertEqual([rank["regression_mse"] for rank in self.ranks], [5.0, 5.0])
 
     def test_loss_curves_match(self):
         for config in CONFIGS:

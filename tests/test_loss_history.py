@@ -113,6 +113,26 @@ class TestLossHistory(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, r"cannot resume from .*loss_history.json: expected JSON with"):
                 broken.run(OUTPUTS[3:], max_epochs=3, epoch_length=3)
 
+    def test_the_same_handler_on_a_run_restored_to_an_earlier_epoch_replaces_those_epochs(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "loss_history.json"
+            history = LossHistory(path)
+            first = _engine()
+            history.attach(first)
+            first.run(OUTPUTS[:3] * 3, max_epochs=3, epoch_length=3)  # epochs 1-3, loss 2 each
+            resumed = _engine()
+            history.attach(resumed)
+
+            @resumed.on(Events.STARTED)
+            def _restore(engine):  # restored from the epoch-2 checkpoint, in the same process
+                engine.state.epoch = 2
+                engine.state.iteration = 6
+
+            resumed.run(OUTPUTS[3:] * 2, max_epochs=4, epoch_length=3)
+            self.assertEqual(history.history["epoch"], [1, 2, 3, 4])
+            self.assertEqual(history.history["loss"], [2.0, 2.0, 5.0, 5.0])
+            self.assertEqual(json.loads(path.read_text())["epoch"], [1, 2, 3, 4])
+
     def test_armed_trainer_parts_are_recorded(self):
         x, y, c = _problem(32, seed=1)
         torch.manual_seed(0)

@@ -122,8 +122,14 @@ def test_same_seed_is_deterministic():
         (9, torch.tensor([0, 1] * 5), "same length, got 10, 9 and 10"),
         (10, torch.zeros(10, dtype=torch.long), "MLDG needs at least 2 clusters"),
         (10, torch.tensor([0, 1, -1, 0, 1, 0, 1, 0, 1, 0]), r"unseen \(-1\) clusters cannot be used for training"),
+        (10, torch.tensor([0.2, 0.7] * 5), "fractional values"),
     ],
 )
 def test_bad_inputs_raise(n_labels, clusters, message):
     with pytest.raises(ValueError, match=message):
         train_mldg(_mlp(), torch.randn(10, 2), torch.zeros(n_labels), clusters, epochs=1)
+
+
+def test_a_cluster_batch_of_zero_is_refused():
+    with pytest.raises(ValueError, match="cluster_batch_size must be >= 1"):
+        train_mldg(_mlp(), torch.randn(10, 2), torch.zeros(10), torch.tensor([0, 1] * 5), cluster_batch_size=0)

@@ -17,12 +17,15 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
+from monai.networks.utils import eval_mode
 from monai.utils import CommonKeys as Keys
-from monai.utils import IgniteInfo, min_version, optional_import
+from monai.utils import IgniteInfo, evenly_divisible_all_gather, min_version, optional_import
 
+from monai_armed.engines.distributed import unwrap_armed
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
 from monai_armed.engines.trainer import ARMEDKeys
 from monai_armed.inferers import cluster_inference
@@ -239,6 +242,27 @@ class ARMEDEvaluator(SupervisedEvaluator):
         # set before the parent attaches the val handlers (_register_handlers), which the task metrics must precede
         self._task_metrics_attached = False
         self._regression_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # before the parent attaches the val handlers, which check their tables against the clusters
+        self.z_predictor = z_predictor
+        self.n_clusters = n_clusters if n_clusters is not None else _network_levels(unwrap_armed(network))
+        if isinstance(self.n_clusters, Mapping):
+            self.n_clusters = dict(self.n_clusters)
+            if inferred_factor is not None and inferred_factor not in self.n_clusters:
+                raise ValueError(
+                    f"inferred_factor {inferred_factor!r} is not one of the grouping factors {list(self.n_clusters)}."
+                )
+            # the network's first factor, whatever the order of the batch's cluster keys
+            inferred_factor = inferred_factor if inferred_factor is not None else next(iter(self.n_clusters))
+            n_z = getattr(z_predictor, "n_clusters", None)
+            if n_z is not None and n_z != self.n_clusters[inferred_factor]:
+                raise ValueError(
+                    f"the Z-predictor has {n_z} clusters but the factor {inferred_factor!r} it infers has "
+                    f"{self.n_clusters[inferred_factor]} levels; name the factor with inferred_factor."
+                )
+        elif isinstance(self.n_clusters, int) and z_predictor is not None:
+            n_z = getattr(z_predictor, "n_clusters", None)
+            if n_z is not None and n_z != self.n_clusters:
+                raise ValueError(f"the Z-predictor has {n_z} clusters but the network has {self.n_clusters}.")
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,
@@ -246,21 +270,6 @@ class ARMEDEvaluator(SupervisedEvaluator):
             prepare_batch=prepare_batch if prepare_batch is not None else PrepareBatchCluster(require_cluster=False),
             **kwargs,
         )
-        self.z_predictor = z_predictor
-        self.n_clusters = n_clusters if n_clusters is not None else _network_levels(network)
-        if isinstance(self.n_clusters, Mapping):
-            self.n_clusters = dict(self.n_clusters)
-            if inferred_factor is not None and inferred_factor not in self.n_clusters:
-                raise ValueError(
-                    f"inferred_factor {inferred_factor!r} is not one of the grouping factors {list(self.n_clusters)}."
-                )
-            factor = inferred_factor if inferred_factor is not None else next(iter(self.n_clusters))
-            n_z = getattr(z_predictor, "n_clusters", None)
-            if n_z is not None and n_z != self.n_clusters[factor]:
-                raise ValueError(
-                    f"the Z-predictor has {n_z} clusters but the factor {factor!r} it infers has "
-                    f"{self.n_clusters[factor]} levels; name the factor with inferred_factor."
-                )
         self.inferred_factor = inferred_factor
         self.seed = seed
         self.cluster_mode = cluster_mode
@@ -281,11 +290,20 @@ class ARMEDEvaluator(SupervisedEvaluator):
         self.add_event_handler(Events.EPOCH_COMPLETED, ARMEDEvaluator._write_regression_metrics)
 
     def _write_regression_metrics(self) -> None:
-        """``mse``, ``mae`` and ``r2`` of this run's labelled predictions into ``state.metrics`` (regression)."""
-        if self.task != "regression" or not self._regression_rows:
+        """``mse``, ``mae`` and ``r2`` of this run's labelled predictions into ``state.metrics`` (regression); under
+        ``torch.distributed`` over every process's rows (each holds its shard of the validation set)."""
+        if self.task != "regression":
             return
-        pred = torch.cat([p for p, _ in self._regression_rows])
-        label = torch.cat([y for _, y in self._regression_rows])
+        rows = self._regression_rows
+        pred = torch.cat([p for p, _ in rows]) if rows else torch.zeros(0, 1)
+        label = torch.cat([y for _, y in rows]) if rows else torch.zeros(0)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = self.state.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            pred, label = (evenly_divisible_all_gather(t.to(device), concat=True).cpu() for t in (pred, label))
+        for key in REGRESSION_METRICS:  # a run without labelled rows leaves no earlier run's values behind
+            self.state.metrics.pop(key, None)
+        if pred.shape[0] == 0:
+            return
         metrics = regression_metrics(pred, label)
         self.state.metrics.update({k: math.nan if metrics[k] is None else metrics[k] for k in REGRESSION_METRICS})
 
@@ -324,9 +342,8 @@ class ARMEDEvaluator(SupervisedEvaluator):
         inputs, targets, observed = prepare_cluster_batch(engine, batchdata)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: observed}
         autocast = torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else nullcontext()
-        with engine.mode(engine.network), autocast:
-            if engine.z_predictor is not None:
-                engine.z_predictor.eval()
+        z_predictor = () if engine.z_predictor is None else (engine.z_predictor,)
+        with engine.mode(engine.network), eval_mode(*z_predictor), autocast:  # both restored afterwards
             if engine.cluster_mode == "observed":
                 engine._count_unseen(inputs.shape[0], observed)
             cluster = resolve_cluster(
@@ -339,7 +356,8 @@ class ARMEDEvaluator(SupervisedEvaluator):
                 engine.inferred_factor,
             )
             out = cluster_inference(engine.inferer, inputs, engine.network, cluster)
-            engine.state.output[Keys.PRED] = engine.network.prediction(out) if _has_prediction(engine.network) else out
+            plain = unwrap_armed(engine.network)  # DataParallel / DDP hold the network's prediction rule inside
+            engine.state.output[Keys.PRED] = plain.prediction(out) if _has_prediction(plain) else out
         if engine.task == "regression" and targets is not None:
             pred = engine.state.output[Keys.PRED].detach().float().cpu()
             engine._regression_rows.append((pred.reshape(pred.shape[0], -1), targets.detach().float().cpu()))

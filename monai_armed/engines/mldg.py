@@ -48,6 +48,8 @@ def _check_inputs(features: torch.Tensor, labels: torch.Tensor, clusters: torch.
         )
     if clusters.ndim != 1:
         raise ValueError(f"clusters must be a 1-D vector of integer indices, got shape {tuple(clusters.shape)}.")
+    if clusters.is_floating_point() and not bool((clusters == clusters.round()).all()):
+        raise ValueError("clusters must be integer indices; got fractional values (which would merge clusters).")
     if bool((clusters < 0).any()):
         raise ValueError("unseen (-1) clusters cannot be used for training; drop them before calling train_mldg.")
     n_clusters = int(torch.unique(clusters).numel())
@@ -190,6 +192,8 @@ def train_mldg(
         history["loss"][-1] < history["loss"][0]  # usually True
     """
     features, labels, clusters = (torch.as_tensor(v) for v in (features, labels, clusters))
+    if cluster_batch_size < 1 or epochs < 0:
+        raise ValueError(f"cluster_batch_size must be >= 1 and epochs >= 0, got {cluster_batch_size} and {epochs}.")
     _check_inputs(features, labels, clusters)
     _, cluster_ids = torch.unique(clusters.long(), return_inverse=True)
     n_clusters = int(cluster_ids.max()) + 1

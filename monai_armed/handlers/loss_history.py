@@ -65,7 +65,7 @@ class LossHistory:
     batches (a ``DistributedSampler``) this is the mean per-iteration loss over the global batches.
 
     A resumed run (e.g. a ``CheckpointLoader`` that restores the trainer's epoch) keeps the epochs of an existing
-    ``output_file`` that precede the first epoch it trains.
+    ``output_file`` that precede the first epoch it trains; an epoch trained again replaces the one recorded.
 
     Args:
         output_file: JSON path, or ``None`` to keep the history in memory only.
@@ -157,6 +157,10 @@ class LossHistory:
         return means
 
     def _append(self, epoch: int, means: Mapping[str, float]) -> None:
+        # an engine restored to an earlier epoch (the same handler on a resumed or restarted run) trains it again
+        keep = [i for i, e in enumerate(self.history["epoch"]) if e < epoch]
+        if len(keep) < len(self.history["epoch"]):
+            self.history = {k: [v[i] for i in keep] for k, v in self.history.items()}
         n_before = len(self.history["epoch"])
         self.history["epoch"].append(epoch)
         for key in means:

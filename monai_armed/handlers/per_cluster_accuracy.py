@@ -66,7 +66,7 @@ class PerClusterAccuracy:
         self.logger = logging.getLogger(name) if name else None
 
     def attach(self, engine: Engine) -> None:
-        self._check_levels(getattr(engine, "n_clusters", None))
+        self._check_levels(getattr(engine, "n_clusters", None))  # the collector then takes the same (first) factor
         self.collector.attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 

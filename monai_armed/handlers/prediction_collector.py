@@ -67,7 +67,8 @@ class PredictionCollector:
 
     After a run, :attr:`pred`, :attr:`label` and :attr:`cluster` hold the concatenated tensors (``None`` for a field
     the engine did not output). Works with decollated and plain outputs. With several grouping factors (a mapping
-    ``cluster``) it collects the index of ``cluster_factor``, by default the first factor.
+    ``cluster``) it collects the index of ``cluster_factor``, by default the engine's first factor (the network's
+    order, whatever the order of the batch's cluster keys).
 
     Args:
         keys: output keys to collect.
@@ -96,6 +97,10 @@ class PredictionCollector:
         self.values: dict[str, torch.Tensor | None] = {k: None for k in self.keys}
 
     def attach(self, engine: Engine) -> None:
+        levels = getattr(engine, "n_clusters", None)
+        if self.cluster_factor is None and isinstance(levels, Mapping) and levels:
+            # the network's first factor, as the engine counts them, not the first key of the batch's mapping
+            self.cluster_factor = next(iter(levels))
         if not engine.has_event_handler(self.reset, Events.EPOCH_STARTED):
             engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
             engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)

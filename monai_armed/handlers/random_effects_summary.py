@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_armed.engines.distributed import unwrap_armed
 from monai_armed.networks.utils import random_effects_summary
 from monai_armed.utils import write_json
 
@@ -79,7 +80,7 @@ class RandomEffectsSummary:
         if self._written_epoch == engine.state.epoch:  # the last epoch fires both EPOCH_COMPLETED and COMPLETED
             return None
         self._written_epoch = engine.state.epoch
-        summary = random_effects_summary(getattr(self.network, "module", self.network), self.cluster_names, self.family)
+        summary = random_effects_summary(unwrap_armed(self.network), self.cluster_names, self.family)
         summary["epoch"] = engine.state.epoch
         write_json(summary, self.output_file)
         if self.summary_writer is not None:
