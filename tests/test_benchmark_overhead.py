@@ -13,23 +13,14 @@ the package's modules in a plain loop, the package's trainer taking the minimal 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.benchmark_scripts import import_benchmarks
 
 
 @pytest.fixture(scope="module")
 def overhead():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import overhead as module  # noqa: PLC0415  (benchmarks/ is not a package)
-        import spirals
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module, spirals
+    return import_benchmarks("overhead", "spirals")
 
 
 def test_candidates_take_the_same_steps(overhead):

@@ -15,24 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.benchmark_scripts import import_benchmarks
 
 
 @pytest.fixture(scope="module")
 def tools():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import bundle_runner  # noqa: PLC0415  (benchmarks/ is not a package)
-        import cli
-        import results_md
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return cli, results_md, bundle_runner
+    return import_benchmarks("cli", "results_md", "bundle_runner")
 
 
 def test_seed_and_model_lists_refuse_repeats_and_the_json_output_must_be_json(tools):
@@ -75,9 +67,7 @@ def test_a_section_with_a_lost_end_marker_is_refused_and_the_file_kept(tools, tm
 
 
 def _write_sections(path: str, prefix: str, count: int) -> None:
-    sys.path.insert(0, str(BENCHMARKS))
-    import results_md  # noqa: PLC0415
-
+    (results_md,) = import_benchmarks("results_md")
     for i in range(count):
         results_md.replace_section(Path(path), f"{prefix}{i}", f"body {i}")
 
