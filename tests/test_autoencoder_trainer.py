@@ -259,6 +259,26 @@ class TestTraining(unittest.TestCase):
 
 
 class TestConfiguration(unittest.TestCase):
+    def test_row_weights_reach_every_task_loss(self):
+        from monai_armed.losses import BernoulliLikelihood
+
+        x, y, c = torch.rand(6, 1, 8, 8), torch.tensor([[0.0], [1.0]] * 3), torch.arange(6) % 3
+
+        def parts(weights: torch.Tensor) -> dict[str, float]:
+            torch.manual_seed(1)
+            net = MixedEffectsAutoencoder(2, (1, 8, 8), 1, n_clusters=3, channels=(2, 2), strides=(2, 1), latent_size=4,
+                                          classifier_channels=4)  # fmt: skip
+            loader = TensorBatchLoader({"image": x, "label": y, "cluster": c, "w": weights}, batch_size=6)
+            trainer = ARMEDAutoencoderTrainer("cpu", 1, loader, net, torch.optim.SGD(net.parameters(), 0.1),
+                                              loss_function=BernoulliLikelihood(), weight_key="w", decollate=False)
+            torch.manual_seed(5)
+            trainer.run()
+            return {k: float(trainer.output_scalars[k]) for k in ("loss_fe", "loss_me", "loss_re")}
+
+        weighted, plain = parts(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])), parts(torch.ones(6))
+        for key in weighted:  # half the rows weigh nothing: every task loss changes (they were ignored)
+            self.assertNotAlmostEqual(weighted[key], plain[key], places=4, msg=key)
+
     def test_weights_are_attributes(self):
         net, adv, judge = _models("armed")
         trainer = ARMEDAutoencoderTrainer("cpu", 1, [], net, torch.optim.Adam(net.parameters()), adversary=adv)

@@ -885,3 +885,38 @@ class TestSingleRowBatches(unittest.TestCase):
         trainer = _trainer(Batches(_loader(n=64, batch_size=32)), net, adv, epochs=1, n_train=64)
         trainer.run()
         self.assertEqual(trainer.state.iteration, 2)
+
+
+class TestGradientScalingAndLossChoices(unittest.TestCase):
+    """One backward pass, one gradient scale; losses that cannot train are refused before they mislead."""
+
+    def _loader(self):
+        x, y, c = _problem(32)
+        return TensorBatchLoader({"features": x, "label": y, "cluster": c}, batch_size=16)
+
+    def test_a_simultaneous_adversary_steps_through_the_main_steps_scaler(self):
+        # CPU gradient scalers stand in for CUDA's (the same class): the adversary's gradients come from the main
+        # backward, which only the main scaler scaled; stepping them through the adversary's own scaler asserted
+        net, adv = _models()
+        trainer = _trainer(self._loader(), net, adv, epochs=1, adversary_update="simultaneous")
+        before = _flat(adv)
+
+        @trainer.on(Events.STARTED)
+        def _scalers(engine):
+            engine.scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+            for player in engine.players.values():
+                player.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+        trainer.run()
+        after = _flat(adv)
+        self.assertTrue(torch.isfinite(after).all() and not torch.equal(after, before))
+        self.assertEqual(trainer.scaler.get_scale(), 4.0)  # updated once per iteration, no overflow
+
+    def test_amp_off_cuda_a_summed_torch_loss_and_cross_entropy_on_one_logit_are_refused(self):
+        net, adv = _models()
+        with self.assertRaisesRegex(ValueError, "amp=True needs a CUDA device"):
+            _trainer(self._loader(), net, adv, amp=True)
+        with self.assertRaisesRegex(ValueError, r"reduction='sum'\) makes the data term batch_size times too heavy"):
+            _trainer(self._loader(), net, adv, loss_function=nn.BCEWithLogitsLoss(reduction="sum"))
+        with self.assertRaisesRegex(ValueError, "CrossEntropyLoss on a one-logit output is 0"):
+            _trainer(self._loader(), net, adv, epochs=1, loss_function=nn.CrossEntropyLoss()).run()

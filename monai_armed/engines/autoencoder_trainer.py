@@ -114,7 +114,7 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
            loss = recon_weight * MSE(x, recon_fe) + cls_weight * task(pred_fe) - adv_weight * CE(adversary(features), z)
                 + recon_re_weight * MSE(x, recon_re) + re_cls_weight * task(pred_re) + mix_weight * task(pred)
                 + latent_cluster_weight * CE(latent_cluster_logits, z) + image_cluster_weight * CE(image_classifier(recon_re), z)
-                + kl_weight * KL
+                + kl_weight * KL / n_train
 
        The adversarial term is subtracted (the fixed-effects latent must lose the batch information; the reference's
        ``MixedEffectsAEC`` adds it, a bug); the two cluster terms are added, i.e. minimised ("domain-enhancing": the
@@ -161,7 +161,8 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
         mix_weight: weight of the mixed-effects (mixer) task loss.
         latent_cluster_weight: weight of the random-effects latent's cluster head (added).
         image_cluster_weight: weight of the image classifier's loss on the RE reconstruction (added).
-        kl_weight: weight of the summed KL divergence of the random effects.
+        kl_weight: weight of the summed KL divergence of the random effects, divided by ``n_train`` (the ELBO per
+            sample, as in :class:`ARMEDTrainer`).
         adversary_update: ``"sequential"`` (default) or ``"simultaneous"`` (gradient reversal).
         prepare_batch: default :class:`~monai_armed.engines.PrepareBatchCluster`.
         kwargs: further ``SupervisedTrainer`` arguments.
@@ -296,13 +297,13 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
         """The weighted reconstruction, task and latent-cluster terms, logging each part."""
         parts = [
             (AECKeys.LOSS_RECON_FE, self.recon_weight, self.recon_loss_function(out.recon_fe, inputs)),
-            (AECKeys.LOSS_FE, self.cls_weight, self.loss_function(out.pred_fe, targets).mean()),
+            (AECKeys.LOSS_FE, self.cls_weight, self.loss_function(out.pred_fe, targets, **self._loss_kwargs).mean()),
         ]
         if out.recon_re is not None:
             parts += [
                 (AECKeys.LOSS_RECON_RE, self.recon_re_weight, self.recon_loss_function(out.recon_re, inputs)),
-                (AECKeys.LOSS_RE, self.re_cls_weight, self.loss_function(out.pred_re, targets).mean()),
-                (AECKeys.LOSS_ME, self.mix_weight, self.loss_function(out.pred, targets).mean()),
+                (AECKeys.LOSS_RE, self.re_cls_weight, self.loss_function(out.pred_re, targets, **self._loss_kwargs).mean()),
+                (AECKeys.LOSS_ME, self.mix_weight, self.loss_function(out.pred, targets, **self._loss_kwargs).mean()),
                 (
                     AECKeys.LOSS_LATENT_CLUSTER,
                     self.latent_cluster_weight,

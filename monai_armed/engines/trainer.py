@@ -137,9 +137,12 @@ class ARMEDTrainer(SupervisedTrainer):
     of the parts (``epoch_loss``, ``epoch_loss_me``, ...) and the learning rate (``lr``) go into
     ``engine.state.metrics`` at every epoch end before any handler runs, so the epoch logs of ``StatsHandler``,
     ``TensorBoardStatsHandler`` and ``MLFlowHandler`` record them. All weights are plain attributes, so a handler can
-    schedule them. AMP (CUDA) uses one gradient scaler per optimizer; gradient
-    accumulation applies to both optimizers. Save ``adversary`` and ``adv_optimizer`` in the ``CheckpointSaver``'s
-    ``save_dict`` beside the network to resume.
+    schedule them. AMP (CUDA only: ``amp=True`` on another device is refused) uses one gradient scaler per backward
+    pass: a sequential adversary's own step has its own, the simultaneous one shares the main step's. Gradient
+    accumulation applies to both optimizers; with a sequential adversary it is not quite one large batch, since the
+    adversary steps once per group and the group's earlier micro-batches play against its previous weights. Save
+    ``adversary`` and ``adv_optimizer`` in the ``CheckpointSaver``'s ``save_dict`` beside the network to resume, and
+    the ``loss_function`` too when it has parameters (a learned Gaussian scale).
 
     Distributed data parallel: wrap the network and the adversary with :func:`~monai_armed.engines.armed_ddp` (a plain
     ``DistributedDataParallel(network)`` is refused, because the trainer calls ``forward_armed``, which would bypass
@@ -305,6 +308,8 @@ class ARMEDTrainer(SupervisedTrainer):
         if adversary is not None:
             _check_adversary_size(network, adversary, adversary_factor)
         _check_sparse_optimizer(network, optimizer)
+        if self.amp and torch.device(device).type != "cuda":  # torch would disable both with a warning: fp32 silently
+            raise ValueError(f"amp=True needs a CUDA device (CUDA autocast and gradient scaling), got device {device!r}.")
         self.me_weight, self.fe_weight, self.kl_weight = me_weight, fe_weight, kl_weight
         self.n_train, self.adversary_factor = n_train, adversary_factor
         self.loss_keys = {k: v for k, v in (("weight", weight_key), ("trials", trials_key)) if v is not None}
@@ -428,10 +433,14 @@ class ARMEDTrainer(SupervisedTrainer):
                 player.release()
         self._fire_event(IterationEvents.BACKWARD_COMPLETED)
         if step:
-            self._step(self.optimizer, self.scaler)
-            for player in playing:
-                if not player.sequential:
-                    self._step(player.optimizer, player.scaler)
+            shared = [self.optimizer, *(player.optimizer for player in playing if not player.sequential)]
+            if self.scaler is None:
+                for optimizer in shared:
+                    optimizer.step()
+            else:  # one backward, one scale: each optimizer it reached unscales by it, then the scale is updated once
+                for optimizer in shared:
+                    self.scaler.step(optimizer)
+                self.scaler.update()
 
     def _forward(self, inputs: torch.Tensor, cluster: Any) -> Any:
         """The main network's output for the batch (through the windowed inferer when there is one)."""
@@ -494,6 +503,11 @@ class ARMEDTrainer(SupervisedTrainer):
     def _task_loss(self, out: Any, targets: torch.Tensor) -> torch.Tensor:
         """``me_weight * task(pred) + fe_weight * task(pred_fe)``, logging each part."""
         output = self.state.output
+        if isinstance(self.loss_function, nn.CrossEntropyLoss) and out.pred.dim() >= 2 and out.pred.shape[1] == 1:
+            raise ValueError(
+                "CrossEntropyLoss on a one-logit output is 0 whatever the logit (a softmax over one class): use "
+                "LogitClassificationLoss or BCEWithLogitsLoss, or give the network two outputs."
+            )
         loss = None
         for key, weight, pred in (
             (ARMEDKeys.LOSS_ME, self.me_weight, out.pred),
@@ -678,9 +692,9 @@ def _optimize_loss_parameters(loss_function: Any, optimizer: torch.optim.Optimiz
 
 
 def _check_loss_reduction(loss_function: Any) -> None:
-    """Refuse a likelihood family that sums over the batch: the ELBO weighs the mean negative log-likelihood per
-    sample against ``KL / n_train``, so a sum would weigh the data ``batch_size`` times too much."""
-    if isinstance(loss_function, LikelihoodFamily) and loss_function.reduction == "sum":
+    """Refuse a loss that sums over the batch (a likelihood family or a torch loss): the ELBO weighs the mean negative
+    log-likelihood per sample against ``KL / n_train``, so a sum would weigh the data ``batch_size`` times too much."""
+    if getattr(loss_function, "reduction", None) == "sum":
         raise ValueError(
             f"{type(loss_function).__name__}(reduction='sum') makes the data term batch_size times too heavy against "
             "the KL term of the per-sample ELBO: use reduction='mean' (or 'none')."
