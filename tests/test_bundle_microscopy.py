@@ -319,6 +319,23 @@ def test_image_classifier_uses_the_bundle_norm_and_a_last_single_image_is_droppe
     assert all(len(batch["image"]) > 1 for batch in loader)
 
 
+def test_evaluation_and_inference_must_prepare_images_as_training_did(trained, data_dir, tmp_path):
+    root, _ = trained
+    record = json.loads((root / "models" / "preprocessing.json").read_text())
+    assert record == {"image_dtype": "uint8", "intensity_max": 255.0}
+    shutil.copytree(root / "models", tmp_path / "models")
+    # 12-bit data trained with intensity_max 4095, evaluated or predicted without it: every prediction shifts silently
+    (tmp_path / "models" / "preprocessing.json").write_text(json.dumps({**record, "intensity_max": 4095.0}))
+    for run in (
+        lambda: _workflow(["train.json", "evaluate.json"], tmp_path, **_train_overrides(data_dir)).run(),
+        lambda: _inference(tmp_path, data_dir / "datalist.json", "unseen"),
+    ):
+        with pytest.raises(RuntimeError) as error:
+            run()
+        assert "intensity_max: 4095.0 in training, 255.0 now" in str(error.value.__cause__)
+    assert not (tmp_path / "eval" / "metrics.json").exists() and not (tmp_path / "eval" / "inference").exists()
+
+
 def test_checkpoint_for_another_number_of_clusters_is_rejected_by_evaluate(trained, data_dir, tmp_path):
     root, _ = trained
     shutil.copytree(root / "models", tmp_path / "models")

@@ -112,9 +112,10 @@ def test_evaluate_refuses_to_score_the_models_training_images(trained, data_dir,
     sections = json.loads((data_dir / "datalist.json").read_text())
     assert record["images"] == sorted(str(data_dir / item["image"]) for item in sections["training"])
     # the data as a regeneration with other settings could leave them: a training field now in the test section
+    # (and no longer in the training one: a datalist holding it in both is refused by its own validation)
     _user_dataset(data_dir, tmp_path)
     moved = json.loads((tmp_path / "datalist.json").read_text())
-    moved["test"].append(moved["training"][0])
+    moved["test"].append(moved["training"].pop(0))
     (tmp_path / "datalist.json").write_text(json.dumps(moved))
     shutil.copytree(root / "models", tmp_path / "models")
     workflow = _workflow(["train.json", "evaluate.json"], tmp_path, **_train_overrides(tmp_path))

@@ -126,6 +126,16 @@ def test_evaluate_and_inference_reload_checkpoint(trained):
     assert all(0.0 <= float(r["p_class1"]) <= 1.0 for r in rows)
 
 
+def test_inference_refuses_an_output_file_that_is_its_input(trained, tmp_path):
+    root, _ = trained
+    data = tmp_path / "rows.csv"
+    data.write_bytes((root / "data.csv").read_bytes())
+    with pytest.raises(RuntimeError) as error:
+        _workflow(["inference.json"], root, csv_file=str(data), output_file=str(data)).run()
+    assert "rows.csv: writing it would replace the input" in str(error.value.__cause__)
+    assert data.read_bytes() == (root / "data.csv").read_bytes()
+
+
 def _predictions(root: Path, csv_file: Path) -> list[dict]:
     _workflow(["inference.json"], root, csv_file=str(csv_file)).run()
     with open(root / "eval" / "predictions.csv") as f:
@@ -313,10 +323,13 @@ def test_a_truncated_resume_checkpoint_falls_back_to_the_previous_epoch(tmp_path
 
 def test_a_users_csv_file_is_used_without_generating_anything(tmp_path):
     _clustered_csv(tmp_path / "mine.csv")
+    latin = (tmp_path / "mine.csv").read_text().replace("site", "h\u00f4pital")  # a latin-1 file, as csv_encoding says
+    (tmp_path / "mine.csv").write_bytes(latin.encode("latin-1"))
     before = (tmp_path / "mine.csv").read_bytes()
-    _workflow(["train.json"], tmp_path / "run", csv_file=str(tmp_path / "mine.csv"), epochs=1, n_unseen_clusters=1).run()
+    _workflow(["train.json"], tmp_path / "run", csv_file=str(tmp_path / "mine.csv"), epochs=1, n_unseen_clusters=1,
+              csv_encoding="latin-1").run()  # fmt: skip
     vocabulary = json.loads((tmp_path / "run" / "models" / "clusters.json").read_text())["clusters"]
-    assert set(vocabulary) < {f"site{c}" for c in range(5)} and len(vocabulary) == 4
+    assert set(vocabulary) < {f"h\u00f4pital{c}" for c in range(5)} and len(vocabulary) == 4
     assert not (tmp_path / "run" / "data").exists(), "no default data were generated"
     assert (tmp_path / "mine.csv").read_bytes() == before
     assert (tmp_path / "run" / "eval" / "metrics.json").is_file()

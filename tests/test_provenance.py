@@ -33,6 +33,19 @@ def test_record_and_check(tmp_path, monkeypatch):
         check_evaluated_items({"test": test, "unseen": [{"image": ["c1.nii", "c2.nii"]}]}, tmp_path / "models")
 
 
+def test_a_training_image_under_a_symbolic_link_or_in_an_older_record_is_found(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.tif").write_bytes(b"a")
+    (tmp_path / "link").symlink_to(tmp_path / "images")
+    record_training_items([{"image": str(tmp_path / "images" / "a.tif")}], tmp_path / "models")
+    with pytest.raises(ValueError, match=r"section 'test': 1 of 1 images"):
+        check_evaluated_items({"test": [{"image": str(tmp_path / "link" / "a.tif")}]}, tmp_path / "models")
+    # a record written before 0.7 holds normalised paths, links unresolved: still compared
+    (tmp_path / "models" / TRAINING_ITEMS_FILE).write_text(json.dumps({"images": [str(tmp_path / "link" / "a.tif")]}))
+    with pytest.raises(ValueError, match=r"section 'test': 1 of 1 images"):
+        check_evaluated_items({"test": [{"image": str(tmp_path / "link" / "a.tif")}]}, tmp_path / "models")
+
+
 def test_a_model_without_a_record_is_evaluated_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         check_evaluated_items({"test": [{"image": "a.tif"}]}, tmp_path / "models")

@@ -331,3 +331,14 @@ def test_save_predictions_csv_escapes_text_cells_and_keeps_numbers(tmp_path):
     rows = list(csv.DictReader(text.splitlines()))
     assert float(rows[0]["subject"]) == -3.0 and float(rows[1]["p_class1"]) == 0.5
     assert rows[2]["cluster"] == "01", "a cluster id of digits stays text, not the number 1"
+
+
+def test_an_output_that_is_an_input_is_refused(tmp_path):
+    from monai_armed.data import check_output_path
+
+    data = tmp_path / "rows.csv"
+    data.write_text("f0,label,cluster\n1,0,a\n")
+    check_output_path(tmp_path / "predictions.csv", [data])
+    with pytest.raises(ValueError, match="the output .*rows.csv is the input .*rows.csv: writing it would replace the input"):
+        check_output_path(tmp_path / "sub" / ".." / "rows.csv", [data])
+    assert data.read_text() == "f0,label,cluster\n1,0,a\n"

@@ -228,3 +228,18 @@ def test_a_section_that_must_hold_every_class_names_the_labels_it_has(tmp_path):
         "AUROC decides which model is kept)."
     ]
     validate_datalist(path, SECTIONS, n_classes=2)  # only where asked
+
+
+def test_a_training_image_in_another_section_is_refused_under_any_of_its_names(tmp_path):
+    path = _datalist(tmp_path)
+    sections = _sections(path)
+    (tmp_path / "link").symlink_to(tmp_path / "images")
+    sections["test"][0]["image"] = sections["training"][1]["image"]
+    sections["validation"][1]["image"] = "link/" + Path(sections["training"][2]["image"]).name
+    path.write_text(json.dumps(sections))
+    with pytest.raises(ValueError) as error:
+        validate_datalist(path, SECTIONS, n_classes=2)
+    problems = _problems(error)
+    assert len(problems) == 2
+    assert "section 'validation', item 1, key 'image': the image of 'training' item 2" in problems[0]
+    assert "section 'test', item 0, key 'image': the image of 'training' item 1" in problems[1]

@@ -36,10 +36,14 @@ from .microscopy import (
 )
 from .nuclei import ensure_nucleus_dataset, make_nucleus_batches, make_nucleus_dataset, render_nucleus_field
 from .provenance import (
+    PREPROCESSING_FILE,
     TRAINING_ITEMS_FILE,
     TRAINING_SPLIT_FILE,
     check_evaluated_items,
+    check_preprocessing,
     check_training_split,
+    image_id,
+    record_preprocessing,
     record_training_items,
     record_training_split,
 )
@@ -59,7 +63,14 @@ from .spirals import (
     make_spirals,
     spirals_to_datalist,
 )
-from .tabular import TABULAR_TASKS, datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
+from .tabular import (
+    TABULAR_TASKS,
+    check_output_path,
+    datalist_to_arrays,
+    load_csv_datalist,
+    save_csv_datalist,
+    save_predictions_csv,
+)
 from .tiff import TIFF_SUFFIXES, TiffFileReader, TiffImage, save_tiff
 from .validation import check_intensity_use, validate_datalist, validate_segmentation_datalist
 

@@ -23,10 +23,14 @@ from monai_armed.data.generated import file_record
 from monai_armed.utils import write_json
 
 __all__ = [
+    "PREPROCESSING_FILE",
     "TRAINING_ITEMS_FILE",
     "TRAINING_SPLIT_FILE",
     "check_evaluated_items",
+    "check_preprocessing",
     "check_training_split",
+    "image_id",
+    "record_preprocessing",
     "record_training_items",
     "record_training_split",
 ]
@@ -37,12 +41,27 @@ logger = logging.getLogger(__name__)
 TRAINING_ITEMS_FILE = "training_items.json"
 #: file name, in the checkpoint folder, of what decided a tabular training run's split
 TRAINING_SPLIT_FILE = "training_split.json"
+#: file name, in the checkpoint folder, of how the training run prepared its images
+PREPROCESSING_FILE = "preprocessing.json"
 
 
-def _image_id(value: Any) -> str:
-    """An item's image as one comparable string: its absolute, normalised path (paths joined for a multi-file image)."""
+def image_id(value: Any) -> str:
+    """An item's image as one comparable string: its real path (absolute, normalised, symbolic links resolved; paths
+    joined for a multi-file image), so that one file listed under two names is one image.
+
+    Example::
+
+        image_id("data/./img/../img/a.nii.gz") == image_id("data/img/a.nii.gz")   # True
+    """
     if isinstance(value, (list, tuple)):
-        return "|".join(_image_id(v) for v in value)
+        return "|".join(image_id(v) for v in value)
+    return os.path.realpath(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else str(value)
+
+
+def _written_id(value: Any) -> str:
+    """The image id that records written before 0.7 hold: the normalised path, symbolic links not resolved."""
+    if isinstance(value, (list, tuple)):
+        return "|".join(_written_id(v) for v in value)
     return os.path.normpath(os.path.abspath(os.fspath(value))) if isinstance(value, (str, os.PathLike)) else str(value)
 
 
@@ -53,7 +72,7 @@ def record_training_items(items: Sequence[Mapping[str, Any]], ckpt_dir: str | os
 
         record_training_items(sections["train"], "runs/nuclei/armed/models")
     """
-    images = sorted({_image_id(item[image_key]) for item in items if image_key in item})
+    images = sorted({image_id(item[image_key]) for item in items if image_key in item})
     return write_json({"image_key": image_key, "images": images}, Path(ckpt_dir) / TRAINING_ITEMS_FILE)
 
 
@@ -87,7 +106,11 @@ def check_evaluated_items(
     for name, items in sections.items():
         if name == training_section:
             continue
-        seen = [image for image in (_image_id(item[image_key]) for item in items if image_key in item) if image in trained]
+        seen = [
+            image for item in items if image_key in item
+            for image in [image_id(item[image_key])]
+            if image in trained or _written_id(item[image_key]) in trained
+        ]  # fmt: skip
         if seen:
             overlaps.append(f"section {name!r}: {len(seen)} of {len(items)} images, e.g. {seen[0]}")
     if overlaps:
@@ -135,12 +158,51 @@ def check_training_split(ckpt_dir: str | os.PathLike, csv_file: str | os.PathLik
     trained = json.loads(path.read_text())
     now = _split_record(csv_file, settings)
     differ = [
-        f"{key}: {trained.get(key)!r} in training, {value!r} now" if key != "csv_sha256"
-        else f"the CSV: {csv_file} is not the content of {trained.get('csv_file')} the model trained on"
-        for key, value in now.items() if trained.get(key) != value
-    ]  # fmt: skip
+        f"the CSV: {csv_file} is not the content of {trained.get('csv_file')} the model trained on"
+        for key in ("csv_sha256",) if trained.get(key) != now[key]
+    ] + _differences(trained, {k: v for k, v in now.items() if k != "csv_sha256"})  # fmt: skip
     if differ:
         raise ValueError(
             f"the model in {ckpt_dir} was trained on another split than this evaluation's ({'; '.join(differ)}): its "
             "scored rows could be training rows. Give the evaluation the training run's data overrides."
+        )
+
+
+def _differences(trained: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``"key: training value in training, this value now"`` for each setting that differs."""
+    return [f"{key}: {trained.get(key)!r} in training, {value!r} now" for key, value in now.items() if trained.get(key) != value]
+
+
+def record_preprocessing(ckpt_dir: str | os.PathLike, **settings: Any) -> str:
+    """Write how a model's input images were prepared (JSON values, e.g. ``image_dtype`` and ``intensity_max``) to
+    ``ckpt_dir/preprocessing.json`` (atomically), for :func:`check_preprocessing`; returns the file's path.
+
+    Example::
+
+        record_preprocessing("runs/cells/models", image_dtype="uint16", intensity_max=4095.0)
+    """
+    return write_json(json.loads(json.dumps(settings)), Path(ckpt_dir) / PREPROCESSING_FILE)
+
+
+def check_preprocessing(ckpt_dir: str | os.PathLike, **settings: Any) -> None:
+    """Refuse an evaluation or inference that prepares the images otherwise than the model's training did (e.g. 12-bit
+    images scaled by 65535 after training on 4095: every prediction shifts, silently). Without a record (a model trained
+    before monai-armed 0.7) a warning says that nothing was checked.
+
+    Raises:
+        ValueError: naming each setting that differs, with the training run's value and this one's.
+
+    Example::
+
+        check_preprocessing("runs/cells/models", image_dtype="uint16", intensity_max=4095.0)
+    """
+    path = Path(ckpt_dir) / PREPROCESSING_FILE
+    if not path.is_file():
+        logger.warning(f"{path} does not exist: the image preprocessing is not checked against the training run's.")
+        return
+    differ = _differences(json.loads(path.read_text()), json.loads(json.dumps(settings)))
+    if differ:
+        raise ValueError(
+            f"the model in {ckpt_dir} was trained on images prepared otherwise ({'; '.join(differ)}): give this run "
+            f"the training run's {', '.join(settings)}."
         )

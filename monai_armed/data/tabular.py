@@ -34,7 +34,14 @@ import torch
 from monai_armed.data.validation import check_label_names, parse_label
 from monai_armed.utils import atomic_open, cluster_id, csv_cell, is_missing_value
 
-__all__ = ["TABULAR_TASKS", "load_csv_datalist", "save_csv_datalist", "save_predictions_csv", "datalist_to_arrays"]
+__all__ = [
+    "TABULAR_TASKS",
+    "check_output_path",
+    "load_csv_datalist",
+    "save_csv_datalist",
+    "save_predictions_csv",
+    "datalist_to_arrays",
+]
 
 #: what a label column holds: class labels, or a continuous outcome (a regression's)
 TABULAR_TASKS = ("classification", "regression")
@@ -344,6 +351,22 @@ def datalist_to_arrays(
             "a continuous label."
         )
     return X, labels.astype(np.int64), [item["cluster"] for item in datalist]
+
+
+def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> None:
+    """Refuse, before a run, an output file that is one of its inputs (it would be replaced by the results).
+
+    Example::
+
+        check_output_path("eval/predictions.csv", ["eval/predictions.csv"])   # ValueError
+    """
+    target = Path(output).resolve()
+    for source in inputs:
+        if Path(source).resolve() == target:
+            raise ValueError(
+                f"the output {output} is the input {source}: writing it would replace the input. Choose another "
+                "output file (output_file) or move the input."
+            )
 
 
 def save_predictions_csv(

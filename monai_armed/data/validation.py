@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from monai_armed.data.provenance import image_id
 from monai_armed.utils import cluster_id, is_missing_value
 
 __all__ = [
@@ -335,9 +336,10 @@ def validate_datalist(
 
     For each section in ``sections``: it exists and is a non-empty list; each item has the section's required keys;
     its image file(s) exist and, with ``loader``, can be read; its label is a class index in ``[0, n_classes)`` (or a
-    name in ``label_names``); its cluster id is not missing (empty, NaN, null). Clusters of the other sections that
-    are not in ``train_section`` are logged as a warning (they are evaluated as unseen), and so are clusters of
-    ``unseen_sections`` that are in it.
+    name in ``label_names``); its cluster id is not missing (empty, NaN, null); its image is not one of
+    ``train_section``'s (the same file by its real path: the run would score what it trains on). Clusters of the other
+    sections that are not in ``train_section`` are logged as a warning (they are evaluated as unseen), and so are
+    clusters of ``unseen_sections`` that are in it.
 
     Reading each image with the loader the run uses is what catches a truncated or corrupt file (a ``.nii.gz`` whose
     header is intact but whose data ends early passes a header-only check); it reads every file once, so it costs
@@ -418,6 +420,7 @@ def validate_datalist(
                     f"the {n_classes} classes (its AUROC decides which model is kept)."
                 )
             )
+    problems += _training_images_elsewhere(source, checked, train_section, image_key)
     if problems:
         listed = "\n".join(f"  - {p.args[0]}" for p in problems[:max_problems])
         more = f"\n  ... and {len(problems) - max_problems} more." if len(problems) > max_problems else ""
@@ -425,6 +428,29 @@ def validate_datalist(
     _cluster_coverage(source, checked, train_section, unseen_sections, cluster_key)
     logger.info(f"datalist {source}: sections {list(checked)} checked ({len(read)} image files).")
     return checked
+
+
+def _training_images_elsewhere(
+    source: str, checked: Mapping[str, Sequence[Mapping]], train_section: str | None, image_key: str
+) -> list[ValueError]:
+    """An item of another section whose image is one of ``train_section``'s (the same file, by its real path): a
+    model would be validated or tested on an image it trains on."""
+    if train_section is None or train_section not in checked:
+        return []
+    trained = {image_id(item[image_key]): i for i, item in enumerate(checked[train_section]) if image_key in item}
+    problems = []
+    for section, items in checked.items():
+        for i, item in enumerate(items if section != train_section else ()):
+            j = trained.get(image_id(item[image_key])) if image_key in item else None
+            if j is not None:
+                problems.append(
+                    ValueError(
+                        f"datalist {source}, section {section!r}, item {i}, key {image_key!r}: the image of "
+                        f"{train_section!r} item {j} ({item[image_key]}); a section the run scores must not hold "
+                        "training images."
+                    )
+                )
+    return problems
 
 
 def _mask_problem(
