@@ -305,7 +305,9 @@ def make_nucleus_dataset(
     Example::
 
         datalist = make_nucleus_dataset("data/nuclei", seed=0)
-        train = load_image_datalist(datalist, "training")
+        loader = LoadImage(reader=TiffFileReader(channels=1), image_only=True)
+        train = validate_segmentation_datalist(datalist, {"training": ["image", "label", "cluster"]}, n_classes=2,
+                                               loader=loader)["training"]
     """
     params = _parameters(seed, n_seen, n_unseen, fields_per_batch, size, dtype, split, batch_effect)
     batches = make_nucleus_batches(n_seen, n_unseen, seed, batch_effect)

@@ -171,7 +171,7 @@ class TiffFileReader(ImageReader):
         reader = TiffFileReader(channels=1, dtypes=("uint8",), spatial_dims=2)
         load = LoadImaged(keys="image", reader=reader, ensure_channel_first=True)
         image = load({"image": "cell_0001.tif"})["image"]  # MetaTensor (1, W, H), float32
-        # equivalently, by name (also from a bundle config): LoadImaged(keys="image",
+        # equivalently, by name (also from a bundle config): LoadImaged(keys="image", ensure_channel_first=True,
         #     reader="monai_armed.data.tiff.TiffFileReader", channels=1, spatial_dims=2)
     """
 

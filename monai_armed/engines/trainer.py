@@ -61,7 +61,7 @@ class ARMEDKeys:
 
     Example::
 
-        StatsHandler(output_transform=lambda out: {k: float(out[k]) for k in (ARMEDKeys.LOSS_ME, ARMEDKeys.LOSS_GEN)})
+        StatsHandler(output_transform=from_engine([ARMEDKeys.LOSS_ME, ARMEDKeys.LOSS_GEN], first=True))
     """
 
     PRED_FE = "pred_fe"

@@ -93,7 +93,8 @@ class ClusterModeReport:
                                    threshold_dataset="train")
         binary.run()["seen"]["observed"]["auroc"]
 
-        regression = ClusterModeReport(ARMEDEvaluator(..., task="regression"), {"seen": test_loader})
+        regression = ClusterModeReport(ARMEDEvaluator(..., task="regression"), {"seen": test_loader},
+                                       cluster_names=vocabulary.clusters)
         regression.run()["seen"]["observed"]["per_cluster"]["site_a"]["r2"]
         segmentation = ClusterModeReport(ARMEDEvaluator(..., task="segmentation", inferer=sliding_window),
                                          {"seen": test_loader, "unseen": unseen_loader})

@@ -69,8 +69,9 @@ class ImageOutputWriter:
 
         class Writer(ImageOutputWriter):
             def __call__(self, engine):
-                for path in engine.state.batch[self.path_key]:
-                    self.rows.append({"image": path, "stem": self.claim_stem(str(path))})
+                paths = engine.state.batch[self.path_key]
+                for path, effects in zip(paths, self.effects(engine, len(paths))):
+                    self.rows.append({"image": path, "effects": effects, "stem": self.claim_stem(str(path))})
     """
 
     #: what a cluster is called in the log messages (an imaging ``batch``, a ``site``)

@@ -80,7 +80,8 @@ class RandomStates:
     Example::
 
         rng = RandomStates([train_loader])
-        saver = CheckpointSaver("models", {"model": net, "trainer": trainer, "rng": rng}, save_interval=1)
+        saver = CheckpointSaver("models", {"model": net, "trainer": trainer, "rng": rng}, save_interval=1,
+                                file_prefix="resume")
         loader = CheckpointLoader("models/resume_checkpoint_epoch=2.pt", {"model": net, "trainer": trainer, "rng": rng})
     """
 

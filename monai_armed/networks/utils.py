@@ -161,7 +161,7 @@ def random_effects_summary(
     Example::
 
         summary = random_effects_summary(net, cluster_names=vocabulary.clusters)
-        summary["groups"]["intercept"]["spread"]
+        summary["groups"]["intercept"]["spread"]            # MixedEffectsMLP; "random_intercept" for ARMED
     """
     layers = random_effects_modules(network)
     layer = getattr(network, "random_effects", None)

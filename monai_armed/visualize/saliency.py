@@ -111,7 +111,7 @@ def fe_me_gradcam(
 
     Example::
 
-        maps = fe_me_gradcam(net, images, site_index, target_layer="features.conv5")
+        maps = fe_me_gradcam(net, images, site_index, target_layer="network.features.denseblock4")
         save_gradcam_figure(images, maps, "eval/gradcam.png")
     """
     if grad_pool not in ("mean", "max"):
@@ -181,7 +181,7 @@ def save_gradcam_figure(
 
     Example::
 
-        save_gradcam_figure(images, fe_me_gradcam(net, images, sites, "features.conv5"), "eval/gradcam.png",
+        save_gradcam_figure(images, fe_me_gradcam(net, images, sites, "network.features.denseblock4"), "eval/gradcam.png",
                             title="AD vs CN: fixed vs mixed effects")
     """
     img = _as_array(image)

@@ -57,7 +57,7 @@ def cluster_intercepts(
 
     Example::
 
-        intercepts = cluster_intercepts(random_effects_summary(net, vocabulary.clusters), "intercept")
+        intercepts = cluster_intercepts(random_effects_summary(net, vocabulary.clusters), "random_intercept")  # ARMED
     """
     groups = summary["groups"]
     if group not in groups:
@@ -198,7 +198,7 @@ def plot_random_scale_spread(
 
     Example::
 
-        plot_random_scale_spread(summary["groups"]["features.norm.scale"]["spread"], "eval/random_scale_spread.png")
+        plot_random_scale_spread(summary["groups"]["random_slope"]["spread"], "eval/random_scale_spread.png")
     """
     values = np.asarray(spread.detach().cpu() if isinstance(spread, torch.Tensor) else spread, dtype=np.float64)
     values = values.ravel()

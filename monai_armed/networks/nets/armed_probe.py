@@ -159,7 +159,7 @@ def locate_head(network: nn.Module, order: Sequence[str]) -> str:
 
     Example::
 
-        locate_head(unet, layer_call_order(unet, x)[0])     # "model.2.1.conv.unit0.conv"
+        locate_head(unet, layer_call_order(unet, x)[0])     # "model.2.conv" ("model.2.1.conv.unit0.conv" with res units)
     """
     modules = dict(network.named_modules())
     heads = [name for name in order if isinstance(modules[name], HEAD_TYPES)]

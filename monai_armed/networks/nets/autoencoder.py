@@ -181,8 +181,9 @@ class AECLatents(NamedTuple):
 
     Example::
 
-        latents = net.encode(x, cluster)
-        davies_bouldin_score(latents.fe.numpy(), batch)     # high = little batch clustering in the FE latent
+        with torch.no_grad():
+            latents = net.encode(x, cluster)
+        davies_bouldin_score(latents.fe.cpu().numpy(), batch)     # high = little batch clustering in the FE latent
     """
 
     fe: torch.Tensor
