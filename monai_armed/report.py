@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Print a seen/unseen table of the headline metric (AUROC, Dice and HD95, accuracy, or MSE and R²) from the
+"""Print a seen/unseen table of the headline metric (accuracy, AUROC, Dice and HD95, or MSE and R²) from the
 ``metrics.json`` files written by the bundles' cluster-mode report.
 
 Usage: ``python -m monai_armed.report conventional=runs/conventional/eval/metrics.json armed=runs/armed/eval/metrics.json``
@@ -24,13 +24,14 @@ from monai_armed.handlers.cluster_mode_report import format_report_table
 __all__ = ["main"]
 
 
-#: the metrics a table is printed for, by task: the first group with a metric the reports hold is printed
-_HEADLINE_METRICS = (("auroc",), ("dice", "hd95"), ("accuracy",), ("mse", "r2"))
+#: the metrics a table is printed for, by task: the first group with a value in the reports is printed (accuracy for
+#: classifiers that report it, as the spirals bundle does; AUROC for binary reports without it)
+_HEADLINE_METRICS = (("accuracy",), ("auroc",), ("dice", "hd95"), ("mse", "r2"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Read ``NAME=PATH`` pairs and print one row per model: the AUROC per dataset / cluster mode for binary
-    classifiers, Dice and HD95 for segmentation, accuracy for other classifiers, MSE and R² for regression.
+    """Read ``NAME=PATH`` pairs and print one row per model: the accuracy per dataset / cluster mode for classifiers
+    that report it, else the AUROC (binary reports), Dice and HD95 for segmentation, MSE and R² for regression.
 
     Example::
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     cells = [cell for report in reports.values() for modes in report.values() if isinstance(modes, dict)
              for cell in modes.values() if isinstance(cell, dict)]  # fmt: skip
-    present = {key for cell in cells for key in cell}
+    present = {key for cell in cells for key, value in cell.items() if value is not None}  # null everywhere: absent
     metrics = next((group for group in _HEADLINE_METRICS if any(m in present for m in group)), None)
     if metrics is None:
         print(f"the reports hold none of the metrics {[m for g in _HEADLINE_METRICS for m in g]}; they hold "

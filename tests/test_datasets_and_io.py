@@ -164,14 +164,19 @@ def test_report_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("mse (seen") and "\nr2 (seen" in out and "accuracy" not in out
     assert "0.250" in out and "1.500" in out and "0.900" in out
-    # a binary classifier's report: AUROC, not its accuracy; a segmentation report: Dice and HD95
-    binary = {"seen": {"observed": {"auroc": 0.91, "accuracy": 0.8}}, "unseen": {"fixed": {"auroc": 0.72}}}
+    # a classifier that reports accuracy (spirals): accuracy; a binary report without it (MRI): AUROC, null values
+    # counting as absent; a segmentation report: Dice and HD95
+    spirals = {"seen": {"observed": {"accuracy": 0.8, "auroc": 0.91}}}
+    (tmp_path / "c.json").write_text(json.dumps(spirals))
+    assert report_main([f"armed={tmp_path / 'c.json'}"]) == 0
+    assert capsys.readouterr().out.startswith("accuracy (seen")
+    binary = {"seen": {"observed": {"auroc": 0.91, "balanced_accuracy": 0.8}}, "unseen": {"fixed": {"auroc": 0.72}}}
     (tmp_path / "b.json").write_text(json.dumps(binary))
     segmentation = {"seen": {"observed": {"dice": 0.85, "hd95": 3.5}}, "unseen": {"fixed": {"dice": 0.8, "hd95": 4.0}}}
     (tmp_path / "s.json").write_text(json.dumps(segmentation))
     assert report_main([f"armed={tmp_path / 'b.json'}"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("auroc (seen") and "0.910" in out and "0.720" in out and "accuracy" not in out
+    assert out.startswith("auroc (seen") and "0.910" in out and "0.720" in out and "balanced" not in out
     assert report_main([f"unet={tmp_path / 's.json'}"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("dice (seen") and "\nhd95 (seen" in out and "0.850" in out and "4.000" in out

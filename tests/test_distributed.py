@@ -79,15 +79,17 @@ def _train(world_size: int, rank: int, adversary_update: str, accumulation_steps
 
 
 def _sharded_regression_mse(rank: int) -> float:
-    """The validation MSE of a zero prediction where rank 0 holds the labels [1, 1] and rank 1 [3, 3] (each its shard,
-    as a DistributedSampler splits a validation set): 5.0 over the whole set."""
+    """The validation MSE of a zero prediction on the labels [1, 3, 1, 3], which a DistributedSampler splits into
+    [1, 1] for rank 0 and [3, 3] for rank 1: 5.0 over the whole set on every rank."""
     net = MixedEffectsMLP(2, 1, n_clusters=N_CLUSTERS)
     with torch.no_grad():
         for p in net.parameters():
             p.zero_()
-    label = torch.full((2,), 1.0 + 2 * rank)
-    batch = {"features": torch.zeros(2, 2), "label": label, "cluster": torch.tensor([0, 1])}
-    evaluator = ARMEDEvaluator("cpu", [batch], net, prepare_batch=PrepareBatchCluster("features"), task="regression")
+    items = [{"features": torch.zeros(2), "label": torch.tensor(1.0 + 2 * (i % 2)), "cluster": torch.tensor(i % 2)}
+             for i in range(4)]  # fmt: skip
+    sampler = DistributedSampler(items, num_replicas=WORLD_SIZE, rank=rank, shuffle=False)
+    loader = DataLoader(items, batch_size=2, sampler=sampler)
+    evaluator = ARMEDEvaluator("cpu", loader, net, prepare_batch=PrepareBatchCluster("features"), task="regression")
     evaluator.run()
     return float(evaluator.state.metrics["mse"])
 

@@ -389,7 +389,7 @@ class TestELBO(unittest.TestCase):
         loader = TensorBatchLoader({"features": x, "label": y, "cluster": c, "w": weight}, batch_size=16)
         trainer = ARMEDTrainer("cpu", 30, loader, net, optimizer, loss_function=family, fe_weight=0.0,
                                prepare_batch=PrepareBatchCluster("features"), weight_key="w", decollate=False)
-        self.assertIn(family.log_scale, optimizer.param_groups[-1]["params"])  # added to the optimizer
+        self.assertTrue(any(p is family.log_scale for p in optimizer.param_groups[0]["params"]))  # added to it
         trainer.run()
         self.assertLess(float(family.scale), 1.0)  # from 3 towards the residual s.d. 0.5
         zero = ARMEDTrainer("cpu", 1, TensorBatchLoader({"features": x, "label": y, "cluster": c, "w": weight * 0},
@@ -435,27 +435,27 @@ class TestFamilyBatchChecks(unittest.TestCase):
             self._trainer(torch.zeros(16), likelihood("gaussian"), weight).run()
         self._trainer(torch.zeros(16), likelihood("gaussian"), torch.zeros(16)).run()  # zero weights: masked rows
 
-    def test_a_summed_likelihood_and_a_scheduled_optimizer_without_the_loss_parameters_are_refused(self):
+    def test_a_summed_likelihood_is_refused_and_a_scheduler_drives_the_loss_parameters_too(self):
         from monai_armed.losses import likelihood
 
         with self.assertRaisesRegex(ValueError, r"reduction='sum'\) makes the data term batch_size times too heavy"):
             self._trainer(torch.zeros(16), likelihood("gaussian", reduction="sum"))
+        self._trainer(torch.zeros(16), likelihood("gaussian", reduction="sum"), kl_weight=0.0)  # no KL: a choice
         torch.manual_seed(0)
         net = MixedEffectsMLP(2, 1, n_clusters=4, hidden_channels=(), random_slopes="none")
-        optimizer = torch.optim.Adam(net.parameters())
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.9**epoch)  # its lambdas: one per group
+        optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5**epoch)  # one lambda per group
         data = {"features": torch.randn(16, 2), "label": torch.zeros(16), "cluster": torch.randint(0, 4, (16,))}
-        common = dict(device="cpu", max_epochs=1, train_data_loader=TensorBatchLoader(data, batch_size=8),
-                      network=net, prepare_batch=PrepareBatchCluster("features"), decollate=False)  # fmt: skip
-        with self.assertRaisesRegex(ValueError, "scheduler already drives the optimizer.*loss_function.parameters"):
-            ARMEDTrainer(optimizer=optimizer, loss_function=likelihood("gaussian"), **common)
         family = likelihood("gaussian")
-        optimizer = torch.optim.Adam([*net.parameters(), *family.parameters()])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.9**epoch)
-        trainer = ARMEDTrainer(optimizer=optimizer, loss_function=family, **common)
-        trainer.run()
-        scheduler.step()
+        trainer = ARMEDTrainer("cpu", 2, TensorBatchLoader(data, batch_size=8), net, optimizer, loss_function=family,
+                               prepare_batch=PrepareBatchCluster("features"), decollate=False)  # fmt: skip
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: scheduler.step())
+        before = float(family.log_scale)
+        trainer.run()  # LambdaLR failed after epoch 1 when the scale was a group of its own
         self.assertEqual(len(optimizer.param_groups), 1)
+        self.assertTrue(any(p is family.log_scale for p in optimizer.param_groups[0]["params"]))
+        self.assertNotEqual(float(family.log_scale), before)
+        self.assertAlmostEqual(optimizer.param_groups[0]["lr"], 0.1 * 0.25)
 
     def test_batch_keys_for_the_loss_need_a_likelihood_family(self):
         with self.assertRaisesRegex(ValueError, "weight_key need a likelihood-family loss_function"):

@@ -101,3 +101,11 @@ def test_a_rerun_without_labels_leaves_no_earlier_regression_metrics():
     evaluator.data_loader = [{"image": torch.randn(4, 2), "cluster": torch.tensor([0, 1, 2, 0])}]
     evaluator.run()
     assert "mse" not in evaluator.state.metrics and "r2" not in evaluator.state.metrics
+
+
+def test_a_train_mode_evaluation_keeps_its_gradients():
+    net = MixedEffectsMLP(2, 1, n_clusters=3)
+    batch = [{"image": torch.randn(4, 2), "cluster": torch.tensor([0, 1, 2, -1])}]
+    evaluator = ARMEDEvaluator("cpu", batch, net, z_predictor=ZPredictor(2, 3), mode="train", decollate=False)
+    evaluator.run()
+    assert evaluator.state.output["pred"].requires_grad  # the Z-predictor's eval mode does not turn gradients off

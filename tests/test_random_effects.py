@@ -92,6 +92,9 @@ class TestRandomEffectsForward(unittest.TestCase):
         loc = re.loc.detach()
         torch.testing.assert_close(out[0], (loc[0] + loc[1]) / 2)
         self.assertTrue(torch.equal(out[1], torch.zeros(3)))
+        half = re.to(torch.bfloat16)(torch.softmax(torch.randn(64, 4), 1).to(torch.bfloat16))  # rounded, not refused
+        self.assertEqual(half.dtype, torch.bfloat16)
+        re.float()
         for row in ([1.0, 1.0, 0.0, 0.0], [-1.0, 2.0, 0.0, 0.0], [float("nan"), 0.0, 1.0, 0.0]):
             with self.assertRaisesRegex(ValueError, "soft cluster membership row 0 is .* expected probabilities"):
                 re(torch.tensor([row]))

@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -21,9 +21,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
-from monai.networks.utils import eval_mode
 from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, evenly_divisible_all_gather, min_version, optional_import
+from torch.utils.data import DistributedSampler
 
 from monai_armed.engines.distributed import unwrap_armed
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
@@ -143,6 +143,26 @@ def _resolve_factors(
     soft = cluster_one_hot(index, n, inputs.dtype if inputs.is_floating_point() else torch.float32)
     resolved[factor] = torch.where(unseen.unsqueeze(1), z_predictor.membership(inputs).to(soft.dtype), soft)
     return resolved
+
+
+def _sharded(loader: Any) -> bool:
+    """Whether the loader reads one shard of the data per process (a ``DistributedSampler`` in a process group)."""
+    sampler = getattr(loader, "sampler", None)
+    return isinstance(sampler, DistributedSampler) and dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def _eval_mode_only(module: nn.Module | None) -> Iterator[None]:
+    """``module`` in eval mode for the block, its mode restored after (gradients untouched, unlike MONAI's
+    ``eval_mode``, which also disables them)."""
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            module.train()
 
 
 def _has_prediction(network: nn.Module) -> bool:
@@ -290,14 +310,15 @@ class ARMEDEvaluator(SupervisedEvaluator):
         self.add_event_handler(Events.EPOCH_COMPLETED, ARMEDEvaluator._write_regression_metrics)
 
     def _write_regression_metrics(self) -> None:
-        """``mse``, ``mae`` and ``r2`` of this run's labelled predictions into ``state.metrics`` (regression); under
-        ``torch.distributed`` over every process's rows (each holds its shard of the validation set)."""
+        """``mse``, ``mae`` and ``r2`` of this run's labelled predictions into ``state.metrics`` (regression); with a
+        ``DistributedSampler`` over every process's rows (each holds its shard of the validation set, and every process
+        runs the evaluator)."""
         if self.task != "regression":
             return
         rows = self._regression_rows
         pred = torch.cat([p for p, _ in rows]) if rows else torch.zeros(0, 1)
         label = torch.cat([y for _, y in rows]) if rows else torch.zeros(0)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _sharded(self.data_loader):  # every rank holds its shard and runs this: gather (a collective call)
             device = self.state.device if dist.get_backend() == "nccl" else torch.device("cpu")
             pred, label = (evenly_divisible_all_gather(t.to(device), concat=True).cpu() for t in (pred, label))
         for key in REGRESSION_METRICS:  # a run without labelled rows leaves no earlier run's values behind
@@ -342,8 +363,7 @@ class ARMEDEvaluator(SupervisedEvaluator):
         inputs, targets, observed = prepare_cluster_batch(engine, batchdata)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets, ARMEDKeys.CLUSTER: observed}
         autocast = torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else nullcontext()
-        z_predictor = () if engine.z_predictor is None else (engine.z_predictor,)
-        with engine.mode(engine.network), eval_mode(*z_predictor), autocast:  # both restored afterwards
+        with engine.mode(engine.network), _eval_mode_only(engine.z_predictor), autocast:  # both restored afterwards
             if engine.cluster_mode == "observed":
                 engine._count_unseen(inputs.shape[0], observed)
             cluster = resolve_cluster(

@@ -164,9 +164,9 @@ class ARMEDTrainer(SupervisedTrainer):
         loss_function: task loss on the network's output (the per-sample negative log-likelihood); default
             :class:`LogitClassificationLoss`. A :class:`~monai_armed.losses.LikelihoodFamily` (e.g. Gaussian for
             regression) gets ``weight`` and ``trials`` from the batch keys ``weight_key`` / ``trials_key``; its own
-            parameters (the Gaussian residual scale) are added to ``optimizer`` when it does not hold them (build the
-            optimizer with them when a learning-rate scheduler drives it); its ``reduction`` is ``"mean"`` or
-            ``"none"`` (a sum would unbalance the ELBO and is refused).
+            parameters (the Gaussian residual scale) join the first parameter group of ``optimizer`` when it does
+            not hold them (so a learning-rate scheduler drives them too). Its ``reduction`` is ``"mean"`` or
+            ``"none"`` where there is a KL term (a sum would unbalance the ELBO and is refused).
         adversary: cluster classifier over the network's features, or ``None`` (no adversarial term);
             ``armed_ddp(adversary, ...)`` when the network is distributed.
         adv_optimizer: optimizer of the adversary; default ``Adam(lr=1e-3)``.
@@ -318,7 +318,7 @@ class ARMEDTrainer(SupervisedTrainer):
                 f"{' and '.join(f'{k}_key' for k in self.loss_keys)} need a likelihood-family loss_function (e.g. "
                 f"GaussianLikelihood(), likelihood('binomial')) that takes them; got {type(self.loss_function).__name__}."
             )
-        _check_loss_reduction(self.loss_function)
+        _check_loss_reduction(self.loss_function, network, kl_weight)
         _optimize_loss_parameters(self.loss_function, optimizer)
         self.validate_batches = validate_batches
         self._first_batch_checked = False
@@ -673,28 +673,23 @@ def _guard_single_row_batches(engine: ARMEDTrainer, first_rows: int) -> list[tor
 
 
 def _optimize_loss_parameters(loss_function: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Add the loss's own parameters (e.g. a Gaussian residual scale) to ``optimizer`` when it does not hold them;
-    refuse when a learning-rate scheduler already drives ``optimizer`` (a new group has no entry in its per-group
-    lists, and e.g. ``LambdaLR`` then fails at the end of the first epoch)."""
+    """Add the loss's own parameters (e.g. a Gaussian residual scale) to the first parameter group of ``optimizer``
+    when it does not hold them: a learning-rate scheduler built on the optimizer then drives them too (a new group
+    would have no entry in its per-group lists, and ``LambdaLR`` fails at the end of the first epoch)."""
     if not isinstance(loss_function, nn.Module):
         return
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [p for p in loss_function.parameters() if p.requires_grad and id(p) not in held]
-    if not missing:
-        return
-    if any("initial_lr" in group for group in optimizer.param_groups):  # set by every torch LR scheduler
-        raise ValueError(
-            f"the loss {type(loss_function).__name__} has parameters the optimizer does not hold, and a learning-rate "
-            "scheduler already drives the optimizer, so they cannot be added as a new group: build the optimizer "
-            "with them, e.g. Adam([*network.parameters(), *loss_function.parameters()])."
-        )
-    optimizer.add_param_group({"params": missing})
+    if missing:
+        optimizer.param_groups[0]["params"].extend(missing)  # torch's optimizers create a parameter's state lazily
 
 
-def _check_loss_reduction(loss_function: Any) -> None:
-    """Refuse a loss that sums over the batch (a likelihood family or a torch loss): the ELBO weighs the mean negative
-    log-likelihood per sample against ``KL / n_train``, so a sum would weigh the data ``batch_size`` times too much."""
-    if getattr(loss_function, "reduction", None) == "sum":
+def _check_loss_reduction(loss_function: Any, network: nn.Module, kl_weight: float) -> None:
+    """Refuse a loss that sums over the batch (a likelihood family or a torch loss) where there is a KL term: the ELBO
+    weighs the mean negative log-likelihood per sample against ``KL / n_train``, so a sum would weigh the data
+    ``batch_size`` times too much."""
+    has_random_effects = any(isinstance(m, RandomEffects) for m in network.modules())
+    if getattr(loss_function, "reduction", None) == "sum" and kl_weight and has_random_effects:
         raise ValueError(
             f"{type(loss_function).__name__}(reduction='sum') makes the data term batch_size times too heavy against "
             "the KL term of the per-sample ELBO: use reduction='mean' (or 'none')."

@@ -98,20 +98,17 @@ def _per_unit(value: float | Sequence[float], units: int, name: str) -> torch.Te
 
 def _check_membership(membership: torch.Tensor) -> None:
     """Soft memberships are probabilities: finite, >= 0, each row summing to 1 (or all 0: no cluster)."""
-    totals = membership.sum(1)
+    # summed in float32 at least, within the rounding of the membership's own dtype (bfloat16 steps by 4e-3 near 1)
+    totals = membership.sum(1, dtype=torch.promote_types(membership.dtype, torch.float32))
+    tolerance = max(1e-3, 4 * torch.finfo(membership.dtype).eps)
     bad = ~torch.isfinite(membership).all(1) | (membership < 0).any(1)
-    bad |= ((totals - 1).abs() > 1e-3) & (totals.abs() > 1e-3)
+    bad |= ((totals - 1).abs() > tolerance) & (totals.abs() > tolerance)
     if bool(bad.any()):
         row = int(bad.nonzero()[0])
         raise ValueError(
             f"soft cluster membership row {row} is {membership[row].tolist()}; expected probabilities (finite, >= 0, "
             "summing to 1, or all 0 for no cluster), e.g. a Z-predictor's softmax."
         )
-
-
-def _seen_positions(index: torch.Tensor) -> torch.Tensor:
-    """Positions of the rows of seen levels (``index >= 0``) in a batch of cluster indices."""
-    return (index >= 0).nonzero().squeeze(1)
 
 
 class RandomEffects(nn.Module):
@@ -169,7 +166,8 @@ class RandomEffects(nn.Module):
         reference_scale_init: reproduce the authors' posterior-scale initialisation bug.
         covariance: ``"diagonal"`` or ``"full"`` (see above).
         level_counts: training rows per level ``(n_clusters,)``, for the batch estimate of the KL.
-        sparse: index look-ups give sparse gradients (use an optimizer that accepts them, e.g. ``LazyAdam``).
+        sparse: index look-ups give sparse gradients (use an optimizer that accepts them, e.g. ``LazyAdam``), which
+            list the batch's seen levels only (a batch of unseen rows alone lists level 0, with zero gradients).
         unit_names: names of the units for :meth:`variance_components` (default ``u0, u1, ...``).
 
     Example::
@@ -303,8 +301,6 @@ class RandomEffects(nn.Module):
         return self._lookup(cluster)
 
     def _gather(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        # sparse tables see only seen levels (see _seen_positions): a clamped -1 row would list level 0 in the
-        # sparse gradient, with zeros, and LazyAdam steps every row a sparse gradient lists
         return F.embedding(index, table, sparse=True) if self.sparse else table[index]
 
     def _safe_index(self, index: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -316,20 +312,25 @@ class RandomEffects(nn.Module):
                     low = int(index.min()) if index.numel() > 0 else 0
                     if low < -1:  # read anyway: a negative index other than -1 (unseen) is a mapping error
                         check_cluster_index(index, self.n_clusters)
-                    return (index.clamp(min=0) if low < 0 else index), low < 0
+                    return (self._unseen_to_seen(index) if low < 0 else index), low < 0
                 # no read-back: treat every batch as possibly holding unseen (-1) rows
-                return index.clamp(min=0), True
+                return self._unseen_to_seen(index), True
         unseen = check_cluster_index(index, self.n_clusters) < 0
-        return (index.clamp(min=0) if unseen else index), unseen
+        return (self._unseen_to_seen(index) if unseen else index), unseen
+
+    def _unseen_to_seen(self, index: torch.Tensor) -> torch.Tensor:
+        """The level an unseen (-1) row is gathered from before its effect is zeroed. For a sparse table a level of
+        the batch itself (its largest), without reading the batch back: level 0 would enter the sparse gradient
+        (with zeros) and LazyAdam steps every level a sparse gradient lists. Only a batch of unseen rows alone lists
+        level 0 then."""
+        if self.sparse:
+            return torch.where(index >= 0, index, index.amax().clamp(min=0))
+        return index.clamp(min=0)
 
     def _lookup(self, index: torch.Tensor) -> torch.Tensor:
         if index.dim() == 1 and index.numel() == 0:
             return self.loc.new_zeros(0, self.units)
         safe, unseen = self._safe_index(index)
-        if unseen and self.sparse and not torch.jit.is_scripting():
-            rows = _seen_positions(index)
-            seen = self._checked_effects(index[rows], index[rows])
-            return seen.new_zeros(index.shape[0], self.units).index_copy(0, rows, seen)
         effects = self._effects(safe) if torch.jit.is_scripting() else self._checked_effects(index, safe)
         if unseen:
             effects = effects * (index >= 0).unsqueeze(1).to(effects.dtype)
@@ -387,11 +388,6 @@ class RandomEffects(nn.Module):
         if design.dim() != 2 or design.shape != (cluster.shape[0], self.units):
             raise ValueError(f"design must have shape ({cluster.shape[0]}, {self.units}), got {shape_str(design)}.")
         safe, unseen = self._safe_index(cluster)
-        if unseen and self.sparse and not torch.jit.is_scripting():
-            rows = _seen_positions(cluster)
-            mean, var = self.linear_predictor(cluster[rows], design[rows])
-            zeros = mean.new_zeros(cluster.shape[0])
-            return zeros.index_copy(0, rows, mean), zeros.index_copy(0, rows, var)
         mean = (self._gather(self.loc, safe) * design).sum(1)
         if self.covariance == "diagonal":
             var = ((F.softplus(self._gather(self.rho, safe)) + 1e-5) * design).pow(2).sum(1)
@@ -426,11 +422,6 @@ class RandomEffects(nn.Module):
             return self.loc.new_zeros(())
         safe, unseen = self._safe_index(cluster)
         rows: torch.Tensor | int = cluster.shape[0]
-        if unseen and self.sparse and not torch.jit.is_scripting():
-            safe = cluster[_seen_positions(cluster)]
-            if safe.numel() == 0:
-                return self.loc.new_zeros(())
-            rows, unseen = safe.shape[0], False
         per_row = self._analytic_kl(self._gather(self.loc, safe), safe) / self.level_counts[safe]
         if unseen:
             # N counts the rows of seen levels, so the mean runs over the batch's seen rows (a tensor: no host read)
