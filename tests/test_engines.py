@@ -456,6 +456,20 @@ class TestFamilyBatchChecks(unittest.TestCase):
         self.assertTrue(any(p is family.log_scale for p in optimizer.param_groups[0]["params"]))
         self.assertNotEqual(float(family.log_scale), before)
         self.assertAlmostEqual(optimizer.param_groups[0]["lr"], 0.1 * 0.25)
+        # several groups (e.g. a frozen one): a new group with the optimizer's defaults, or refused under a scheduler
+        frozen, rest = list(net.random_effects.parameters()), [p for n, p in net.named_parameters() if "random" not in n]
+        family = likelihood("gaussian")
+        grouped = torch.optim.Adam([{"params": frozen, "lr": 0.0}, {"params": rest}], lr=0.1)
+        ARMEDTrainer("cpu", 1, TensorBatchLoader(data, batch_size=8), net, grouped, loss_function=family,
+                     prepare_batch=PrepareBatchCluster("features"), decollate=False).run()  # fmt: skip
+        self.assertEqual(len(grouped.param_groups), 3)
+        self.assertEqual(grouped.param_groups[2]["lr"], 0.1)
+        self.assertNotEqual(float(family.log_scale), 0.0)  # trained, not frozen with the first group
+        grouped = torch.optim.Adam([{"params": frozen, "lr": 0.0}, {"params": rest}], lr=0.1)
+        torch.optim.lr_scheduler.LambdaLR(grouped, [lambda epoch: 1.0, lambda epoch: 0.5**epoch])
+        with self.assertRaisesRegex(ValueError, "scheduler already drives the optimizer's several parameter groups"):
+            ARMEDTrainer("cpu", 1, TensorBatchLoader(data, batch_size=8), net, grouped, loss_function=likelihood("gaussian"),
+                         prepare_batch=PrepareBatchCluster("features"), decollate=False)  # fmt: skip
 
     def test_batch_keys_for_the_loss_need_a_likelihood_family(self):
         with self.assertRaisesRegex(ValueError, "weight_key need a likelihood-family loss_function"):

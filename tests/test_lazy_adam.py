@@ -101,8 +101,28 @@ def test_unseen_rows_of_a_sparse_table_touch_no_level(covariance):
     optimizer.step()
     assert (re.loc.detach() != before).any(1).nonzero().flatten().tolist() == [3]
     assert optimizer.state[re.loc]["step"].tolist() == [0, 0, 0, 1, 0]
-    with torch.no_grad():  # a batch of unseen rows alone: zero effects and KL, nothing gathered
+    with torch.no_grad():  # a batch of unseen rows alone: zero effects and KL
         assert re(torch.tensor([-1, -1])).abs().sum() == 0 and re.kl_divergence(torch.tensor([-1])) == 0
+
+
+def test_a_batch_of_unseen_rows_alone_moves_no_level_of_a_sparse_table():
+    from monai_armed.utils import batch_checks
+
+    torch.manual_seed(0)
+    re = RandomEffects(5, 2, level_counts=torch.ones(5), sparse=True).train()
+    optimizer = LazyAdam(re.parameters(), lr=0.1)
+    (re(torch.tensor([0, 1])).sum() + re.kl_divergence(torch.tensor([0, 1]))).backward()
+    optimizer.step()
+    before = re.loc.detach().clone()
+    for checked in (True, False):  # a CPU batch is read for free, checked or not
+        with batch_checks(checked):
+            optimizer.zero_grad()
+            unseen = torch.tensor([-1, -1])
+            effects, (mean, var) = re(unseen), re.linear_predictor(unseen, torch.ones(2, 2))
+            assert effects.abs().sum() == 0 and mean.abs().sum() == 0 and var.abs().sum() == 0
+            assert not effects.requires_grad and not re.kl_divergence(unseen).requires_grad  # no level in the graph
+            optimizer.step()
+    torch.testing.assert_close(re.loc.detach(), before, rtol=0, atol=0)  # level 0 was not stepped by its momentum
 
 
 def test_a_zeroed_sparse_gradient_is_a_no_op():

@@ -164,9 +164,10 @@ class ARMEDTrainer(SupervisedTrainer):
         loss_function: task loss on the network's output (the per-sample negative log-likelihood); default
             :class:`LogitClassificationLoss`. A :class:`~monai_armed.losses.LikelihoodFamily` (e.g. Gaussian for
             regression) gets ``weight`` and ``trials`` from the batch keys ``weight_key`` / ``trials_key``; its own
-            parameters (the Gaussian residual scale) join the first parameter group of ``optimizer`` when it does
-            not hold them (so a learning-rate scheduler drives them too). Its ``reduction`` is ``"mean"`` or
-            ``"none"`` where there is a KL term (a sum would unbalance the ELBO and is refused).
+            parameters (the Gaussian residual scale) join ``optimizer`` when it does not hold them: its only
+            parameter group (so a learning-rate scheduler drives them too), else a new group with its defaults. Its
+            ``reduction`` is ``"mean"`` or ``"none"`` where there is a KL term (a sum would unbalance the ELBO and is
+            refused).
         adversary: cluster classifier over the network's features, or ``None`` (no adversarial term);
             ``armed_ddp(adversary, ...)`` when the network is distributed.
         adv_optimizer: optimizer of the adversary; default ``Adam(lr=1e-3)``.
@@ -673,15 +674,27 @@ def _guard_single_row_batches(engine: ARMEDTrainer, first_rows: int) -> list[tor
 
 
 def _optimize_loss_parameters(loss_function: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Add the loss's own parameters (e.g. a Gaussian residual scale) to the first parameter group of ``optimizer``
-    when it does not hold them: a learning-rate scheduler built on the optimizer then drives them too (a new group
-    would have no entry in its per-group lists, and ``LambdaLR`` fails at the end of the first epoch)."""
+    """Add the loss's own parameters (e.g. a Gaussian residual scale) to ``optimizer`` when it does not hold them: to
+    its only parameter group, so that a learning-rate scheduler built on it drives them too, or, when it has several
+    groups (whose settings may not suit them: a frozen or sparse-table group), as a new group with the optimizer's
+    defaults. A scheduler built on a several-group optimizer has no entry for a new group (``LambdaLR`` then fails at
+    the end of the first epoch), so that case is refused."""
     if not isinstance(loss_function, nn.Module):
         return
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [p for p in loss_function.parameters() if p.requires_grad and id(p) not in held]
-    if missing:
+    if not missing:
+        return
+    if len(optimizer.param_groups) == 1:
         optimizer.param_groups[0]["params"].extend(missing)  # torch's optimizers create a parameter's state lazily
+        return
+    if any("initial_lr" in group for group in optimizer.param_groups):  # set by every torch LR scheduler
+        raise ValueError(
+            f"the loss {type(loss_function).__name__} has parameters the optimizer does not hold, and a learning-rate "
+            "scheduler already drives the optimizer's several parameter groups: give the optimizer a group for them "
+            "before building the scheduler, e.g. {'params': list(loss_function.parameters())}."
+        )
+    optimizer.add_param_group({"params": missing})
 
 
 def _check_loss_reduction(loss_function: Any, network: nn.Module, kl_weight: float) -> None:

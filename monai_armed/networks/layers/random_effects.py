@@ -167,7 +167,8 @@ class RandomEffects(nn.Module):
         covariance: ``"diagonal"`` or ``"full"`` (see above).
         level_counts: training rows per level ``(n_clusters,)``, for the batch estimate of the KL.
         sparse: index look-ups give sparse gradients (use an optimizer that accepts them, e.g. ``LazyAdam``), which
-            list the batch's seen levels only (a batch of unseen rows alone lists level 0, with zero gradients).
+            list the batch's seen levels only (a batch of unseen rows alone gathers nothing on the CPU or when checked;
+            on another device, unchecked, it lists level 0 with zero gradients rather than read the batch back).
         unit_names: names of the units for :meth:`variance_components` (default ``u0, u1, ...``).
 
     Example::
@@ -323,13 +324,24 @@ class RandomEffects(nn.Module):
         the batch itself (its largest), without reading the batch back: level 0 would enter the sparse gradient
         (with zeros) and LazyAdam steps every level a sparse gradient lists. Only a batch of unseen rows alone lists
         level 0 then."""
-        if self.sparse:
+        if self.sparse and index.numel() > 0:
             return torch.where(index >= 0, index, index.amax().clamp(min=0))
         return index.clamp(min=0)
+
+    @torch.jit.unused
+    def _nothing_seen(self, index: torch.Tensor) -> bool:
+        """Whether a sparse table's batch holds unseen rows only, asked where the answer costs no device sync (a CPU
+        batch) or the batch is read anyway (a checked one): such a batch then gathers nothing at all."""
+        if not self.sparse or not (index.device.type == "cpu" or batch_checks_enabled()):
+            return False
+        return index.numel() > 0 and bool((index < 0).all())
 
     def _lookup(self, index: torch.Tensor) -> torch.Tensor:
         if index.dim() == 1 and index.numel() == 0:
             return self.loc.new_zeros(0, self.units)
+        if not torch.jit.is_scripting():
+            if self._nothing_seen(index):
+                return self.loc.new_zeros(index.shape[0], self.units)
         safe, unseen = self._safe_index(index)
         effects = self._effects(safe) if torch.jit.is_scripting() else self._checked_effects(index, safe)
         if unseen:
@@ -387,6 +399,10 @@ class RandomEffects(nn.Module):
         """
         if design.dim() != 2 or design.shape != (cluster.shape[0], self.units):
             raise ValueError(f"design must have shape ({cluster.shape[0]}, {self.units}), got {shape_str(design)}.")
+        if not torch.jit.is_scripting():
+            if self._nothing_seen(cluster):
+                zeros = design.new_zeros(cluster.shape[0])
+                return zeros, zeros.clone()
         safe, unseen = self._safe_index(cluster)
         mean = (self._gather(self.loc, safe) * design).sum(1)
         if self.covariance == "diagonal":
@@ -420,6 +436,9 @@ class RandomEffects(nn.Module):
             raise ValueError("kl_divergence(cluster) needs level_counts (training rows per level) to scale the batch.")
         if cluster.numel() == 0:
             return self.loc.new_zeros(())
+        if not torch.jit.is_scripting():
+            if self._nothing_seen(cluster):
+                return self.loc.new_zeros(())
         safe, unseen = self._safe_index(cluster)
         rows: torch.Tensor | int = cluster.shape[0]
         per_row = self._analytic_kl(self._gather(self.loc, safe), safe) / self.level_counts[safe]
