@@ -45,24 +45,21 @@ TRAINING_SPLIT_FILE = "training_split.json"
 PREPROCESSING_FILE = "preprocessing.json"
 
 
-def image_id(value: Any) -> str:
+def image_id(value: Any, resolve_links: bool = True) -> str:
     """An item's image as one comparable string: its real path (absolute, normalised, symbolic links resolved; paths
-    joined for a multi-file image), so that one file listed under two names is one image.
+    joined for a multi-file image), so that one file listed under two names is one image. ``resolve_links=False``
+    gives the id that records written before 0.7 hold (links not resolved).
 
     Example::
 
         image_id("data/./img/../img/a.nii.gz") == image_id("data/img/a.nii.gz")   # True
     """
     if isinstance(value, (list, tuple)):
-        return "|".join(image_id(v) for v in value)
-    return os.path.realpath(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else str(value)
-
-
-def _written_id(value: Any) -> str:
-    """The image id that records written before 0.7 hold: the normalised path, symbolic links not resolved."""
-    if isinstance(value, (list, tuple)):
-        return "|".join(_written_id(v) for v in value)
-    return os.path.normpath(os.path.abspath(os.fspath(value))) if isinstance(value, (str, os.PathLike)) else str(value)
+        return "|".join(image_id(v, resolve_links) for v in value)
+    if not isinstance(value, (str, os.PathLike)):
+        return str(value)
+    path = os.fspath(value)
+    return os.path.realpath(path) if resolve_links else os.path.normpath(os.path.abspath(path))
 
 
 def record_training_items(items: Sequence[Mapping[str, Any]], ckpt_dir: str | os.PathLike, image_key: str = "image") -> str:
@@ -109,7 +106,7 @@ def check_evaluated_items(
         seen = [
             image for item in items if image_key in item
             for image in [image_id(item[image_key])]
-            if image in trained or _written_id(item[image_key]) in trained
+            if image in trained or image_id(item[image_key], resolve_links=False) in trained
         ]  # fmt: skip
         if seen:
             overlaps.append(f"section {name!r}: {len(seen)} of {len(items)} images, e.g. {seen[0]}")

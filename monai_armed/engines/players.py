@@ -90,7 +90,7 @@ class Player:
                 loss = self.loss_function(logits, target)
             engine._backward(loss * scale if scale != 1.0 else loss, self.scaler)
             if step:
-                engine._step(self.optimizer, self.scaler)
+                engine._step([self.optimizer], self.scaler)
         self.record(engine, logits, target, loss)
         if self.event is not None:
             engine._fire_event(self.event)

@@ -433,15 +433,8 @@ class ARMEDTrainer(SupervisedTrainer):
             for player in playing:
                 player.release()
         self._fire_event(IterationEvents.BACKWARD_COMPLETED)
-        if step:
-            shared = [self.optimizer, *(player.optimizer for player in playing if not player.sequential)]
-            if self.scaler is None:
-                for optimizer in shared:
-                    optimizer.step()
-            else:  # one backward, one scale: each optimizer it reached unscales by it, then the scale is updated once
-                for optimizer in shared:
-                    self.scaler.step(optimizer)
-                self.scaler.update()
+        if step:  # a simultaneous player's gradients come from the main backward, scaled by its scaler
+            self._step([self.optimizer, *(p.optimizer for p in playing if not p.sequential)], self.scaler)
 
     def _forward(self, inputs: torch.Tensor, cluster: Any) -> Any:
         """The main network's output for the batch (through the windowed inferer when there is one)."""
@@ -504,7 +497,8 @@ class ARMEDTrainer(SupervisedTrainer):
     def _task_loss(self, out: Any, targets: torch.Tensor) -> torch.Tensor:
         """``me_weight * task(pred) + fe_weight * task(pred_fe)``, logging each part."""
         output = self.state.output
-        if isinstance(self.loss_function, nn.CrossEntropyLoss) and out.pred.dim() >= 2 and out.pred.shape[1] == 1:
+        one_logit = out.pred.dim() >= 2 and out.pred.shape[1] == 1
+        if batch_checks_enabled() and isinstance(self.loss_function, nn.CrossEntropyLoss) and one_logit:
             raise ValueError(
                 "CrossEntropyLoss on a one-logit output is 0 whatever the logit (a softmax over one class): use "
                 "LogitClassificationLoss or BCEWithLogitsLoss, or give the network two outputs."
@@ -551,12 +545,16 @@ class ARMEDTrainer(SupervisedTrainer):
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
     @staticmethod
-    def _step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-        if scaler is None:
-            optimizer.step()
-            return
-        scaler.step(optimizer)
-        scaler.update()
+    def _step(optimizers: Sequence[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None) -> None:
+        """Step the optimizers of one backward pass: through its gradient scaler (each unscales by its scale), which
+        is then updated once."""
+        for optimizer in optimizers:
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+        if scaler is not None:
+            scaler.update()
 
 
 #: events whose handlers may read an iteration's output while it is current (besides the players' own events)
