@@ -34,6 +34,7 @@ from monai_armed.data.generated import (
     ensure_generated,
     parameter_hash,
     read_manifest,
+    record_planned_files,
     remove_stale_files,
     write_manifest,
 )
@@ -152,15 +153,68 @@ def test_a_manifest_of_an_older_version_is_adopted(tmp_path):
     params = _parameters(3)
     (tmp_path / MANIFEST).write_text(json.dumps({"parameters": params, "hash": parameter_hash(params), "files": ["data.txt"]}))
     claim_output_dir(tmp_path, "toy", _owns)
-    assert json.loads((tmp_path / OWNER_FILE).read_text()) == {"generator": "toy"}
+    assert json.loads((tmp_path / OWNER_FILE).read_text()) == {"generator": "toy", "files": {"data.txt": None}}
 
 
-def test_remove_stale_files_keeps_what_is_not_the_generators(tmp_path):
-    for name in ("data.txt", "datalist.json", f".data.txt.{'a' * 32}.tmp", f".{'b' * 32}.data.txt", "old.txt"):
-        (tmp_path / name).write_text("x")
-    removed = remove_stale_files(tmp_path, ["datalist.json"], lambda name: name in ("data.txt", "datalist.json"))
+def test_a_folder_of_version_0_7_adopts_the_generators_names_into_its_journal(tmp_path):
+    """An owner file without a journal (0.7.0 and earlier, e.g. an interrupted run): files named like the generator's
+    are taken as its own, once; from then on only the journal counts."""
+    (tmp_path / OWNER_FILE).write_text(json.dumps({"generator": "toy"}))
+    (tmp_path / "data.txt").write_text("x")
+    claim_output_dir(tmp_path, "toy", _owns)
+    assert json.loads((tmp_path / OWNER_FILE).read_text())["files"] == {"data.txt": None}
+    (tmp_path / "datalist.json").write_text("{}")  # named like the generator's, written by the user
+    with pytest.raises(ForeignFilesError, match="datalist.json"):
+        claim_output_dir(tmp_path, "toy", _owns)
+
+
+def test_remove_stale_files_removes_only_what_the_journal_lists(tmp_path):
+    out = claim_output_dir(tmp_path / "data", "toy", _owns)
+    record_planned_files(out, ["data.txt", "datalist.json"])
+    names = ("data.txt", "datalist.json", f".data.txt.{'a' * 32}.tmp", f".{'b' * 32}.data.txt", "old.txt", "x.txt")
+    for name in names:
+        (out / name).write_text("x")
+    removed = remove_stale_files(out, ["datalist.json", "x.txt"])
     assert sorted(removed) == sorted(["data.txt", f".data.txt.{'a' * 32}.tmp", f".{'b' * 32}.data.txt"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["datalist.json", "old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([OWNER_FILE, "datalist.json", "old.txt", "x.txt"])
+    assert json.loads((out / OWNER_FILE).read_text())["files"] == {"datalist.json": None}
+
+
+def _make_interrupted(out_dir, fail: bool, names: tuple[str, ...] = ("a.txt", "b.txt")):
+    """A toy generator that journals ``names``, writes them one by one and, with ``fail``, dies after the first."""
+    out = claim_output_dir(out_dir, "toy", lambda name: False)
+    record_planned_files(out, [*names, "datalist.json"])
+    for name in names:
+        (out / name).write_text(name)
+        if fail:
+            raise KeyboardInterrupt
+    remove_stale_files(out, [*names, "datalist.json"])
+    (out / "datalist.json").write_text(json.dumps(list(names)))
+    write_manifest(out, {"names": list(names)}, list(names), "toy", datalist="datalist.json")
+    return out
+
+
+def test_an_interrupted_generation_is_resumed_and_its_stale_files_removed(tmp_path):
+    out = tmp_path / "data"
+    with pytest.raises(KeyboardInterrupt):
+        _make_interrupted(out, fail=True)
+    assert (out / "a.txt").is_file() and not (out / "b.txt").exists()
+    _make_interrupted(out, fail=False, names=("b.txt", "c.txt"))  # a.txt: journaled by the interrupted run
+    assert sorted(p.name for p in out.iterdir()) == sorted([OWNER_FILE, MANIFEST, "b.txt", "c.txt", "datalist.json"])
+    journal = json.loads((out / OWNER_FILE).read_text())["files"]
+    assert journal == read_manifest(out)["files"] and set(journal) == {"b.txt", "c.txt", "datalist.json"}
+
+
+def test_a_users_file_named_like_a_generated_one_is_never_deleted(tmp_path):
+    out = tmp_path / "cells"
+    params = {"n_seen": 2, "n_unseen": 1, "cells_per_batch": 2, "frames_per_cell": 1, "size": 32, "num_workers": 1}
+    ensure_microscopy_dataset(out, **params)
+    mine = out / "images" / "b07_p0_c099_f0.tif"  # the generator's naming pattern; not one of its files
+    mine.write_bytes(b"my own cell")
+    before = _checksums(out)
+    with pytest.raises(ForeignFilesError, match="b07_p0_c099_f0.tif"):
+        ensure_microscopy_dataset(out, **{**params, "seed": 1})
+    assert _checksums(out) == before
 
 
 def _process_state(pid: int) -> str | None:

@@ -307,7 +307,7 @@ def test_cache_reuses_and_regenerates(tmp_path):
     assert json.loads((tmp_path / "manifest.json").read_text())["hash"] != manifest["hash"]
     assert image.read_bytes() != content
     # fewer frames: stale images and leftovers of interrupted writes go
-    (tmp_path / f"images/.{'0' * 32}.b00_p0_c000_f0.tif").write_bytes(b"partial")  # a save_tiff temporary
+    (tmp_path / f"images/.{'0' * 32}.{image.name}").write_bytes(b"partial")  # a save_tiff temporary of a generated file
     ensure_microscopy_dataset(tmp_path, **{**params, "frames_per_cell": 1})
     names = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert len(names) == 5 * 4 and all(n.endswith("_f0.tif") for n in names)

@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from monai_armed.data.generated import MANIFEST, claim_output_dir, ensure_generated, write_manifest
+from monai_armed.data.generated import (
+    MANIFEST,
+    claim_output_dir,
+    ensure_generated,
+    record_planned_files,
+    write_manifest,
+)
 from monai_armed.data.spirals import make_spiral_random_radius, make_spiral_true_boundary, spirals_to_datalist
 from monai_armed.data.tabular import save_csv_datalist
 from monai_armed.data.validation import check_label_names, check_section, read_datalist_sections, resolve_image_paths
@@ -196,6 +202,7 @@ def make_spiral_dataset(
     params = _spiral_parameters(clusters, points_per_cluster, inter_cluster_sd, noise, seed)
     out = claim_output_dir(out_dir, "spirals", _owns_spiral_file)
     (out / MANIFEST).unlink(missing_ok=True)
+    record_planned_files(out, [_SPIRAL_CSV, _SPIRAL_RADII])
     state = np.random.get_state()
     try:
         np.random.seed(seed)

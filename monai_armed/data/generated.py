@@ -14,9 +14,10 @@ complete earlier run, and worker processes that die with their parent.
 
 A generator writes only into a folder it owns: one that was new or empty when it started (it then writes an
 ownership file, :data:`OWNER_FILE`, before anything else), or one that holds its ownership file or an earlier
-manifest of its own. A folder with any file the generator did not write is refused before anything is touched, so a
-user's data set is never deleted or overwritten, and neither is a generated file that changed after its generation
-(an edit).
+manifest of its own. The ownership file keeps a journal of the files the generator wrote or is about to write; a
+folder with any file the journal or the manifest does not list (even one named like a generated file) is refused
+before anything is touched, so a user's data set is never deleted or overwritten, and neither is a generated file that
+changed after its generation (an edit).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ __all__ = [
     "file_record",
     "parameter_hash",
     "read_manifest",
+    "record_planned_files",
     "remove_stale_files",
     "generator_parser",
     "run_generator_cli",
@@ -126,7 +128,8 @@ def write_manifest(
 
     It holds the ``generator``'s name, ``params`` and their :func:`parameter_hash`, the names of the generator's own
     ``records`` (e.g. ``datalist="datalist.json"``) and, under ``files``, the size and SHA-256 of every generated file
-    and record (:func:`file_record`), so that a missing, truncated or changed file is noticed.
+    and record (:func:`file_record`), so that a missing, truncated or changed file is noticed. The same records go into
+    the journal of the folder's :data:`OWNER_FILE`, where there is one.
 
     Example::
 
@@ -141,7 +144,12 @@ def write_manifest(
         **records,
         "files": {name: file_record(out / name) for name in names},
     }
-    return Path(write_json(manifest, out / MANIFEST))
+    path = Path(write_json(manifest, out / MANIFEST))
+    owner = _read_owner(out)
+    if owner is not None:
+        journal = {k: v for k, v in (_journal(owner) or {}).items() if (out / k).is_file()}
+        _write_owner(out, owner.get("generator", generator), {**journal, **manifest["files"]})
+    return path
 
 
 def verify_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> str | None:
@@ -190,20 +198,42 @@ def _files_under(out: Path) -> list[str]:
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink())
 
 
+def _read_owner(out: Path) -> dict[str, Any] | None:
+    """The folder's :data:`OWNER_FILE` (``{"generator": name, "files": {path: record or None}}``), or ``None``."""
+    try:
+        owner = json.loads((out / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _journal(owner: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The files an owner file says its generator wrote or was about to write; ``None`` for a file of version <= 0.7.0,
+    which listed none."""
+    files = owner.get("files") if owner else None
+    return dict(files) if isinstance(files, Mapping) else None
+
+
+def _write_owner(out: Path, generator: str, files: Mapping[str, Any]) -> None:
+    write_json({"generator": generator, "files": dict(sorted(files.items()))}, out / OWNER_FILE)
+
+
 def claim_output_dir(out_dir: str | os.PathLike, generator: str, owns: Callable[[str], bool]) -> Path:
     """Make sure ``generator`` may write into ``out_dir``; raise :class:`ForeignFilesError` before touching anything.
 
     ``out_dir`` may be written when it is new or empty (it is created and marked with :data:`OWNER_FILE`), or when it
-    holds the generator's :data:`OWNER_FILE` or manifest, and every file in it is one the generator writes:
-    ``owns(relative posix path)`` is true, it is listed in the previous manifest, or it is a temporary file of an
-    interrupted atomic write of such a file. Every file the previous manifest lists (the data files and records such as
-    ``datalist.json``) must also still have its recorded size and hash, or be missing: a user's edit (or a damaged
-    file, which cannot be told from one) is never overwritten; a missing file is simply written again.
+    holds the generator's :data:`OWNER_FILE` or manifest, and every file in it is one the generator wrote or was about
+    to write: it is listed in the owner file's journal (see :func:`record_planned_files`) or in the previous manifest,
+    or it is a temporary file of an interrupted atomic write of such a file. A file merely *named* like a generated one
+    is the user's and makes the folder foreign. Every file whose size and hash were recorded (the data files and
+    records such as ``datalist.json``) must also still have them, or be missing: a user's edit (or a damaged file,
+    which cannot be told from one) is never overwritten; a missing file is simply written again.
 
     Args:
         out_dir: the output folder.
         generator: the generator's name, written into :data:`OWNER_FILE` and the manifest.
-        owns: whether a relative path (e.g. ``"images/site01_sub000_img0.nii.gz"``) is a name the generator writes.
+        owns: whether a relative path (e.g. ``"images/site01_sub000_img0.nii.gz"``) is a name the generator writes;
+            consulted only for a folder of version 0.7.0 or earlier, whose owner file has no journal.
 
     Example::
 
@@ -215,58 +245,88 @@ def claim_output_dir(out_dir: str | os.PathLike, generator: str, owns: Callable[
     found = _files_under(out) if out.is_dir() else []
     if not found:
         out.mkdir(parents=True, exist_ok=True)
-        write_json({"generator": generator}, out / OWNER_FILE)
+        _write_owner(out, generator, {})
         return out
     manifest = read_manifest(out)
     own_manifest = _is_own_manifest(manifest, generator)
-    try:
-        owner = json.loads((out / OWNER_FILE).read_text()).get("generator")
-    except (OSError, ValueError, AttributeError):
-        owner = None
+    owner_record = _read_owner(out)
+    owner = owner_record.get("generator") if owner_record else None
+    journal = _journal(owner_record)
     listed = manifest.get("files", ()) if own_manifest else ()
+    known = dict(journal or {})
+    known.update(listed.items() if isinstance(listed, Mapping) else dict.fromkeys(listed))
     fixed = {OWNER_FILE, MANIFEST}
     if owner is not None and owner != generator:
         foreign = [OWNER_FILE]
     elif owner is None and not own_manifest:
         foreign = [name for name in found if name not in fixed] or found
     else:
-        foreign = [n for n in found if (real := _real_name(n)) not in fixed and not owns(real) and real not in listed]
+        legacy = journal is None
+        foreign = []
+        for name in found:
+            real = _real_name(name)
+            if real in fixed or real in known:
+                continue
+            if legacy and owns(real):
+                known[real] = None
+            else:
+                foreign.append(name)
     if foreign:
         raise ForeignFilesError(
             f"{out} holds files that the {generator} generator did not write, e.g. {foreign[0]!r} ({len(foreign)} "
             f"such file(s)); refusing to generate the default data set there, and nothing in the folder was changed. "
             f"To train on your own data, {_OWN_DATA}; to generate the default data, choose a new or empty --dataset_dir."
         )
-    if isinstance(listed, Mapping):
-        for name, record in listed.items():
-            if isinstance(record, Mapping) and (out / name).is_file() and file_record(out / name) != record:
-                raise ForeignFilesError(
-                    f"{out / name} was changed since the {generator} generator wrote it; refusing to overwrite it "
-                    f"(nothing in {out} was changed). To train on the edited data, {_OWN_DATA}; to generate the default "
-                    "data, choose a new or empty --dataset_dir (or delete the changed file: a missing file is written "
-                    "again)."
-                )
-    if owner is None:
-        write_json({"generator": generator}, out / OWNER_FILE)
+    for name, record in known.items():
+        if isinstance(record, Mapping) and (out / name).is_file() and file_record(out / name) != record:
+            raise ForeignFilesError(
+                f"{out / name} was changed since the {generator} generator wrote it; refusing to overwrite it "
+                f"(nothing in {out} was changed). To train on the edited data, {_OWN_DATA}; to generate the default "
+                "data, choose a new or empty --dataset_dir (or delete the changed file: a missing file is written "
+                "again)."
+            )
+    _write_owner(out, generator, known)
     return out
 
 
-def remove_stale_files(out_dir: str | os.PathLike, keep: Iterable[str], owns: Callable[[str], bool]) -> list[str]:
-    """Delete the generator's own files in ``out_dir`` that a new generation no longer lists (and temporary files of
-    interrupted writes); everything else is left alone. Returns the removed relative paths.
+def record_planned_files(out_dir: str | os.PathLike, names: Iterable[str]) -> None:
+    """Add ``names`` (relative posix paths) to the journal in ``out_dir``'s :data:`OWNER_FILE` before the generator
+    writes them, so that a file of an interrupted generation is known as the generator's own, and only such files are
+    ever removed (:func:`remove_stale_files`). Their recorded hashes are dropped: they are about to be written again.
 
     Example::
 
-        remove_stale_files("data/mri", files, lambda name: OWN_IMAGE.fullmatch(name) is not None)
+        out = claim_output_dir("data/mri", "mri", owns)
+        record_planned_files(out, ["images/a.nii.gz", "datalist.json"])
+    """
+    out = Path(out_dir)
+    owner = _read_owner(out) or {}
+    files = _journal(owner) or {}
+    files.update(dict.fromkeys(names))
+    _write_owner(out, owner.get("generator", ""), files)
+
+
+def remove_stale_files(out_dir: str | os.PathLike, keep: Iterable[str]) -> list[str]:
+    """Delete the files in ``out_dir`` that the generator's journal lists (files it wrote, see
+    :func:`record_planned_files`) and a new generation no longer lists in ``keep``, and temporary files of interrupted
+    writes of the generator's files; everything else is left alone. Returns the removed relative paths.
+
+    Example::
+
+        remove_stale_files("data/mri", files)
     """
     out, keep = Path(out_dir), set(keep)
+    owner = _read_owner(out) or {}
+    journal = _journal(owner) or {}
     removed = []
     for name in _files_under(out):
         real = _real_name(name)
-        temporary_of_own = real != name and (owns(real) or real in keep or real in (MANIFEST, OWNER_FILE))
-        if temporary_of_own or (real == name and owns(name) and name not in keep):
+        own = real in journal or real in keep or real in (MANIFEST, OWNER_FILE)
+        if (real != name and own) or (real == name and real in journal and real not in keep):
             (out / name).unlink()
             removed.append(name)
+    if owner:
+        _write_owner(out, owner.get("generator", ""), {k: v for k, v in journal.items() if k not in removed})
     return removed
 
 

@@ -58,6 +58,7 @@ from monai_armed.data.generated import (
     claim_output_dir,
     ensure_generated,
     generator_parser,
+    record_planned_files,
     remove_stale_files,
     run_generator_cli,
     run_jobs,
@@ -701,9 +702,10 @@ def make_microscopy_dataset(
                         "frame": frame,
                     }
                 )
-    run_jobs(_render_job, jobs, num_workers, progress, "cell images", count=lambda job: len(job["paths"]))
     files = sorted(item["image"] for items in datalist.values() for item in items)
-    remove_stale_files(out, [*files, _BATCHES, _DATALIST], _owns)
+    record_planned_files(out, [*files, _BATCHES, _DATALIST])
+    run_jobs(_render_job, jobs, num_workers, progress, "cell images", count=lambda job: len(job["paths"]))
+    remove_stale_files(out, [*files, _BATCHES, _DATALIST])
     write_json({"parameters": params, "phenotypes": list(PHENOTYPES), "batches": batches}, out / _BATCHES)
     write_json(datalist, out / _DATALIST)
     write_manifest(out, params, files, "microscopy", datalist=_DATALIST, batches=_BATCHES)

@@ -49,6 +49,7 @@ from monai_armed.data.generated import (
     MANIFEST,
     claim_output_dir,
     ensure_generated,
+    record_planned_files,
     remove_stale_files,
     run_jobs,
     write_manifest,
@@ -644,9 +645,10 @@ def make_mri_dataset(
                         "severity": round(severity, 4),
                     }
                 )
-    run_jobs(_render_job, jobs, num_workers, progress, "MRI images", initializer=_template, min_parallel_jobs=16)
     files = sorted(item["image"] for items in datalist.values() for item in items)
-    remove_stale_files(out, [*files, _SITES, _DATALIST], _owns)
+    record_planned_files(out, [*files, _SITES, _DATALIST])
+    run_jobs(_render_job, jobs, num_workers, progress, "MRI images", initializer=_template, min_parallel_jobs=16)
+    remove_stale_files(out, [*files, _SITES, _DATALIST])
     vendors = {
         v: {"ad_fraction": f, "sites": [s["site"] for s in sites if s["vendor"] == v]}
         for v, f in params["vendor_ad_fraction"]

@@ -44,6 +44,7 @@ from monai_armed.data.generated import (
     claim_output_dir,
     ensure_generated,
     generator_parser,
+    record_planned_files,
     remove_stale_files,
     run_generator_cli,
     run_jobs,
@@ -343,9 +344,10 @@ def make_nucleus_dataset(
             )
             part = split_of[name] if batch["seen"] else "unseen"
             datalist[part].append({"image": image, "label": mask, "cluster": batch["date"], "field": name})
-    run_jobs(_render_job, jobs, num_workers, progress, "nucleus fields", count=lambda job: 2)
     files = sorted(f for items in datalist.values() for item in items for f in (item["image"], item["label"]))
-    remove_stale_files(out, [*files, _BATCHES, _DATALIST], _owns)
+    record_planned_files(out, [*files, _BATCHES, _DATALIST])
+    run_jobs(_render_job, jobs, num_workers, progress, "nucleus fields", count=lambda job: 2)
+    remove_stale_files(out, [*files, _BATCHES, _DATALIST])
     write_json({"parameters": params, "batches": batches}, out / _BATCHES)
     write_json(datalist, out / _DATALIST)
     write_manifest(out, params, files, "nuclei", datalist=_DATALIST, batches=_BATCHES)
