@@ -126,6 +126,29 @@ def test_evaluate_and_inference_reload_checkpoint(trained):
     assert all(0.0 <= float(r["p_class1"]) <= 1.0 for r in rows)
 
 
+def test_inference_reads_the_trained_feature_columns_and_writes_row_ids(trained, tmp_path):
+    root, _ = trained
+    assert json.loads((root / "models" / "preprocessing.json").read_text()) == {"feature_columns": ["f0", "f1"]}
+    with open(root / "data.csv") as f:
+        rows = list(csv.DictReader(f))[:3]
+    # the user's columns in another order, an id column, a blank line: read by name, joined back by id and line
+    data = tmp_path / "patients.csv"
+    lines = [f"{r['f1']},pid{i},{r['cluster']},{r['f0']}\n" for i, r in enumerate(rows)]
+    data.write_text("f1,pid,cluster,f0\n" + lines[0] + "\n" + "".join(lines[1:]))
+    _workflow(["inference.json"], root, csv_file=str(data), id_columns=["pid"]).run()
+    with open(root / "eval" / "predictions.csv") as f:
+        shuffled = list(csv.DictReader(f))
+    assert [(r["csv_line"], r["pid"]) for r in shuffled] == [("2", "pid0"), ("4", "pid1"), ("5", "pid2")]
+    original = _predictions(root, root / "data.csv")[:3]
+    assert [r["p_class1"] for r in shuffled] == [r["p_class1"] for r in original]
+    # other feature columns than the training run's are refused before anything is written
+    before = (root / "eval" / "predictions.csv").read_bytes()
+    with pytest.raises(RuntimeError) as error:
+        _workflow(["inference.json"], root, csv_file=str(data), feature_columns=["f1", "f0"]).run()
+    assert "feature_columns: ['f0', 'f1'] in training, ['f1', 'f0'] now" in str(error.value.__cause__)
+    assert (root / "eval" / "predictions.csv").read_bytes() == before
+
+
 def test_inference_refuses_an_output_file_that_is_its_input(trained, tmp_path):
     root, _ = trained
     data = tmp_path / "rows.csv"

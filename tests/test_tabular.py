@@ -19,7 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from monai_armed.data import datalist_to_arrays, load_csv_datalist, save_csv_datalist, save_predictions_csv
+from monai_armed.data import (
+    csv_feature_columns,
+    datalist_to_arrays,
+    load_csv_datalist,
+    save_csv_datalist,
+    save_predictions_csv,
+)
 from monai_armed.transforms import ClusterVocabulary
 from monai_armed.utils import csv_cell
 
@@ -65,6 +71,23 @@ def test_custom_columns_and_default_feature_selection(tmp_path):
     assert [item["cluster"] for item in loaded] == ["A", "B"]
 
 
+def test_id_columns_are_kept_as_text_and_never_features(tmp_path):
+    path = _write(tmp_path, "pid,x,label,cluster,y\n007,1.5,1,A,2\n\n=8,-1,0,B,3\n", name="ids.csv")
+    loaded = load_csv_datalist(path, id_columns=["pid"], line_key="csv_line")
+    np.testing.assert_array_equal(loaded[0]["features"], [1.5, 2])
+    assert [(item["pid"], item["csv_line"]) for item in loaded] == [("007", 2), ("=8", 4)]
+    assert csv_feature_columns(path, id_columns=["pid"]) == ["x", "y"]
+    assert csv_feature_columns(path, ["y", "x"], label_column=None, cluster_column="site") == ["y", "x"]
+    with pytest.raises(ValueError, match=r"ids.csv: feature_columns include \['pid'\], the label / cluster / id"):
+        load_csv_datalist(path, feature_columns=["x", "pid"], id_columns=["pid"])
+    with pytest.raises(ValueError, match=r"ids.csv: missing column\(s\) \['patient'\]"):
+        load_csv_datalist(path, id_columns=["patient"])
+    with pytest.raises(ValueError, match="ids.csv: id_columns is a list of column names, got the string 'pid'"):
+        load_csv_datalist(path, id_columns="pid")
+    with pytest.raises(ValueError, match=r"ids.csv: id_columns / line_key \['label'\] would replace"):
+        load_csv_datalist(path, feature_columns=["x"], line_key="label")
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.csv"):
         load_csv_datalist(tmp_path / "nothere.csv")
@@ -95,7 +118,7 @@ def test_empty_feature_columns_and_the_label_among_the_features_are_refused(tmp_
     path = _write(tmp_path, "f0,f1,label,cluster\n1,2,0,a\n", name="leak.csv")
     with pytest.raises(ValueError, match="leak.csv: feature_columns is empty"):
         load_csv_datalist(path, feature_columns=[])
-    with pytest.raises(ValueError, match=r"leak.csv: feature_columns include \['label'\], the label / cluster column"):
+    with pytest.raises(ValueError, match=r"leak.csv: feature_columns include \['label'\], the label / cluster / id column"):
         load_csv_datalist(path, feature_columns=["f0", "label"])
 
 

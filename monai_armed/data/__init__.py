@@ -45,6 +45,7 @@ from .provenance import (
     image_id,
     record_preprocessing,
     record_training_items,
+    recorded_preprocessing,
     record_training_split,
 )
 from .mri import (
@@ -66,6 +67,7 @@ from .spirals import (
 from .tabular import (
     TABULAR_TASKS,
     check_output_path,
+    csv_feature_columns,
     datalist_to_arrays,
     load_csv_datalist,
     save_csv_datalist,

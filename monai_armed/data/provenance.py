@@ -8,7 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Which images trained a model, kept beside its checkpoint, so that an evaluation refuses to score them."""
+"""Which images trained a model and how its inputs were prepared, kept beside its checkpoint, so that an evaluation
+refuses to score training images and an inference refuses inputs prepared otherwise."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ __all__ = [
     "record_preprocessing",
     "record_training_items",
     "record_training_split",
+    "recorded_preprocessing",
 ]
 
 logger = logging.getLogger(__name__)
@@ -171,8 +173,9 @@ def _differences(trained: Mapping[str, Any], now: Mapping[str, Any]) -> list[str
 
 
 def record_preprocessing(ckpt_dir: str | os.PathLike, **settings: Any) -> str:
-    """Write how a model's input images were prepared (JSON values, e.g. ``image_dtype`` and ``intensity_max``) to
-    ``ckpt_dir/preprocessing.json`` (atomically), for :func:`check_preprocessing`; returns the file's path.
+    """Write how a model's inputs were prepared (JSON values, e.g. ``image_dtype`` and ``intensity_max``, or a table's
+    ``feature_columns``) to ``ckpt_dir/preprocessing.json`` (atomically), for :func:`check_preprocessing`; returns the
+    file's path.
 
     Example::
 
@@ -181,10 +184,22 @@ def record_preprocessing(ckpt_dir: str | os.PathLike, **settings: Any) -> str:
     return write_json(json.loads(json.dumps(settings)), Path(ckpt_dir) / PREPROCESSING_FILE)
 
 
+def recorded_preprocessing(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """The settings :func:`record_preprocessing` wrote beside a model, or ``{}`` without a record (a model trained
+    before monai-armed 0.8): an inference takes the training run's settings from it.
+
+    Example::
+
+        recorded_preprocessing("runs/spirals/models").get("feature_columns", ["f0", "f1"])
+    """
+    path = Path(ckpt_dir) / PREPROCESSING_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def check_preprocessing(ckpt_dir: str | os.PathLike, **settings: Any) -> None:
-    """Refuse an evaluation or inference that prepares the images otherwise than the model's training did (e.g. 12-bit
-    images scaled by 65535 after training on 4095: every prediction shifts, silently). Without a record (a model trained
-    before monai-armed 0.7) a warning says that nothing was checked.
+    """Refuse an evaluation or inference that prepares its inputs otherwise than the model's training did (e.g. 12-bit
+    images scaled by 65535 after training on 4095, or other feature columns of a table: every prediction shifts,
+    silently). Without a record (a model trained before monai-armed 0.7) a warning says that nothing was checked.
 
     Raises:
         ValueError: naming each setting that differs, with the training run's value and this one's.
@@ -195,11 +210,11 @@ def check_preprocessing(ckpt_dir: str | os.PathLike, **settings: Any) -> None:
     """
     path = Path(ckpt_dir) / PREPROCESSING_FILE
     if not path.is_file():
-        logger.warning(f"{path} does not exist: the image preprocessing is not checked against the training run's.")
+        logger.warning(f"{path} does not exist: the input preprocessing is not checked against the training run's.")
         return
     differ = _differences(json.loads(path.read_text()), json.loads(json.dumps(settings)))
     if differ:
         raise ValueError(
-            f"the model in {ckpt_dir} was trained on images prepared otherwise ({'; '.join(differ)}): give this run "
+            f"the model in {ckpt_dir} was trained on inputs prepared otherwise ({'; '.join(differ)}): give this run "
             f"the training run's {', '.join(settings)}."
         )

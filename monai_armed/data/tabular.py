@@ -37,6 +37,7 @@ from monai_armed.utils import atomic_open, cluster_id, csv_cell, is_missing_valu
 __all__ = [
     "TABULAR_TASKS",
     "check_output_path",
+    "csv_feature_columns",
     "load_csv_datalist",
     "save_csv_datalist",
     "save_predictions_csv",
@@ -67,18 +68,22 @@ def _resolve_feature_columns(
     label_column: str | None,
     cluster_column: str | None,
     path: str,
+    id_columns: Sequence[str] = (),
 ) -> list[str]:
     """Check that the requested columns exist and return the feature column names."""
+    if isinstance(id_columns, str):
+        raise ValueError(f"{path}: id_columns is a list of column names, got the string {id_columns!r}.")
+    other = [c for c in (label_column, cluster_column, *id_columns) if c is not None]
     if feature_columns is None:
-        feature_columns = [name for name in header if name not in (label_column, cluster_column)]
+        feature_columns = [name for name in header if name not in other]
         if not feature_columns:
-            raise ValueError(f"{path}: no feature columns besides {label_column!r} and {cluster_column!r}.")
+            raise ValueError(f"{path}: no feature columns besides {other}.")
     if not feature_columns:
         raise ValueError(f"{path}: feature_columns is empty; name at least one feature column.")
-    leaking = [c for c in (label_column, cluster_column) if c is not None and c in feature_columns]
+    leaking = [c for c in other if c in feature_columns]
     if leaking:
-        raise ValueError(f"{path}: feature_columns include {leaking}, the label / cluster column(s) of the rows.")
-    wanted = [*feature_columns, *(c for c in (label_column, cluster_column) if c is not None)]
+        raise ValueError(f"{path}: feature_columns include {leaking}, the label / cluster / id column(s) of the rows.")
+    wanted = [*feature_columns, *other]
     missing = [name for name in wanted if name not in header]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; the columns present are {header}.")
@@ -133,6 +138,8 @@ def load_csv_datalist(
     encoding: str = "utf-8-sig",
     task: str = "classification",
     n_classes: int | None = None,
+    id_columns: Sequence[str] = (),
+    line_key: str | None = None,
 ) -> list[dict]:
     """
     Load a tabular CSV file into a datalist.
@@ -160,10 +167,14 @@ def load_csv_datalist(
             (a continuous outcome, e.g. for :class:`~monai_armed.losses.GaussianLikelihood`), kept as a ``float``.
         n_classes: the classes the model predicts (classification): every label must be in ``0..n_classes - 1``, so
             a label the model cannot learn fails here, naming its line, before any training.
+        id_columns: columns that identify a row (e.g. ``["patient_id"]``): each item keeps the cell's text under the
+            column's name, and they are never features (``feature_columns=None`` leaves them out).
+        line_key: when given, each item keeps the line of the file it came from under this key (the header is line 1;
+            blank lines are skipped, so this is what joins a prediction back to its row).
 
     Returns:
         one dict per data row: ``{"features": float32 array (F,), "label": int, "cluster": str}`` (``"label"`` a
-        ``float`` for regression).
+        ``float`` for regression), plus the ``id_columns`` and ``line_key`` asked for.
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
@@ -180,6 +191,7 @@ def load_csv_datalist(
         load_csv_datalist("patients.csv", label_column="diagnosis", label_names=["CN", "AD"])  # "AD" -> 1
         load_csv_datalist("new_patients.csv", label_column=None, require_cluster=False)        # no cluster column
         load_csv_datalist("patients.csv", label_column="systolic_bp", task="regression")[0]["label"]   # 131.5
+        load_csv_datalist("patients.csv", id_columns=["patient_id"], line_key="csv_line")[0]["patient_id"]   # "P001"
     """
     path = os.fspath(path)
     _check_task(task)
@@ -199,7 +211,7 @@ def load_csv_datalist(
         try:
             datalist, n_without_cluster = _read_rows(
                 csv.reader(f), path, feature_columns, label_column, cluster_column, names, require_cluster, task,
-                n_classes,
+                n_classes, id_columns, line_key,
             )
         except UnicodeDecodeError as err:
             raise _decode_error(path, encoding, err) from None
@@ -223,6 +235,8 @@ def _read_rows(
     require_cluster: bool,
     task: str = "classification",
     n_classes: int | None = None,
+    id_columns: Sequence[str] = (),
+    line_key: str | None = None,
 ) -> tuple[list[dict], int]:
     """The datalist of a CSV reader's rows, and how many have an empty cluster cell (``require_cluster=False``)."""
     header = _read_header(reader, path)
@@ -232,8 +246,13 @@ def _read_rows(
             "Z-predictor's inferred membership, or fixed effects only."
         )
         cluster_column = None
-    features = _resolve_feature_columns(header, feature_columns, label_column, cluster_column, path)
+    features = _resolve_feature_columns(header, feature_columns, label_column, cluster_column, path, id_columns)
     feature_idx = [header.index(name) for name in features]
+    reserved = {"features", "label", "cluster"}
+    clashing = [key for key in (*id_columns, line_key) if key in reserved]
+    if clashing:
+        raise ValueError(f"{path}: id_columns / line_key {clashing} would replace the items' own keys {sorted(reserved)}.")
+    id_idx = [header.index(name) for name in id_columns]
     datalist, n_without_cluster = [], 0
     for row in reader:
         if not any(cell.strip() for cell in row):
@@ -243,6 +262,9 @@ def _read_rows(
             raise ValueError(f"{line}: expected {len(header)} cells as in the header, found {len(row)}.")
         values = [_parse_feature(row[i], f"{line}, column {name!r}") for i, name in zip(feature_idx, features)]
         item: dict = {"features": np.asarray(values, dtype=np.float32)}
+        item.update((name, row[i].strip()) for i, name in zip(id_idx, id_columns))
+        if line_key is not None:
+            item[line_key] = reader.line_num
         if label_column is not None:
             cell, where = row[header.index(label_column)], f"{line}, column {label_column!r}"
             if task == "regression":
@@ -262,6 +284,32 @@ def _read_rows(
                 n_without_cluster += 1
         datalist.append(item)
     return datalist, n_without_cluster
+
+
+def csv_feature_columns(
+    path: str | os.PathLike,
+    feature_columns: Sequence[str] | None = None,
+    label_column: str | None = "label",
+    cluster_column: str | None = "cluster",
+    id_columns: Sequence[str] = (),
+    encoding: str = "utf-8-sig",
+) -> list[str]:
+    """The feature columns :func:`load_csv_datalist` reads from ``path`` with these arguments, in order (``None``:
+    every column but the label, cluster and id columns); only the header is read. A bundle records them beside its
+    model (:func:`~monai_armed.data.record_preprocessing`) so that inference reads the same columns.
+
+    Example::
+
+        csv_feature_columns("patients.csv", id_columns=["patient_id"])   # ["age", "bmi"]
+    """
+    path = os.fspath(path)
+    with open(path, newline="", encoding=encoding) as f:
+        try:
+            header = _read_header(csv.reader(f), path)
+        except UnicodeDecodeError as err:
+            raise _decode_error(path, encoding, err) from None
+    label, cluster = (c if c in header else None for c in (label_column, cluster_column))
+    return _resolve_feature_columns(header, feature_columns, label, cluster, path, id_columns)
 
 
 def _feature_rows(datalist: Sequence[dict], features_key: str) -> list[np.ndarray]:
