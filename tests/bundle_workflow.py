@@ -223,11 +223,12 @@ def check_tracking(
 ) -> None:
     """Asserts what a bundle's training run in ``root`` with ``--tracking mlflow`` recorded.
 
-    MLflow (the default store, ``eval/mlruns.db``): the loss every iteration, each loss part's and the learning rate's
-    value every epoch, the validation metric, the report (``report/<report_key>`` equal to ``eval/metrics.json``) and
-    the report file. TensorBoard (``eval/tensorboard``): the parts every iteration and every epoch, the learning rate,
-    the random-effect spread, the validation metric and the report. The validation metric and ``validation_extra``
-    (further metrics the validation handlers compute) have the same value at every epoch in both.
+    MLflow (the default store, ``eval/mlruns.db``): the run's settings (``RunParams``), the loss every iteration, each
+    loss part's and the learning rate's value every epoch, the validation metric, the report (``report/<report_key>``
+    equal to ``eval/metrics.json``) and the report file. TensorBoard (``eval/tensorboard``): the parts every iteration
+    and every epoch, the learning rate, the random-effect spread, the validation metric and the report. The validation
+    metric and ``validation_extra`` (further metrics the validation handlers compute) have the same value at every
+    epoch in both.
 
     Example::
 
@@ -240,6 +241,8 @@ def check_tracking(
     client, run = mlflow_run(path_to_sqlite_uri(str(root / "eval" / "mlruns.db")))
     assert run.info.status == "FINISHED"
     logged = set(run.data.metrics)
+    settings = {"variant", "epochs", "batch_size", "learning_rate", "seed", "gen_weight", "kl_weight"}
+    assert settings <= set(run.data.params) and run.data.params["epochs"] == str(epochs), "RunParams in MLflow"
 
     def steps(key: str) -> list[int]:
         return [m.step for m in client.get_metric_history(run.info.run_id, key)]

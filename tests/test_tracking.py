@@ -36,7 +36,7 @@ from monai_armed.engines import (
     PrepareBatchCluster,
     iteration_scalars,
 )
-from monai_armed.handlers import RandomEffectsSummary, ReportLogger, flatten_report, output_field
+from monai_armed.handlers import RandomEffectsSummary, ReportLogger, RunParams, flatten_report, output_field
 from monai_armed.metrics import predicted_class
 from monai_armed.networks import MixedEffectsMLP
 from tests.bundle_workflow import (
@@ -233,6 +233,36 @@ def test_mlflow_handler_default_logs_every_part_without_decollation(tracking_uri
     np.testing.assert_allclose(
         [v for _, v in _history(mlflow, "loss_gen")], [it["loss_gen"] for epoch in recorded for it in epoch], rtol=1e-5
     )
+
+
+class _TextWriter:
+    def __init__(self):
+        self.texts = []
+
+    def add_text(self, tag, text, step):
+        self.texts.append((tag, text, step))
+
+
+def test_run_params_are_recorded_once_per_run_and_a_changed_one_is_named(tracking_uri, caplog):
+    """A resumed run (the same MLflow run name) keeps its first values: MLflow refuses to change a parameter."""
+    writer, runs = _TextWriter(), []
+    for lr in (0.01, 0.02):
+        # an interrupted run is not finished, so the second run (the resume) continues it
+        mlflow = MLFlowHandler(tracking_uri=tracking_uri, experiment_name="run_params", run_name="run_a", close_on_complete=False)
+        trainer = _armed_trainer(False, [mlflow])
+        RunParams({"learning_rate": lr, "variant": "armed", "columns": ["f0", "f1"]}, writer, [mlflow, None]).attach(trainer)
+        with caplog.at_level(logging.WARNING, logger="monai_armed.handlers.run_params"):
+            trainer.run()
+        run = mlflow.client.search_runs([mlflow.experiment.experiment_id])[0]
+        runs.append(run.info.run_id)
+        assert run.data.params["learning_rate"] == "0.01" and run.data.params["columns"] == '["f0", "f1"]'
+        assert run.data.params["variant"] == "armed" and run.data.params["max_epochs"] == str(EPOCHS)
+    assert runs[0] == runs[1], "the second run continued the first"
+    assert "keeps the settings it recorded first; now learning_rate: 0.01 -> 0.02" in caplog.text
+    assert [tag for tag, _, _ in writer.texts] == ["run_params", "run_params"]
+    assert "| learning_rate | 0.02 |" in writer.texts[1][1]
+    with pytest.raises(ValueError, match=r"the values of \['formula'\] are longer than MLflow's 6000"):
+        RunParams({"formula": "x" * 6001})
 
 
 def test_epoch_means_precede_the_train_handlers_and_can_be_turned_off():

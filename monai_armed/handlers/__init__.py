@@ -30,5 +30,6 @@ from .prediction_collector import PredictionCollector, output_field
 from .random_effects_summary import RandomEffectsSummary
 from .random_states import RandomStates
 from .run_logs import run_log_dir, tracking_run_name
+from .run_params import RunParams
 from .report_logger import ReportLogger, flatten_report
 from .segmentation_outputs import SegmentationWriter
