@@ -315,6 +315,13 @@ class TestConfiguration(unittest.TestCase):
         dropped.run()
         self.assertEqual(dropped.state.iteration, 1)
 
+    def test_cross_entropy_on_the_one_logit_classifier_is_refused(self):
+        net, adv, judge = _models("armed")
+        before = _flat(net)
+        with self.assertRaisesRegex(ValueError, "CrossEntropyLoss on a one-logit output is 0"):
+            _trainer(_images(), net, adv, judge, iterations=1, loss_function=torch.nn.CrossEntropyLoss()).run()
+        torch.testing.assert_close(_flat(net), before, msg="refused before any step")
+
     def test_missing_labels(self):
         net, adv, judge = _models("armed")
         data = {k: v for k, v in _images().items() if k != "label"}

@@ -295,6 +295,7 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
         self, out: AECOutput, inputs: torch.Tensor, targets: torch.Tensor, cluster_target: torch.Tensor
     ) -> torch.Tensor:
         """The weighted reconstruction, task and latent-cluster terms, logging each part."""
+        self._check_task_loss_fits(out.pred_fe)
         parts = [
             (AECKeys.LOSS_RECON_FE, self.recon_weight, self.recon_loss_function(out.recon_fe, inputs)),
             (AECKeys.LOSS_FE, self.cls_weight, self.loss_function(out.pred_fe, targets, **self._loss_kwargs).mean()),

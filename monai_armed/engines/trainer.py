@@ -494,15 +494,19 @@ class ARMEDTrainer(SupervisedTrainer):
         length, max_iters = self.state.epoch_length, getattr(self.state, "max_iters", None)
         return length is None or self.state.iteration % length == 0 or self.state.iteration == max_iters
 
-    def _task_loss(self, out: Any, targets: torch.Tensor) -> torch.Tensor:
-        """``me_weight * task(pred) + fe_weight * task(pred_fe)``, logging each part."""
-        output = self.state.output
-        one_logit = out.pred.dim() >= 2 and out.pred.shape[1] == 1
+    def _check_task_loss_fits(self, pred: torch.Tensor) -> None:
+        """On a checked batch, refuse a cross-entropy on one logit (it is 0 whatever the logit, so nothing trains)."""
+        one_logit = pred.dim() >= 2 and pred.shape[1] == 1
         if batch_checks_enabled() and isinstance(self.loss_function, nn.CrossEntropyLoss) and one_logit:
             raise ValueError(
                 "CrossEntropyLoss on a one-logit output is 0 whatever the logit (a softmax over one class): use "
                 "LogitClassificationLoss or BCEWithLogitsLoss, or give the network two outputs."
             )
+
+    def _task_loss(self, out: Any, targets: torch.Tensor) -> torch.Tensor:
+        """``me_weight * task(pred) + fe_weight * task(pred_fe)``, logging each part."""
+        output = self.state.output
+        self._check_task_loss_fits(out.pred)
         loss = None
         for key, weight, pred in (
             (ARMEDKeys.LOSS_ME, self.me_weight, out.pred),
