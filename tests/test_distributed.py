@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from monai_armed.engines import ARMEDEvaluator, ARMEDForward, ARMEDTrainer, PrepareBatchCluster, armed_ddp, unwrap_armed
+from monai_armed.handlers import RandomStates
 from monai_armed.networks import ClusterAdversary, MixedEffectsMLP
 from tests.test_engines import N_CLUSTERS, _problem
 
@@ -94,12 +95,28 @@ def _sharded_regression_mse(rank: int) -> float:
     return float(evaluator.state.metrics["mse"])
 
 
+def _random_states_round_trip(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank draws its own stream (seed 100 + rank); only rank 0 saves the checkpoint, every rank loads it. Returns
+    what the rank drew after the save and what it draws again after loading: equal when its own state came back."""
+    torch.manual_seed(100 + rank)
+    states = RandomStates()
+    engine = Engine(lambda e, b: torch.rand(1))
+    states.attach(engine)  # the ranks exchange their states at the epoch's end
+    engine.run([0, 1], max_epochs=1)
+    checkpoint = [states.state_dict() if rank == 0 else None]
+    drawn = torch.rand(4)
+    dist.broadcast_object_list(checkpoint, src=0)
+    states.load_state_dict(checkpoint[0])
+    return drawn, torch.rand(4)
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (and the ranks share 2 cores)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     try:
         results = {config: _train(WORLD_SIZE, rank, *config) for config in CONFIGS}
         results["regression_mse"] = _sharded_regression_mse(rank)
+        results["random_states"] = _random_states_round_trip(rank)
     finally:
         dist.destroy_process_group()
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -131,6 +148,11 @@ class TestDDPMatchesSingleProcess(unittest.TestCase):
             # fork: the workers inherit the imported modules instead of importing torch, MONAI and sklearn again
             mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD_SIZE, join=True, start_method="fork")
             cls.ranks = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+
+    def test_rank0s_checkpoint_restores_every_ranks_own_random_stream(self):
+        (drawn0, again0), (drawn1, again1) = (rank["random_states"] for rank in self.ranks)
+        self.assertTrue(torch.equal(drawn0, again0) and torch.equal(drawn1, again1))
+        self.assertFalse(torch.equal(drawn0, drawn1), "the ranks drew the same stream")
 
     def test_regression_metrics_cover_every_ranks_shard(self):
         self.assertEqual([rank["regression_mse"] for rank in self.ranks], [5.0, 5.0])

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import types
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,9 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
 from monai.transforms import Randomizable
 
 __all__ = ["RandomStates"]
+
+logger = logging.getLogger(__name__)
 
 # objects whose insides hold no random state of a data pipeline (and can be large)
 _LEAVES = (str, bytes, int, float, bool, type(None), torch.Tensor, np.ndarray, torch.nn.Module, types.ModuleType, type)
@@ -73,6 +78,14 @@ class RandomStates:
 
     Everything is stored as tensors and plain Python types, so the checkpoint loads with ``weights_only=True``.
 
+    Under ``torch.distributed`` each rank draws its own streams (seed each rank differently, e.g. ``seed + rank``, so
+    that the ranks' random-effect samples, dropout and augmentations are not copies of each other), while only rank 0
+    saves the checkpoint. :meth:`attach` it to the trainer on every rank, after the validation handlers and before the
+    checkpoint saver: at each epoch's end the ranks then exchange their states, rank 0's checkpoint holds every rank's
+    (``{"ranks": [state of rank 0, state of rank 1, ...]}``) and each rank restores its own. A checkpoint of another
+    number of ranks restores ``rank % n``'s state, with a warning (the run is no longer an exact continuation); one of a
+    single process gives every rank its state.
+
     Args:
         sources: objects to search for randomizable transforms and generators (public attributes, containers of up
             to 64 items, 10 levels deep; private attributes such as caches are skipped).
@@ -83,10 +96,24 @@ class RandomStates:
         saver = CheckpointSaver("models", {"model": net, "trainer": trainer, "rng": rng}, save_interval=1,
                                 file_prefix="resume")
         loader = CheckpointLoader("models/resume_checkpoint_epoch=2.pt", {"model": net, "trainer": trainer, "rng": rng})
+        rng.attach(trainer)   # under torch.distributed, on every rank, before saver.attach(trainer) on rank 0
     """
 
     def __init__(self, sources: Sequence[Any] = ()) -> None:
         self.sources = list(sources)
+        self._ranks: list[dict[str, Any]] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Exchange the ranks' states at every epoch's end (a collective: on every rank) when ``torch.distributed`` is
+        initialised with several ranks; otherwise nothing is attached."""
+        if _world_size() > 1:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.gather)
+
+    def gather(self, engine: Engine | None = None) -> None:
+        """Collect every rank's current state (a collective) for the next :meth:`state_dict` of rank 0."""
+        ranks: list[Any] = [None] * _world_size()
+        dist.all_gather_object(ranks, self._local_state_dict())
+        self._ranks = ranks
 
     def _stateful(self) -> tuple[list[Randomizable], list[torch.Generator]]:
         seen: set[int] = set()
@@ -96,6 +123,15 @@ class RandomStates:
         return transforms, generators
 
     def state_dict(self) -> dict[str, Any]:
+        """This process's states or, after :meth:`gather`, every rank's (this rank's taken now)."""
+        local = self._local_state_dict()
+        if self._ranks is None:
+            return local
+        ranks = list(self._ranks)
+        ranks[_rank()] = local
+        return {"ranks": ranks}
+
+    def _local_state_dict(self) -> dict[str, Any]:
         transforms, generators = self._stateful()
         state: dict[str, Any] = {
             "python": random.getstate(),
@@ -109,6 +145,15 @@ class RandomStates:
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore this process's states: its own rank's from a checkpoint of several ranks."""
+        if "ranks" in state_dict:
+            ranks, rank = state_dict["ranks"], _rank()
+            if len(ranks) != _world_size():
+                logger.warning(
+                    f"the checkpoint holds the random states of {len(ranks)} rank(s), this run has {_world_size()}: rank "
+                    f"{rank} takes those of rank {rank % len(ranks)}, so the run does not continue exactly."
+                )
+            state_dict = ranks[rank % len(ranks)]
         transforms, generators = self._stateful()
         saved_transforms, saved_generators = state_dict["transforms"], state_dict["generators"]
         if len(transforms) != len(saved_transforms) or len(generators) != len(saved_generators):
@@ -127,3 +172,11 @@ class RandomStates:
             transform.R.set_state(_from_numpy_state(saved))
         for generator, saved in zip(generators, saved_generators):
             generator.set_state(saved)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
