@@ -188,13 +188,14 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             break
     if args.folds is not None and args.folds < 2:
         parser.error(f"--folds must be at least 2, got {args.folds}.")
-    if args.compare_lme4 and shutil.which("Rscript") is None:
-        parser.error("--compare-lme4 needs Rscript with lme4 (apt-get install r-cran-lme4), which is not installed.")
+    # the option conflict first: it holds whether or not R is installed
     if args.compare_lme4 and args.weights:
         parser.error(
             "--compare-lme4 with --weights: these weights multiply each row's log-likelihood (frequency weights), "
             "lme4's divide the residual variance (precision weights), so the two fits would not be comparable."
         )
+    if args.compare_lme4 and shutil.which("Rscript") is None:
+        parser.error("--compare-lme4 needs Rscript with lme4 (apt-get install r-cran-lme4), which is not installed.")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
