@@ -107,7 +107,10 @@ def _random_states_round_trip(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     drawn = torch.rand(4)
     dist.broadcast_object_list(checkpoint, src=0)
     states.load_state_dict(checkpoint[0])
-    return drawn, torch.rand(4)
+    again = torch.rand(4)
+    # a checkpoint of one process (or of monai-armed 0.7) holds one state: the ranks must not draw alike after it
+    states.load_state_dict(checkpoint[0]["ranks"][0])
+    return drawn, again, torch.rand(4)
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -150,9 +153,12 @@ class TestDDPMatchesSingleProcess(unittest.TestCase):
             cls.ranks = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
     def test_rank0s_checkpoint_restores_every_ranks_own_random_stream(self):
-        (drawn0, again0), (drawn1, again1) = (rank["random_states"] for rank in self.ranks)
+        (drawn0, again0, single0), (drawn1, again1, single1) = (rank["random_states"] for rank in self.ranks)
         self.assertTrue(torch.equal(drawn0, again0) and torch.equal(drawn1, again1))
         self.assertFalse(torch.equal(drawn0, drawn1), "the ranks drew the same stream")
+        # from a one-process state rank 0 continues it and rank 1 re-seeds from it and its rank
+        self.assertTrue(torch.equal(single0, drawn0))
+        self.assertFalse(torch.equal(single1, single0) or torch.equal(single1, drawn1))
 
     def test_regression_metrics_cover_every_ranks_shard(self):
         self.assertEqual([rank["regression_mse"] for rank in self.ranks], [5.0, 5.0])

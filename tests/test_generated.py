@@ -205,10 +205,13 @@ def test_an_interrupted_generation_is_resumed_and_its_stale_files_removed(tmp_pa
     assert journal == read_manifest(out)["files"] and set(journal) == {"b.txt", "c.txt", "datalist.json"}
 
 
-def test_a_users_file_named_like_a_generated_one_is_never_deleted(tmp_path):
+@pytest.mark.parametrize("owner_of_version_0_7", [False, True])
+def test_a_users_file_named_like_a_generated_one_is_never_deleted(tmp_path, owner_of_version_0_7):
     out = tmp_path / "cells"
     params = {"n_seen": 2, "n_unseen": 1, "cells_per_batch": 2, "frames_per_cell": 1, "size": 32, "num_workers": 1}
     ensure_microscopy_dataset(out, **params)
+    if owner_of_version_0_7:  # no journal: the manifest of the last complete run lists the generator's files
+        (out / OWNER_FILE).write_text(json.dumps({"generator": "microscopy"}))
     mine = out / "images" / "b07_p0_c099_f0.tif"  # the generator's naming pattern; not one of its files
     mine.write_bytes(b"my own cell")
     before = _checksums(out)

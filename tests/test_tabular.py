@@ -86,6 +86,22 @@ def test_id_columns_are_kept_as_text_and_never_features(tmp_path):
         load_csv_datalist(path, id_columns="pid")
     with pytest.raises(ValueError, match=r"ids.csv: id_columns / line_key \['label'\] would replace"):
         load_csv_datalist(path, feature_columns=["x"], line_key="label")
+    with pytest.raises(ValueError, match=r"ids.csv: \['pid'\] named twice among id_columns \['pid'\] and line_key"):
+        load_csv_datalist(path, id_columns=["pid"], line_key="pid")
+    with pytest.raises(ValueError, match=r"\['pid'\] named twice"):
+        load_csv_datalist(path, id_columns=["pid", "pid"])
+    with pytest.raises(ValueError, match=r"the columns \['p_class1'\] would appear twice"):
+        save_predictions_csv(tmp_path / "p.csv", [{"p_class1": "a"}], np.array([0.5]), id_keys=["p_class1"])
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_records_line_is_its_first_when_a_quoted_cell_spans_lines(tmp_path):
+    path = _write(tmp_path, 'pid,x,label,cluster\n"a\nb",1,0,A\nc,2,1,B\n"",,,\nd,oops,1,B\n', name="multi.csv")
+    with pytest.raises(ValueError, match=r"multi.csv, line 6, column 'x'"):
+        load_csv_datalist(path, id_columns=["pid"], line_key="csv_line")
+    path.write_text(path.read_text().replace("oops", "3"))
+    loaded = load_csv_datalist(path, id_columns=["pid"], line_key="csv_line")
+    assert [(item["pid"], item["csv_line"]) for item in loaded] == [("a\nb", 2), ("c", 4), ("d", 6)]
 
 
 def test_missing_file(tmp_path):

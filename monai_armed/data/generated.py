@@ -233,7 +233,8 @@ def claim_output_dir(out_dir: str | os.PathLike, generator: str, owns: Callable[
         out_dir: the output folder.
         generator: the generator's name, written into :data:`OWNER_FILE` and the manifest.
         owns: whether a relative path (e.g. ``"images/site01_sub000_img0.nii.gz"``) is a name the generator writes;
-            consulted only for a folder of version 0.7.0 or earlier, whose owner file has no journal.
+            consulted only for a folder of version 0.7.0 or earlier (no journal) without a manifest, i.e. left by an
+            interrupted run, whose files nothing else lists.
 
     Example::
 
@@ -261,7 +262,9 @@ def claim_output_dir(out_dir: str | os.PathLike, generator: str, owns: Callable[
     elif owner is None and not own_manifest:
         foreign = [name for name in found if name not in fixed] or found
     else:
-        legacy = journal is None
+        # a folder of 0.7.0 or earlier has no journal: its manifest lists the files of its last complete run; only a run
+        # interrupted before its manifest leaves nothing but the generator's naming rule to go by
+        legacy = journal is None and not own_manifest
         foreign = []
         for name in found:
             real = _real_name(name)

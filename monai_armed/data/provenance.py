@@ -216,5 +216,5 @@ def check_preprocessing(ckpt_dir: str | os.PathLike, **settings: Any) -> None:
     if differ:
         raise ValueError(
             f"the model in {ckpt_dir} was trained on inputs prepared otherwise ({'; '.join(differ)}): give this run "
-            f"the training run's {', '.join(settings)}."
+            f"the training run's {', '.join(settings)} (or the options that decide them, e.g. a table's id_columns)."
         )

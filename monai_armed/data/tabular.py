@@ -252,19 +252,26 @@ def _read_rows(
     clashing = [key for key in (*id_columns, line_key) if key in reserved]
     if clashing:
         raise ValueError(f"{path}: id_columns / line_key {clashing} would replace the items' own keys {sorted(reserved)}.")
+    named = [*id_columns, *([line_key] if line_key is not None else [])]
+    repeated = sorted({key for key in named if named.count(key) > 1})
+    if repeated:
+        raise ValueError(f"{path}: {repeated} named twice among id_columns {list(id_columns)} and line_key {line_key!r}.")
     id_idx = [header.index(name) for name in id_columns]
     datalist, n_without_cluster = [], 0
+    last_line = reader.line_num
     for row in reader:
+        # a quoted cell may hold line breaks: a record's line is the first of its lines
+        first_line, last_line = last_line + 1, reader.line_num
         if not any(cell.strip() for cell in row):
             continue
-        line = f"{path}, line {reader.line_num}"
+        line = f"{path}, line {first_line}"
         if len(row) != len(header):
             raise ValueError(f"{line}: expected {len(header)} cells as in the header, found {len(row)}.")
         values = [_parse_feature(row[i], f"{line}, column {name!r}") for i, name in zip(feature_idx, features)]
         item: dict = {"features": np.asarray(values, dtype=np.float32)}
         item.update((name, row[i].strip()) for i, name in zip(id_idx, id_columns))
         if line_key is not None:
-            item[line_key] = reader.line_num
+            item[line_key] = first_line
         if label_column is not None:
             cell, where = row[header.index(label_column)], f"{line}, column {label_column!r}"
             if task == "regression":
@@ -442,9 +449,13 @@ def save_predictions_csv(
         raise ValueError(f"{len(prob)} predictions for {len(datalist)} samples.")
     prob = prob.reshape(len(prob), -1)
     names = ["p_class1"] if prob.shape[1] == 1 else [f"p_class{i}" for i in range(prob.shape[1])]
+    header = [*id_keys, "cluster", *names]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}: the columns {repeated} would appear twice in {header}; rename the id_keys.")
     with atomic_open(path, newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*id_keys, "cluster", *names])
+        writer.writerow(header)
         for item, row in zip(datalist, prob):
             text = [csv_cell(item.get(k, "")) for k in (*id_keys, raw_cluster_key)]
             writer.writerow([*text, *(f"{v:.6f}" for v in row)])

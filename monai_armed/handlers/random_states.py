@@ -82,9 +82,10 @@ class RandomStates:
     that the ranks' random-effect samples, dropout and augmentations are not copies of each other), while only rank 0
     saves the checkpoint. :meth:`attach` it to the trainer on every rank, after the validation handlers and before the
     checkpoint saver: at each epoch's end the ranks then exchange their states, rank 0's checkpoint holds every rank's
-    (``{"ranks": [state of rank 0, state of rank 1, ...]}``) and each rank restores its own. A checkpoint of another
-    number of ranks restores ``rank % n``'s state, with a warning (the run is no longer an exact continuation); one of a
-    single process gives every rank its state.
+    (``{"ranks": [state of rank 0, state of rank 1, ...]}``) and each rank restores its own. A rank that a checkpoint
+    holds no state of (one of a single process or of fewer ranks, e.g. from monai-armed 0.7) starts from rank
+    ``rank % n``'s and re-seeds every stream from it and its own rank, with a warning: no two ranks draw the same
+    numbers, but the run does not continue exactly.
 
     Args:
         sources: objects to search for randomizable transforms and generators (public attributes, containers of up
@@ -145,15 +146,34 @@ class RandomStates:
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore this process's states: its own rank's from a checkpoint of several ranks."""
-        if "ranks" in state_dict:
-            ranks, rank = state_dict["ranks"], _rank()
-            if len(ranks) != _world_size():
-                logger.warning(
-                    f"the checkpoint holds the random states of {len(ranks)} rank(s), this run has {_world_size()}: rank "
-                    f"{rank} takes those of rank {rank % len(ranks)}, so the run does not continue exactly."
-                )
-            state_dict = ranks[rank % len(ranks)]
+        """Restore this process's states: its own rank's from a checkpoint of several ranks. A rank the checkpoint has
+        no state of (a checkpoint of one process, or of fewer ranks) starts from one that it has and then re-seeds
+        every stream from it and its own rank, so that no two ranks draw the same numbers."""
+        rank, ranks = _rank(), state_dict["ranks"] if "ranks" in state_dict else [state_dict]
+        source = rank % len(ranks)
+        self._restore(ranks[source])
+        if source != rank:
+            logger.warning(
+                f"the checkpoint holds the random states of {len(ranks)} process(es), this run has {_world_size()}: rank "
+                f"{rank} re-seeds its streams from those of rank {source} and its own rank, so the run does not "
+                "continue exactly as the checkpoint's would."
+            )
+            self._reseed(rank)
+
+    def _reseed(self, rank: int) -> None:
+        """Re-seed every stream from a number drawn from the restored torch stream and ``rank``."""
+        transforms, generators = self._stateful()
+        key = int(torch.randint(0, 2**62, (1,)).item())
+        seeds = [int(s) for s in np.random.SeedSequence([key, rank]).generate_state(3 + len(transforms) + len(generators))]
+        random.seed(seeds[0])
+        np.random.seed(seeds[1])
+        torch.manual_seed(seeds[2])  # CUDA too
+        for transform, seed in zip(transforms, seeds[3:]):
+            transform.R.seed(seed)
+        for generator, seed in zip(generators, seeds[3 + len(transforms) :]):
+            generator.manual_seed(seed)
+
+    def _restore(self, state_dict: Mapping[str, Any]) -> None:
         transforms, generators = self._stateful()
         saved_transforms, saved_generators = state_dict["transforms"], state_dict["generators"]
         if len(transforms) != len(saved_transforms) or len(generators) != len(saved_generators):
