@@ -246,3 +246,16 @@ def test_random_states_refuse_another_pipeline():
     state = RandomStates([loader, tabular]).state_dict()
     with pytest.raises(ValueError, match="resume with the same configuration"):
         RandomStates([tabular]).load_state_dict(state)
+
+
+def test_random_states_of_several_ranks_in_one_process_restore_rank_0s_and_warn(caplog):
+    """A DDP checkpoint (every rank's states) resumed by one process: it continues rank 0's streams, with a warning."""
+    torch.manual_seed(3)
+    rank0 = RandomStates().state_dict()
+    expected = torch.rand(3)
+    torch.manual_seed(4)
+    rank1 = RandomStates().state_dict()
+    with caplog.at_level(logging.WARNING, logger="monai_armed.handlers.random_states"):
+        RandomStates().load_state_dict({"ranks": [rank0, rank1]})
+    assert torch.equal(torch.rand(3), expected)
+    assert "holds the random states of 2 process(es), this run has 1: rank 0 takes its own" in caplog.text

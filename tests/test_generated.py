@@ -149,11 +149,15 @@ def test_another_generators_folder_is_refused(tmp_path):
 
 
 def test_a_manifest_of_an_older_version_is_adopted(tmp_path):
+    """Manifests before 0.5 listed the data files only and named the records (the datalist) by key."""
     (tmp_path / "data.txt").write_text("x")
+    (tmp_path / "datalist.json").write_text("{}")
     params = _parameters(3)
-    (tmp_path / MANIFEST).write_text(json.dumps({"parameters": params, "hash": parameter_hash(params), "files": ["data.txt"]}))
-    claim_output_dir(tmp_path, "toy", _owns)
-    assert json.loads((tmp_path / OWNER_FILE).read_text()) == {"generator": "toy", "files": {"data.txt": None}}
+    old = {"parameters": params, "hash": parameter_hash(params), "datalist": "datalist.json", "files": ["data.txt"]}
+    (tmp_path / MANIFEST).write_text(json.dumps(old))
+    claim_output_dir(tmp_path, "toy", lambda name: False)
+    journal = {"data.txt": None, "datalist.json": None}
+    assert json.loads((tmp_path / OWNER_FILE).read_text()) == {"generator": "toy", "files": journal}
 
 
 def test_a_folder_of_version_0_7_adopts_the_generators_names_into_its_journal(tmp_path):

@@ -92,6 +92,8 @@ def test_id_columns_are_kept_as_text_and_never_features(tmp_path):
         load_csv_datalist(path, id_columns=["pid", "pid"])
     with pytest.raises(ValueError, match=r"the columns \['p_class1'\] would appear twice"):
         save_predictions_csv(tmp_path / "p.csv", [{"p_class1": "a"}], np.array([0.5]), id_keys=["p_class1"])
+    with pytest.raises(ValueError, match="the id key 'cluster_id' is where the raw cluster ids are kept"):
+        save_predictions_csv(tmp_path / "p.csv", [{"cluster_id": "A"}], np.array([0.5]), "cluster_id", ["cluster_id"])
     assert not (tmp_path / "p.csv").exists()
 
 

@@ -77,6 +77,8 @@ _OWN_DATA = (
     "this folder under the name the bundle reads (spirals.csv, datalist.json) with --generate_default_data False"
 )
 _CHUNK = 1 << 20
+#: manifest keys that are not the name of one of the generator's records
+_MANIFEST_KEYS = ("generator", "parameters", "hash", "files")
 
 
 class ForeignFilesError(FileExistsError):
@@ -256,6 +258,8 @@ def claim_output_dir(out_dir: str | os.PathLike, generator: str, owns: Callable[
     listed = manifest.get("files", ()) if own_manifest else ()
     known = dict(journal or {})
     known.update(listed.items() if isinstance(listed, Mapping) else dict.fromkeys(listed))
+    if own_manifest:  # its records (datalist.json, ...), named by key; manifests before 0.5 listed data files only
+        known.update({v: known.get(v) for k, v in manifest.items() if k not in _MANIFEST_KEYS and isinstance(v, str)})
     fixed = {OWNER_FILE, MANIFEST}
     if owner is not None and owner != generator:
         foreign = [OWNER_FILE]

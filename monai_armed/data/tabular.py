@@ -453,6 +453,11 @@ def save_predictions_csv(
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise ValueError(f"{path}: the columns {repeated} would appear twice in {header}; rename the id_keys.")
+    if raw_cluster_key in id_keys:
+        raise ValueError(
+            f"{path}: the id key {raw_cluster_key!r} is where the raw cluster ids are kept (raw_cluster_key), so the "
+            "items' own values under it were replaced; rename that id column."
+        )
     with atomic_open(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)

@@ -84,8 +84,8 @@ class RandomStates:
     checkpoint saver: at each epoch's end the ranks then exchange their states, rank 0's checkpoint holds every rank's
     (``{"ranks": [state of rank 0, state of rank 1, ...]}``) and each rank restores its own. A rank that a checkpoint
     holds no state of (one of a single process or of fewer ranks, e.g. from monai-armed 0.7) starts from rank
-    ``rank % n``'s and re-seeds every stream from it and its own rank, with a warning: no two ranks draw the same
-    numbers, but the run does not continue exactly.
+    ``rank % n``'s and re-seeds every stream from it and its own rank: no two ranks draw the same numbers. Whenever
+    the checkpoint's number of processes differs from the run's, a warning says that the run does not continue exactly.
 
     Args:
         sources: objects to search for randomizable transforms and generators (public attributes, containers of up
@@ -152,12 +152,13 @@ class RandomStates:
         rank, ranks = _rank(), state_dict["ranks"] if "ranks" in state_dict else [state_dict]
         source = rank % len(ranks)
         self._restore(ranks[source])
-        if source != rank:
+        if len(ranks) != _world_size():
+            how = f"re-seeds its streams from those of rank {source} and its own rank" if source != rank else "takes its own"
             logger.warning(
                 f"the checkpoint holds the random states of {len(ranks)} process(es), this run has {_world_size()}: rank "
-                f"{rank} re-seeds its streams from those of rank {source} and its own rank, so the run does not "
-                "continue exactly as the checkpoint's would."
+                f"{rank} {how}, so the run does not continue exactly as the checkpoint's would."
             )
+        if source != rank:
             self._reseed(rank)
 
     def _reseed(self, rank: int) -> None:
