@@ -40,6 +40,7 @@ from bundle_runner import (  # noqa: E402  (benchmarks/ is on sys.path when run 
     run_train_config,
 )
 
+from monai_armed.metrics import mean_ci95
 from monai_armed.utils import nan_to_none
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +155,43 @@ def _f(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+#: the classification scores reported with their 95% intervals: (column, score group)
+_AUROCS = (("seen AUROC", "seen"), ("unseen AUROC", "unseen"), ("unseen AUROC (fixed)", "unseen_fixed"))
+
+
+def _interval(values: Sequence[float | None]) -> str:
+    """``mean [low, high]`` (95% t-interval over seeds) of the finite values, ``-`` without any."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    if not finite:
+        return "-"
+    mean, ci = mean_ci95(finite)
+    return f"{mean:.3f}" if ci is None else f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def interval_lines(results: dict, baseline: str = "conventional") -> list[str]:
+    """The AUROCs of every model as mean [95% t-interval] over seeds and, paired by seed, each model minus
+    ``baseline`` (every seed's data are shared by the models), with the per-seed differences."""
+    models = results["models"]
+    lines = [
+        "AUROC, mean [95% t-interval] over seeds, and each model minus the conventional AEC paired by seed:",
+        "",
+        "| model | " + " | ".join(column for column, _ in _AUROCS) + " | unseen AUROC minus conventional (per seed) |",
+        "|---|---|---|---|---|",
+    ]
+    base = [run["unseen"]["auroc"] for run in models[baseline]["per_seed"]] if baseline in models else None
+    for name, entry in models.items():
+        cells = [_interval([run[group]["auroc"] for run in entry["per_seed"]]) for _, group in _AUROCS]
+        if base is None or name == baseline:
+            cells.append("-")
+        else:
+            own = [run["unseen"]["auroc"] for run in entry["per_seed"]]
+            diffs = [None if a is None or b is None else a - b for a, b in zip(own, base)]
+            each = ", ".join("-" if d is None else f"{d:+.3f}" for d in diffs)
+            cells.append(f"{_interval(diffs)} ({each})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_section(results: dict) -> str:
     proto = results["protocol"]
     lines = [
@@ -181,6 +219,7 @@ def render_section(results: dict) -> str:
             cells.append(_f(e["anova_f"][metric], 1) + me)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     walls = ", ".join(f"{k} {v:.0f} s" for k, v in proto["wall_seconds_per_bundle_run"].items())
+    lines += ["", *interval_lines(results)]
     lines += [
         "",
         f"Wall time of one bundle run (train + evaluate): {walls}.",

@@ -97,3 +97,22 @@ def test_a_cached_bundle_run_of_other_settings_is_refused(tools, tmp_path):
     with pytest.raises(RuntimeError, match=r"other settings \(\['epochs'\]\)"):
         bundle_runner.run_train_config(tmp_path, root, run, epochs=3)
     assert bundle_runner.run_train_config(tmp_path, root, run, epochs=1) == {"seen": {}}
+
+
+def test_microscopy_benchmark_reports_intervals_and_paired_differences():
+    """Each AUROC as mean [95% t-interval] over seeds, and each model minus the conventional AEC paired by seed (a
+    seed without a score is left out of the pair, and shown as '-')."""
+    (microscopy,) = import_benchmarks("microscopy_batches")
+
+    def run(seen, unseen, fixed):
+        return {"seen": {"auroc": seen}, "unseen": {"auroc": unseen}, "unseen_fixed": {"auroc": fixed}}
+
+    results = {
+        "models": {
+            "conventional": {"per_seed": [run(0.9, 0.7, 0.7), run(0.88, 0.75, 0.75), run(0.89, 0.72, 0.72)]},
+            "armed": {"per_seed": [run(0.91, 0.8, 0.79), run(0.9, 0.74, 0.76), run(0.92, None, 0.77)]},
+        }
+    }
+    rows = {line.split(" | ")[0][2:]: line for line in microscopy.interval_lines(results) if line.startswith("| ")}
+    assert rows["conventional"].startswith("| conventional | 0.890 [0.865, 0.915] | 0.723 [0.661, 0.786] |")
+    assert rows["armed"].endswith("| 0.045 [-0.654, 0.744] (+0.100, -0.010, -) |")
