@@ -147,10 +147,7 @@ def write_manifest(
         "files": {name: file_record(out / name) for name in names},
     }
     path = Path(write_json(manifest, out / MANIFEST))
-    owner = _read_owner(out)
-    if owner is not None:
-        journal = {k: v for k, v in (_journal(owner) or {}).items() if (out / k).is_file()}
-        _write_owner(out, owner.get("generator", generator), {**journal, **manifest["files"]})
+    _update_journal(out, lambda journal: {**{k: v for k, v in journal.items() if (out / k).is_file()}, **manifest["files"]})
     return path
 
 
@@ -218,6 +215,13 @@ def _journal(owner: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def _write_owner(out: Path, generator: str, files: Mapping[str, Any]) -> None:
     write_json({"generator": generator, "files": dict(sorted(files.items()))}, out / OWNER_FILE)
+
+
+def _update_journal(out: Path, change: Callable[[dict[str, Any]], Mapping[str, Any]]) -> None:
+    """Replace the journal of ``out``'s :data:`OWNER_FILE` by ``change(journal)``; nothing without an owner file."""
+    owner = _read_owner(out)
+    if owner is not None:
+        _write_owner(out, owner.get("generator", ""), change(_journal(owner) or {}))
 
 
 def claim_output_dir(out_dir: str | os.PathLike, generator: str, owns: Callable[[str], bool]) -> Path:
@@ -306,11 +310,7 @@ def record_planned_files(out_dir: str | os.PathLike, names: Iterable[str]) -> No
         out = claim_output_dir("data/mri", "mri", owns)
         record_planned_files(out, ["images/a.nii.gz", "datalist.json"])
     """
-    out = Path(out_dir)
-    owner = _read_owner(out) or {}
-    files = _journal(owner) or {}
-    files.update(dict.fromkeys(names))
-    _write_owner(out, owner.get("generator", ""), files)
+    _update_journal(Path(out_dir), lambda journal: {**journal, **dict.fromkeys(names)})
 
 
 def remove_stale_files(out_dir: str | os.PathLike, keep: Iterable[str]) -> list[str]:
@@ -323,8 +323,7 @@ def remove_stale_files(out_dir: str | os.PathLike, keep: Iterable[str]) -> list[
         remove_stale_files("data/mri", files)
     """
     out, keep = Path(out_dir), set(keep)
-    owner = _read_owner(out) or {}
-    journal = _journal(owner) or {}
+    journal = _journal(_read_owner(out)) or {}
     removed = []
     for name in _files_under(out):
         real = _real_name(name)
@@ -332,8 +331,8 @@ def remove_stale_files(out_dir: str | os.PathLike, keep: Iterable[str]) -> list[
         if (real != name and own) or (real == name and real in journal and real not in keep):
             (out / name).unlink()
             removed.append(name)
-    if owner:
-        _write_owner(out, owner.get("generator", ""), {k: v for k, v in journal.items() if k not in removed})
+    gone = set(removed)
+    _update_journal(out, lambda journal: {k: v for k, v in journal.items() if k not in gone})
     return removed
 
 

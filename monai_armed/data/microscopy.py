@@ -703,9 +703,10 @@ def make_microscopy_dataset(
                     }
                 )
     files = sorted(item["image"] for items in datalist.values() for item in items)
-    record_planned_files(out, [*files, _BATCHES, _DATALIST])
+    own = [*files, _BATCHES, _DATALIST]
+    record_planned_files(out, own)
     run_jobs(_render_job, jobs, num_workers, progress, "cell images", count=lambda job: len(job["paths"]))
-    remove_stale_files(out, [*files, _BATCHES, _DATALIST])
+    remove_stale_files(out, own)
     write_json({"parameters": params, "phenotypes": list(PHENOTYPES), "batches": batches}, out / _BATCHES)
     write_json(datalist, out / _DATALIST)
     write_manifest(out, params, files, "microscopy", datalist=_DATALIST, batches=_BATCHES)

@@ -646,9 +646,10 @@ def make_mri_dataset(
                     }
                 )
     files = sorted(item["image"] for items in datalist.values() for item in items)
-    record_planned_files(out, [*files, _SITES, _DATALIST])
+    own = [*files, _SITES, _DATALIST]
+    record_planned_files(out, own)
     run_jobs(_render_job, jobs, num_workers, progress, "MRI images", initializer=_template, min_parallel_jobs=16)
-    remove_stale_files(out, [*files, _SITES, _DATALIST])
+    remove_stale_files(out, own)
     vendors = {
         v: {"ad_fraction": f, "sites": [s["site"] for s in sites if s["vendor"] == v]}
         for v, f in params["vendor_ad_fraction"]

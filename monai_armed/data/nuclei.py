@@ -345,9 +345,10 @@ def make_nucleus_dataset(
             part = split_of[name] if batch["seen"] else "unseen"
             datalist[part].append({"image": image, "label": mask, "cluster": batch["date"], "field": name})
     files = sorted(f for items in datalist.values() for item in items for f in (item["image"], item["label"]))
-    record_planned_files(out, [*files, _BATCHES, _DATALIST])
+    own = [*files, _BATCHES, _DATALIST]
+    record_planned_files(out, own)
     run_jobs(_render_job, jobs, num_workers, progress, "nucleus fields", count=lambda job: 2)
-    remove_stale_files(out, [*files, _BATCHES, _DATALIST])
+    remove_stale_files(out, own)
     write_json({"parameters": params, "batches": batches}, out / _BATCHES)
     write_json(datalist, out / _DATALIST)
     write_manifest(out, params, files, "nuclei", datalist=_DATALIST, batches=_BATCHES)

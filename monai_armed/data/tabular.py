@@ -50,13 +50,18 @@ TABULAR_TASKS = ("classification", "regression")
 logger = logging.getLogger(__name__)
 
 
+def _repeated(names: Sequence[Any]) -> list[Any]:
+    """The names that occur more than once, sorted."""
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 def _read_header(reader: Iterator[list[str]], path: str) -> list[str]:
     """Return the stripped header row, rejecting empty files and duplicate column names."""
     header = next(reader, None)
     if header is None:
         raise ValueError(f"{path}: the file is empty; expected a header row followed by data rows.")
     header = [name.strip() for name in header]
-    duplicates = sorted({name for name in header if header.count(name) > 1})
+    duplicates = _repeated(header)
     if duplicates:
         raise ValueError(f"{path}: duplicate column name(s) {duplicates} in the header.")
     return header
@@ -252,8 +257,7 @@ def _read_rows(
     clashing = [key for key in (*id_columns, line_key) if key in reserved]
     if clashing:
         raise ValueError(f"{path}: id_columns / line_key {clashing} would replace the items' own keys {sorted(reserved)}.")
-    named = [*id_columns, *([line_key] if line_key is not None else [])]
-    repeated = sorted({key for key in named if named.count(key) > 1})
+    repeated = _repeated([*id_columns, *([line_key] if line_key is not None else [])])
     if repeated:
         raise ValueError(f"{path}: {repeated} named twice among id_columns {list(id_columns)} and line_key {line_key!r}.")
     id_idx = [header.index(name) for name in id_columns]
@@ -450,7 +454,7 @@ def save_predictions_csv(
     prob = prob.reshape(len(prob), -1)
     names = ["p_class1"] if prob.shape[1] == 1 else [f"p_class{i}" for i in range(prob.shape[1])]
     header = [*id_keys, "cluster", *names]
-    repeated = sorted({name for name in header if header.count(name) > 1})
+    repeated = _repeated(header)
     if repeated:
         raise ValueError(f"{path}: the columns {repeated} would appear twice in {header}; rename the id_keys.")
     if raw_cluster_key in id_keys:
