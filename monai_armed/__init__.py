@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.8.0"
+__version__ = "0.8.1"
 
 from . import apps, data, engines, handlers, inferers, losses, metrics, networks, optimizers, transforms, utils, visualize
 from .data import TensorBatchLoader

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ignite.engine import Events
+from monai.inferers import SimpleInferer, SlidingWindowInferer
 from parameterized import parameterized
 
 from monai_armed.data import TensorBatchLoader
@@ -278,6 +279,15 @@ class TestConfiguration(unittest.TestCase):
         weighted, plain = parts(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])), parts(torch.ones(6))
         for key in weighted:  # half the rows weigh nothing: every task loss changes (they were ignored)
             self.assertNotAlmostEqual(weighted[key], plain[key], places=4, msg=key)
+
+    def test_an_inferer_is_refused(self):
+        """The autoencoder runs on whole images: an inferer would be ignored (it was before 0.8.1), so it is refused."""
+        net, adv, judge = _models("armed")
+        with self.assertRaisesRegex(ValueError, "takes no inferer; got SlidingWindowInferer"):
+            ARMEDAutoencoderTrainer("cpu", 1, [], net, torch.optim.Adam(net.parameters()), adversary=adv,
+                                    inferer=SlidingWindowInferer((16, 16)))  # fmt: skip
+        trainer = ARMEDAutoencoderTrainer("cpu", 1, [], net, torch.optim.Adam(net.parameters()), inferer=SimpleInferer())
+        self.assertIsInstance(trainer.inferer, SimpleInferer)
 
     def test_weights_are_attributes(self):
         net, adv, judge = _models("armed")

@@ -498,6 +498,25 @@ class TestBatchErrors(unittest.TestCase):
         with self.assertRaisesRegex(KeyError, "features"):
             self._run({"image": x, "label": y, "cluster": c})
 
+    def test_extra_network_arguments_from_prepare_batch_are_refused(self):
+        """MONAI passes prepare_batch's further args / keywords to the network; the ARMED engines call it with the
+        inputs and the cluster alone, so they refuse them rather than drop them."""
+
+        class WithTemperature(PrepareBatchCluster):
+            def __call__(self, *args, **kwargs):
+                inputs, targets, _, extra = super().__call__(*args, **kwargs)
+                return inputs, targets, (), {**extra, "temperature": 10.0}
+
+        x, y, c = _problem(16)
+        net, adv = _models()
+        loader = TensorBatchLoader({"features": x, "label": y, "cluster": c}, batch_size=8)
+        trainer = ARMEDTrainer(device="cpu", max_epochs=1, train_data_loader=loader, network=net,
+                               optimizer=torch.optim.Adam(net.parameters()), prepare_batch=WithTemperature("features"))
+        evaluator = ARMEDEvaluator(device="cpu", val_data_loader=loader, network=net, prepare_batch=WithTemperature("features"))
+        for engine in (trainer, evaluator):
+            with self.assertRaisesRegex(ValueError, r"WithTemperature.*keywords \['temperature'\].*dropped"):
+                engine.run()
+
     def test_nan_feature(self):
         x, y, c = _problem(16)
         x[3, 1] = float("nan")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.inferers import SimpleInferer
 from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.nn.parallel import DistributedDataParallel
@@ -165,7 +166,8 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
             sample, as in :class:`ARMEDTrainer`).
         adversary_update: ``"sequential"`` (default) or ``"simultaneous"`` (gradient reversal).
         prepare_batch: default :class:`~monai_armed.engines.PrepareBatchCluster`.
-        kwargs: further ``SupervisedTrainer`` arguments.
+        kwargs: further ``SupervisedTrainer`` arguments (``compile`` compiles ``forward_armed``; an ``inferer`` other
+            than a ``SimpleInferer`` is refused: the autoencoder runs on whole images).
 
     Raises:
         TypeError: the network has no ``forward_autoencoder``.
@@ -218,6 +220,12 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
         prepare_batch: Callable | None = None,
         **kwargs: Any,
     ) -> None:
+        inferer = kwargs.get("inferer")
+        if inferer is not None and type(inferer) is not SimpleInferer:
+            raise ValueError(
+                "ARMEDAutoencoderTrainer runs the autoencoder on whole images (its in_shape is fixed), so it takes no "
+                f"inferer; got {type(inferer).__name__}. Pass inferer=None (or a SimpleInferer)."
+            )
         module = unwrap_armed(network)
         if not callable(getattr(module, "forward_autoencoder", None)):
             raise TypeError(

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from monai_armed.engines.compiled import is_compiled
+
 __all__ = ["ARMEDForward", "armed_ddp", "broadcast_buffers", "unwrap_armed"]
 
 
@@ -97,12 +99,15 @@ def armed_ddp(module: nn.Module | None, **ddp_kwargs: Any) -> DistributedDataPar
 
 
 def unwrap_armed(module: nn.Module) -> nn.Module:
-    """The plain module inside ``DistributedDataParallel`` / :class:`ARMEDForward` wrappers (itself when unwrapped).
+    """The plain module inside ``torch.compile`` / ``DistributedDataParallel`` / :class:`ARMEDForward` wrappers
+    (itself when unwrapped).
 
     Example::
 
         unwrap_armed(armed_ddp(net)) is net       # True
     """
+    if is_compiled(module):
+        module = module._orig_mod
     if isinstance(module, (DistributedDataParallel, nn.DataParallel)):
         module = module.module
     return module.network if isinstance(module, ARMEDForward) else module

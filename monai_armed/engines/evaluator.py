@@ -25,6 +25,7 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, evenly_divisible_all_gather, min_version, optional_import
 from torch.utils.data import DistributedSampler
 
+from monai_armed.engines.compiled import is_compiled, plain_tensor, with_meta_of
 from monai_armed.engines.distributed import unwrap_armed
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
 from monai_armed.engines.trainer import ARMEDKeys
@@ -222,7 +223,9 @@ class ARMEDEvaluator(SupervisedEvaluator):
             ``inferer``, ...). An ``inferer`` other than ``SimpleInferer`` (a ``SlidingWindowInferer``) calls the
             network on each sample's windows with that sample's cluster
             (:func:`~monai_armed.inferers.cluster_inference`). A network with a ``prediction`` method (``ARMED``)
-            gives ``pred`` from its output (ViT's logits, not its hidden states).
+            gives ``pred`` from its output (ViT's logits, not its hidden states). With ``compile=True`` (or a
+            ``torch.compile(network)``) the network gets the inputs without their ``MetaTensor`` metadata and ``pred``
+            the inputs' metadata back, as in MONAI.
 
     Example::
 
@@ -375,9 +378,11 @@ class ARMEDEvaluator(SupervisedEvaluator):
                 engine._generator,
                 engine.inferred_factor,
             )
-            out = cluster_inference(engine.inferer, inputs, engine.network, cluster)
+            compiled = engine.compile or is_compiled(engine.network)  # dynamo traces plain tensors, as in MONAI
+            out = cluster_inference(engine.inferer, plain_tensor(inputs) if compiled else inputs, engine.network, cluster)
             plain = unwrap_armed(engine.network)  # DataParallel / DDP hold the network's prediction rule inside
-            engine.state.output[Keys.PRED] = plain.prediction(out) if _has_prediction(plain) else out
+            pred = plain.prediction(out) if _has_prediction(plain) else out
+            engine.state.output[Keys.PRED] = with_meta_of(pred, inputs) if compiled else pred
         if engine.task == "regression" and targets is not None:
             pred = engine.state.output[Keys.PRED].detach().float().cpu()
             engine._regression_rows.append((pred.reshape(pred.shape[0], -1), targets.detach().float().cpu()))

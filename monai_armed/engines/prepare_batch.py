@@ -171,6 +171,9 @@ class PrepareBatchClusterTarget(PrepareBatchCluster):
 def prepare_cluster_batch(engine: Any, batchdata: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run an engine's ``prepare_batch`` and return ``(inputs, targets, cluster)`` (``cluster`` from its kwargs).
 
+    The ARMED engines call the network with the inputs and the cluster alone, so other network arguments (MONAI's
+    ``prepare_batch`` may return positional ``args`` and further keywords) are refused rather than dropped.
+
     Example::
 
         inputs, targets, cluster = prepare_cluster_batch(engine, batchdata)   # inside an engine's _iteration
@@ -178,5 +181,12 @@ def prepare_cluster_batch(engine: Any, batchdata: Any) -> tuple[torch.Tensor, to
     if batchdata is None:
         raise ValueError("Must provide batch data for current iteration.")
     batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-    inputs, targets, _, kwargs = batch if len(batch) == 4 else (*batch, (), {})
+    inputs, targets, args, kwargs = batch if len(batch) == 4 else (*batch, (), {})
+    extra = sorted(set(kwargs) - {"cluster"})
+    if args or extra:
+        raise ValueError(
+            f"prepare_batch ({type(engine.prepare_batch).__name__}) returned network arguments besides the cluster "
+            f"({len(args)} positional, keywords {extra}); the ARMED engines call the network with the inputs and the "
+            "cluster only, so they would be dropped: return (inputs, targets, (), {'cluster': cluster})."
+        )
     return inputs, targets, kwargs.get("cluster")

@@ -23,6 +23,7 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch.nn.parallel import DistributedDataParallel
 
+from monai_armed.engines.compiled import is_compiled, plain_tensor
 from monai_armed.engines.distributed import ARMEDForward, broadcast_buffers
 from monai_armed.engines.output import EpochMeans, IterationOutput, iteration_scalars
 from monai_armed.engines.players import AdversaryPlayer, Player
@@ -192,7 +193,8 @@ class ARMEDTrainer(SupervisedTrainer):
             distribution over the seen clusters (Tzeng et al. 2015), which asks for features the adversary cannot
             tell apart instead of features it gets wrong (maximising its error can keep the clusters separable, only
             relabelled). ``"confusion"`` needs ``adversary_update="sequential"``.
-        prepare_batch: default :class:`PrepareBatchCluster`; must return the cluster as keyword ``cluster``. Its
+        prepare_batch: default :class:`PrepareBatchCluster`; must return the cluster as keyword ``cluster`` and no
+            other network arguments (refused: the network is called with the inputs and the cluster alone). Its
             input check (finite values), the loss's label checks and the networks' cluster-range checks read values
             back from the device; they run on the first batch of every run and, with ``validate_batches``, on every
             batch (:func:`~monai_armed.utils.batch_checks`).
@@ -201,7 +203,11 @@ class ARMEDTrainer(SupervisedTrainer):
             (:class:`~monai_armed.engines.output.EpochMeans`).
         kwargs: further ``SupervisedTrainer`` arguments (``optim_set_to_none``, default ``True`` here: gradients are
             released rather than zeroed; ``train_handlers``, ``key_train_metric``, ``amp``,
-            ``decollate``, ``accumulation_steps``, ``inferer``, ...). A windowed ``inferer`` (a
+            ``decollate``, ``accumulation_steps``, ``inferer``, ...). ``compile=True`` (with ``compile_kwargs``)
+            compiles ``forward_armed`` with ``torch.compile`` (MONAI's ``compile`` compiles ``forward``, which the
+            trainer does not call, so a ``torch.compile(network)`` is refused) and gives it the inputs without their
+            ``MetaTensor`` metadata, as MONAI does; a player's network is compiled by passing
+            ``torch.compile(adversary)``. A windowed ``inferer`` (a
             ``SlidingWindowInferer`` over large images, say) runs ``forward_armed`` on each sample's windows with
             that sample's cluster (:func:`~monai_armed.inferers.armed_inference`; not with DDP).
 
@@ -286,8 +292,14 @@ class ARMEDTrainer(SupervisedTrainer):
         if self._epoch_means is not None:  # once: _register_handlers attached it already when there were handlers
             self._epoch_means.attach(self)
         self._attach_buffer_broadcast()
-        # DDP runs forward_armed through the wrapper's forward; a plain network is called directly
-        self._forward_armed = self.network if isinstance(network, DistributedDataParallel) else network.forward_armed
+        # DDP runs forward_armed through the wrapper's forward (which MONAI compiles with ``compile``); a plain network
+        # is called directly, so ``compile`` compiles forward_armed, not the forward MONAI compiled
+        if isinstance(network, DistributedDataParallel):
+            self._forward_armed = self.network
+        elif self.compile:
+            self._forward_armed = torch.compile(network.forward_armed, **(kwargs.get("compile_kwargs") or {}))
+        else:
+            self._forward_armed = network.forward_armed
         if isinstance(network, DistributedDataParallel) and is_windowed(self.inferer):
             raise ValueError(
                 f"ARMEDTrainer with DistributedDataParallel cannot train through {type(self.inferer).__name__}: a "
@@ -379,6 +391,8 @@ class ARMEDTrainer(SupervisedTrainer):
         if batch_checks_enabled() and isinstance(engine.loss_function, LikelihoodFamily):
             engine._check_family_inputs(targets)
         zero_grad, step = _accumulation_state(engine)
+        if engine.compile:  # dynamo traces plain tensors (MONAI's engines strip the metadata too)
+            inputs = plain_tensor(inputs)
         if not step and engine._ddp_modules:  # accumulate locally: DDP all-reduces once, in the step's backward
             with ExitStack() as stack:
                 for module in engine._ddp_modules:
@@ -597,6 +611,11 @@ def _check_wrappers(network: nn.Module, adversary: nn.Module | None) -> nn.Modul
                 "ARMEDTrainer calls forward_armed, which DistributedDataParallel(network) would bypass (no gradient "
                 "synchronisation); wrap the network with monai_armed.engines.armed_ddp(network, ...) instead."
             )
+    elif is_compiled(network):
+        raise TypeError(
+            "ARMEDTrainer calls network.forward_armed, which torch.compile(network) does not compile (it compiles "
+            "forward): pass the network itself with compile=True (and compile_kwargs for torch.compile's options)."
+        )
     elif not callable(getattr(network, "forward_armed", None)):
         raise TypeError(
             f"ARMEDTrainer needs a network with forward_armed(x, cluster); {type(network).__name__} "

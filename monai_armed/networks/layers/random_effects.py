@@ -309,7 +309,8 @@ class RandomEffects(nn.Module):
             raise ValueError(f"cluster indices must have shape (batch,), got {shape_str(index)}.")
         if not torch.jit.is_scripting():
             if not batch_checks_enabled():
-                if index.device.type == "cpu":  # reading a CPU tensor costs no device sync and spares the unseen mask
+                # reading a CPU tensor costs no device sync and spares the unseen mask (not when compiled: a graph break)
+                if index.device.type == "cpu" and not torch.compiler.is_compiling():
                     low = int(index.min()) if index.numel() > 0 else 0
                     if low < -1:  # read anyway: a negative index other than -1 (unseen) is a mapping error
                         check_cluster_index(index, self.n_clusters)
