@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 
@@ -44,6 +45,31 @@ def test_a_training_image_under_a_symbolic_link_or_in_an_older_record_is_found(t
     (tmp_path / "models" / TRAINING_ITEMS_FILE).write_text(json.dumps({"images": [str(tmp_path / "link" / "a.tif")]}))
     with pytest.raises(ValueError, match=r"section 'test': 1 of 1 images"):
         check_evaluated_items({"test": [{"image": str(tmp_path / "link" / "a.tif")}]}, tmp_path / "models")
+
+
+def test_a_training_image_in_a_moved_or_copied_folder_is_found_by_content(tmp_path, caplog):
+    """Paths alone missed a training image after the data folder moved (found by helper 50: an evaluation in a copied
+    run folder regenerated its data and scored 20 training images)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, content in (("a.tif", b"aaaa"), ("b1.nii", b"b1"), ("b2.nii", b"b2")):
+        (data / name).write_bytes(content)
+    train = [{"image": str(data / "a.tif")}, {"image": [str(data / "b1.nii"), str(data / "b2.nii")]}]
+    record_training_items(train, tmp_path / "models")
+    shutil.copytree(data, tmp_path / "copy")
+    (tmp_path / "copy" / "new.tif").write_bytes(b"another image")
+    copy = tmp_path / "copy"
+    check_evaluated_items({"test": [{"image": str(copy / "new.tif")}, {"image": [str(copy / "b1.nii")]}]}, tmp_path / "models")
+    with pytest.raises(ValueError, match=r"section 'test': 2 of 3 images, e\.g\. .*copy/a\.tif"):
+        both = [str(copy / "b1.nii"), str(copy / "b2.nii")]
+        test = [{"image": str(copy / "a.tif")}, {"image": str(copy / "new.tif")}, {"image": both}]
+        check_evaluated_items({"test": test}, tmp_path / "models")
+    # a record written before 0.8.1 has no contents: compared by path, with a warning that says so
+    record = tmp_path / "models" / TRAINING_ITEMS_FILE
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "contents"}))
+    with caplog.at_level(logging.WARNING):
+        check_evaluated_items({"test": [{"image": str(copy / "a.tif")}]}, tmp_path / "models")
+    assert "by path alone" in caplog.text
 
 
 def test_a_model_without_a_record_is_evaluated_with_a_warning(tmp_path, caplog):

@@ -90,7 +90,7 @@ def formula_scores(
     eta = torch.as_tensor(fit.linear_predictor(design, random_effects=random_effects))  # the data's units
     deviance = fit.family.unit_deviance(eta, torch.as_tensor(np.array(design.y)),
                                         None if n is None else torch.as_tensor(n))
-    scores = regression_metrics(torch.as_tensor(mean), torch.as_tensor(design.y))
+    scores = regression_metrics(torch.as_tensor(mean), torch.as_tensor(np.array(design.y)))  # a copy: y is read-only
     if fit.family.name == "bernoulli":  # a binary outcome: also how well the probabilities rank and classify
         labels = np.array(design.y)
         scores["accuracy"] = float(((mean > 0.5) == (labels > 0.5)).mean())

@@ -42,6 +42,7 @@ from .provenance import (
     check_evaluated_items,
     check_preprocessing,
     check_training_split,
+    image_content,
     image_id,
     record_preprocessing,
     record_training_items,

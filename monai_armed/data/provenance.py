@@ -30,6 +30,7 @@ __all__ = [
     "check_evaluated_items",
     "check_preprocessing",
     "check_training_split",
+    "image_content",
     "image_id",
     "record_preprocessing",
     "record_training_items",
@@ -64,15 +65,35 @@ def image_id(value: Any, resolve_links: bool = True) -> str:
     return os.path.realpath(path) if resolve_links else os.path.normpath(os.path.abspath(path))
 
 
+def image_content(value: Any) -> str | None:
+    """An item's image by content: the SHA-256 of its file (of each file, joined, for a multi-file image), or ``None``
+    when it is not a path to an existing file. The same bytes under another path (a moved or copied data folder, a
+    regenerated data set) give the same id.
+
+    Example::
+
+        image_content("data/img/a.nii.gz") == image_content("copy/of/data/img/a.nii.gz")   # True for a copy
+    """
+    if isinstance(value, (list, tuple)):
+        parts = [image_content(v) for v in value]
+        return None if not parts or None in parts else "|".join(parts)  # type: ignore[arg-type]
+    if not isinstance(value, (str, os.PathLike)) or not os.path.isfile(value):
+        return None
+    return file_record(value)["sha256"]
+
+
 def record_training_items(items: Sequence[Mapping[str, Any]], ckpt_dir: str | os.PathLike, image_key: str = "image") -> str:
-    """Write the images of the training ``items`` to ``ckpt_dir/training_items.json`` (atomically); returns its path.
+    """Write the images of the training ``items`` to ``ckpt_dir/training_items.json`` (atomically), by path and by
+    content (:func:`image_content`); returns its path.
 
     Example::
 
         record_training_items(sections["train"], "runs/nuclei/armed/models")
     """
-    images = sorted({image_id(item[image_key]) for item in items if image_key in item})
-    return write_json({"image_key": image_key, "images": images}, Path(ckpt_dir) / TRAINING_ITEMS_FILE)
+    values = [item[image_key] for item in items if image_key in item]
+    images = sorted({image_id(value) for value in values})
+    contents = sorted({content for value in values if (content := image_content(value)) is not None})
+    return write_json({"image_key": image_key, "images": images, "contents": contents}, Path(ckpt_dir) / TRAINING_ITEMS_FILE)
 
 
 def check_evaluated_items(
@@ -84,10 +105,11 @@ def check_evaluated_items(
     """Refuse an evaluation that would score images the model in ``ckpt_dir`` trained on.
 
     Every section but ``training_section`` is compared with the record that :func:`record_training_items` wrote when
-    the model was trained. A bundle's evaluation rebuilds its data from the training config: generated data asked for
-    with other settings than the training run's (seed, size, number of images) are generated anew, and their test
-    sections can then hold the model's training images. Without a record (a model trained before monai-armed 0.5.2)
-    a warning says that nothing was checked.
+    the model was trained, by path and by content, so that a moved or copied data or run folder is no way around it.
+    A bundle's evaluation rebuilds its data from the training config: generated data asked for with other settings
+    than the training run's (seed, size, number of images) are generated anew, and their test sections can then hold
+    the model's training images. Without a record (a model trained before monai-armed 0.5.2) a warning says that
+    nothing was checked; a record without contents (before 0.8.1) is compared by path alone, with a warning.
 
     Raises:
         ValueError: naming, per section, how many images the model trained on and the first of them.
@@ -100,16 +122,23 @@ def check_evaluated_items(
     if not record.is_file():
         logger.warning(f"{record} does not exist: the evaluated images are not checked against the training images.")
         return
-    trained = set(json.loads(record.read_text())["images"])
+    recorded = json.loads(record.read_text())
+    trained, contents = set(recorded["images"]), recorded.get("contents")
+    if contents is None:
+        logger.warning(f"{record} lists the training images by path alone (written before monai-armed 0.8.1): "
+                       "a training image under another path (a moved or copied data folder) is not recognised.")  # fmt: skip
+    contents = set(contents or ())
+
+    def trained_on(value: Any) -> bool:
+        if image_id(value) in trained or image_id(value, resolve_links=False) in trained:
+            return True
+        return bool(contents) and image_content(value) in contents
+
     overlaps = []
     for name, items in sections.items():
         if name == training_section:
             continue
-        seen = [
-            image for item in items if image_key in item
-            for image in [image_id(item[image_key])]
-            if image in trained or image_id(item[image_key], resolve_links=False) in trained
-        ]  # fmt: skip
+        seen = [image_id(item[image_key]) for item in items if image_key in item and trained_on(item[image_key])]
         if seen:
             overlaps.append(f"section {name!r}: {len(seen)} of {len(items)} images, e.g. {seen[0]}")
     if overlaps:
