@@ -13,11 +13,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from ignite.engine import Engine
 
 from monai_armed.handlers import AutoencoderReport
 from monai_armed.metrics import (
@@ -250,6 +252,24 @@ def test_constructor_rejects_unknown_datasets(data):
         AutoencoderReport(net, {"train": data["train"], "seen": data["seen"]}, threshold_dataset="val")
     with pytest.raises(ValueError, match=r"latent_dataset 'train' is not one of the datasets \['seen'\]"):
         AutoencoderReport(net, {"seen": data["seen"]}, threshold_dataset=None)
+    # a misspelt ANOVA dataset left the ANOVA out silently (found by helper 51)
+    with pytest.raises(ValueError, match=r"anova_dataset 'tset' is not one of the datasets \['seen', 'train'\]"):
+        AutoencoderReport(net, {"train": data["train"], "seen": data["seen"]}, anova_dataset="tset")
+    assert AutoencoderReport(net, {"train": data["train"]}).anova_dataset is None, "no 'seen' dataset: no ANOVA"
+
+
+def test_modes_of_no_dataset_are_named_and_attach_is_idempotent(data, caplog):
+    with caplog.at_level(logging.WARNING):
+        report = AutoencoderReport(_net(), {"train": data["train"], "test": data["seen"]}, modes={"tets": ["fixed"]})
+    assert "modes given for ['tets'], which name no dataset" in caplog.text
+    assert report.modes["test"] == ["observed", "fixed", "randomized"]
+    calls = []
+    report.run = lambda: calls.append(1)  # what the handler runs when the trainer completes
+    trainer = Engine(lambda engine, batch: None)
+    report.attach(trainer)
+    report.attach(trainer)
+    trainer.run([0], max_epochs=1)
+    assert calls == [1]
 
 
 def test_empty_dataset_and_single_class_threshold_dataset_are_named(data):

@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
+from ignite.engine import Engine, Events
 
 from monai_armed.data import TensorBatchLoader
 from monai_armed.engines import ARMEDEvaluator, PrepareBatchCluster
@@ -154,3 +156,39 @@ def test_binary_report_of_a_single_class_dataset_is_null_or_a_named_error(evalua
     )  # fmt: skip
     with pytest.raises(ValueError, match="the threshold dataset 'train' holds a single class"):
         report.run()
+
+
+def test_an_empty_dataset_is_refused_before_any_evaluation(evaluator):
+    """ignite skips an empty loader's run, so the report gave the previous dataset's metrics under its name (found
+    by helper 51); it is now refused before anything is evaluated."""
+    report = ClusterModeReport(evaluator, {"seen": _loader(48, 1), "unseen": []}, {"seen": ["fixed"], "unseen": ["fixed"]})
+    runs = []
+
+    def record(engine):
+        runs.append(engine.data_loader)
+
+    evaluator.add_event_handler(Events.STARTED, record)
+    try:
+        with pytest.raises(ValueError, match=r"datasets \['unseen'\] have no batches"):
+            report.run()
+    finally:
+        evaluator.remove_event_handler(record, Events.STARTED)
+    assert runs == []
+    # a run that yields nothing leaves no earlier predictions behind in the collector
+    report.collector.values["pred"] = torch.zeros(1)
+    report.collector.reset()
+    assert report.collector.pred is None
+
+
+def test_modes_of_no_dataset_are_named_in_a_warning_and_attach_is_idempotent(evaluator, caplog):
+    with caplog.at_level(logging.WARNING):
+        report = ClusterModeReport(evaluator, {"seen": _loader(48, 1)}, {"seen": ["fixed"], "unsen": ["fixed"]})
+    assert "modes given for ['unsen'], which name no dataset" in caplog.text
+    assert report.modes == {"seen": ["fixed"]}
+    calls = []
+    report.run = lambda: calls.append(1)  # what the handler runs when the trainer completes
+    trainer = Engine(lambda engine, batch: None)
+    report.attach(trainer)
+    report.attach(trainer)
+    trainer.run([0], max_epochs=1)
+    assert calls == [1]

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import socket
 import tempfile
 import unittest
@@ -24,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from monai_armed.engines import ARMEDEvaluator, ARMEDForward, ARMEDTrainer, PrepareBatchCluster, armed_ddp, unwrap_armed
-from monai_armed.handlers import RandomStates
+from monai_armed.handlers import ClusterModeReport, LossHistory, PerClusterAccuracy, RandomStates, SegmentationWriter
 from monai_armed.networks import ClusterAdversary, MixedEffectsMLP
 from tests.test_engines import N_CLUSTERS, _problem
 
@@ -113,6 +115,34 @@ def _random_states_round_trip(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return drawn, again, torch.rand(4)
 
 
+def _sharded_handlers(rank: int, out_dir: str) -> dict:
+    """The evaluation handlers on a validation set that a ``DistributedSampler`` splits between the ranks: each table,
+    report and CSV covers both shards, and one process writes each file (found by helper 51: each rank wrote its own
+    shard's, the last writer winning)."""
+    torch.manual_seed(0)
+    net = MixedEffectsMLP(2, 1, n_clusters=N_CLUSTERS).eval()
+    x, y, c = _problem(8, seed=5)
+    items = [{"features": x[i], "label": y[i].long(), "cluster": c[i]} for i in range(8)]
+    loader = DataLoader(items, batch_size=2, sampler=DistributedSampler(items, WORLD_SIZE, rank, shuffle=False))
+    evaluator = ARMEDEvaluator("cpu", loader, net, prepare_batch=PrepareBatchCluster("features"), decollate=False)
+    PerClusterAccuracy(N_CLUSTERS, output_file=Path(out_dir) / "per_cluster.json").attach(evaluator)
+    report = ClusterModeReport(evaluator, {"seen": loader}, {"seen": ["fixed"]}, output_file=Path(out_dir) / "report.json")
+    evaluator.run()
+    table = evaluator.state.metric_details["per_cluster_accuracy"]
+    results = {"table_n": sum(row["n"] for row in table.values()), "report_n": report.run()["seen"]["fixed"]["n"]}
+    trainer = Engine(lambda engine, batch: {"loss": torch.tensor(float(rank + 1))})
+    LossHistory(Path(out_dir) / "loss_history.json", average_processes=False).attach(trainer)
+    trainer.run([0, 1], max_epochs=1)
+    images = [{"image": torch.zeros(1, 8, 8), "image_path": f"img{i}.tif"} for i in range(8)]
+    image_loader = DataLoader(images, batch_size=2, sampler=DistributedSampler(images, WORLD_SIZE, rank, shuffle=False))
+    segmenter = Engine(lambda engine, batch: {"pred": torch.randn(len(batch["image"]), 2, 8, 8)})
+    writer = SegmentationWriter(Path(out_dir) / "segmentation")
+    writer.attach(segmenter)
+    writer.attach(segmenter)  # once only: a second attach claimed every name twice and refused the run
+    segmenter.run(image_loader, max_epochs=1)
+    return results
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (and the ranks share 2 cores)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
@@ -120,6 +150,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = {config: _train(WORLD_SIZE, rank, *config) for config in CONFIGS}
         results["regression_mse"] = _sharded_regression_mse(rank)
         results["random_states"] = _random_states_round_trip(rank)
+        results["handlers"] = _sharded_handlers(rank, out_dir)
     finally:
         dist.destroy_process_group()
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -151,6 +182,23 @@ class TestDDPMatchesSingleProcess(unittest.TestCase):
             # fork: the workers inherit the imported modules instead of importing torch, MONAI and sklearn again
             mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD_SIZE, join=True, start_method="fork")
             cls.ranks = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+            out = Path(out_dir)
+            cls.files = {
+                "per_cluster": json.loads((out / "per_cluster.json").read_text()),
+                "report": json.loads((out / "report.json").read_text()),
+                "loss_history": json.loads((out / "loss_history.json").read_text()),
+                "segmentation_rows": list(csv.DictReader((out / "segmentation" / "segmentation.csv").open())),
+                "segmentation_tiffs": sorted(p.name for p in (out / "segmentation").glob("*.tif")),
+            }
+
+    def test_evaluation_handlers_cover_every_shard_and_rank_0_writes(self):
+        for rank in self.ranks:
+            self.assertEqual(rank["handlers"], {"table_n": 8, "report_n": 8})
+        self.assertEqual(sum(row["n"] for row in self.files["per_cluster"].values()), 8)
+        self.assertEqual(self.files["report"]["seen"]["fixed"]["n"], 8)
+        self.assertEqual(self.files["loss_history"]["loss"], [1.0], "rank 0's own losses (average_processes=False)")
+        self.assertEqual(sorted(row["image"] for row in self.files["segmentation_rows"]), [f"img{i}.tif" for i in range(8)])
+        self.assertEqual(self.files["segmentation_tiffs"], [f"img{i}_seg.tif" for i in range(8)])
 
     def test_rank0s_checkpoint_restores_every_ranks_own_random_stream(self):
         (drawn0, again0, single0), (drawn1, again1, single1) = (rank["random_states"] for rank in self.ranks)

@@ -164,6 +164,15 @@ class TestPerClusterAccuracy(unittest.TestCase):
         self.assertEqual(set(table), {"0", "1", "2", "unseen"})
         self.assertAlmostEqual(table["0"]["accuracy"], 2 / 3)
 
+    def test_attach_twice_tabulates_once(self):
+        engine, tables = _engine(), []
+        handler = PerClusterAccuracy(n_clusters=4)
+        handler.describe = lambda table: tables.append(table) or ""
+        handler.attach(engine)
+        handler.attach(engine)
+        engine.run(_outputs(False), max_epochs=1)
+        self.assertEqual(len(tables), 1)
+
     def test_needs_cluster(self):
         engine = _engine()
         PerClusterAccuracy(n_clusters=3).attach(engine)

@@ -14,12 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from monai.utils import evenly_divisible_all_gather
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 from monai_armed.engines.compiled import is_compiled
 
-__all__ = ["ARMEDForward", "armed_ddp", "broadcast_buffers", "unwrap_armed"]
+__all__ = ["ARMEDForward", "armed_ddp", "broadcast_buffers", "gather_shards", "is_sharded", "unwrap_armed"]
 
 
 class ARMEDForward(nn.Module):
@@ -133,3 +136,30 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
     source = torch.distributed.get_global_rank(group, src) if group is not None else src  # src is the group's rank
     for buffer in module.module.buffers():
         torch.distributed.broadcast(buffer, source, group=group)
+
+
+def is_sharded(loader: Any) -> bool:
+    """Whether ``loader`` reads one shard of the data per process (a ``DistributedSampler`` in a process group of
+    several processes): what an evaluator's handlers then collect must be gathered from every process.
+
+    Example::
+
+        is_sharded(DataLoader(items, sampler=DistributedSampler(items)))   # True under torchrun with 2 processes
+    """
+    sampler = getattr(loader, "sampler", None)
+    return (
+        isinstance(sampler, DistributedSampler) and dist.is_available() and dist.is_initialized()
+        and dist.get_world_size() > 1
+    )  # fmt: skip
+
+
+def gather_shards(tensor: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Every process's ``tensor`` (lengths may differ) concatenated along the first dimension in rank order, on the
+    CPU; a collective call (``device``: where NCCL needs the tensors).
+
+    Example::
+
+        pred = gather_shards(local_pred, engine.state.device)   # the whole validation set on every rank
+    """
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    return evenly_divisible_all_gather(tensor.to(on), concat=True).cpu()

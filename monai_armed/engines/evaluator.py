@@ -17,16 +17,14 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
-from monai.utils import IgniteInfo, evenly_divisible_all_gather, min_version, optional_import
-from torch.utils.data import DistributedSampler
+from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_armed.engines.compiled import is_compiled, plain_tensor, with_meta_of
-from monai_armed.engines.distributed import unwrap_armed
+from monai_armed.engines.distributed import gather_shards, is_sharded, unwrap_armed
 from monai_armed.engines.prepare_batch import PrepareBatchCluster, prepare_cluster_batch
 from monai_armed.engines.trainer import ARMEDKeys
 from monai_armed.inferers import cluster_inference
@@ -144,12 +142,6 @@ def _resolve_factors(
     soft = cluster_one_hot(index, n, inputs.dtype if inputs.is_floating_point() else torch.float32)
     resolved[factor] = torch.where(unseen.unsqueeze(1), z_predictor.membership(inputs).to(soft.dtype), soft)
     return resolved
-
-
-def _sharded(loader: Any) -> bool:
-    """Whether the loader reads one shard of the data per process (a ``DistributedSampler`` in a process group)."""
-    sampler = getattr(loader, "sampler", None)
-    return isinstance(sampler, DistributedSampler) and dist.is_available() and dist.is_initialized()
 
 
 @contextmanager
@@ -321,9 +313,8 @@ class ARMEDEvaluator(SupervisedEvaluator):
         rows = self._regression_rows
         pred = torch.cat([p for p, _ in rows]) if rows else torch.zeros(0, 1)
         label = torch.cat([y for _, y in rows]) if rows else torch.zeros(0)
-        if _sharded(self.data_loader):  # every rank holds its shard and runs this: gather (a collective call)
-            device = self.state.device if dist.get_backend() == "nccl" else torch.device("cpu")
-            pred, label = (evenly_divisible_all_gather(t.to(device), concat=True).cpu() for t in (pred, label))
+        if is_sharded(self.data_loader):  # every rank holds its shard and runs this: gather (a collective call)
+            pred, label = (gather_shards(t, self.state.device) for t in (pred, label))
         for key in REGRESSION_METRICS:  # a run without labelled rows leaves no earlier run's values behind
             self.state.metrics.pop(key, None)
         if pred.shape[0] == 0:

@@ -20,7 +20,7 @@ from .autoencoder_outputs import (
 )
 from .autoencoder_report import AutoencoderReport
 from .checkpoints import AtomicCheckpointSaver, AtomicDiskSaver, latest_checkpoint
-from .cluster_mode_report import ClusterModeReport, format_report_table
+from .cluster_mode_report import ClusterModeReport, dataset_modes, format_report_table
 from .image_outputs import ImageOutputWriter, file_stem
 from .loss_history import LOSS_KEYS, LossHistory
 from .loss_weight_schedule import LOSS_WEIGHT_SCHEDULES, LossWeightSchedule

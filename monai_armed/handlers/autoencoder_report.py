@@ -25,6 +25,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
 from monai_armed.engines.evaluator import resolve_cluster
+from monai_armed.handlers.cluster_mode_report import dataset_modes
 from monai_armed.metrics.binary import _shared_threshold
 from monai_armed.metrics import (
     anova_f_by_cluster,
@@ -75,12 +76,14 @@ class AutoencoderReport:
         network: an autoencoder-classifier with ``encode(x, cluster)`` and ``forward_autoencoder(x, cluster)`` (one
             pass per mode for logits and reconstructions; e.g. :class:`~monai_armed.networks.MixedEffectsAutoencoder`).
         datasets: name -> iterable of dictionary batches (e.g. ``{"train": ..., "seen": ..., "unseen": ...}``).
-        modes: name -> cluster modes; default ``observed, fixed, randomized`` (+ ``inferred`` with a Z-predictor).
+        modes: name -> cluster modes; default ``observed, fixed, randomized`` (+ ``inferred`` with a Z-predictor). An
+            entry that names no dataset is ignored with a warning.
         n_clusters: number of seen clusters (for ``randomized``); default ``network.n_clusters``.
         z_predictor: optional Z-predictor giving soft memberships for ``inferred`` (and unseen rows of ``observed``).
         threshold_dataset: dataset whose predictions fix each mode's decision threshold.
         latent_dataset: dataset of the latent scores.
-        anova_dataset: dataset of the ANOVA of reconstruction image metrics (its ``observed`` mode).
+        anova_dataset: dataset of the ANOVA of reconstruction image metrics (its ``observed`` mode); default
+            ``"seen"`` when there is one (else no ANOVA).
         output_file: JSON report path, or ``None``.
         cluster_names: vocabulary names of the cluster indices (figures).
         label_names: names of the labels (figures).
@@ -106,20 +109,23 @@ class AutoencoderReport:
         z_predictor: nn.Module | None = None,
         threshold_dataset: str | None = "train",
         latent_dataset: str = "train",
-        anova_dataset: str = "seen",
+        anova_dataset: str | None = None,
         output_file: str | os.PathLike | None = None,
         cluster_names: Sequence[str] | None = None,
         label_names: Sequence[str] | None = None,
         device: str | torch.device | None = None,
         seed: int = 0,
     ) -> None:
-        for role, name in (("threshold_dataset", threshold_dataset), ("latent_dataset", latent_dataset)):
+        roles = (("threshold_dataset", threshold_dataset), ("latent_dataset", latent_dataset), ("anova_dataset", anova_dataset))
+        for role, name in roles:
             if name is not None and name not in datasets:
                 raise ValueError(f"{role} {name!r} is not one of the datasets {sorted(datasets)}.")
+        if anova_dataset is None and "seen" in datasets:
+            anova_dataset = "seen"
         self.network, self.z_predictor, self.datasets = network, z_predictor, dict(datasets)
         self.n_clusters = int(n_clusters if n_clusters is not None else network.n_clusters)
         default = ["observed", "fixed", "randomized"] + (["inferred"] if z_predictor is not None else [])
-        self.modes = {name: list(modes[name]) if modes and name in modes else list(default) for name in datasets}
+        self.modes = dataset_modes(modes, list(datasets), default, type(self).__name__)
         if threshold_dataset is not None:  # evaluated in every mode that another dataset needs its threshold for
             needed = [m for name in datasets for m in self.modes[name]]
             self.modes[threshold_dataset] = list(dict.fromkeys([*self.modes[threshold_dataset], *needed]))
@@ -140,7 +146,8 @@ class AutoencoderReport:
         self.collected: dict[str, dict[str, np.ndarray]] = {}
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, self)
+        if not engine.has_event_handler(self, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> dict:
         return self.run()

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -32,12 +33,15 @@ from monai_armed.metrics import (
 from monai_armed.utils import nan_to_none, write_json
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+idist, _ = optional_import("ignite.distributed", IgniteInfo.OPT_IMPORT_VERSION, min_version)
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["ClusterModeReport", "format_report_table"]
+__all__ = ["ClusterModeReport", "dataset_modes", "format_report_table"]
+
+logger = logging.getLogger(__name__)
 
 _METRICS = ("classification", "regression", "binary", "segmentation")
 #: the metrics of the tables that a report logs, per kind of report
@@ -49,6 +53,24 @@ _LOGGED = {
 }
 #: the report's default metrics for an evaluator's task
 _TASK_METRICS = {"regression": "regression", "segmentation": "segmentation"}
+
+
+def dataset_modes(
+    modes: Mapping[str, Sequence[str]] | None, datasets: Sequence[str], default: Sequence[str], owner: str
+) -> dict[str, list[str]]:
+    """The cluster modes of each dataset: its entry of ``modes``, else ``default``. An entry that names no dataset (a
+    misspelt name, or a dataset left out of this run) is ignored with a warning that names it.
+
+    Example::
+
+        dataset_modes({"unseen": ["fixed"]}, ["seen", "unseen"], ["observed", "fixed"], "ClusterModeReport")
+        # {"seen": ["observed", "fixed"], "unseen": ["fixed"]}
+    """
+    unknown = sorted(set(modes or {}) - set(datasets))
+    if unknown:
+        logger.warning(f"{owner}: modes given for {unknown}, which name no dataset (the datasets: {list(datasets)}); "
+                       "they are ignored.")  # fmt: skip
+    return {name: list(modes[name]) if modes and name in modes else list(default) for name in datasets}
 
 
 class ClusterModeReport:
@@ -65,14 +87,16 @@ class ClusterModeReport:
     cannot define (AUROC of a one-class site) are written as ``null``. ``metrics="segmentation"`` stores
     :func:`~monai_armed.metrics.segmentation_summary`: the mean per-image Dice and HD95 of the argmax class maps,
     overall and per cluster (the logits are reduced to class maps as they are collected). Attach it to a trainer to run once training
-    completes, or call :meth:`run` (e.g. from ``evaluate.json``).
+    completes, or call :meth:`run` (e.g. from ``evaluate.json``). A dataset without batches is an error (raised
+    before any is evaluated). Under DDP, loaders with a ``DistributedSampler`` give the metrics of every process's
+    shard (run the report in every process; rank 0 writes ``output_file``); plain loaders, each process's own data.
 
     Args:
         evaluator: an ``ARMEDEvaluator`` (its ``z_predictor`` is used by ``inferred``).
         datasets: ``{name: loader}``, e.g. ``{"seen": test_loader, "unseen": unseen_loader}``.
         modes: ``{name: [modes]}``; default: ``observed, fixed, randomized`` for every dataset, plus ``inferred`` when
-            the evaluator has a Z-predictor.
-        output_file: JSON path (optional).
+            the evaluator has a Z-predictor. An entry that names no dataset is ignored with a warning.
+        output_file: JSON path (optional; written by rank 0 under ``torch.distributed``).
         cluster_names: names of the seen clusters for the per-cluster tables.
         metrics: ``"classification"``, ``"regression"``, ``"binary"`` or ``"segmentation"``; default the
             evaluator's ``task`` when it is ``"regression"`` or ``"segmentation"``, else ``"classification"``.
@@ -123,7 +147,7 @@ class ClusterModeReport:
             )
         self.evaluator, self.output_file, self.metrics = evaluator, output_file, metrics
         default = ["observed", "fixed", "randomized"] + (["inferred"] if evaluator.z_predictor is not None else [])
-        self.modes = {name: list(modes[name]) if modes and name in modes else default for name in datasets}
+        self.modes = dataset_modes(modes, list(datasets), default, type(self).__name__)
         self.threshold_dataset = threshold_dataset
         if threshold_dataset is not None:  # evaluated first, in every mode that needs its threshold
             needed = dict.fromkeys(m for modes_ in self.modes.values() for m in modes_)
@@ -150,12 +174,16 @@ class ClusterModeReport:
         return label_map(pred)
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, self)
+        if not engine.has_event_handler(self, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine | None = None) -> dict:
         return self.run()
 
     def run(self) -> dict:
+        empty = [name for name, loader in self.datasets.items() if len(loader) == 0]
+        if empty:  # ignite would skip the run and leave the previous dataset's predictions to be reported
+            raise ValueError(f"{type(self).__name__}: the datasets {empty} have no batches; leave them out of datasets.")
         evaluator, previous_mode = self.evaluator, self.evaluator.cluster_mode
         previous = (evaluator.data_loader, evaluator.state.epoch_length)
         results: dict[str, dict] = {}
@@ -165,6 +193,7 @@ class ClusterModeReport:
                 results[name] = {}
                 for mode in self.modes[name]:
                     evaluator.cluster_mode = mode
+                    self.collector.reset()
                     evaluator.run()
                     threshold = None
                     if self.threshold_dataset is not None and name != self.threshold_dataset:
@@ -175,7 +204,7 @@ class ClusterModeReport:
             evaluator.data_loader, evaluator.state.epoch_length = previous
             evaluator.cluster_mode = previous_mode
         results = nan_to_none(results)
-        if self.output_file is not None:
+        if self.output_file is not None and idist.get_rank() == 0:
             write_json(results, self.output_file)
         for metric in _LOGGED[self.metrics]:
             table = format_report_table({"model": results}, metric)

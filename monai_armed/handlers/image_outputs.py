@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_armed.engines.distributed import is_sharded
 from monai_armed.engines.trainer import ARMEDKeys
 from monai_armed.utils import atomic_open, csv_cell
 
@@ -58,7 +60,9 @@ class ImageOutputWriter:
     :meth:`_summarize` (logging before the CSV is written). Every batch must hold ``image`` and ``path_key``
     (checked before anything of it is written); two images with one file name stem are an error, raised when the run
     starts where the evaluator's dataset lists its items' ``image`` paths (MONAI's datasets do), else before the
-    second one's files; the CSV is written atomically when the run completes.
+    second one's files; the CSV is written atomically when the run completes. Under DDP with a sharded loader (a
+    ``DistributedSampler``) every process writes its shard's files and rank 0 the CSV of all of them (attach the
+    writer in every process).
 
     Args:
         output_dir: folder of the files and of the CSV.
@@ -87,6 +91,8 @@ class ImageOutputWriter:
     output_suffixes: tuple[str, ...] = ()
 
     def attach(self, engine: Engine) -> None:
+        if engine.has_event_handler(self, Events.ITERATION_COMPLETED):
+            return
         engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_STARTED, self._check_batch)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -98,7 +104,7 @@ class ImageOutputWriter:
     def _reset(self, engine: Engine) -> None:
         self.rows, self._source_of, self._inputs = [], {}, set()
         # the dataset's image paths, when it lists them, are checked before the first file is written
-        items = getattr(getattr(engine.data_loader, "dataset", None), "data", None)
+        items = getattr(getattr(engine.state.dataloader, "dataset", None), "data", None)
         if isinstance(items, (list, tuple)):
             paths = [item.get("image") if isinstance(item, Mapping) else None for item in items]
             paths = [os.fspath(path) for path in paths if isinstance(path, (str, os.PathLike))]
@@ -172,9 +178,15 @@ class ImageOutputWriter:
             )
 
     def _write_csv(self, engine: Engine) -> None:
+        if is_sharded(getattr(engine.state, "dataloader", None)):  # every process wrote its shard's files: one CSV
+            shards: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(shards, self.rows)
+            self.rows = [row for shard in shards for row in shard]
         if not self.rows:
             raise ValueError(f"{type(self).__name__}: the evaluator gave no images.")
         self._summarize(engine)
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
         with atomic_open(self.output_dir / self.csv_name, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
             writer.writeheader()

@@ -71,7 +71,8 @@ class LossHistory:
         output_file: JSON path, or ``None`` to keep the history in memory only.
         keys: entries to record; each must be in every iteration's output. ``None`` (default): those of
             :data:`LOSS_KEYS` that the output has (e.g. no adversarial terms without an adversary).
-        average_processes: all-reduce over the processes when ``torch.distributed`` is initialised.
+        average_processes: all-reduce over the processes when ``torch.distributed`` is initialised; ``False``
+            records each process's own losses (rank 0's file holds rank 0's).
 
     Example::
 
@@ -138,8 +139,8 @@ class LossHistory:
     def finalize(self, engine: Engine) -> dict[str, float] | None:
         """Appends this epoch's means to :attr:`history`, writes ``output_file`` (rank 0); returns the means."""
         keys = list(self.keys) if self.keys is not None else list(LOSS_KEYS)
-        distributed = self.average_processes and dist.is_available() and dist.is_initialized()
-        reduce = distributed and dist.get_world_size() > 1
+        distributed = dist.is_available() and dist.is_initialized()
+        reduce = self.average_processes and distributed and dist.get_world_size() > 1
         if not self._sums.sums and not reduce:
             return None
         # every process reduces one value per possible key (zero when absent), so the collective has one shape

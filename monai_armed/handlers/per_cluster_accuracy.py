@@ -23,6 +23,7 @@ from monai_armed.metrics import classification_summary
 from monai_armed.utils import write_json
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+idist, _ = optional_import("ignite.distributed", IgniteInfo.OPT_IMPORT_VERSION, min_version)
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -40,6 +41,9 @@ class PerClusterAccuracy:
 
     With several grouping factors (the evaluator's ``cluster`` a mapping ``factor -> index``) the table is of one
     factor, ``cluster_factor`` (default the first), and ``n_clusters`` / ``cluster_names`` are that factor's.
+
+    Under DDP with a sharded validation loader (a ``DistributedSampler``) the table covers every process's shard
+    (attach it in every process; rank 0 writes ``output_file``).
 
     Args:
         n_clusters: number of seen clusters.
@@ -68,7 +72,8 @@ class PerClusterAccuracy:
     def attach(self, engine: Engine) -> None:
         self._check_levels(getattr(engine, "n_clusters", None))  # the collector then takes the same (first) factor
         self.collector.attach(engine)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        if not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def _check_levels(self, levels: int | Mapping[str, int] | None) -> None:
         """Refuse a table whose clusters are not those of the factor it tabulates, where the engine says them: with
@@ -114,5 +119,5 @@ class PerClusterAccuracy:
         if seen:
             engine.state.metrics[self.worst_key] = min(seen) if self.lower_is_worse else max(seen)
         (self.logger or engine.logger).info(self.describe(table))
-        if self.output_file is not None:
+        if self.output_file is not None and idist.get_rank() == 0:
             write_json(table, self.output_file)

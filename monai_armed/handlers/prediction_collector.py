@@ -18,6 +18,7 @@ import torch
 from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_armed.engines.distributed import gather_shards, is_sharded
 from monai_armed.engines.output import IterationOutput
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -66,7 +67,9 @@ class PredictionCollector:
     """Gathers ``pred``, ``label`` and ``cluster`` of every iteration of an evaluator run (on the CPU).
 
     After a run, :attr:`pred`, :attr:`label` and :attr:`cluster` hold the concatenated tensors (``None`` for a field
-    the engine did not output). Works with decollated and plain outputs. With several grouping factors (a mapping
+    the engine did not output). Works with decollated and plain outputs. Under DDP, when the evaluator's loader reads one
+    shard per process (a ``DistributedSampler``), every process holds the predictions of all of them (run the evaluator
+    in every process then: the gathering is a collective call). With several grouping factors (a mapping
     ``cluster``) it collects the index of ``cluster_factor``, by default the engine's first factor (the network's
     order, whatever the order of the batch's cluster keys).
 
@@ -107,7 +110,9 @@ class PredictionCollector:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.finalize)
 
     def reset(self, engine: Engine | None = None) -> None:
+        """Forget the last run: a run that gives no batch (an empty loader, which ignite skips) leaves ``None``."""
         self._parts = {k: [] for k in self.keys}
+        self.values = {k: None for k in self.keys}
 
     def collect(self, engine: Engine) -> None:
         for key in self.keys:
@@ -119,7 +124,12 @@ class PredictionCollector:
                 self._parts[key].append(value.cpu())
 
     def finalize(self, engine: Engine | None = None) -> None:
-        self.values = {k: torch.cat(v) if v else None for k, v in self._parts.items()}
+        """Concatenate the run's batches; under DDP with a sharded loader, every process's (a collective call)."""
+        values = {k: torch.cat(v) if v else None for k, v in self._parts.items()}
+        if engine is not None and is_sharded(getattr(engine.state, "dataloader", None)):
+            device = getattr(engine.state, "device", None) or "cpu"
+            values = {k: None if v is None else gather_shards(v, device) for k, v in values.items()}
+        self.values = values
 
     @property
     def pred(self) -> torch.Tensor | None:

@@ -23,6 +23,7 @@ from monai_armed.networks.utils import random_effects_summary
 from monai_armed.utils import write_json
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+idist, _ = optional_import("ignite.distributed", IgniteInfo.OPT_IMPORT_VERSION, min_version)
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -37,8 +38,8 @@ class RandomEffectsSummary:
     variance components (lme4's ``VarCorr`` rows, with the residual of a Gaussian ``family``; ``format_varcorr``
     prints them as lme4 does).
 
-    Writes ``output_file`` (JSON, see ``random_effects_summary``) every ``interval`` epochs and at the end of training,
-    and, with a ``summary_writer`` (e.g. ``torch.utils.tensorboard.SummaryWriter``), the spreads as scalars
+    Writes ``output_file`` (JSON, see ``random_effects_summary``; rank 0 under DDP) every ``interval`` epochs and at the
+    end of training, and, with a ``summary_writer`` (e.g. ``torch.utils.tensorboard.SummaryWriter``), the spreads as scalars
     ``{tag_prefix}/{group}/spread_{unit}`` per epoch.
 
     Args:
@@ -82,7 +83,8 @@ class RandomEffectsSummary:
         self._written_epoch = engine.state.epoch
         summary = random_effects_summary(unwrap_armed(self.network), self.cluster_names, self.family)
         summary["epoch"] = engine.state.epoch
-        write_json(summary, self.output_file)
+        if idist.get_rank() == 0:  # under DDP every process holds the same parameters
+            write_json(summary, self.output_file)
         if self.summary_writer is not None:
             for group, values in summary["groups"].items():
                 for unit, spread in enumerate(values["spread"]):

@@ -394,7 +394,7 @@ class CoronalSlice(Transform):
             if str(source) in self._checked:
                 return
             self._checked.add(str(source))
-        reasons = _not_mni_reasons(ras.as_tensor()[0], np.asarray(ras.affine, dtype=np.float64))
+        reasons = _not_mni_reasons(ras.as_tensor()[0], np.asarray(torch.as_tensor(ras.affine).cpu(), dtype=np.float64))
         if reasons:
             logger.warning(
                 f"{where} does not look like a skull-stripped brain registered to MNI152 space: {'; '.join(reasons)}. "
@@ -422,7 +422,7 @@ def _not_mni_reasons(volume: torch.Tensor, affine: np.ndarray) -> list[str]:
             )
     # the brain's bounding box from the maximum projections (one pass over the volume per projection)
     top, side = volume.amax(dim=2), volume.amax(dim=1)
-    spans = [torch.nonzero(profile > 0).ravel().numpy() for profile in (top.amax(1), top.amax(0), side.amax(0))]
+    spans = [torch.nonzero(profile > 0).ravel().cpu().numpy() for profile in (top.amax(1), top.amax(0), side.amax(0))]
     if not all(span.size for span in spans):
         return reasons
     corners = np.stack(np.meshgrid(*[[s[0], s[-1]] for s in spans], indexing="ij"), -1).reshape(-1, 3)
