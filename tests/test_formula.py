@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -251,6 +252,45 @@ def test_missing_response():
         build_design("y ~ x1 + (1 | site)", data, source="a.csv")
     design = build_design("y ~ x1 + (1 | site)", data, require_response=False)
     assert design.y is None and design.X.shape == (8, 2)
+
+
+def test_a_response_with_missing_values_is_not_read_for_prediction():
+    """Rows to predict may carry their unknown outcomes as NaN (found by helper 52: refused as missing values)."""
+    data = _frame().assign(y=np.nan)
+    design = build_design("y ~ x1 + (1 | site)", data, require_response=False)
+    assert design.y is None and design.X.shape == (8, 2)
+    with pytest.raises(ValueError, match="column 'y' of the response .* has 8 missing value"):
+        build_design("y ~ x1 + (1 | site)", data)
+
+
+def test_a_power_inside_a_call_is_a_power_as_in_r():
+    """formulaic evaluates I(Days^2) as Python, where ^ is XOR: on an integer column it gave Days XOR 2 (found by
+    helper 52). ^ between terms stays the formula's interaction operator."""
+    design = build_design("y ~ Days + I(Days^2) + np.log(x1^2) + (1 + I(Days^2) | site)", _frame())
+    days = _frame()["Days"].to_numpy(float)
+    assert design.X[:, 2].tolist() == (days**2).tolist()
+    assert design.X[:, 3] == pytest.approx(np.log(_frame()["x1"].to_numpy() ** 2))
+    assert design.factors["site"].Z[:, 1].tolist() == (days**2).tolist()
+    interactions = build_design("y ~ (x1 + Days)^2 + (1 | site)", _frame())
+    assert interactions.fixed_names == ["(Intercept)", "x1", "Days", "x1:Days"]
+
+
+def test_dotted_column_names_as_in_data_from_r():
+    """formulaic reports day.c as the variable 'day', so dotted names were refused as missing (found by helper 52)."""
+    data = _frame().rename(columns={"x1": "day.c", "site": "site.id"})
+    for formula in ("y ~ day.c + (1 | site.id)", "y ~ `day.c` + (1 | site.id)"):
+        design = build_design(formula, data)
+        assert design.X[:, 1].tolist() == data["day.c"].tolist()
+    with pytest.raises(ValueError, match=r"column 'day.d' of term 'day.d' is not in data"):
+        build_design("y ~ day.d + (1 | site.id)", data)
+
+
+def test_offset_and_an_uncorrelated_categorical_term_are_named(caplog):
+    with pytest.raises(ValueError, match=r"offset\(\.\.\.\) term, which is not supported"):
+        parse_mixed_formula("y ~ x1 + offset(np.log(t)) + (1 | site)")
+    with caplog.at_level(logging.WARNING):
+        build_design("y ~ x1 + (x2 || Subject)", _frame())
+    assert "(1 | Subject) + (0 + f | Subject)" in caplog.text and "x2[T.b]" in caplog.text
 
 
 def test_response_read_as_text():

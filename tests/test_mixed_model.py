@@ -77,14 +77,19 @@ def test_unseen_level_of_one_factor_falls_back_to_zero_for_that_factor(caplog):
     frame["h"] = np.where(np.arange(len(frame)) % 2 == 0, "a", "b")
     fit = fit_formula("y ~ 1 + (1 | g) + (1 | h)", frame)
     new = pd.DataFrame({"g": ["g03", "unknown"], "h": ["a", "a"]})
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.WARNING):  # lme4 refuses them by default: a warning, not an INFO line
         eta = fit.linear_predictor(new)
     effects = {k: layer.loc.detach().double()[:, 0] * fit.response_scale for k, layer in fit.network.random_effects.items()}
     fixed = fit.fixed_effects()["(Intercept)"]
     g_index = fit.design.factors["g"].levels.index("g03")
     assert eta[0] == pytest.approx(fixed + float(effects["g"][g_index]) + float(effects["h"][0]), rel=1e-6)
     assert eta[1] == pytest.approx(fixed + float(effects["h"][0]), rel=1e-6)  # g unseen: h still applies
-    assert "unseen" in caplog.text
+    assert "allow.new.levels" in caplog.text and "{'g': 1}" in caplog.text
+
+
+def test_a_model_without_fixed_effects_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"fixed part '0' .* has no columns: a model without fixed effects"):
+        fit_formula("y ~ 0 + (1 | g)", _one_way())
 
 
 @pytest.mark.parametrize("family", ["binomial", "poisson", "bernoulli"])

@@ -107,12 +107,15 @@ class MixedModelFit:
         with torch.no_grad():
             eta = self.network(x, cluster if random_effects else None)
         unseen = {k: int((c < 0).sum()) for k, c in cluster.items() if int((c < 0).sum())}
-        if unseen and random_effects:
-            logger.info("levels unseen in training (fixed effects only for that factor): %s rows", unseen)
+        if unseen and random_effects:  # lme4 refuses them unless allow.new.levels=TRUE: say so
+            logger.warning("rows at levels unseen in training get no random effect of that factor (lme4's "
+                           "allow.new.levels=TRUE), per factor: %s", unseen)
         return (eta.double().numpy()[:, 0] * self.response_scale) if eta.shape[1] == 1 else eta.double().numpy()
 
     def predict(self, data: pd.DataFrame | MixedDesign, random_effects: bool = True) -> np.ndarray:
-        """The expected response of new rows (probability for the logit families, rate for Poisson)."""
+        """The response of new rows at the posterior mean of their random effects (probability for the logit families,
+        rate for Poisson), as lme4's ``predict(type="response")``: a plug-in, not averaged over the effects'
+        uncertainty (for Poisson that average is ``exp(eta + var/2)``, a little larger)."""
         eta = torch.as_tensor(self.linear_predictor(data, random_effects) / self.response_scale)
         return (self.family.mean(eta).numpy() * self.response_scale).astype(float)
 
@@ -261,6 +264,11 @@ def fit_mixed_model(
     family = likelihood(family) if isinstance(family, str) else family
     if design.y is None:
         raise ValueError(f"{design.source} has no response column {design.response!r} to fit.")
+    if design.X.shape[1] == 0:
+        raise ValueError(
+            f"the fixed part {design.formula.fixed!r} of formula {str(design.formula)!r} has no columns: a model without "
+            "fixed effects is not supported; keep the intercept (e.g. y ~ 1 + (1 | group))."
+        )
     if trials is not None and family.name != "binomial":
         raise ValueError(f"trials ({trials_name}) are for the binomial family only; the {family.name} family has none.")
     try:
@@ -327,8 +335,9 @@ def fit_mixed_model(
     if not hidden_channels:
         _note_singular(network, family, notes)
     if not converged:
-        message = (f"the fit stopped after {iterations} L-BFGS iterations (max_iter={max_iter}) before converging: "
-                   "the estimates may not be converged; raise max_iter.")
+        message = (f"the fit stopped before converging, after {iterations} L-BFGS iterations, at its limit of "
+                   f"max_iter={max_iter} iterations or {max_iter * 5 // 4} objective evaluations: the estimates may "
+                   "not be converged; raise max_iter.")
         logger.warning(message)
         notes.append(message)
     network.eval()

@@ -20,6 +20,7 @@ index of every row. Grouping-factor levels are text ids, as everywhere in monai_
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,10 +37,13 @@ from monai_armed.utils import cluster_id
 
 __all__ = ["RandomTerm", "MixedFormula", "FactorDesign", "MixedDesign", "parse_mixed_formula", "build_design"]
 
+logger = logging.getLogger(__name__)
+
 INTERCEPT = "(Intercept)"
 _CLOSERS = {"(": ")", "[": "]", "{": "}"}
 _QUOTES = "'\"`"
 _NAME = re.compile(r"[A-Za-z_.][A-Za-z0-9_.]*|`[^`]+`")
+_OFFSET = re.compile(r"(?<![A-Za-z0-9_.])offset\s*\(")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m|[\u29da\u29db]")
 
 
@@ -226,6 +230,17 @@ def _scan(text: str, formula: str) -> Iterator[tuple[int, str, str | None]]:
         raise ValueError(f"unclosed {quote or stack[-1][0]!r} in formula {formula!r}.")
 
 
+def _python_powers(formula: str) -> str:
+    """``formula`` with every ``^`` inside a call or brackets written ``**``: formulaic evaluates a call's arguments
+    (``I(x^2)``, ``np.log(x^2)``) as Python, where ``^`` is the bitwise XOR (``I(day^2)`` of an integer column gave
+    ``day XOR 2``), while R and lme4 read it as a power. A ``^`` between terms (``(a + b)^2``, the interactions up to
+    order 2) is the formula's operator and stays."""
+    calls = [i for i, ch, enclosing in _scan(formula, formula) if ch == "^" and enclosing == "call"]
+    for i in reversed(calls):
+        formula = f"{formula[:i]}**{formula[i + 1:]}"
+    return formula
+
+
 def _is_sign(before: str) -> bool:
     """Whether a ``+`` or ``-`` after ``before`` is a unary sign (or an exponent's) instead of a binary operator."""
     before = before.rstrip()
@@ -358,9 +373,12 @@ def parse_mixed_formula(formula: str) -> MixedFormula:
     """Parse an lme4-style mixed-model formula.
 
     Random terms are the summands of the right-hand side written ``(terms | group)`` (correlated effects) or
-    ``(terms || group)`` (independent effects); they are found by matching parentheses, so function calls such as
-    ``C(x2)``, ``I(x**2)`` or ``np.log(x)`` stay in the fixed part. A group ``a/b`` (``b`` nested in ``a``) expands as
-    in lme4 into the groups ``a`` and ``a:b``; ``a:b`` is the interaction factor whose levels are the pairs of ids.
+    ``(terms || group)`` (independent effects: one variance per column of the terms, so for a categorical ``f`` the
+    variances of the intercept and of ``f``'s contrasts, where lme4 makes ``(1 | g) + (0 + f | g)``, see
+    :func:`build_design`); they are found by matching parentheses, so function calls such as ``C(x2)``, ``I(x^2)``
+    (a power, as in R: ``^`` inside a call is written ``**`` for formulaic) or ``np.log(x)`` stay in the fixed part.
+    A group ``a/b`` (``b`` nested in ``a``) expands as in lme4 into the groups ``a`` and ``a:b``; ``a:b`` is the
+    interaction factor whose levels are the pairs of ids. An ``offset(...)`` is refused (not supported).
     The fixed part keeps the other summands as written (``"0 +"`` and ``"- 1"`` remove the intercept, as formulaic
     reads them); it is ``"1"`` when there are none.
 
@@ -386,14 +404,20 @@ def parse_mixed_formula(formula: str) -> MixedFormula:
     """
     if not isinstance(formula, str):
         raise TypeError(f"a formula must be a string, got {type(formula).__name__}.")
-    tildes = [i for i, ch, enclosing in _scan(formula, formula) if ch == "~" and enclosing is None]
+    if _OFFSET.search(formula):
+        raise ValueError(
+            f"formula {formula!r} has an offset(...) term, which is not supported: fit the rate without it, or give "
+            "the known exposure as a covariate (e.g. + np.log(exposure))."
+        )
+    text = _python_powers(formula)
+    tildes = [i for i, ch, enclosing in _scan(text, formula) if ch == "~" and enclosing is None]
     if len(tildes) != 1:
         problem = "no '~'" if not tildes else "more than one '~'"
         raise ValueError(f"formula {formula!r} has {problem}; write it as response ~ terms, e.g. y ~ x + (1 | group).")
-    response = _response(formula[: tildes[0]], formula)
+    response = _response(text[: tildes[0]], formula)
     fixed: list[tuple[str, str]] = []
     random: list[RandomTerm] = []
-    for sign, text in _split_summands(formula[tildes[0] + 1:], formula):
+    for sign, text in _split_summands(text[tildes[0] + 1:], formula):
         inner = _unwrap(text, formula)
         while inner is not None and not _bars(inner, formula) and _unwrap(inner.strip(), formula) is not None:
             inner = _unwrap(inner.strip(), formula)  # ((1 | g)) is (1 | g)
@@ -425,9 +449,12 @@ def _row_text(data: pd.DataFrame, position: int) -> str:
 
 
 def _variables(text: str) -> list[str]:
-    """The data columns a formulaic formula names, as far as formulaic knows them before evaluation."""
+    """The data columns a formulaic formula names, as far as formulaic knows them before evaluation. formulaic reports
+    a dotted name such as ``day.c`` (common in data from R) by its first part, ``day``: the name as written is kept."""
     variables = Formula(text).required_variables
-    return sorted(str(v) for v in variables if any(role.value == "value" for role in v.roles))
+    names = {str(v) for v in variables if any(role.value == "value" for role in v.roles)}
+    dotted = {name.strip("`") for name in _NAME.findall(text) if "." in name}
+    return sorted({next((d for d in dotted if d.startswith(f"{name}.")), name) for name in names})
 
 
 def _used_columns(formula: MixedFormula, require_response: bool) -> list[tuple[str, str]]:
@@ -576,7 +603,16 @@ def _factor(
     codes = pd.Index(levels, dtype=object).get_indexer(ids).astype(np.int64)
     counts = np.bincount(codes[codes >= 0], minlength=len(levels)).astype(np.int64)
     what = f"the random-effects columns of term {str(term)!r}"
+    learn = spec is None
     Z, names, spec = _model_matrix(term.terms if spec is None else spec, data, what, source)
+    categorical = [name for name in names if "[" in name]  # formulaic names a category's column f[T.level]
+    if learn and categorical and not term.correlated:
+        logger.warning(
+            f"random term {str(term)!r} has the categorical column(s) {categorical}: it gets one independent variance "
+            "per column (the intercept and each contrast), where lme4 expands a factor f in a '||' term into "
+            f"(1 | {term.group}) + (0 + f | {term.group}), with a full covariance over f's levels; write that form "
+            "to fit lme4's model."
+        )
     return FactorDesign(term, Z, names, codes, levels, term.correlated, counts, _constant_columns(Z, names), spec)
 
 
@@ -653,7 +689,8 @@ def build_design(
         vocabularies: the levels of each factor, keyed like :attr:`MixedDesign.factors` (``"Subject"``,
             ``"site:subject"``); rows at other levels get the code ``-1``. Without ``like``, every factor needs one.
         source: the name of the data in error messages, e.g. the CSV path.
-        require_response: ``False`` allows data without the response column (inference): ``y`` is then ``None``.
+        require_response: ``False`` allows data without the response column, or with missing values in it
+            (inference, unknown outcomes): ``y`` is then ``None``.
 
     Returns:
         the design: ``y``, ``X`` with ``fixed_names`` and ``fixed_spec``, and one :class:`FactorDesign` per random term.
@@ -677,7 +714,8 @@ def build_design(
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"build_design needs a pandas DataFrame, got {type(data).__name__}.")
     parsed = _resolve_formula(formula, like)
-    has_response = require_response or parsed.response in data.columns
+    # without require_response (prediction) a response column is read only when complete: NaN marks unknown outcomes
+    has_response = require_response or (parsed.response in data.columns and not data[parsed.response].isna().any())
     used = _used_columns(parsed, has_response)
     _check_columns(used, data, source)
     y = _response_values(data, parsed.response, source) if has_response else None
