@@ -256,6 +256,9 @@ def test_constructor_rejects_unknown_datasets(data):
     with pytest.raises(ValueError, match=r"anova_dataset 'tset' is not one of the datasets \['seen', 'train'\]"):
         AutoencoderReport(net, {"train": data["train"], "seen": data["seen"]}, anova_dataset="tset")
     assert AutoencoderReport(net, {"train": data["train"]}).anova_dataset is None, "no 'seen' dataset: no ANOVA"
+    both = {"train": data["train"], "seen": data["seen"]}
+    assert AutoencoderReport(net, both, anova_dataset=None).anova_dataset is None, "None turns the ANOVA off"
+    assert AutoencoderReport(net, both).anova_dataset == "seen"
 
 
 def test_modes_of_no_dataset_are_named_and_attach_is_idempotent(data, caplog):

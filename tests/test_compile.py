@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import copy
 import unittest
+from unittest import mock
 
 import torch
 from ignite.engine import Events
 from monai.data import MetaTensor
 
 from monai_armed.engines import ARMEDEvaluator, PrepareBatchCluster, is_compiled, unwrap_armed
+from monai_armed.inferers import cluster_inference
 from monai_armed.networks import ClusterAdversary, MixedEffectsMLP
 from tests.test_autoencoder_trainer import _images
 from tests.test_autoencoder_trainer import _models as _autoencoder_models
@@ -75,15 +77,21 @@ class TestCompiledTraining(unittest.TestCase):
         self.assertFalse(torch.equal(_flat(adv), before))
 
     def test_autoencoder_trainer_compiles_and_strips_metadata(self):
-        data = _images(16)
-        data["image"] = MetaTensor(data["image"], meta={"filename_or_obj": "batch.tif"})
+        data = _images(48)
+        batches = [{**{k: v[i : i + 16] for k, v in data.items()}, "image": MetaTensor(data["image"][i : i + 16])}
+                   for i in (0, 16, 32)]  # fmt: skip
         net, adv, judge = _autoencoder_models("armed")
         counter = GraphCounter()
-        trainer = _autoencoder_trainer(data, net, adv, judge, 2, compile=True, compile_kwargs={"backend": counter})
+        trainer = _autoencoder_trainer(data, net, adv, judge, 3, compile=True, compile_kwargs={"backend": counter})
+        trainer.data_loader = batches  # MetaTensor images, as MONAI's loaders give (TensorBatchLoader's are plain)
+        compiled, inputs = trainer._forward_armed, []
+        trainer._forward_armed = lambda x, cluster: (inputs.append(type(x)), compiled(x, cluster))[1]
         before = _flat(net)
         trainer.run()
         self.assertGreater(counter.graphs, 0)
         self.assertFalse(torch.equal(_flat(net), before))
+        # the first batch, whose values are checked, runs eagerly (its device reads would split the compiled graph)
+        self.assertEqual(inputs, [torch.Tensor, torch.Tensor], "the compiled forward gets the later batches, plain")
 
     def test_compiled_network_is_refused_with_the_way_to_compile(self):
         net, adv = _models()
@@ -116,10 +124,14 @@ class TestCompiledEvaluation(unittest.TestCase):
         for kwargs in ({"compile": True, "compile_kwargs": {"backend": GraphCounter()}}, {}):
             counter = kwargs.get("compile_kwargs", {}).get("backend") or GraphCounter()
             network = self.net if kwargs else torch.compile(copy.deepcopy(self.net), backend=counter)
-            pred, batches = self._predict(network, **kwargs)
+            inputs = []
+            with mock.patch("monai_armed.engines.evaluator.cluster_inference",
+                            side_effect=lambda inferer, x, *args: inputs.append(type(x)) or cluster_inference(inferer, x, *args)):
+                pred, batches = self._predict(network, **kwargs)  # fmt: skip
             self.assertGreater(counter.graphs, 0)
+            self.assertEqual(inputs, [torch.Tensor, torch.Tensor], "the compiled network gets plain tensors")
             torch.testing.assert_close(pred, eager)
-            self.assertTrue(all(isinstance(p, MetaTensor) for p in batches))
+            self.assertTrue(all(isinstance(p, MetaTensor) for p in batches), "pred gets the inputs' metadata back")
             self.assertEqual(batches[0].meta["filename_or_obj"], "rows.csv")
 
     def test_unwrap_compiled(self):

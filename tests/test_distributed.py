@@ -16,6 +16,7 @@ import json
 import socket
 import tempfile
 import unittest
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from ignite.engine import Engine, Events
 from torch.nn.parallel import DistributedDataParallel
+from monai.data import DistributedSampler as MonaiDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
 from monai_armed.engines import ARMEDEvaluator, ARMEDForward, ARMEDTrainer, PrepareBatchCluster, armed_ddp, unwrap_armed
@@ -121,22 +123,37 @@ def _sharded_handlers(rank: int, out_dir: str) -> dict:
     shard's, the last writer winning)."""
     torch.manual_seed(0)
     net = MixedEffectsMLP(2, 1, n_clusters=N_CLUSTERS).eval()
-    x, y, c = _problem(8, seed=5)
-    items = [{"features": x[i], "label": y[i].long(), "cluster": c[i]} for i in range(8)]
-    loader = DataLoader(items, batch_size=2, sampler=DistributedSampler(items, WORLD_SIZE, rank, shuffle=False))
-    evaluator = ARMEDEvaluator("cpu", loader, net, prepare_batch=PrepareBatchCluster("features"), decollate=False)
-    PerClusterAccuracy(N_CLUSTERS, output_file=Path(out_dir) / "per_cluster.json").attach(evaluator)
-    report = ClusterModeReport(evaluator, {"seen": loader}, {"seen": ["fixed"]}, output_file=Path(out_dir) / "report.json")
-    evaluator.run()
-    table = evaluator.state.metric_details["per_cluster_accuracy"]
-    results = {"table_n": sum(row["n"] for row in table.values()), "report_n": report.run()["seen"]["fixed"]["n"]}
+    out = Path(out_dir)
+
+    def evaluate(n_items: int, gather: bool, even: bool = True) -> tuple[int, int, list[str]]:
+        x, y, c = _problem(n_items, seed=5)
+        items = [{"features": x[i], "label": y[i].long(), "cluster": c[i]} for i in range(n_items)]
+        sampler = (DistributedSampler(items, WORLD_SIZE, rank, shuffle=False) if even
+                   else MonaiDistributedSampler(items, False, WORLD_SIZE, rank, shuffle=False))  # fmt: skip
+        loader = DataLoader(items, batch_size=2, sampler=sampler)
+        evaluator = ARMEDEvaluator("cpu", loader, net, prepare_batch=PrepareBatchCluster("features"), decollate=False)
+        # each rank names its own file: only rank 0's may exist
+        PerClusterAccuracy(N_CLUSTERS, output_file=out / f"per_cluster_{n_items}_{gather}_rank{rank}.json",
+                           gather_processes=gather).attach(evaluator)  # fmt: skip
+        report = ClusterModeReport(evaluator, {"seen": loader}, {"seen": ["fixed"]}, gather_processes=gather,
+                                   output_file=out / f"report_rank{rank}.json")  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            evaluator.run()
+            report_n = report.run()["seen"]["fixed"]["n"]
+        table = evaluator.state.metric_details["per_cluster_accuracy"]
+        shards = sorted({str(w.message) for w in caught if "shard" in str(w.message)})  # not sklearn's own warnings
+        return sum(row["n"] for row in table.values()), report_n, shards
+
+    results = {"gathered": evaluate(8, True), "own_shard": evaluate(8, False), "padded": evaluate(7, True),
+               "uneven": evaluate(7, True, even=False)}  # fmt: skip
     trainer = Engine(lambda engine, batch: {"loss": torch.tensor(float(rank + 1))})
-    LossHistory(Path(out_dir) / "loss_history.json", average_processes=False).attach(trainer)
+    LossHistory(out / f"loss_history_rank{rank}.json", average_processes=False).attach(trainer)
     trainer.run([0, 1], max_epochs=1)
     images = [{"image": torch.zeros(1, 8, 8), "image_path": f"img{i}.tif"} for i in range(8)]
     image_loader = DataLoader(images, batch_size=2, sampler=DistributedSampler(images, WORLD_SIZE, rank, shuffle=False))
     segmenter = Engine(lambda engine, batch: {"pred": torch.randn(len(batch["image"]), 2, 8, 8)})
-    writer = SegmentationWriter(Path(out_dir) / "segmentation")
+    writer = SegmentationWriter(out / "segmentation", gather_processes=True)
     writer.attach(segmenter)
     writer.attach(segmenter)  # once only: a second attach claimed every name twice and refused the run
     segmenter.run(image_loader, max_epochs=1)
@@ -184,18 +201,31 @@ class TestDDPMatchesSingleProcess(unittest.TestCase):
             cls.ranks = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD_SIZE)]
             out = Path(out_dir)
             cls.files = {
-                "per_cluster": json.loads((out / "per_cluster.json").read_text()),
-                "report": json.loads((out / "report.json").read_text()),
-                "loss_history": json.loads((out / "loss_history.json").read_text()),
+                "written": sorted(p.name for p in out.glob("*.json")),
+                "per_cluster": json.loads((out / "per_cluster_8_True_rank0.json").read_text()),
+                "report": json.loads((out / "report_rank0.json").read_text()),
+                "loss_history": json.loads((out / "loss_history_rank0.json").read_text()),
                 "segmentation_rows": list(csv.DictReader((out / "segmentation" / "segmentation.csv").open())),
                 "segmentation_tiffs": sorted(p.name for p in (out / "segmentation").glob("*.tif")),
             }
 
-    def test_evaluation_handlers_cover_every_shard_and_rank_0_writes(self):
+    def test_evaluation_handlers_gather_every_shard_when_asked_and_rank_0_writes(self):
         for rank in self.ranks:
-            self.assertEqual(rank["handlers"], {"table_n": 8, "report_n": 8})
+            table_n, report_n, warned = rank["handlers"]["gathered"]
+            self.assertEqual((table_n, report_n, warned), (8, 8, []))
+            # by default each process keeps its own shard (a handler on rank 0 alone must not wait for the others)
+            table_n, report_n, warned = rank["handlers"]["own_shard"]
+            self.assertEqual((table_n, report_n), (4, 4))
+            self.assertTrue(warned and all("shard alone; pass gather_processes=True" in w for w in warned), warned)
+            # torch's sampler evens 7 items into 2 x 4 by repeating one, which the gathered table counts twice
+            table_n, _, warned = rank["handlers"]["padded"]
+            self.assertEqual(table_n, 8)
+            self.assertTrue(any("repeats 1 item(s)" in w for w in warned), warned)
+            # as the warning advises, MONAI's sampler without even_divisible gives every item once
+            self.assertEqual(rank["handlers"]["uneven"], (7, 7, []))
+        self.assertFalse([name for name in self.files["written"] if "rank1" in name], "rank 1 wrote a file")
         self.assertEqual(sum(row["n"] for row in self.files["per_cluster"].values()), 8)
-        self.assertEqual(self.files["report"]["seen"]["fixed"]["n"], 8)
+        self.assertEqual(self.files["report"]["seen"]["fixed"]["n"], 7)  # the last report: 7 items, MONAI's sampler
         self.assertEqual(self.files["loss_history"]["loss"], [1.0], "rank 0's own losses (average_processes=False)")
         self.assertEqual(sorted(row["image"] for row in self.files["segmentation_rows"]), [f"img{i}.tif" for i in range(8)])
         self.assertEqual(self.files["segmentation_tiffs"], [f"img{i}_seg.tif" for i in range(8)])

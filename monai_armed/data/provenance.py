@@ -105,7 +105,9 @@ def check_evaluated_items(
     """Refuse an evaluation that would score images the model in ``ckpt_dir`` trained on.
 
     Every section but ``training_section`` is compared with the record that :func:`record_training_items` wrote when
-    the model was trained, by path and by content, so that a moved or copied data or run folder is no way around it.
+    the model was trained, by path and by the content of its files (:func:`image_content`), so that a moved or copied
+    data or run folder is recognised; an image that is a folder (a DICOM series) is compared by path alone. An
+    evaluated image with the same bytes as a training image counts as a training image.
     A bundle's evaluation rebuilds its data from the training config: generated data asked for with other settings
     than the training run's (seed, size, number of images) are generated anew, and their test sections can then hold
     the model's training images. Without a record (a model trained before monai-armed 0.5.2) a warning says that

@@ -14,7 +14,7 @@ from __future__ import annotations
 from .autoencoder_inferer import AutoencoderInferer
 from .autoencoder_trainer import AEC_LOSS_KEYS, AECIterationEvents, AECKeys, ARMEDAutoencoderTrainer, seen_cross_entropy
 from .compiled import is_compiled, plain_tensor, with_meta_of
-from .distributed import ARMEDForward, armed_ddp, broadcast_buffers, gather_shards, is_sharded, unwrap_armed
+from .distributed import ARMEDForward, armed_ddp, broadcast_buffers, gather_shards, gathers_shards, is_sharded, unwrap_armed
 from .evaluator import CLUSTER_MODES, TASKS, ARMEDEvaluator, resolve_cluster
 from .mldg import MLDG_DEFAULTS, train_mldg
 from .output import EPOCH_METRIC_PREFIX, EpochMeans, IterationOutput, ScalarSums, iteration_scalars

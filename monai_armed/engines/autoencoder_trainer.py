@@ -294,7 +294,7 @@ class ARMEDAutoencoderTrainer(ARMEDTrainer):
         self.fe_weight = value
 
     def _forward(self, inputs: torch.Tensor, cluster: torch.Tensor) -> AECOutput:
-        return self._forward_armed(inputs, cluster)
+        return self._batch_forward_armed(inputs, cluster)
 
     def _main_loss(self, out: AECOutput, inputs: torch.Tensor, targets: torch.Tensor, cluster: Any) -> torch.Tensor:
         return self._autoencoder_loss(out, inputs, targets, self._adversary_target(cluster))

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch.utils.data import DistributedSampler
 
 from monai_armed.engines.compiled import is_compiled
 
-__all__ = ["ARMEDForward", "armed_ddp", "broadcast_buffers", "gather_shards", "is_sharded", "unwrap_armed"]
+__all__ = ["ARMEDForward", "armed_ddp", "broadcast_buffers", "gather_shards", "gathers_shards", "is_sharded", "unwrap_armed"]
 
 
 class ARMEDForward(nn.Module):
@@ -144,13 +145,43 @@ def is_sharded(loader: Any) -> bool:
 
     Example::
 
-        is_sharded(DataLoader(items, sampler=DistributedSampler(items)))   # True under torchrun with 2 processes
+        is_sharded(DataLoader(items, sampler=monai.data.DistributedSampler(items, even_divisible=False)))  # torchrun: True
     """
     sampler = getattr(loader, "sampler", None)
     return (
         isinstance(sampler, DistributedSampler) and dist.is_available() and dist.is_initialized()
         and dist.get_world_size() > 1
     )  # fmt: skip
+
+
+def gathers_shards(loader: Any, gather_processes: bool, owner: str) -> bool:
+    """Whether a handler that collects an evaluator's outputs gathers them from every process: when ``loader`` is
+    sharded (:func:`is_sharded`) and the handler was asked to (``gather_processes``, which needs it attached in every
+    process: the gathering is a collective call, and a handler attached on rank 0 alone would wait for ever). A sharded
+    loader without it gives that process's shard alone, and a sampler that evens its shards by repeating items counts
+    those twice once gathered: both are warned about (once per process).
+
+    Example::
+
+        if gathers_shards(engine.state.dataloader, self.gather_processes, "PerClusterAccuracy"):
+            pred = gather_shards(pred, engine.state.device)
+    """
+    if not is_sharded(loader):
+        return False
+    if not gather_processes:
+        warnings.warn(
+            f"{owner}: the evaluator's loader reads one shard per process, so its results cover process "
+            f"{dist.get_rank()}'s shard alone; pass gather_processes=True and attach it in every process for the "
+            "whole set."
+        )
+        return False
+    padding = getattr(loader.sampler, "total_size", 0) - len(loader.sampler.dataset)
+    if padding > 0:
+        warnings.warn(
+            f"{owner}: the DistributedSampler repeats {padding} item(s) to even the shards, and they are counted twice; "
+            "evaluate with monai.data.DistributedSampler(even_divisible=False)."
+        )
+    return True
 
 
 def gather_shards(tensor: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:

@@ -206,10 +206,10 @@ class ARMEDTrainer(SupervisedTrainer):
             ``decollate``, ``accumulation_steps``, ``inferer``, ...). ``compile=True`` (with ``compile_kwargs``)
             compiles ``forward_armed`` with ``torch.compile`` (MONAI's ``compile`` compiles ``forward``, which the
             trainer does not call, so a ``torch.compile(network)`` is refused) and gives it the inputs without their
-            ``MetaTensor`` metadata, as MONAI does; a player's network is compiled by passing
-            ``torch.compile(adversary)``. A windowed ``inferer`` (a
-            ``SlidingWindowInferer`` over large images, say) runs ``forward_armed`` on each sample's windows with
-            that sample's cluster (:func:`~monai_armed.inferers.armed_inference`; not with DDP).
+            ``MetaTensor`` metadata, as MONAI does (``pred`` stays a plain tensor); the batches whose values are
+            checked run eagerly. Without DDP, a player's network is compiled by passing ``torch.compile(adversary)``.
+            A windowed ``inferer`` (a ``SlidingWindowInferer`` over large images, say) runs ``forward_armed`` on each
+            sample's windows with that sample's cluster (:func:`~monai_armed.inferers.armed_inference`; not with DDP).
 
     Example::
 
@@ -294,12 +294,11 @@ class ARMEDTrainer(SupervisedTrainer):
         self._attach_buffer_broadcast()
         # DDP runs forward_armed through the wrapper's forward (which MONAI compiles with ``compile``); a plain network
         # is called directly, so ``compile`` compiles forward_armed, not the forward MONAI compiled
-        if isinstance(network, DistributedDataParallel):
-            self._forward_armed = self.network
-        elif self.compile:
-            self._forward_armed = torch.compile(network.forward_armed, **(kwargs.get("compile_kwargs") or {}))
-        else:
-            self._forward_armed = network.forward_armed
+        ddp = isinstance(network, DistributedDataParallel)
+        self._eager_forward_armed = network if ddp else network.forward_armed
+        self._forward_armed = self.network if ddp else self._eager_forward_armed
+        if self.compile and not ddp:
+            self._forward_armed = torch.compile(self._eager_forward_armed, **(kwargs.get("compile_kwargs") or {}))
         if isinstance(network, DistributedDataParallel) and is_windowed(self.inferer):
             raise ValueError(
                 f"ARMEDTrainer with DistributedDataParallel cannot train through {type(self.inferer).__name__}: a "
@@ -450,9 +449,15 @@ class ARMEDTrainer(SupervisedTrainer):
         if step:  # a simultaneous player's gradients come from the main backward, scaled by its scaler
             self._step([self.optimizer, *(p.optimizer for p in playing if not p.sequential)], self.scaler)
 
+    @property
+    def _batch_forward_armed(self) -> Callable:
+        """The main network's ``forward_armed`` for this batch: compiled with ``compile``, except on the batches whose
+        values are checked (their reads of the device would split the compiled graph for the whole run)."""
+        return self._eager_forward_armed if self.compile and batch_checks_enabled() else self._forward_armed
+
     def _forward(self, inputs: torch.Tensor, cluster: Any) -> Any:
         """The main network's output for the batch (through the windowed inferer when there is one)."""
-        return armed_inference(self.inferer, inputs, self._forward_armed, cluster)
+        return armed_inference(self.inferer, inputs, self._batch_forward_armed, cluster)
 
     def _main_loss(self, out: Any, inputs: torch.Tensor, targets: torch.Tensor, cluster: Any) -> torch.Tensor:
         """The main network's own loss before the players' terms and the KL: here the task loss."""

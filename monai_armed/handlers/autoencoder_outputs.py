@@ -204,6 +204,8 @@ class AutoencoderOutputWriter(ImageOutputWriter):
         ood_threshold: the out-of-distribution threshold on ``recon_mse_fe``: a number, or the JSON file written by
             :func:`fit_ood_threshold` (read when each run starts; a missing file gives a warning and an empty ``ood``
             column); None: no flag.
+        gather_processes: under DDP with a sharded loader, one CSV of every process's images (see
+            :class:`~monai_armed.handlers.ImageOutputWriter`).
 
     Raises:
         KeyError: a batch without ``image`` or ``path_key`` (before anything of that batch is written).
@@ -227,8 +229,9 @@ class AutoencoderOutputWriter(ImageOutputWriter):
         output_dir: str | os.PathLike,
         path_key: str = "image_path",
         ood_threshold: float | str | os.PathLike | None = None,
+        gather_processes: bool = False,
     ) -> None:
-        super().__init__(output_dir, path_key, "predictions.csv")
+        super().__init__(output_dir, path_key, "predictions.csv", gather_processes)
         if isinstance(ood_threshold, numbers.Real) and not isinstance(ood_threshold, bool):
             if not math.isfinite(ood_threshold) or ood_threshold < 0:
                 raise ValueError(f"AutoencoderOutputWriter: ood_threshold must be a finite number >= 0, got {ood_threshold}.")

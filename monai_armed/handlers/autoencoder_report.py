@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+idist, _ = optional_import("ignite.distributed", IgniteInfo.OPT_IMPORT_VERSION, min_version)
 
 __all__ = ["AutoencoderReport"]
 
@@ -70,7 +71,8 @@ class AutoencoderReport:
 
     ``save_figures`` writes the reconstruction grid (original / fixed / mixed / difference per batch) and the 2-D
     embedding of the latents coloured by batch and by label. Batches hold ``image``, ``label`` and ``cluster`` (index,
-    ``-1`` for unseen). The report is written as strict JSON (NaN as ``null``).
+    ``-1`` for unseen). The report is written as strict JSON (NaN as ``null``; by rank 0 under ``torch.distributed``).
+    It evaluates the loaders it is given in its own process: under DDP, give it whole (unsharded) loaders.
 
     Args:
         network: an autoencoder-classifier with ``encode(x, cluster)`` and ``forward_autoencoder(x, cluster)`` (one
@@ -82,8 +84,8 @@ class AutoencoderReport:
         z_predictor: optional Z-predictor giving soft memberships for ``inferred`` (and unseen rows of ``observed``).
         threshold_dataset: dataset whose predictions fix each mode's decision threshold.
         latent_dataset: dataset of the latent scores.
-        anova_dataset: dataset of the ANOVA of reconstruction image metrics (its ``observed`` mode); default
-            ``"seen"`` when there is one (else no ANOVA).
+        anova_dataset: dataset of the ANOVA of reconstruction image metrics (its ``observed`` mode), or ``None`` (no
+            ANOVA); the default ``"seen"`` gives none when there is no such dataset.
         output_file: JSON report path, or ``None``.
         cluster_names: vocabulary names of the cluster indices (figures).
         label_names: names of the labels (figures).
@@ -109,19 +111,19 @@ class AutoencoderReport:
         z_predictor: nn.Module | None = None,
         threshold_dataset: str | None = "train",
         latent_dataset: str = "train",
-        anova_dataset: str | None = None,
+        anova_dataset: str | None = "seen",
         output_file: str | os.PathLike | None = None,
         cluster_names: Sequence[str] | None = None,
         label_names: Sequence[str] | None = None,
         device: str | torch.device | None = None,
         seed: int = 0,
     ) -> None:
+        if anova_dataset == "seen" and "seen" not in datasets:  # the default: no ANOVA without a 'seen' dataset
+            anova_dataset = None
         roles = (("threshold_dataset", threshold_dataset), ("latent_dataset", latent_dataset), ("anova_dataset", anova_dataset))
         for role, name in roles:
             if name is not None and name not in datasets:
                 raise ValueError(f"{role} {name!r} is not one of the datasets {sorted(datasets)}.")
-        if anova_dataset is None and "seen" in datasets:
-            anova_dataset = "seen"
         self.network, self.z_predictor, self.datasets = network, z_predictor, dict(datasets)
         self.n_clusters = int(n_clusters if n_clusters is not None else network.n_clusters)
         default = ["observed", "fixed", "randomized"] + (["inferred"] if z_predictor is not None else [])
@@ -175,7 +177,7 @@ class AutoencoderReport:
         if self.anova_dataset in self.collected:
             results["anova_f"] = self._anova(self.collected[self.anova_dataset])
         results = nan_to_none(results)
-        if self.output_file is not None:
+        if self.output_file is not None and idist.get_rank() == 0:
             write_json(results, self.output_file)
         return results
 

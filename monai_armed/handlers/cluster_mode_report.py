@@ -88,8 +88,9 @@ class ClusterModeReport:
     :func:`~monai_armed.metrics.segmentation_summary`: the mean per-image Dice and HD95 of the argmax class maps,
     overall and per cluster (the logits are reduced to class maps as they are collected). Attach it to a trainer to run once training
     completes, or call :meth:`run` (e.g. from ``evaluate.json``). A dataset without batches is an error (raised
-    before any is evaluated). Under DDP, loaders with a ``DistributedSampler`` give the metrics of every process's
-    shard (run the report in every process; rank 0 writes ``output_file``); plain loaders, each process's own data.
+    before any is evaluated). Under DDP, loaders with a ``DistributedSampler`` give the metrics of the process's own
+    shard, or with ``gather_processes`` of every process's (run the report in every process then); rank 0 writes
+    ``output_file``.
 
     Args:
         evaluator: an ``ARMEDEvaluator`` (its ``z_predictor`` is used by ``inferred``).
@@ -104,6 +105,7 @@ class ClusterModeReport:
             (``metrics="binary"`` only); it is evaluated in every mode that another dataset uses.
         cluster_factor: with several grouping factors, the one of the per-cluster tables (default the evaluator's
             ``inferred_factor``, else the first); ``cluster_names`` are then that factor's.
+        gather_processes: under DDP with sharded loaders, gather every process's predictions (a collective call).
 
     Example::
 
@@ -135,6 +137,7 @@ class ClusterModeReport:
         metrics: str | None = None,
         threshold_dataset: str | None = None,
         cluster_factor: str | None = None,
+        gather_processes: bool = False,
     ) -> None:
         if metrics is None:
             metrics = _TASK_METRICS.get(getattr(evaluator, "task", None), "classification")
@@ -163,8 +166,11 @@ class ClusterModeReport:
         #: classes of the segmentation logits (their channels), so that a class absent from a dataset still counts
         self.num_classes: int | None = None
         self.collector = PredictionCollector(
-            cluster_factor=cluster_factor, pred_transform=self._class_map if metrics == "segmentation" else None
+            cluster_factor=cluster_factor,
+            pred_transform=self._class_map if metrics == "segmentation" else None,
+            gather_processes=gather_processes,
         )
+        self.collector.owner = type(self).__name__
         self.collector.attach(evaluator)
 
     def _class_map(self, pred: Any) -> Any:

@@ -23,7 +23,7 @@ import numpy as np
 import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_armed.engines.distributed import is_sharded
+from monai_armed.engines.distributed import gathers_shards
 from monai_armed.engines.trainer import ARMEDKeys
 from monai_armed.utils import atomic_open, csv_cell
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+idist, _ = optional_import("ignite.distributed", IgniteInfo.OPT_IMPORT_VERSION, min_version)
 
 __all__ = ["ImageOutputWriter", "file_stem"]
 
@@ -61,13 +62,14 @@ class ImageOutputWriter:
     (checked before anything of it is written); two images with one file name stem are an error, raised when the run
     starts where the evaluator's dataset lists its items' ``image`` paths (MONAI's datasets do), else before the
     second one's files; the CSV is written atomically when the run completes. Under DDP with a sharded loader (a
-    ``DistributedSampler``) every process writes its shard's files and rank 0 the CSV of all of them (attach the
-    writer in every process).
+    ``DistributedSampler``) every process writes its shard's files and rank 0 the CSV: of its own shard, or with
+    ``gather_processes`` of every shard (attach the writer in every process then: a collective call).
 
     Args:
         output_dir: folder of the files and of the CSV.
         path_key: batch key of the source paths (``CopyItemsd(keys="image", names="image_path")`` before loading).
         csv_name: file name of the CSV in ``output_dir``.
+        gather_processes: under DDP with a sharded loader, one CSV of every process's images.
 
     Example::
 
@@ -81,8 +83,15 @@ class ImageOutputWriter:
     #: what a cluster is called in the log messages (an imaging ``batch``, a ``site``)
     cluster_word = "cluster"
 
-    def __init__(self, output_dir: str | os.PathLike, path_key: str = "image_path", csv_name: str = "outputs.csv") -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        path_key: str = "image_path",
+        csv_name: str = "outputs.csv",
+        gather_processes: bool = False,
+    ) -> None:
         self.output_dir, self.path_key, self.csv_name = Path(output_dir), path_key, csv_name
+        self.gather_processes = gather_processes
         self.rows: list[dict[str, Any]] = []
         self._source_of: dict[str, str] = {}  # output stem -> the image it was written for
         self._inputs: set[Path] = set()  # the images read, which no output may replace
@@ -178,14 +187,14 @@ class ImageOutputWriter:
             )
 
     def _write_csv(self, engine: Engine) -> None:
-        if is_sharded(getattr(engine.state, "dataloader", None)):  # every process wrote its shard's files: one CSV
+        if gathers_shards(engine.state.dataloader, self.gather_processes, type(self).__name__):
             shards: list[list[dict[str, Any]]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(shards, self.rows)
+            dist.all_gather_object(shards, self.rows)  # every process wrote its shard's files: one CSV of them all
             self.rows = [row for shard in shards for row in shard]
         if not self.rows:
             raise ValueError(f"{type(self).__name__}: the evaluator gave no images.")
         self._summarize(engine)
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if idist.get_rank() != 0:
             return
         with atomic_open(self.output_dir / self.csv_name, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))

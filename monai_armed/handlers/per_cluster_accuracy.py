@@ -42,8 +42,8 @@ class PerClusterAccuracy:
     With several grouping factors (the evaluator's ``cluster`` a mapping ``factor -> index``) the table is of one
     factor, ``cluster_factor`` (default the first), and ``n_clusters`` / ``cluster_names`` are that factor's.
 
-    Under DDP with a sharded validation loader (a ``DistributedSampler``) the table covers every process's shard
-    (attach it in every process; rank 0 writes ``output_file``).
+    Under DDP with a sharded validation loader (a ``DistributedSampler``) the table covers the process's own shard, or
+    with ``gather_processes`` every process's shard (attach it in every process then); rank 0 writes ``output_file``.
 
     Args:
         n_clusters: number of seen clusters.
@@ -51,6 +51,7 @@ class PerClusterAccuracy:
         output_file: optional JSON path.
         name: logger name (``None``: the engine's logger).
         cluster_factor: with several grouping factors, the one the table is of (default the first).
+        gather_processes: under DDP with a sharded loader, tabulate every process's predictions (a collective call).
 
     Example::
 
@@ -64,9 +65,11 @@ class PerClusterAccuracy:
         output_file: str | os.PathLike | None = None,
         name: str | None = None,
         cluster_factor: str | None = None,
+        gather_processes: bool = False,
     ) -> None:
         self.n_clusters, self.cluster_names, self.output_file = n_clusters, cluster_names, output_file
-        self.collector = PredictionCollector(cluster_factor=cluster_factor)
+        self.collector = PredictionCollector(cluster_factor=cluster_factor, gather_processes=gather_processes)
+        self.collector.owner = type(self).__name__
         self.logger = logging.getLogger(name) if name else None
 
     def attach(self, engine: Engine) -> None:

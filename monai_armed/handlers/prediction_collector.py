@@ -18,7 +18,7 @@ import torch
 from monai.utils import CommonKeys as Keys
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_armed.engines.distributed import gather_shards, is_sharded
+from monai_armed.engines.distributed import gather_shards, gathers_shards
 from monai_armed.engines.output import IterationOutput
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -68,8 +68,9 @@ class PredictionCollector:
 
     After a run, :attr:`pred`, :attr:`label` and :attr:`cluster` hold the concatenated tensors (``None`` for a field
     the engine did not output). Works with decollated and plain outputs. Under DDP, when the evaluator's loader reads one
-    shard per process (a ``DistributedSampler``), every process holds the predictions of all of them (run the evaluator
-    in every process then: the gathering is a collective call). With several grouping factors (a mapping
+    shard per process (a ``DistributedSampler``), each process collects its shard; with ``gather_processes`` every
+    process holds the predictions of all of them (attach it in every process then: the gathering is a collective call;
+    see :func:`~monai_armed.engines.gathers_shards`). With several grouping factors (a mapping
     ``cluster``) it collects the index of ``cluster_factor``, by default the engine's first factor (the network's
     order, whatever the order of the batch's cluster keys).
 
@@ -78,6 +79,7 @@ class PredictionCollector:
         cluster_factor: the grouping factor collected from a mapping field (default the first).
         pred_transform: applied to every batch of ``pred`` before it is kept (e.g.
             :func:`~monai_armed.metrics.label_map`, so that segmentation logits are kept as small class maps).
+        gather_processes: under DDP with a sharded loader, gather every process's predictions.
 
     Example::
 
@@ -92,8 +94,12 @@ class PredictionCollector:
         keys: Sequence[str] = (Keys.PRED, Keys.LABEL, "cluster"),
         cluster_factor: str | None = None,
         pred_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        gather_processes: bool = False,
     ) -> None:
         self.keys = tuple(keys)
+        self.gather_processes = gather_processes
+        #: the handler whose predictions these are, in messages
+        self.owner = type(self).__name__
         self.cluster_factor = cluster_factor
         self.pred_transform = pred_transform
         self._parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.keys}
@@ -124,9 +130,10 @@ class PredictionCollector:
                 self._parts[key].append(value.cpu())
 
     def finalize(self, engine: Engine | None = None) -> None:
-        """Concatenate the run's batches; under DDP with a sharded loader, every process's (a collective call)."""
+        """Concatenate the run's batches; with ``gather_processes`` under DDP, every process's (a collective call)."""
         values = {k: torch.cat(v) if v else None for k, v in self._parts.items()}
-        if engine is not None and is_sharded(getattr(engine.state, "dataloader", None)):
+        loader = getattr(engine.state, "dataloader", None) if engine is not None else None
+        if gathers_shards(loader, self.gather_processes, self.owner):
             device = getattr(engine.state, "device", None) or "cpu"
             values = {k: None if v is None else gather_shards(v, device) for k, v in values.items()}
         self.values = values

@@ -50,6 +50,8 @@ class SegmentationWriter(ImageOutputWriter):
         output_dir: folder of the TIFFs and of ``segmentation.csv``.
         path_key: batch key of the source paths (``CopyItemsd(keys="image", names="image_path")`` before loading).
         suffix: appended to each image's stem.
+        gather_processes: under DDP with a sharded loader, one CSV of every process's images (see
+            :class:`~monai_armed.handlers.ImageOutputWriter`).
 
     Example::
 
@@ -61,8 +63,14 @@ class SegmentationWriter(ImageOutputWriter):
 
     cluster_word = "batch"
 
-    def __init__(self, output_dir: str | os.PathLike, path_key: str = "image_path", suffix: str = "_seg") -> None:
-        super().__init__(output_dir, path_key, "segmentation.csv")
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        path_key: str = "image_path",
+        suffix: str = "_seg",
+        gather_processes: bool = False,
+    ) -> None:
+        super().__init__(output_dir, path_key, "segmentation.csv", gather_processes)
         self.suffix = suffix
         self.output_suffixes = (f"{suffix}.tif",)
 
