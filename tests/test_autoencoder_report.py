@@ -259,6 +259,8 @@ def test_constructor_rejects_unknown_datasets(data):
     both = {"train": data["train"], "seen": data["seen"]}
     assert AutoencoderReport(net, both, anova_dataset=None).anova_dataset is None, "None turns the ANOVA off"
     assert AutoencoderReport(net, both).anova_dataset == "seen"
+    with pytest.raises(ValueError, match=r"anova_dataset 'seen' is not one of the datasets \['train'\]"):
+        AutoencoderReport(net, {"train": data["train"]}, anova_dataset="seen")  # asked for by name: refused
 
 
 def test_modes_of_no_dataset_are_named_and_attach_is_idempotent(data, caplog):

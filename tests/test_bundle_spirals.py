@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -290,6 +291,15 @@ def test_training_resumes_from_the_last_epoch(tmp_path):
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: epochs_run.append(engine.state.epoch))
     resumed.run()
     assert epochs_run == [3]  # epochs 1 and 2 came from the checkpoint
+    # other settings would not continue the checkpoint's run (found by helper 54: a new learning rate reached only the
+    # Z-predictor, a new batch size or KL weight applied from the next epoch on): refused before the first step
+    changed = _workflow(["train.json"], tmp_path, epochs=4, resume=True, learning_rate=0.01, batch_size=16, **data)
+    with pytest.raises(RuntimeError) as error:
+        changed.run()
+    assert re.search(r"batch_size: 32 in training, 16 now; learning_rate: 0.001 in training, 0.01 now; recorded in .*"
+                     r"run_params.json\): the run would not continue it", str(error.value.__cause__)), error.value.__cause__
+    assert sorted(p.name for p in (tmp_path / "models").glob("resume_*")) == [
+        "resume_checkpoint_epoch=2.pt", "resume_checkpoint_epoch=3.pt"]  # fmt: skip
 
 
 def test_resume_without_checkpoint_names_the_folder(tmp_path):

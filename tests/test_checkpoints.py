@@ -17,6 +17,8 @@ import errno
 import json
 import logging
 import random
+import struct
+import zipfile
 
 import numpy as np
 import pytest
@@ -164,6 +166,25 @@ def test_a_truncated_resume_checkpoint_falls_back_to_the_previous_one(tmp_path):
         (tmp_path / f"resume_checkpoint_epoch={epoch}.pt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="no readable checkpoint to resume from in .*epoch=3.pt is unreadable"):
         latest_checkpoint(tmp_path)
+
+
+def test_a_resume_checkpoint_with_damaged_bytes_of_full_length_is_skipped(tmp_path):
+    """torch.load does not check the zip records' CRCs: damaged weights loaded and the run resumed from them (found by
+    helper 54: 4 bytes overwritten, 'Restored all variables', every tensor of the final model different)."""
+    net = torch.nn.Linear(2, 1)
+    for epoch in (1, 2):
+        torch.save({"model": net.state_dict(), "epoch": epoch}, tmp_path / f"resume_checkpoint_epoch={epoch}.pt")
+    newest = tmp_path / "resume_checkpoint_epoch=2.pt"
+    with zipfile.ZipFile(newest) as archive:
+        record = next(info for info in archive.infolist() if "/data/" in info.filename)
+    content = bytearray(newest.read_bytes())
+    extra = int.from_bytes(content[record.header_offset + 28 : record.header_offset + 30], "little")  # local header
+    start = record.header_offset + 30 + len(record.filename.encode()) + extra
+    content[start : start + 4] = struct.pack("<f", 1000.0)
+    newest.write_bytes(bytes(content))
+    assert torch.load(newest, weights_only=True)["model"]["weight"].flatten()[0] == 1000.0  # loads: the damage is silent
+    with pytest.warns(UserWarning, match=r"skipped resume_checkpoint_epoch=2.pt is unreadable \(the record .*/data/"):
+        assert latest_checkpoint(tmp_path) == str(tmp_path / "resume_checkpoint_epoch=1.pt")
 
 
 def test_best_model_tracking_survives_a_resume(tmp_path):

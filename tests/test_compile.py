@@ -93,6 +93,15 @@ class TestCompiledTraining(unittest.TestCase):
         # the first batch, whose values are checked, runs eagerly (its device reads would split the compiled graph)
         self.assertEqual(inputs, [torch.Tensor, torch.Tensor], "the compiled forward gets the later batches, plain")
 
+    def test_compile_with_validate_batches_says_that_nothing_is_compiled(self):
+        net, adv = _models()
+        counter = GraphCounter()
+        with self.assertWarnsRegex(UserWarning, "validate_batches=True runs every batch eagerly"):
+            trainer = _trainer(_loader(32, batch_size=16), net, adv, epochs=1, validate_batches=True, compile=True,
+                               compile_kwargs={"backend": counter})  # fmt: skip
+        trainer.run()
+        self.assertEqual(counter.graphs, 0)
+
     def test_compiled_network_is_refused_with_the_way_to_compile(self):
         net, adv = _models()
         with self.assertRaisesRegex(TypeError, r"torch\.compile\(network\) does not compile.*compile=True"):

@@ -265,6 +265,31 @@ def test_run_params_are_recorded_once_per_run_and_a_changed_one_is_named(trackin
         RunParams({"formula": "x" * 6001})
 
 
+def test_run_params_refuse_a_resume_with_other_settings(tmp_path, caplog):
+    """With settings_file, a fresh run records its settings and a resumed one (its epoch restored) must match them,
+    but for the resumable ones, which are named in a warning and recorded."""
+    settings = tmp_path / "models" / "run_params.json"
+
+    def start(epoch: int, **params) -> None:
+        trainer = Engine(lambda engine, batch: None)
+        trainer.state.epoch = epoch  # as a CheckpointLoader leaves it before the first step
+        RunParams({"learning_rate": 0.01, "epochs": 4, **params}, settings_file=settings)(trainer)  # at STARTED
+
+    start(0)
+    assert json.loads(settings.read_text()) == {"learning_rate": "0.01", "epochs": "4"}
+    with pytest.raises(ValueError, match=r"settings \(learning_rate: 0.01 in training, 0.02 now; recorded in .*run_params"):
+        start(2, learning_rate=0.02)
+    with caplog.at_level(logging.WARNING, logger="monai_armed.handlers.run_params"):
+        start(2, epochs=6)  # resumable: train further
+    assert "resuming with epochs: 4 -> 6" in caplog.text and json.loads(settings.read_text())["epochs"] == "6"
+    start(0, learning_rate=0.02)  # a new run records its own
+    assert json.loads(settings.read_text())["learning_rate"] == "0.02"
+    settings.unlink()
+    with caplog.at_level(logging.WARNING, logger="monai_armed.handlers.run_params"):
+        start(2)  # a checkpoint of 0.8.0 has no record: said, not refused
+    assert "are not checked against the checkpoint's" in caplog.text
+
+
 def test_epoch_means_precede_the_train_handlers_and_can_be_turned_off():
     seen: list[dict] = []
 
@@ -480,4 +505,5 @@ def test_runs_in_one_bundle_root_keep_their_tracking_apart_and_a_resumed_run_con
         # MLflow returns a history in timestamp order, which a resumed run's records need not follow: each epoch once
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch_loss"))
         assert steps == list(range(1, epochs + 1)), (run.info.run_name, steps)
-        assert [s for s, _ in tensorboard_scalars(log_dir)["epoch_loss"]] == list(range(1, epochs + 1))
+        # the resumed run's event file may sort before the first one (same second, by process id): each epoch once
+        assert sorted(s for s, _ in tensorboard_scalars(log_dir)["epoch_loss"]) == list(range(1, epochs + 1))

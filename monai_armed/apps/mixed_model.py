@@ -321,7 +321,7 @@ def fit_mixed_model(
     if joint is not None:
         criterion = (GaussianMarginalLikelihood(design, network, family, y, extras["weight"], reml=reml)
                      if joint == "marginal" else JointPosteriorELBO(design, network, family, y, extras))
-        objective, iterations, converged = _fit_joint(criterion, max_iter)
+        objective, iterations, converged = _fit_joint(criterion, max_iter, notes)
     elif optimizer == "lbfgs":
         penalty = _RemlTerm(design, network, family, dtype) if reml else None
         objective, iterations, converged = _fit_lbfgs(network, family, params, x, y, cluster, extras, design.n_rows,
@@ -423,8 +423,11 @@ def _estimation(design: MixedDesign, family: LikelihoodFamily, hidden: Sequence[
     return f"variational approximation: ELBO{reml_term} with a Gaussian posterior per level{quadrature}"
 
 
-def _fit_joint(criterion: GaussianMarginalLikelihood | JointPosteriorELBO, max_iter: int) -> tuple[float, int, bool]:
-    """L-BFGS on a joint criterion over everything it depends on; then each level's posterior into the network."""
+def _fit_joint(
+    criterion: GaussianMarginalLikelihood | JointPosteriorELBO, max_iter: int, notes: list[str]
+) -> tuple[float, int, bool]:
+    """L-BFGS on a joint criterion over everything it depends on; then each level's posterior into the network (an
+    inner solve that did not settle is noted in ``notes``)."""
     joint_posterior = isinstance(criterion, JointPosteriorELBO)
     if joint_posterior:
         _minimise(criterion.fixed_effects_start(), criterion.glm_objective, max_iter)
@@ -438,8 +441,12 @@ def _fit_joint(criterion: GaussianMarginalLikelihood | JointPosteriorELBO, max_i
             "optimizer='adam' (per-level posteriors)."
         )
     criterion.set_posterior()
-    # an unsettled inner solve makes the outer gradient inexact: say so as for an unconverged L-BFGS
-    return objective, iterations, converged and (not joint_posterior or criterion.settled)
+    if joint_posterior and not criterion.settled:  # its own message: max_iter is not what stopped it
+        message = ("the joint posterior's inner Newton solve did not settle at the optimum, so the outer gradient was "
+                   "inexact and the estimates may be off: rescale the predictors, or fit with optimizer='adam'.")
+        logger.warning(message)
+        notes.append(message)
+    return objective, iterations, converged
 
 
 def _build_network(

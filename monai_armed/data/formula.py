@@ -220,7 +220,8 @@ def _scan(text: str, formula: str) -> Iterator[tuple[int, str, str | None]]:
         elif ch in _CLOSERS:
             before = text[:i].rstrip()
             is_call = ch != "(" or bool(before) and (before[-1].isalnum() or before[-1] in "_.`])")
-            stack.append((_CLOSERS[ch], "call" if is_call else "("))
+            inside_call = bool(stack) and stack[-1][1] == "call"  # I((x^2)): still Python code
+            stack.append((_CLOSERS[ch], "call" if is_call or inside_call else "("))
         elif ch in ")]}":
             if not stack or stack.pop()[0] != ch:
                 raise ValueError(f"unbalanced {ch!r} in formula {formula!r}.")
@@ -404,7 +405,7 @@ def parse_mixed_formula(formula: str) -> MixedFormula:
     """
     if not isinstance(formula, str):
         raise TypeError(f"a formula must be a string, got {type(formula).__name__}.")
-    if _OFFSET.search(formula):
+    if any(m.start() in {i for i, _, _ in _scan(formula, formula)} for m in _OFFSET.finditer(formula)):
         raise ValueError(
             f"formula {formula!r} has an offset(...) term, which is not supported: fit the rate without it, or give "
             "the known exposure as a covariate (e.g. + np.log(exposure))."
@@ -449,31 +450,57 @@ def _row_text(data: pd.DataFrame, position: int) -> str:
 
 
 def _variables(text: str) -> list[str]:
-    """The data columns a formulaic formula names, as far as formulaic knows them before evaluation. formulaic reports
-    a dotted name such as ``day.c`` (common in data from R) by its first part, ``day``: the name as written is kept."""
+    """The data columns a formulaic formula names, as far as formulaic knows them before evaluation (a dotted name such
+    as ``day.c`` is reported by its first part, ``day``: :func:`_check_columns` resolves it against the data)."""
     variables = Formula(text).required_variables
-    names = {str(v) for v in variables if any(role.value == "value" for role in v.roles)}
-    dotted = {name.strip("`") for name in _NAME.findall(text) if "." in name}
-    return sorted({next((d for d in dotted if d.startswith(f"{name}.")), name) for name in names})
+    return sorted(str(v) for v in variables if any(role.value == "value" for role in v.roles))
 
 
-def _used_columns(formula: MixedFormula, require_response: bool) -> list[tuple[str, str]]:
-    """``(column, what uses it)`` for the response, the fixed summands and the random terms, in formula order."""
-    used = [(formula.response, f"the response of formula {str(formula)!r}")] if require_response else []
+def _names(text: str) -> list[tuple[int, int, str]]:
+    """``(start, end, name)`` of the names in ``text`` outside quotes (a backticked name unquoted), but for those of a
+    call (followed by ``(``, e.g. ``np.log`` or ``day.mean()``)."""
+    outside = {i for i, _, _ in _scan(text, text)}
+    return [
+        (m.start(), m.end(), m.group().strip("`")) for m in _NAME.finditer(text)
+        if m.start() in outside and not text[m.end():].lstrip().startswith("(")
+    ]  # fmt: skip
+
+
+def _quote_columns(text: str, columns: Sequence[Any]) -> str:
+    """``text`` with each dotted column name backticked, which formulaic needs inside a call (``np.log(day.c)`` would
+    read ``day.c`` as the attribute ``c`` of ``day``)."""
+    names = set(map(str, columns))
+    for start, end, name in reversed(_names(text)):
+        if "." in name and name in names and text[start] != "`":
+            text = f"{text[:start]}`{name}`{text[end:]}"
+    return text
+
+
+def _used_columns(formula: MixedFormula, require_response: bool) -> list[tuple[str, str, str]]:
+    """``(column, what uses it, its text)`` for the response, the fixed summands and the random terms, in formula
+    order."""
+    used = [(formula.response, f"the response of formula {str(formula)!r}", formula.response)] if require_response else []
     for _, text in _split_summands(formula.fixed, formula.fixed):
-        used += [(column, f"term {text!r}") for column in _variables(text)]
+        used += [(column, f"term {text!r}", text) for column in _variables(text)]
     for term in formula.random:
-        used += [(column, f"term {str(term)!r}") for column in [*_variables(term.terms), *term.group_columns]]
+        used += [(column, f"term {str(term)!r}", term.terms) for column in [*_variables(term.terms), *term.group_columns]]
     return used
 
 
-def _check_columns(used: list[tuple[str, str]], data: pd.DataFrame, source: str) -> None:
-    """Raise a ``ValueError`` for the first used column that the data does not have or that has a missing value."""
+def _check_columns(used: list[tuple[str, str, str]], data: pd.DataFrame, source: str) -> None:
+    """Raise a ``ValueError`` for the first used column that the data does not have or that has a missing value. A
+    name formulaic reports by the first part of a dotted name (``day`` of ``day.c``) is the dotted column of the text
+    when the data has one."""
     first_use: dict[str, str] = {}
-    for column, what in used:
-        if column not in data.columns:
+    for column, what, text in used:
+        if column in data.columns:
+            first_use.setdefault(column, what)
+            continue
+        dotted = [name for _, _, name in _names(text) if name.startswith(f"{column}.") and name in data.columns]
+        if not dotted:
             raise ValueError(f"column {column!r} of {what} is not in {source}; columns: {_columns_text(data)}.")
-        first_use.setdefault(column, what)
+        for name in dotted:
+            first_use.setdefault(name, what)
     for column, what in first_use.items():
         _check_complete(data, column, what, source)
 
@@ -522,14 +549,16 @@ def _model_matrix(formula: str | ModelSpec, data: pd.DataFrame, what: str, sourc
             if isinstance(formula, ModelSpec):
                 matrix = formula.get_model_matrix(data)
             else:
-                matrix = Formula(formula).get_model_matrix(data, na_action="raise")
+                matrix = Formula(_quote_columns(formula, data.columns)).get_model_matrix(data, na_action="raise")
         except DataMismatchWarning as err:
             raise ValueError(
                 f"{what}: {source} has a category that the training data did not have, so it has no column: "
                 f"{_plain(err)}"
             ) from None
         except (FormulaicError, ValueError) as err:
-            raise ValueError(f"cannot build {what} from {source}: {_plain(err)}") from None
+            hint = " (write x**-1.0 or 1/x: numpy raises integers only to non-negative integer powers)" if (
+                "negative integer powers" in str(err)) else ""  # fmt: skip
+            raise ValueError(f"cannot build {what} from {source}: {_plain(err)}{hint}") from None
     spec = matrix.model_spec
     names = [str(name) for name in matrix.columns]
     for term, columns in spec.term_slices.items():
@@ -605,13 +634,13 @@ def _factor(
     what = f"the random-effects columns of term {str(term)!r}"
     learn = spec is None
     Z, names, spec = _model_matrix(term.terms if spec is None else spec, data, what, source)
-    categorical = [name for name in names if "[" in name]  # formulaic names a category's column f[T.level]
+    categorical = sorted(map(str, spec.factor_contrasts))
     if learn and categorical and not term.correlated:
         logger.warning(
-            f"random term {str(term)!r} has the categorical column(s) {categorical}: it gets one independent variance "
-            "per column (the intercept and each contrast), where lme4 expands a factor f in a '||' term into "
-            f"(1 | {term.group}) + (0 + f | {term.group}), with a full covariance over f's levels; write that form "
-            "to fit lme4's model."
+            f"random term {str(term)!r} has the categorical variable(s) {categorical}: it gets one independent "
+            f"variance per column of {names}, where lme4 expands a factor f in a '||' term into (1 | {term.group}) + "
+            f"(0 + f | {term.group}) (or (0 + f | {term.group}) alone without the intercept), with a full covariance "
+            "over f's levels; write that form to fit lme4's model."
         )
     return FactorDesign(term, Z, names, codes, levels, term.correlated, counts, _constant_columns(Z, names), spec)
 

@@ -141,7 +141,8 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
 
 def is_sharded(loader: Any) -> bool:
     """Whether ``loader`` reads one shard of the data per process (a ``DistributedSampler`` in a process group of
-    several processes): what an evaluator's handlers then collect must be gathered from every process.
+    several processes): what an evaluator's handlers then collect is each process's shard, unless gathered
+    (:func:`gathers_shards`).
 
     Example::
 
@@ -176,10 +177,11 @@ def gathers_shards(loader: Any, gather_processes: bool, owner: str) -> bool:
         )
         return False
     padding = getattr(loader.sampler, "total_size", 0) - len(loader.sampler.dataset)
-    if padding > 0:
+    if padding:
+        what = f"repeats {padding} item(s), which are counted twice" if padding > 0 else f"drops {-padding} item(s)"
         warnings.warn(
-            f"{owner}: the DistributedSampler repeats {padding} item(s) to even the shards, and they are counted twice; "
-            "evaluate with monai.data.DistributedSampler(even_divisible=False)."
+            f"{owner}: the DistributedSampler {what} to even the shards; evaluate with "
+            "monai.data.DistributedSampler(even_divisible=False)."
         )
     return True
 

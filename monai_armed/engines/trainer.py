@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
@@ -207,7 +208,8 @@ class ARMEDTrainer(SupervisedTrainer):
             compiles ``forward_armed`` with ``torch.compile`` (MONAI's ``compile`` compiles ``forward``, which the
             trainer does not call, so a ``torch.compile(network)`` is refused) and gives it the inputs without their
             ``MetaTensor`` metadata, as MONAI does (``pred`` stays a plain tensor); the batches whose values are
-            checked run eagerly. Without DDP, a player's network is compiled by passing ``torch.compile(adversary)``.
+            checked run eagerly (with ``validate_batches``, every batch: nothing is compiled, with a warning).
+            Without DDP, a player's network is compiled by passing ``torch.compile(adversary)``.
             A windowed ``inferer`` (a ``SlidingWindowInferer`` over large images, say) runs ``forward_armed`` on each
             sample's windows with that sample's cluster (:func:`~monai_armed.inferers.armed_inference`; not with DDP).
 
@@ -333,6 +335,11 @@ class ARMEDTrainer(SupervisedTrainer):
         _check_loss_reduction(self.loss_function, network, kl_weight)
         _optimize_loss_parameters(self.loss_function, optimizer)
         self.validate_batches = validate_batches
+        if self.compile and validate_batches:
+            warnings.warn(
+                "ARMEDTrainer: compile=True with validate_batches=True runs every batch eagerly (the checks read the "
+                "device, which would split the compiled graph): nothing is compiled."
+            )
         self._first_batch_checked = False
         self._single_row_guards: list[torch.utils.hooks.RemovableHandle] = []
         #: the scalar entries of the last iteration's output (loss parts), whatever ``decollate`` is

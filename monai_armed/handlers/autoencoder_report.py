@@ -85,7 +85,7 @@ class AutoencoderReport:
         threshold_dataset: dataset whose predictions fix each mode's decision threshold.
         latent_dataset: dataset of the latent scores.
         anova_dataset: dataset of the ANOVA of reconstruction image metrics (its ``observed`` mode), or ``None`` (no
-            ANOVA); the default ``"seen"`` gives none when there is no such dataset.
+            ANOVA); ``"auto"`` (default): ``"seen"`` when there is such a dataset, else none.
         output_file: JSON report path, or ``None``.
         cluster_names: vocabulary names of the cluster indices (figures).
         label_names: names of the labels (figures).
@@ -111,15 +111,15 @@ class AutoencoderReport:
         z_predictor: nn.Module | None = None,
         threshold_dataset: str | None = "train",
         latent_dataset: str = "train",
-        anova_dataset: str | None = "seen",
+        anova_dataset: str | None = "auto",
         output_file: str | os.PathLike | None = None,
         cluster_names: Sequence[str] | None = None,
         label_names: Sequence[str] | None = None,
         device: str | torch.device | None = None,
         seed: int = 0,
     ) -> None:
-        if anova_dataset == "seen" and "seen" not in datasets:  # the default: no ANOVA without a 'seen' dataset
-            anova_dataset = None
+        if anova_dataset == "auto":
+            anova_dataset = "seen" if "seen" in datasets else None
         roles = (("threshold_dataset", threshold_dataset), ("latent_dataset", latent_dataset), ("anova_dataset", anova_dataset))
         for role, name in roles:
             if name is not None and name not in datasets:

@@ -18,6 +18,7 @@ import os
 import re
 import time
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -223,8 +224,15 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 
 def _readable(path: Path) -> str | None:
-    """Why a checkpoint cannot be loaded (``None`` when it loads with ``weights_only=True``)."""
+    """Why a checkpoint cannot be loaded (``None`` when every record matches its checksum and it loads with
+    ``weights_only=True``). ``torch.load`` does not check the zip records' CRCs: a file of full length with damaged
+    bytes would load, and resume from wrong weights."""
     try:
+        if zipfile.is_zipfile(path):  # torch.save's format since 1.6; a legacy file has no checksums to test
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+            if damaged is not None:
+                return f"the record {damaged} does not match its checksum (damaged bytes)"
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, unpickling error, I/O error: all mean "not usable"
         return f"{type(err).__name__}: {err}"
@@ -234,10 +242,10 @@ def _readable(path: Path) -> str | None:
 def latest_checkpoint(directory: str | os.PathLike, prefix: str = "resume", verify: bool = True) -> str:
     """The newest usable checkpoint that ``CheckpointSaver(file_prefix=prefix, epoch_level=True)`` wrote.
 
-    With ``verify``, each candidate from the newest epoch down is loaded (``weights_only=True``); an unreadable one
-    (truncated, corrupt) is skipped with a warning naming it and the reason, and the previous good one is returned.
-    Raises a ``FileNotFoundError`` naming the folder when there is no checkpoint, or none is readable, so a resumed run
-    fails before training.
+    With ``verify``, each candidate from the newest epoch down is checked (its zip records' checksums) and loaded
+    (``weights_only=True``); an unreadable one (truncated, damaged) is skipped with a warning naming it and the reason,
+    and the previous good one is returned. Raises a ``FileNotFoundError`` naming the folder when there is no
+    checkpoint, or none is readable, so a resumed run fails before training.
 
     Example::
 

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
+
+from monai_armed.utils import write_json
 
 __all__ = ["RunParams"]
 
@@ -47,12 +52,21 @@ class RunParams:
     a setting that now differs (e.g. ``epochs`` raised to train further) is named in a warning and not logged again.
     A value longer than MLflow's 6000 characters is refused before training starts.
 
-    Attach it after the engine's ``MLFlowHandler`` (e.g. in the bundle's ``run`` list), so that their runs are open.
+    With ``settings_file`` (beside the resume checkpoints) a fresh run records its settings there, and a resumed run
+    (one whose ``CheckpointLoader`` restored a later epoch) is compared with them before its first step: a setting
+    that differs and is not ``resumable`` is an error naming each one, since the run would no longer continue the
+    checkpoint's (a learning rate that the restored optimizer ignores, a batch size or loss weight that changes from
+    the next epoch on); a ``resumable`` one (``epochs``, raised to train further) is named in a warning and recorded.
+
+    Attach it after the engine's ``MLFlowHandler`` and ``CheckpointLoader`` (e.g. in the bundle's ``run`` list), so
+    that their runs are open and the trainer's epoch is restored; under DDP in every process (rank 0 writes).
 
     Args:
         params: the settings, names to JSON-like values.
         summary_writer: a TensorBoard ``SummaryWriter`` (anything with ``add_text``), or ``None``.
         mlflow_handlers: MONAI ``MLFlowHandler`` objects, e.g. those ``--tracking mlflow`` adds to ``train#handlers``.
+        settings_file: JSON file of the settings of the run that the checkpoints continue, or ``None``.
+        resumable: the settings a resumed run may change.
 
     Example::
 
@@ -63,18 +77,29 @@ class RunParams:
         run: ["$@run_params.attach(@train#trainer)", "$@train#trainer.run()"]
     """
 
-    def __init__(self, params: Mapping[str, Any], summary_writer: Any = None, mlflow_handlers: Sequence[Any] = ()) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, Any],
+        summary_writer: Any = None,
+        mlflow_handlers: Sequence[Any] = (),
+        settings_file: str | os.PathLike | None = None,
+        resumable: Sequence[str] = ("epochs",),
+    ) -> None:
         self.params = {str(name): _text(value) for name, value in params.items()}
         too_long = [name for name, value in self.params.items() if len(value) > MLFLOW_VALUE_LENGTH]
         if too_long:
             raise ValueError(f"RunParams: the values of {too_long} are longer than MLflow's {MLFLOW_VALUE_LENGTH} characters.")
         self.summary_writer = summary_writer
         self.mlflow_handlers = [h for h in mlflow_handlers if h is not None]
+        self.settings_file, self.resumable = settings_file, set(resumable)
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
+        if not engine.has_event_handler(self, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine | None = None) -> None:
+        if self.settings_file is not None:
+            self._check_resumed(engine is not None and engine.state.epoch > 0)
         step = 0 if engine is None else engine.state.iteration
         if self.summary_writer is not None:
             rows = "\n".join(f"| {name} | {value} |" for name, value in self.params.items())
@@ -82,6 +107,29 @@ class RunParams:
         for handler in self.mlflow_handlers:
             if getattr(handler, "cur_run", None) is not None:
                 self._log_mlflow(handler)
+
+    def _check_resumed(self, resumed: bool) -> None:
+        """Compare a resumed run's settings with those recorded when its run started; record them (rank 0)."""
+        path = Path(self.settings_file)
+        if resumed and path.is_file():
+            recorded = json.loads(path.read_text())
+            changed = {name: (recorded[name], value) for name, value in self.params.items()
+                       if name in recorded and recorded[name] != value}  # fmt: skip
+            refused = [f"{name}: {old} in training, {new} now" for name, (old, new) in changed.items()
+                       if name not in self.resumable]  # fmt: skip
+            if refused:
+                raise ValueError(
+                    f"RunParams: the checkpoint being resumed was trained with other settings ({'; '.join(refused)}; "
+                    f"recorded in {path}): the run would not continue it. Resume with the training run's settings, or "
+                    "start a new run (resume False)."
+                )
+            if changed:
+                logger.warning(f"RunParams: resuming with {'; '.join(f'{n}: {o} -> {v}' for n, (o, v) in changed.items())}.")
+        elif resumed:
+            logger.warning(f"RunParams: {path} does not exist (a checkpoint of monai-armed 0.8.0 or earlier): the resumed "
+                           "run's settings are not checked against the checkpoint's.")  # fmt: skip
+        if idist.get_rank() == 0:
+            write_json(self.params, path)
 
     def _log_mlflow(self, handler: Any) -> None:
         from mlflow.entities import Param  # an MLFlowHandler with a run exists, so mlflow is installed
