@@ -19,7 +19,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine
 
 from monai_armed.handlers import AutoencoderReport
 from monai_armed.metrics import (
@@ -30,6 +29,7 @@ from monai_armed.metrics import (
     youden_threshold,
 )
 from monai_armed.networks import ImageClusterClassifier, MixedEffectsAutoencoder, ZPredictor, random_effects_modules
+from tests.test_cluster_mode_report import assert_attached_once
 
 N_CLUSTERS = 3
 BINARY_KEYS = ("auroc", "balanced_accuracy", "sensitivity", "specificity", "threshold", "n", "n_positive")
@@ -268,13 +268,7 @@ def test_modes_of_no_dataset_are_named_and_attach_is_idempotent(data, caplog):
         report = AutoencoderReport(_net(), {"train": data["train"], "test": data["seen"]}, modes={"tets": ["fixed"]})
     assert "modes given for ['tets'], which name no dataset" in caplog.text
     assert report.modes["test"] == ["observed", "fixed", "randomized"]
-    calls = []
-    report.run = lambda: calls.append(1)  # what the handler runs when the trainer completes
-    trainer = Engine(lambda engine, batch: None)
-    report.attach(trainer)
-    report.attach(trainer)
-    trainer.run([0], max_epochs=1)
-    assert calls == [1]
+    assert_attached_once(report)
 
 
 def test_empty_dataset_and_single_class_threshold_dataset_are_named(data):

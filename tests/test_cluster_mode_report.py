@@ -185,6 +185,11 @@ def test_modes_of_no_dataset_are_named_in_a_warning_and_attach_is_idempotent(eva
         report = ClusterModeReport(evaluator, {"seen": _loader(48, 1)}, {"seen": ["fixed"], "unsen": ["fixed"]})
     assert "modes given for ['unsen'], which name no dataset" in caplog.text
     assert report.modes == {"seen": ["fixed"]}
+    assert_attached_once(report)
+
+
+def assert_attached_once(report) -> None:
+    """A report attached twice to a trainer runs once when the trainer completes."""
     calls = []
     report.run = lambda: calls.append(1)  # what the handler runs when the trainer completes
     trainer = Engine(lambda engine, batch: None)
