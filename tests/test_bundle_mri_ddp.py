@@ -56,7 +56,6 @@ RANK0_FILES = {
     "models/model_best_val_auroc.pt",
     "models/clusters.json",
     "models/training_items.json",
-    "models/run_params.json",
     *(f"models/resume_checkpoint_epoch={epoch}.pt" for epoch in range(max(1, EPOCHS - 1), EPOCHS + 1)),  # last two
     "eval/loss_history.json",
     "eval/random_effects.json",

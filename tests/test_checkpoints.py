@@ -185,6 +185,15 @@ def test_a_resume_checkpoint_with_damaged_bytes_of_full_length_is_skipped(tmp_pa
     assert torch.load(newest, weights_only=True)["model"]["weight"].flatten()[0] == 1000.0  # loads: the damage is silent
     with pytest.warns(UserWarning, match=r"skipped resume_checkpoint_epoch=2.pt is unreadable \(the record .*/data/"):
         assert latest_checkpoint(tmp_path) == str(tmp_path / "resume_checkpoint_epoch=1.pt")
+    # torch's documented option to save without checksums writes 0: such records are not checked (helper 56)
+    from torch.utils.serialization import config
+
+    config.save.compute_crc32 = False
+    try:
+        torch.save({"model": net.state_dict(), "epoch": 3}, tmp_path / "resume_checkpoint_epoch=3.pt")
+    finally:
+        config.save.compute_crc32 = True
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "resume_checkpoint_epoch=3.pt")
 
 
 def test_best_model_tracking_survives_a_resume(tmp_path):

@@ -289,6 +289,15 @@ def test_dotted_column_names_as_in_data_from_r():
     assert build_design("y ~ C(site.id) + (1 | Subject)", data).fixed_names == ["(Intercept)", "C(`site.id`)[T.B]"]
     with pytest.raises(ValueError, match=r"column 'day' of term 'day.d' is not in data"):
         build_design("y ~ day.d + (1 | site.id)", data)
+    # a column named like the first part of a dotted one is checked only when the formula uses it (helper 56)
+    both = data.assign(day=np.nan)
+    assert build_design("y ~ np.log(day.c + 10) + (1 | site.id)", both).X.shape == (8, 2)
+    with pytest.raises(ValueError, match=r"column 'day' of term 'day' has 8 missing"):
+        build_design("y ~ day + day.c + (1 | site.id)", both)
+    centred = build_design("y ~ I(day.c - day.c.mean()) + (1 | site.id)", data).X[:, 1]  # a method of a dotted column
+    assert centred == pytest.approx(data["day.c"] - data["day.c"].mean())
+    with pytest.raises(ValueError, match=r"not valid Python inside a call .* in backticks, e.g. np.log\(`day.1`\)"):
+        parse_mixed_formula("y ~ np.log(day.1) + (1 | g)")
     # a method of a column and a dotted text inside quotes are not columns (helper 55: refused, by the hash seed)
     plain = _frame()
     assert build_design("y ~ I(x1 - x1.mean()) + (1 | site)", plain).X[:, 1] == pytest.approx(plain["x1"] - plain["x1"].mean())

@@ -24,7 +24,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy
-from monai.handlers import MLFlowHandler, StatsHandler, TensorBoardStatsHandler, from_engine
+from monai.handlers import CheckpointLoader, MLFlowHandler, StatsHandler, TensorBoardStatsHandler, from_engine
 from monai.utils import optional_import, path_to_sqlite_uri
 
 from monai_armed.data import TensorBatchLoader
@@ -36,7 +36,15 @@ from monai_armed.engines import (
     PrepareBatchCluster,
     iteration_scalars,
 )
-from monai_armed.handlers import RandomEffectsSummary, ReportLogger, RunParams, flatten_report, output_field
+from monai_armed.handlers import (
+    AtomicCheckpointSaver,
+    RandomEffectsSummary,
+    ReportLogger,
+    RunParams,
+    checkpoint_load_dict,
+    flatten_report,
+    output_field,
+)
 from monai_armed.metrics import predicted_class
 from monai_armed.networks import MixedEffectsMLP
 from tests.bundle_workflow import (
@@ -265,29 +273,34 @@ def test_run_params_are_recorded_once_per_run_and_a_changed_one_is_named(trackin
         RunParams({"formula": "x" * 6001})
 
 
-def test_run_params_refuse_a_resume_with_other_settings(tmp_path, caplog):
-    """With settings_file, a fresh run records its settings and a resumed one (its epoch restored) must match them,
-    but for the resumable ones, which are named in a warning and recorded."""
-    settings = tmp_path / "models" / "run_params.json"
+def test_run_params_travel_in_the_checkpoint_and_refuse_a_resume_with_other_settings(tmp_path, caplog):
+    """The settings are RunParams' state in the resume checkpoint: a resumed run's loader compares them before the
+    first step; resumable ones are named in a warning; values compare as JSON (1 is 1.0, a dict's order is free).
+    A checkpoint written before they were saved loads without them, with a warning (checkpoint_load_dict)."""
+    path = tmp_path / "resume_checkpoint_epoch=1.pt"
+    params = {"learning_rate": 0.01, "epochs": 4, "kl_weight": 1.0, "norm": {"a": 1, "b": 2}}
+    trainer = Engine(lambda engine, batch: None)
+    AtomicCheckpointSaver(str(tmp_path), {"trainer": trainer, "run_params": RunParams(params)}, save_interval=1,
+                          epoch_level=True, file_prefix="resume").attach(trainer)  # fmt: skip
+    trainer.run([0], max_epochs=1)
 
-    def start(epoch: int, **params) -> None:
-        trainer = Engine(lambda engine, batch: None)
-        trainer.state.epoch = epoch  # as a CheckpointLoader leaves it before the first step
-        RunParams({"learning_rate": 0.01, "epochs": 4, **params}, settings_file=settings)(trainer)  # at STARTED
+    def resume(checkpoint, **changes) -> None:
+        resumed = Engine(lambda engine, batch: None)
+        load = checkpoint_load_dict({"trainer": resumed, "run_params": RunParams({**params, **changes})}, checkpoint,
+                                    ["run_params"])  # fmt: skip
+        CheckpointLoader(str(checkpoint), load).attach(resumed)
+        resumed.run([0], max_epochs=int(changes.get("epochs", 4)))
 
-    start(0)
-    assert json.loads(settings.read_text()) == {"learning_rate": "0.01", "epochs": "4"}
-    with pytest.raises(ValueError, match=r"settings \(learning_rate: 0.01 in training, 0.02 now; recorded in .*run_params"):
-        start(2, learning_rate=0.02)
+    with pytest.raises(ValueError, match=r"other settings \(learning_rate: 0.01 in training, 0.02 now\): the run"):
+        resume(path, learning_rate=0.02)
     with caplog.at_level(logging.WARNING, logger="monai_armed.handlers.run_params"):
-        start(2, epochs=6)  # resumable: train further
-    assert "resuming with epochs: 4 -> 6" in caplog.text and json.loads(settings.read_text())["epochs"] == "6"
-    start(0, learning_rate=0.02)  # a new run records its own
-    assert json.loads(settings.read_text())["learning_rate"] == "0.02"
-    settings.unlink()
-    with caplog.at_level(logging.WARNING, logger="monai_armed.handlers.run_params"):
-        start(2)  # a checkpoint of 0.8.0 has no record: said, not refused
-    assert "are not checked against the checkpoint's" in caplog.text
+        resume(path, epochs=6, kl_weight=1, norm={"b": 2, "a": 1})  # epochs resumable; 1 is 1.0; any dict order
+    assert "resuming with epochs: 4 -> 6" in caplog.text and "kl_weight" not in caplog.text
+    older = tmp_path / "older.pt"  # a checkpoint of 0.8.0: no settings in it
+    torch.save({k: v for k, v in torch.load(path, weights_only=True).items() if k != "run_params"}, older)
+    with caplog.at_level(logging.WARNING):
+        resume(older, learning_rate=0.02)
+    assert "holds no ['run_params'] (a checkpoint of an earlier monai-armed): not restored or checked" in caplog.text
 
 
 def test_epoch_means_precede_the_train_handlers_and_can_be_turned_off():

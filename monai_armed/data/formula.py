@@ -327,6 +327,11 @@ def _check_formulaic(text: str, what: str, formula: str) -> None:
         Formula(text)
     except FormulaicError as err:
         raise ValueError(f"{what} in formula {formula!r} is not a valid formula: {_plain(err)}") from None
+    except SyntaxError as err:  # e.g. a name such as day.1 (R's read.csv names repeated columns so) inside a call
+        raise ValueError(
+            f"{what} in formula {formula!r} is not valid Python inside a call ({err.msg}): write a column name that is "
+            "not a Python name in backticks, e.g. np.log(`day.1`)."
+        ) from None
 
 
 def _plain(err: BaseException) -> str:
@@ -468,11 +473,20 @@ def _names(text: str) -> list[tuple[int, int, str]]:
 
 def _quote_columns(text: str, columns: Sequence[Any]) -> str:
     """``text`` with each dotted column name backticked, which formulaic needs inside a call (``np.log(day.c)`` would
-    read ``day.c`` as the attribute ``c`` of ``day``)."""
+    read ``day.c`` as the attribute ``c`` of ``day``); of a method call such as ``day.c.mean()``, the longest dotted
+    prefix that is a column."""
     names = set(map(str, columns))
-    for start, end, name in reversed(_names(text)):
-        if "." in name and name in names and text[start] != "`":
-            text = f"{text[:start]}`{name}`{text[end:]}"
+    outside = {i for i, _, _ in _scan(text, text)}
+    for match in reversed(list(_NAME.finditer(text))):
+        if match.start() not in outside or text[match.start()] == "`":
+            continue
+        parts = match.group().split(".")
+        for k in range(len(parts), 1, -1):
+            prefix = ".".join(parts[:k])
+            if prefix in names:
+                end = match.start() + len(prefix)
+                text = f"{text[:match.start()]}`{prefix}`{text[end:]}"
+                break
     return text
 
 
@@ -493,13 +507,12 @@ def _check_columns(used: list[tuple[str, str, str]], data: pd.DataFrame, source:
     when the data has one."""
     first_use: dict[str, str] = {}
     for column, what, text in used:
-        if column in data.columns:
-            first_use.setdefault(column, what)
-            continue
-        dotted = [name for _, _, name in _names(text) if name.startswith(f"{column}.") and name in data.columns]
-        if not dotted:
+        names = {name for _, _, name in _names(text)}
+        dotted = sorted(name for name in names if name.startswith(f"{column}.") and name in data.columns)
+        own = column in data.columns and (column in names or not dotted)  # not only the first part of a dotted name
+        if not own and not dotted:
             raise ValueError(f"column {column!r} of {what} is not in {source}; columns: {_columns_text(data)}.")
-        for name in dotted:
+        for name in [column] * own + dotted:
             first_use.setdefault(name, what)
     for column, what in first_use.items():
         _check_complete(data, column, what, source)

@@ -19,7 +19,7 @@ from .autoencoder_outputs import (
     write_autoencoder_outputs,
 )
 from .autoencoder_report import AutoencoderReport
-from .checkpoints import AtomicCheckpointSaver, AtomicDiskSaver, latest_checkpoint
+from .checkpoints import AtomicCheckpointSaver, AtomicDiskSaver, checkpoint_load_dict, latest_checkpoint
 from .cluster_mode_report import ClusterModeReport, dataset_modes, format_report_table
 from .image_outputs import ImageOutputWriter, file_stem
 from .loss_history import LOSS_KEYS, LossHistory

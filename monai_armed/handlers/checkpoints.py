@@ -19,7 +19,7 @@ import re
 import time
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,7 @@ else:
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
     DiskSaver, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver")
 
-__all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "latest_checkpoint"]
+__all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "checkpoint_load_dict", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -229,14 +229,48 @@ def _readable(path: Path) -> str | None:
     bytes would load, and resume from wrong weights."""
     try:
         if zipfile.is_zipfile(path):  # torch.save's format since 1.6; a legacy file has no checksums to test
-            with zipfile.ZipFile(path) as archive:
-                damaged = archive.testzip()
+            damaged = _damaged_record(path)
             if damaged is not None:
                 return f"the record {damaged} does not match its checksum (damaged bytes)"
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, unpickling error, I/O error: all mean "not usable"
         return f"{type(err).__name__}: {err}"
     return None if isinstance(content, Mapping) else f"holds a {type(content).__name__}, not a dictionary of states"
+
+
+def _damaged_record(path: Path) -> str | None:
+    """The first record of a zip checkpoint whose bytes do not match its CRC, or ``None``; records saved without one
+    (``torch.utils.serialization.config.save.compute_crc32 = False`` writes 0) are not checked."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.CRC == 0 and info.file_size > 0:
+                continue
+            try:
+                with archive.open(info) as record:
+                    while record.read(1 << 24):
+                        pass
+            except zipfile.BadZipFile:
+                return info.filename
+    return None
+
+
+def checkpoint_load_dict(
+    load_dict: Mapping[str, Any], path: str | os.PathLike | None, optional: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``load_dict`` for a ``CheckpointLoader`` of ``path``, without the ``optional`` entries the checkpoint does not
+    hold (one written before they were saved), each named in a warning; ignite would refuse the whole checkpoint.
+
+    Example::
+
+        CheckpointLoader(path, checkpoint_load_dict({"model": net, "run_params": run_params}, path, ["run_params"]))
+    """
+    if path is None:
+        return dict(load_dict)
+    held = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    missing = [key for key in optional if key in load_dict and key not in held]
+    if missing:
+        logger.warning(f"{path} holds no {missing} (a checkpoint of an earlier monai-armed): not restored or checked.")
+    return {key: value for key, value in load_dict.items() if key not in missing}
 
 
 def latest_checkpoint(directory: str | os.PathLike, prefix: str = "resume", verify: bool = True) -> str:

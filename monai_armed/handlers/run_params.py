@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import ignite.distributed as idist
 from ignite.engine import Engine, Events
-
-from monai_armed.utils import write_json
 
 __all__ = ["RunParams"]
 
@@ -30,6 +25,14 @@ logger = logging.getLogger(__name__)
 
 #: the longest parameter value MLflow stores
 MLFLOW_VALUE_LENGTH = 6000
+
+
+def _value(text: str) -> Any:
+    """A recorded setting as a value to compare (``"1"`` and ``"1.0"`` alike, dicts in any order), else its text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _text(value: Any) -> str:
@@ -52,20 +55,19 @@ class RunParams:
     a setting that now differs (e.g. ``epochs`` raised to train further) is named in a warning and not logged again.
     A value longer than MLflow's 6000 characters is refused before training starts.
 
-    With ``settings_file`` (beside the resume checkpoints) a fresh run records its settings there, and a resumed run
-    (one whose ``CheckpointLoader`` restored a later epoch) is compared with them before its first step: a setting
-    that differs and is not ``resumable`` is an error naming each one, since the run would no longer continue the
-    checkpoint's (a learning rate that the restored optimizer ignores, a batch size or loss weight that changes from
-    the next epoch on); a ``resumable`` one (``epochs``, raised to train further) is named in a warning and recorded.
+    Put it in the resume checkpoints' ``save_dict`` (as ``"run_params"``): its ``state_dict`` is the settings, and a
+    resumed run's ``CheckpointLoader`` compares them with its own before the first step. A setting that differs and is
+    not ``resumable`` is an error naming each one, since the run would no longer continue the checkpoint's (a learning
+    rate that the restored optimizer ignores, a batch size or loss weight that changes from the next epoch on); a
+    ``resumable`` one (``epochs``, raised to train further) is named in a warning. Values are compared as JSON (``1``
+    equals ``1.0``, a dict's order does not count).
 
-    Attach it after the engine's ``MLFlowHandler`` and ``CheckpointLoader`` (e.g. in the bundle's ``run`` list), so
-    that their runs are open and the trainer's epoch is restored; under DDP in every process (rank 0 writes).
+    Attach it after the engine's ``MLFlowHandler`` (e.g. in the bundle's ``run`` list), so that their runs are open.
 
     Args:
         params: the settings, names to JSON-like values.
         summary_writer: a TensorBoard ``SummaryWriter`` (anything with ``add_text``), or ``None``.
         mlflow_handlers: MONAI ``MLFlowHandler`` objects, e.g. those ``--tracking mlflow`` adds to ``train#handlers``.
-        settings_file: JSON file of the settings of the run that the checkpoints continue, or ``None``.
         resumable: the settings a resumed run may change.
 
     Example::
@@ -82,7 +84,6 @@ class RunParams:
         params: Mapping[str, Any],
         summary_writer: Any = None,
         mlflow_handlers: Sequence[Any] = (),
-        settings_file: str | os.PathLike | None = None,
         resumable: Sequence[str] = ("epochs",),
     ) -> None:
         self.params = {str(name): _text(value) for name, value in params.items()}
@@ -91,15 +92,13 @@ class RunParams:
             raise ValueError(f"RunParams: the values of {too_long} are longer than MLflow's {MLFLOW_VALUE_LENGTH} characters.")
         self.summary_writer = summary_writer
         self.mlflow_handlers = [h for h in mlflow_handlers if h is not None]
-        self.settings_file, self.resumable = settings_file, set(resumable)
+        self.resumable = set(resumable)
 
     def attach(self, engine: Engine) -> None:
         if not engine.has_event_handler(self, Events.STARTED):
             engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine | None = None) -> None:
-        if self.settings_file is not None:
-            self._check_resumed(engine is not None and engine.state.epoch > 0)
         step = 0 if engine is None else engine.state.iteration
         if self.summary_writer is not None:
             rows = "\n".join(f"| {name} | {value} |" for name, value in self.params.items())
@@ -108,28 +107,24 @@ class RunParams:
             if getattr(handler, "cur_run", None) is not None:
                 self._log_mlflow(handler)
 
-    def _check_resumed(self, resumed: bool) -> None:
-        """Compare a resumed run's settings with those recorded when its run started; record them (rank 0)."""
-        path = Path(self.settings_file)
-        if resumed and path.is_file():
-            recorded = json.loads(path.read_text())
-            changed = {name: (recorded[name], value) for name, value in self.params.items()
-                       if name in recorded and recorded[name] != value}  # fmt: skip
-            refused = [f"{name}: {old} in training, {new} now" for name, (old, new) in changed.items()
-                       if name not in self.resumable]  # fmt: skip
-            if refused:
-                raise ValueError(
-                    f"RunParams: the checkpoint being resumed was trained with other settings ({'; '.join(refused)}; "
-                    f"recorded in {path}): the run would not continue it. Resume with the training run's settings, or "
-                    "start a new run (resume False)."
-                )
-            if changed:
-                logger.warning(f"RunParams: resuming with {'; '.join(f'{n}: {o} -> {v}' for n, (o, v) in changed.items())}.")
-        elif resumed:
-            logger.warning(f"RunParams: {path} does not exist (a checkpoint of monai-armed 0.8.0 or earlier): the resumed "
-                           "run's settings are not checked against the checkpoint's.")  # fmt: skip
-        if idist.get_rank() == 0:
-            write_json(self.params, path)
+    def state_dict(self) -> dict[str, Any]:
+        """The settings, for the resume checkpoints."""
+        return {"params": dict(self.params)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Compare the settings of the run that wrote a checkpoint with this run's: a resumed run with other settings
+        (but ``resumable`` ones) is refused."""
+        recorded = state_dict["params"]
+        changed = {name: (recorded[name], value) for name, value in self.params.items()
+                   if name in recorded and _value(recorded[name]) != _value(value)}  # fmt: skip
+        refused = [f"{name}: {old} in training, {new} now" for name, (old, new) in changed.items() if name not in self.resumable]
+        if refused:
+            raise ValueError(
+                f"RunParams: the checkpoint being resumed was trained with other settings ({'; '.join(refused)}): the "
+                "run would not continue it. Resume with the training run's settings, or start a new run (resume False)."
+            )
+        if changed:
+            logger.warning(f"RunParams: resuming with {'; '.join(f'{n}: {o} -> {v}' for n, (o, v) in changed.items())}.")
 
     def _log_mlflow(self, handler: Any) -> None:
         from mlflow.entities import Param  # an MLFlowHandler with a run exists, so mlflow is installed
