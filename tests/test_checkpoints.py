@@ -29,7 +29,7 @@ from monai.handlers import CheckpointLoader
 from monai.transforms import Compose, RandFlipd, RandGaussianNoised
 
 from monai_armed.data import TensorBatchLoader
-from monai_armed.handlers import AtomicCheckpointSaver, RandomStates, latest_checkpoint
+from monai_armed.handlers import AtomicCheckpointSaver, RandomStates, checkpoint_load_dict, latest_checkpoint
 from monai_armed.utils import write_json
 
 
@@ -194,6 +194,10 @@ def test_a_resume_checkpoint_with_damaged_bytes_of_full_length_is_skipped(tmp_pa
     finally:
         config.save.compute_crc32 = True
     assert latest_checkpoint(tmp_path) == str(tmp_path / "resume_checkpoint_epoch=3.pt")
+    # a legacy (non-zip) checkpoint, which latest_checkpoint accepts, is read without mmap (helper 57)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"model": net.state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    assert list(checkpoint_load_dict({"model": net, "run_params": object()}, legacy, ["run_params"])) == ["model"]
 
 
 def test_best_model_tracking_survives_a_resume(tmp_path):

@@ -301,6 +301,18 @@ def test_run_params_travel_in_the_checkpoint_and_refuse_a_resume_with_other_sett
     with caplog.at_level(logging.WARNING):
         resume(older, learning_rate=0.02)
     assert "holds no ['run_params'] (a checkpoint of an earlier monai-armed): not restored or checked" in caplog.text
+    # the run resumed from it records its settings as unverified, so that a later resume is not judged by them
+    resumed, changed = Engine(lambda engine, batch: None), RunParams({**params, "learning_rate": 0.05})
+    CheckpointLoader(str(older), checkpoint_load_dict({"trainer": resumed, "run_params": changed}, older, ["run_params"])
+                     ).attach(resumed)  # fmt: skip
+    changed.attach(resumed)
+    resumed.run([0], max_epochs=2)
+    assert changed.state_dict() == {"params": {**RunParams({**params, "learning_rate": 0.05}).params}, "verified": False}
+    with caplog.at_level(logging.WARNING, logger="monai_armed.handlers.run_params"):
+        RunParams(params).load_state_dict(changed.state_dict())  # the original learning rate: not refused
+    assert "held none: they are not checked" in caplog.text
+    # a value that is not equal to itself as a number, and numpy numbers in a list, compare as written
+    RunParams({"x": float("nan"), "y": [np.int64(3)]}).load_state_dict(RunParams({"x": "nan", "y": [3]}).state_dict())
 
 
 def test_epoch_means_precede_the_train_handlers_and_can_be_turned_off():

@@ -481,7 +481,8 @@ def _quote_columns(text: str, columns: Sequence[Any]) -> str:
         if match.start() not in outside or text[match.start()] == "`":
             continue
         parts = match.group().split(".")
-        for k in range(len(parts), 1, -1):
+        called = text[match.end():].lstrip().startswith("(")  # of a call, only a prefix: day.c of day.c.mean()
+        for k in range(len(parts) - called, 1, -1):
             prefix = ".".join(parts[:k])
             if prefix in names:
                 end = match.start() + len(prefix)

@@ -266,7 +266,7 @@ def checkpoint_load_dict(
     """
     if path is None:
         return dict(load_dict)
-    held = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    held = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))  # legacy: no mmap
     missing = [key for key in optional if key in load_dict and key not in held]
     if missing:
         logger.warning(f"{path} holds no {missing} (a checkpoint of an earlier monai-armed): not restored or checked.")

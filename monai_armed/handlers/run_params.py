@@ -38,9 +38,9 @@ def _value(text: str) -> Any:
 def _text(value: Any) -> str:
     """A setting as the text MLflow stores: JSON for lists and dicts (``["f0", "f1"]``), ``str`` otherwise."""
     if isinstance(value, (list, tuple, dict)):
-        try:
-            return json.dumps(value)
-        except TypeError:
+        try:  # numpy numbers as numbers
+            return json.dumps(value, default=lambda item: item.item() if hasattr(item, "item") else str(item))
+        except (TypeError, ValueError):
             pass
     return str(value)
 
@@ -93,12 +93,15 @@ class RunParams:
         self.summary_writer = summary_writer
         self.mlflow_handlers = [h for h in mlflow_handlers if h is not None]
         self.resumable = set(resumable)
+        self._loaded, self._verified = False, True
 
     def attach(self, engine: Engine) -> None:
         if not engine.has_event_handler(self, Events.STARTED):
             engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine | None = None) -> None:
+        if engine is not None and engine.state.epoch > 0 and not self._loaded:  # resumed from a checkpoint without them
+            self._verified = False
         step = 0 if engine is None else engine.state.iteration
         if self.summary_writer is not None:
             rows = "\n".join(f"| {name} | {value} |" for name, value in self.params.items())
@@ -108,15 +111,22 @@ class RunParams:
                 self._log_mlflow(handler)
 
     def state_dict(self) -> dict[str, Any]:
-        """The settings, for the resume checkpoints."""
-        return {"params": dict(self.params)}
+        """The settings, for the resume checkpoints (``verified``: false after a resume from a checkpoint without them,
+        whose run's settings nothing confirmed)."""
+        return {"params": dict(self.params), "verified": self._verified}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Compare the settings of the run that wrote a checkpoint with this run's: a resumed run with other settings
         (but ``resumable`` ones) is refused."""
+        self._loaded = True
         recorded = state_dict["params"]
+        if not state_dict.get("verified", True):
+            self._verified = False
+            logger.warning("RunParams: the checkpoint's settings were recorded by a run resumed from a checkpoint of "
+                           "monai-armed 0.8.0 or earlier, which held none: they are not checked.")  # fmt: skip
+            return
         changed = {name: (recorded[name], value) for name, value in self.params.items()
-                   if name in recorded and _value(recorded[name]) != _value(value)}  # fmt: skip
+                   if name in recorded and recorded[name] != value and _value(recorded[name]) != _value(value)}  # fmt: skip
         refused = [f"{name}: {old} in training, {new} now" for name, (old, new) in changed.items() if name not in self.resumable]
         if refused:
             raise ValueError(
