@@ -43,7 +43,6 @@ INTERCEPT = "(Intercept)"
 _CLOSERS = {"(": ")", "[": "]", "{": "}"}
 _QUOTES = "'\"`"
 _NAME = re.compile(r"[A-Za-z_.][A-Za-z0-9_.]*|`[^`]+`")
-_OFFSET = re.compile(r"(?<![A-Za-z0-9_.])offset\s*\(")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m|[\u29da\u29db]")
 
 
@@ -410,7 +409,7 @@ def parse_mixed_formula(formula: str) -> MixedFormula:
     """
     if not isinstance(formula, str):
         raise TypeError(f"a formula must be a string, got {type(formula).__name__}.")
-    if any(m.start() in {i for i, _, _ in _scan(formula, formula)} for m in _OFFSET.finditer(formula)):
+    if any(called and m.group() == "offset" for m, called in _name_matches(formula)):
         raise ValueError(
             f"formula {formula!r} has an offset(...) term, which is not supported: fit the rate without it, or give "
             "the known exposure as a covariate (e.g. + np.log(exposure))."
@@ -461,14 +460,16 @@ def _variables(text: str) -> list[str]:
     return sorted(str(v) for v in variables if any(role.value == "value" for role in v.roles))
 
 
-def _names(text: str) -> list[tuple[int, int, str]]:
-    """``(start, end, name)`` of the names in ``text`` outside quotes (a backticked name unquoted), but for those of a
-    call (followed by ``(``, e.g. ``np.log`` or ``day.mean()``)."""
+def _name_matches(text: str) -> list[tuple[re.Match, bool]]:
+    """The names of ``text`` outside quotes (backticked ones included), each with whether it is called (followed by
+    ``(``, e.g. ``np.log`` or ``day.mean()``)."""
     outside = {i for i, _, _ in _scan(text, text)}
-    return [
-        (m.start(), m.end(), m.group().strip("`")) for m in _NAME.finditer(text)
-        if m.start() in outside and not text[m.end():].lstrip().startswith("(")
-    ]  # fmt: skip
+    return [(m, text[m.end():].lstrip().startswith("(")) for m in _NAME.finditer(text) if m.start() in outside]
+
+
+def _names(text: str) -> set[str]:
+    """The names of ``text`` that may be columns: outside quotes, backticks removed, not called."""
+    return {m.group().strip("`") for m, called in _name_matches(text) if not called}
 
 
 def _quote_columns(text: str, columns: Sequence[Any]) -> str:
@@ -476,13 +477,11 @@ def _quote_columns(text: str, columns: Sequence[Any]) -> str:
     read ``day.c`` as the attribute ``c`` of ``day``); of a method call such as ``day.c.mean()``, the longest dotted
     prefix that is a column."""
     names = set(map(str, columns))
-    outside = {i for i, _, _ in _scan(text, text)}
-    for match in reversed(list(_NAME.finditer(text))):
-        if match.start() not in outside or text[match.start()] == "`":
+    for match, called in reversed(_name_matches(text)):
+        if match.group().startswith("`"):
             continue
         parts = match.group().split(".")
-        called = text[match.end():].lstrip().startswith("(")  # of a call, only a prefix: day.c of day.c.mean()
-        for k in range(len(parts) - called, 1, -1):
+        for k in range(len(parts) - called, 1, -1):  # of a call, only a prefix: day.c of day.c.mean()
             prefix = ".".join(parts[:k])
             if prefix in names:
                 end = match.start() + len(prefix)
@@ -508,7 +507,7 @@ def _check_columns(used: list[tuple[str, str, str]], data: pd.DataFrame, source:
     when the data has one."""
     first_use: dict[str, str] = {}
     for column, what, text in used:
-        names = {name for _, _, name in _names(text)}
+        names = _names(text)
         dotted = sorted(name for name in names if name.startswith(f"{column}.") and name in data.columns)
         own = column in data.columns and (column in names or not dotted)  # not only the first part of a dotted name
         if not own and not dotted:

@@ -169,8 +169,8 @@ class ClusterModeReport:
             cluster_factor=cluster_factor,
             pred_transform=self._class_map if metrics == "segmentation" else None,
             gather_processes=gather_processes,
+            owner=type(self).__name__,
         )
-        self.collector.owner = type(self).__name__
         self.collector.attach(evaluator)
 
     def _class_map(self, pred: Any) -> Any:
@@ -199,7 +199,6 @@ class ClusterModeReport:
                 results[name] = {}
                 for mode in self.modes[name]:
                     evaluator.cluster_mode = mode
-                    self.collector.reset()
                     evaluator.run()
                     threshold = None
                     if self.threshold_dataset is not None and name != self.threshold_dataset:

@@ -68,8 +68,9 @@ class PerClusterAccuracy:
         gather_processes: bool = False,
     ) -> None:
         self.n_clusters, self.cluster_names, self.output_file = n_clusters, cluster_names, output_file
-        self.collector = PredictionCollector(cluster_factor=cluster_factor, gather_processes=gather_processes)
-        self.collector.owner = type(self).__name__
+        self.collector = PredictionCollector(
+            cluster_factor=cluster_factor, gather_processes=gather_processes, owner=type(self).__name__
+        )
         self.logger = logging.getLogger(name) if name else None
 
     def attach(self, engine: Engine) -> None:

@@ -80,6 +80,7 @@ class PredictionCollector:
         pred_transform: applied to every batch of ``pred`` before it is kept (e.g.
             :func:`~monai_armed.metrics.label_map`, so that segmentation logits are kept as small class maps).
         gather_processes: under DDP with a sharded loader, gather every process's predictions.
+        owner: the handler whose predictions these are, in messages (default ``"PredictionCollector"``).
 
     Example::
 
@@ -95,11 +96,11 @@ class PredictionCollector:
         cluster_factor: str | None = None,
         pred_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         gather_processes: bool = False,
+        owner: str | None = None,
     ) -> None:
         self.keys = tuple(keys)
         self.gather_processes = gather_processes
-        #: the handler whose predictions these are, in messages
-        self.owner = type(self).__name__
+        self.owner = owner or type(self).__name__
         self.cluster_factor = cluster_factor
         self.pred_transform = pred_transform
         self._parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.keys}
